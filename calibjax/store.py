@@ -1,0 +1,108 @@
+"""Results on disk: atomic writes, finished chunks, final tables.
+
+Layout of a results directory::
+
+    manifest.json          sweep text and hash, versions, devices, timings
+    runs.parquet           one row per run (settings, status, bayes_loss)
+    metrics.parquet        run_id, step, kl, tv, max_err, accuracy, bayes_accuracy, loss
+    density.parquet        run_id, step, log10_density_lo, log10_density_hi, mass, kl, max_err
+    curves.parquet         run_id, step, x, class, model_prob, true_prob   (when asked for)
+    chunks/<id>/*.parquet  the same tables for each finished chunk (what resume reads)
+    figures/*.png
+
+A chunk is written into a temporary directory and renamed into place, so it
+exists completely or not at all; every other file is written to a temporary
+name and renamed. A killed run leaves only ``.tmp-*`` debris, which is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+TABLES = ("status", "metrics", "density", "curves")
+SORT_KEYS = {"status": ["run_id"], "metrics": ["run_id", "step"],
+             "density": ["run_id", "step", "log10_density_lo"],
+             "curves": ["run_id", "step", "class", "x"]}
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename tmp_path to path (same directory, so atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_parquet(path: Path, df: pd.DataFrame) -> None:
+    write_atomic(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+
+
+def write_chunk(out: Path, chunk_id: str, tables: dict[str, pd.DataFrame]) -> None:
+    """Write one finished chunk's tables as a unit: temp directory, then rename."""
+    chunks = out / "chunks"
+    chunks.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=chunks))
+    try:
+        for name, df in tables.items():
+            df.to_parquet(tmp / f"{name}.parquet", index=False)
+        os.replace(tmp, chunks / chunk_id)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def chunk_dirs(out: Path) -> list[Path]:
+    d = Path(out) / "chunks"
+    return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".tmp-")) if d.exists() else []
+
+
+def finished_run_ids(out: Path) -> set[int]:
+    done: set[int] = set()
+    for d in chunk_dirs(out):
+        done.update(pd.read_parquet(d / "status.parquet", columns=["run_id"])["run_id"].tolist())
+    return done
+
+
+def read_chunks(out: Path, name: str) -> pd.DataFrame | None:
+    """One table joined over all finished chunks, sorted; None if no chunk has it."""
+    parts = [pd.read_parquet(p) for d in chunk_dirs(out) if (p := d / f"{name}.parquet").exists()]
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return None
+    df = pd.concat(parts, ignore_index=True)
+    return df.sort_values(SORT_KEYS[name], kind="stable").reset_index(drop=True)
+
+
+def clean_debris(out: Path) -> None:
+    """Remove temporary files and directories a killed run left behind."""
+    for base in (Path(out), Path(out) / "chunks"):
+        if base.exists():
+            for p in base.glob(".tmp-*"):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def read_manifest(out: Path) -> dict | None:
+    p = Path(out) / "manifest.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def load_results(out: str | Path) -> dict[str, pd.DataFrame]:
+    """The final tables of a results directory, by name (runs, metrics, density, curves)."""
+    out = Path(out)
+    return {p.stem: pd.read_parquet(p) for p in sorted(out.glob("*.parquet"))}

@@ -1,0 +1,191 @@
+"""Training: one run is a pure function of its dynamic settings; a chunk of runs is one program.
+
+``train_run(static, dyn)`` trains one classifier and evaluates it at every
+checkpoint. ``Static`` holds everything that fixes a shape or the program and
+is hashed into the jit cache (one compile per group of runs); ``Dynamic``
+holds the numbers (task parameters, learning rate, dataset size, seed) that
+``vmap`` maps over, so sweeping them never retraces.
+
+Step loop: a ``lax.scan`` over checkpoint segments whose body runs a
+``fori_loop`` of that segment's length and then evaluates, so the step body
+and the evaluation are each compiled once whatever the checkpoints are.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from calibjax import metrics, tasks
+from calibjax.model import MLP
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class Static:
+    """Settings that change shapes or the program; runs are grouped by them."""
+
+    steps: int
+    checkpoints: tuple[int, ...]
+    num_classes: int = 2
+    num_components: int = 1
+    dim: int = 1
+    hidden: tuple[int, ...] = (64, 64)
+    activation: str = "relu"
+    init: str = "torch"
+    optimizer: str = "adam"
+    batch_size: int = 64
+    eval: metrics.EvalSpec = field(default_factory=metrics.EvalSpec)
+    curve_points: int = 0                          # 0: no posterior curves (1-D tasks only)
+    curve_range: tuple[float, float] | None = None  # None: every component's mean +- 4 sigma
+
+    @property
+    def model(self) -> MLP:
+        return MLP(self.hidden, self.num_classes, self.activation, self.init)
+
+    @property
+    def flops_per_step(self) -> float:
+        """Dense-layer FLOPs of one optimiser update (forward + backward = 3x forward)."""
+        widths = (self.dim, *self.hidden, self.num_classes)
+        macs = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+        return 6.0 * macs * self.batch_size
+
+
+class Dynamic(NamedTuple):
+    """Per-run numbers; batched runs carry a leading run axis on every leaf."""
+
+    task: tasks.GaussianTask
+    lr: jax.Array            # () float32
+    weight_decay: jax.Array  # () float32; L2 for adam/sgd, decoupled for adamw
+    momentum: jax.Array      # () float32; sgd only
+    n_data: jax.Array        # () int32; dataset size, 0 = online (fresh examples every step)
+    seed: jax.Array          # () uint32
+
+
+class TrainState(NamedTuple):
+    params: dict
+    opt_state: optax.OptState
+    step: jax.Array      # () int32, updates done so far
+    loss_sum: jax.Array  # () float32, training loss summed since the last checkpoint
+
+
+def make_optimizer(name: str, dyn: Dynamic) -> optax.GradientTransformation:
+    """Optimisers built from traced hyper-parameters, so lr etc. can be vmapped."""
+    if name == "adam":  # PyTorch Adam: weight decay added to the gradient
+        return optax.chain(optax.add_decayed_weights(dyn.weight_decay), optax.scale_by_adam(),
+                           optax.scale(-dyn.lr))
+    if name == "adamw":
+        return optax.adamw(dyn.lr, weight_decay=dyn.weight_decay)
+    if name == "sgd":
+        return optax.chain(optax.add_decayed_weights(dyn.weight_decay),
+                           optax.trace(decay=dyn.momentum), optax.scale(-dyn.lr))
+    raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
+
+
+def draw_batch(static: Static, dyn: Dynamic, data_key, batch_key, step) -> tuple[jax.Array, jax.Array]:
+    """The mini-batch for update ``step``: examples are regenerated from their index.
+
+    Example i of the run's dataset is ``sample(fold_in(data_key, i))``, so a
+    dataset of any size N costs no memory and N is a dynamic setting. Finite
+    data draws indices uniformly in [0, N) (with replacement); online data
+    (N = 0) uses indices step*B + j, never repeated. Datasets of one seed are
+    nested: the first N examples are the same for every larger N.
+    """
+    b = static.batch_size
+    finite_index = jax.random.randint(jax.random.fold_in(batch_key, step), (b,), 0,
+                                      jnp.maximum(dyn.n_data, 1))
+    online_index = step * b + jnp.arange(b, dtype=jnp.int32)
+    index = jnp.where(dyn.n_data > 0, finite_index, online_index)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(data_key, index)
+    return jax.vmap(tasks.sample, (None, 0))(dyn.task, keys)
+
+
+def curve_grid(static: Static, task: tasks.GaussianTask) -> jax.Array:
+    if static.curve_range is not None:
+        lo, hi = static.curve_range
+    else:
+        lo, hi = (a[0] for a in tasks.support_range(task, 4.0))
+    return jnp.linspace(lo, hi, static.curve_points, dtype=jnp.float32)[:, None]
+
+
+def train_run(static: Static, dyn: Dynamic) -> dict[str, jax.Array]:
+    """Train one classifier; returns per-checkpoint metrics (leading axis = checkpoints)."""
+    model = static.model
+    init_key, data_key, batch_key = jax.random.split(jax.random.key(dyn.seed), 3)
+    params = model.init(init_key, jnp.zeros((static.dim,), jnp.float32))
+    optimizer = make_optimizer(static.optimizer, dyn)
+    ev = metrics.make_eval_set(dyn.task, static.eval)
+    curve_x = curve_grid(static, dyn.task) if static.curve_points else None
+
+    def loss_fn(params, x, c):
+        logits = model.apply(params, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, c).mean()
+
+    def update(_, state: TrainState) -> TrainState:
+        x, c = draw_batch(static, dyn, data_key, batch_key, state.step)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, x, c)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return TrainState(optax.apply_updates(state.params, updates), opt_state,
+                          state.step + 1, state.loss_sum + loss)
+
+    def segment(state: TrainState, length):
+        state = jax.lax.fori_loop(0, length, update, state)
+        out = metrics.evaluate(ev, jax.nn.log_softmax(model.apply(state.params, ev.x)))
+        out["loss"] = jnp.where(length > 0, state.loss_sum / jnp.maximum(length, 1), jnp.nan)
+        if curve_x is not None:
+            out["curve_model"] = jax.nn.softmax(model.apply(state.params, curve_x))
+        return state._replace(loss_sum=jnp.zeros_like(state.loss_sum)), out
+
+    lengths = np.diff(np.asarray((0, *static.checkpoints))).astype(np.int32)
+    state = TrainState(params, optimizer.init(params), jnp.int32(0), jnp.float32(0.0))
+    _, out = jax.lax.scan(segment, state, jnp.asarray(lengths))
+    out["bayes_loss"] = metrics.conditional_entropy(ev)
+    if curve_x is not None:
+        out["curve_x"] = curve_x[:, 0]
+        out["curve_true"] = jnp.exp(jax.vmap(tasks.log_posterior, (None, 0))(dyn.task, curve_x))
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def train_single(static: Static, dyn: Dynamic) -> dict[str, jax.Array]:
+    """One run alone (the reference the batched program is tested against)."""
+    return train_run(static, dyn)
+
+
+def batched_train_fn(static: Static, inner_batch: int, mesh: jax.sharding.Mesh | None = None):
+    """The function that trains a chunk of runs (leading axis R) in one program.
+
+    Runs are processed ``inner_batch`` at a time (``lax.map`` over vmapped
+    groups), which keeps each group's parameters and activations cache
+    resident on CPU; on a GPU, a large inner batch fills the device. With a
+    mesh, the run axis is split over its devices with ``shard_map`` so each
+    device trains its own runs with no communication.
+    """
+
+    def local(dyn: Dynamic):
+        return jax.lax.map(functools.partial(train_run, static), dyn, batch_size=inner_batch)
+
+    if mesh is None or mesh.size == 1:
+        return jax.jit(local)
+    spec = jax.sharding.PartitionSpec("runs")
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+
+
+def stack_dynamic(dyns: list[Dynamic]) -> Dynamic:
+    return jax.tree.map(lambda *xs: np.stack(xs), *dyns)
+
+
+def make_dynamic(task: tasks.GaussianTask, lr=1e-3, weight_decay=0.0, momentum=0.0,
+                 n_data=0, seed=0) -> Dynamic:
+    """One run's dynamic settings as numpy scalars (n_data = 0 or inf means online)."""
+    n = 0 if n_data is None or math.isinf(n_data) else int(n_data)
+    return Dynamic(jax.tree.map(np.asarray, task), np.float32(lr), np.float32(weight_decay),
+                   np.float32(momentum), np.int32(n), np.uint32(seed))
