@@ -468,15 +468,14 @@ def static_of(run: Run) -> train.Static:
         batch_size=s["batch_size"],
         eval=metrics.EvalSpec(points=s["points"], hdr_mass=s["hdr_mass"],
                               density_edges=tuple(s["density_edges"])),
-        curve_points=s["curve_points"] if s["curves"] else 0,
-        curve_range=tuple(s["curve_range"]) if s["curve_range"] else None)
+        curve_points=s["curve_points"] if s["curves"] else 0)
 
 
 def dynamic_of(run: Run) -> train.Dynamic:
     s, t = run.settings, run.task
     task = tasks.make_task(t["prior"], t["mean"], t["sigma"], t["weight"])
     n = 0 if s["n_data"] == ONLINE else s["n_data"]
-    return train.make_dynamic(task, s["lr"], s["weight_decay"], s["momentum"], n, run.seed)
+    return train.make_dynamic(task, s["lr"], s["weight_decay"], s["momentum"], n, run.seed, s["curve_range"])
 
 
 def task_columns(task: dict[str, np.ndarray]) -> dict[str, float]:

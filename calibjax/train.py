@@ -44,8 +44,7 @@ class Static:
     optimizer: str = "adam"
     batch_size: int = 64
     eval: metrics.EvalSpec = field(default_factory=metrics.EvalSpec)
-    curve_points: int = 0                          # 0: no posterior curves (1-D tasks only)
-    curve_range: tuple[float, float] | None = None  # None: every component's mean +- 4 sigma
+    curve_points: int = 0  # 0: no posterior curves (1-D tasks only)
 
     @property
     def model(self) -> MLP:
@@ -68,6 +67,7 @@ class Dynamic(NamedTuple):
     momentum: jax.Array      # () float32; sgd only
     n_data: jax.Array        # () int32; dataset size, 0 = online (fresh examples every step)
     seed: jax.Array          # () uint32
+    curve_range: jax.Array   # (2,) float32 x range of the posterior curves; nan: mean +- 4 sigma
 
 
 class TrainState(NamedTuple):
@@ -108,11 +108,10 @@ def draw_batch(static: Static, dyn: Dynamic, data_key, batch_key, step) -> tuple
     return jax.vmap(tasks.sample, (None, 0))(dyn.task, keys)
 
 
-def curve_grid(static: Static, task: tasks.GaussianTask) -> jax.Array:
-    if static.curve_range is not None:
-        lo, hi = static.curve_range
-    else:
-        lo, hi = (a[0] for a in tasks.support_range(task, 4.0))
+def curve_grid(static: Static, dyn: Dynamic) -> jax.Array:
+    auto_lo, auto_hi = (a[0] for a in tasks.support_range(dyn.task, 4.0))
+    lo = jnp.where(jnp.isnan(dyn.curve_range[0]), auto_lo, dyn.curve_range[0])
+    hi = jnp.where(jnp.isnan(dyn.curve_range[1]), auto_hi, dyn.curve_range[1])
     return jnp.linspace(lo, hi, static.curve_points, dtype=jnp.float32)[:, None]
 
 
@@ -123,7 +122,7 @@ def train_run(static: Static, dyn: Dynamic) -> dict[str, jax.Array]:
     params = model.init(init_key, jnp.zeros((static.dim,), jnp.float32))
     optimizer = make_optimizer(static.optimizer, dyn)
     ev = metrics.make_eval_set(dyn.task, static.eval)
-    curve_x = curve_grid(static, dyn.task) if static.curve_points else None
+    curve_x = curve_grid(static, dyn) if static.curve_points else None
 
     def loss_fn(params, x, c):
         logits = model.apply(params, x)
@@ -184,8 +183,9 @@ def stack_dynamic(dyns: list[Dynamic]) -> Dynamic:
 
 
 def make_dynamic(task: tasks.GaussianTask, lr=1e-3, weight_decay=0.0, momentum=0.0,
-                 n_data=0, seed=0) -> Dynamic:
+                 n_data=0, seed=0, curve_range=None) -> Dynamic:
     """One run's dynamic settings as numpy scalars (n_data = 0 or inf means online)."""
     n = 0 if n_data is None or math.isinf(n_data) else int(n_data)
     return Dynamic(jax.tree.map(np.asarray, task), np.float32(lr), np.float32(weight_decay),
-                   np.float32(momentum), np.int32(n), np.uint32(seed))
+                   np.float32(momentum), np.int32(n), np.uint32(seed),
+                   np.asarray(curve_range if curve_range is not None else (np.nan, np.nan), np.float32))

@@ -1,0 +1,5 @@
+import sys
+
+from calibjax.cli import main
+
+sys.exit(main())

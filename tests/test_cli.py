@@ -1,0 +1,100 @@
+"""The command line end to end, in real subprocesses."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from test_sweep import BAD
+
+TINY = """
+name = "tiny"
+seeds = 2
+[task]
+means = [0.0, 3.0]
+sigmas = [1.0, 1.0]
+[model]
+hidden = [8]
+[train]
+steps = 30
+checkpoints = [10, 30]
+n_data = 500
+[eval]
+points = 128
+curves = true
+curve_points = 5
+[cases.a]
+[cases.b]
+mu2 = 1.0
+sigma1 = 2.0
+"""
+
+
+def calibjax(*args, cwd=None):
+    env = {**os.environ, "CALIBJAX_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", "calibjax", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=600)
+
+
+def test_run_writes_every_table_manifest_and_figure(tmp_path):
+    sweep = tmp_path / "tiny.toml"
+    sweep.write_text(TINY)
+    out = tmp_path / "res"
+    r = calibjax("run", sweep, "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "4 runs trained" in r.stdout
+    runs = pd.read_parquet(out / "runs.parquet")
+    assert list(runs["run_id"]) == [0, 1, 2, 3] and set(runs["status"]) == {"ok"}
+    assert list(runs.loc[runs["case"] == "b", "mu2"]) == [1.0, 1.0]
+    m = pd.read_parquet(out / "metrics.parquet")
+    assert list(m.columns) == ["run_id", "step", "kl", "tv", "max_err", "accuracy", "bayes_accuracy", "loss"]
+    assert len(m) == 4 * 2 and np.isfinite(m[["kl", "tv", "loss"]].to_numpy()).all()
+    d = pd.read_parquet(out / "density.parquet")
+    assert list(d.columns) == ["run_id", "step", "log10_density_lo", "log10_density_hi", "mass", "kl", "max_err"]
+    np.testing.assert_allclose(d.groupby(["run_id", "step"])["mass"].sum(), 1.0, atol=1e-4)
+    np.testing.assert_allclose(d.groupby(["run_id", "step"])["kl"].sum().to_numpy(),
+                               m.set_index(["run_id", "step"])["kl"].to_numpy(), rtol=1e-4, atol=1e-7)
+    c = pd.read_parquet(out / "curves.parquet")
+    assert list(c.columns) == ["run_id", "step", "x", "class", "model_prob", "true_prob"]
+    assert len(c) == 4 * 2 * 5 * 2
+    np.testing.assert_allclose(c.groupby(["run_id", "step", "x"])["model_prob"].sum(), 1.0, atol=1e-5)
+    manifest = (out / "manifest.json").read_text()
+    assert '"complete": true' in manifest and "sweep_sha256" in manifest and '"backend": "cpu"' in manifest
+    figs = {p.name for p in (out / "figures").glob("*.png")}
+    assert {"densities.png", "kl_vs_steps.png", "error_by_density.png", "posterior_a.png"} <= figs
+
+    # A second call finds nothing left to do; a changed sweep file is refused unless --overwrite.
+    again = calibjax("run", sweep, "--out", out, "--quiet")
+    assert again.returncode == 0 and "0 runs trained" in again.stdout
+    sweep.write_text(TINY.replace("seeds = 2", "seeds = 3"))
+    refused = calibjax("run", sweep, "--out", out, "--quiet")
+    assert refused.returncode == 2 and "different sweep file" in refused.stderr and "--overwrite" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    replaced = calibjax("run", sweep, "--out", out, "--quiet", "--overwrite", "--no-figures")
+    assert replaced.returncode == 0, replaced.stderr
+    assert len(pd.read_parquet(out / "runs.parquet")) == 6
+
+
+@pytest.mark.parametrize("text,message", [BAD[i] for i in (0, 1, 3, 5, 6, 9, 10)])
+def test_bad_sweep_exits_2_with_one_line_and_writes_nothing(tmp_path, text, message):
+    sweep = tmp_path / "bad.toml"
+    sweep.write_text(text)
+    r = calibjax("run", sweep, "--quiet", cwd=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bad.toml" in lines[0] and message in lines[0], r.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_missing_file_and_invalid_toml_are_clear_errors(tmp_path):
+    r = calibjax("run", tmp_path / "nope.toml")
+    assert r.returncode == 2 and "nope.toml: cannot read" in r.stderr
+    bad = tmp_path / "broken.toml"
+    bad.write_text("[task\nmeans = 1")
+    r = calibjax("run", bad)
+    assert r.returncode == 2 and "broken.toml: not valid TOML" in r.stderr and "Traceback" not in r.stderr
