@@ -57,7 +57,7 @@ def eval_points(task: tasks.GaussianTask, spec: EvalSpec) -> tuple[jax.Array, ja
     if task.dim == 1:
         lo, hi = tasks.support_range(task, spec.grid_sigmas)
         dx = (hi - lo) / spec.points
-        x = lo + dx * (jnp.arange(spec.points, dtype=jnp.float32)[:, None] + 0.5)
+        x = lo[None, :] + dx[None, :] * (jnp.arange(spec.points, dtype=jnp.float32)[:, None] + 0.5)
         logd = jax.vmap(tasks.log_density, (None, 0))(task, x)
         return x, jnp.exp(logd - jnp.max(logd))
     keys = jax.random.split(jax.random.key(EVAL_SEED), spec.points)

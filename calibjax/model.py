@@ -43,7 +43,7 @@ class TorchDense(nn.Module):
         init = _torch_uniform()
         kernel = self.param("kernel", lambda k, s: init(k, s, fan_in=fan_in), (fan_in, self.features))
         bias = self.param("bias", lambda k, s: init(k, s, fan_in=fan_in), (self.features,))
-        return x @ kernel + bias
+        return x @ kernel + jnp.reshape(bias, (1,) * (x.ndim - 1) + (-1,))
 
 
 class MLP(nn.Module):

@@ -31,6 +31,12 @@ SORT_KEYS = {"status": ["run_id"], "metrics": ["run_id", "step"],
              "curves": ["run_id", "step", "class", "x"]}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, write) -> None:
     """Call ``write(tmp_path)`` then rename tmp_path to path (same directory, so atomic)."""
     path = Path(path)
@@ -39,6 +45,7 @@ def write_atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -61,6 +68,7 @@ def write_chunk(out: Path, chunk_id: str, tables: dict[str, pd.DataFrame]) -> No
     try:
         for name, df in tables.items():
             df.to_parquet(tmp / f"{name}.parquet", index=False)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
         os.replace(tmp, chunks / chunk_id)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

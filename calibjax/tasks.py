@@ -55,7 +55,7 @@ def make_task(prior, mean, sigma, weight=None) -> GaussianTask:
 
 def component_log_density(task: GaussianTask, x: jax.Array) -> jax.Array:
     """log N(x; mu_ck, diag sigma_ck^2) for one point x (D,) -> (M, K)."""
-    z = (x - task.mean) / task.sigma
+    z = (x[None, None, :] - task.mean) / task.sigma
     return -0.5 * jnp.sum(z * z + LOG_2PI + 2.0 * jnp.log(task.sigma), axis=-1)
 
 

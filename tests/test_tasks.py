@@ -79,7 +79,8 @@ def test_class_frequencies_follow_priors():
 
 
 def test_class_conditionals_pass_ks_and_a_wrong_distribution_fails():
-    task = tasks.make_task([0.4, 0.6], [[[0.0]], [[-2.0], [2.0]]], [[[2.0]], [[0.5], [1.0]]], [[1.0, 0.0], [0.3, 0.7]])
+    task = tasks.make_task([0.4, 0.6], [[[0.0], [0.0]], [[-2.0], [2.0]]], [[[2.0], [2.0]], [[0.5], [1.0]]],
+                           [[1.0, 0.0], [0.3, 0.7]])
     x, c = draw(task, 20_000, seed=1)
     x = x[:, 0]
     cdf1 = stats.norm(0.0, 2.0).cdf
