@@ -25,21 +25,50 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="calibjax", description="Measure how well classifiers learn the exact "
                                 "Bayesian posterior, over sweeps of thousands of runs.")
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="train every run of a sweep file and write tables and figures")
-    run.add_argument("sweep", help="sweep file (TOML), e.g. sweeps/blog.toml")
-    run.add_argument("--out", help="results directory (default results/<sweep name>)")
+    run = sub.add_parser("run", help="train every unfinished run of a sweep file; write tables and figures")
+    plan = sub.add_parser("plan", help="print runs, groups (compiles), chunks, memory and time; train nothing")
+    for q in (run, plan):
+        q.add_argument("sweep", help="sweep file (TOML), e.g. sweeps/blog.toml")
+        q.add_argument("--out", help="results directory (default results/<sweep name>)")
+        q.add_argument("--chunk-size", type=int, help="most runs per compiled call (default: by memory, "
+                       "at most 1024 on CPU, 16384 on GPU)")
+        q.add_argument("--inner-batch", type=int, help="runs vmapped together per device "
+                       "(default 32 on CPU, 4096 on GPU)")
+        q.add_argument("--shard", help="K/N: only runs with run_id %% N == K, into DIR/shards/K-of-N "
+                       "(default from SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT when set)")
     run.add_argument("--overwrite", action="store_true", help="replace results of a different sweep file")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
-    run.add_argument("--chunk-size", type=int, help="most runs per compiled call (default 1024)")
-    run.add_argument("--inner-batch", type=int, help="runs vmapped together per device "
-                     "(default 32 on CPU, 4096 on GPU)")
     run.add_argument("--no-figures", action="store_true", help="write tables only")
+    merge = sub.add_parser("merge", help="join the shard parts of a results directory; report missing runs")
+    merge.add_argument("dir", help="results directory")
+    merge.add_argument("--no-figures", action="store_true", help="write tables only")
     return p
 
 
 def fail(message: str, code: int = 2) -> int:
     print(f"calibjax: error: {message}", file=sys.stderr)
     return code
+
+
+class UsageError(ValueError):
+    pass
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """--shard K/N, else SLURM's array variables (task ids counted from SLURM_ARRAY_TASK_MIN)."""
+    env = os.environ
+    if text is None and "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        text = (f"{int(env['SLURM_ARRAY_TASK_ID']) - int(env.get('SLURM_ARRAY_TASK_MIN', 0))}/"
+                f"{env['SLURM_ARRAY_TASK_COUNT']}")
+    if text is None:
+        return None
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard: expected K/N such as 0/4, got {text!r}") from None
+    if not (n >= 1 and 0 <= k < n):
+        raise UsageError(f"--shard: need 0 <= K < N, got {text!r}")
+    return k, n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,23 +78,48 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None and v < 1:
             return fail(f"--{name.replace('_', '-')}: expected a positive integer, got {v}")
     configure_cpu_devices()
-    from calibjax import engine, sweep
+    from calibjax import engine, store, sweep
 
     try:
+        if args.command == "merge":
+            missing = engine.merge(args.dir, figures=not args.no_figures)
+            if missing:
+                shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+                return fail(f"{args.dir}: {len(missing)} run(s) missing: run_id {shown}; "
+                            "rerun their shards, then merge again", code=1)
+            print(f"{args.dir}: merged; every run present")
+            return 0
+        shard = parse_shard(args.shard)
         sw = sweep.load(args.sweep)
         out = Path(args.out) if args.out else Path("results") / sw.name
-        if args.command == "run":
-            layout = engine.default_layout(args.chunk_size, args.inner_batch)
-            report = engine.run_sweep(sw, out, layout=layout, overwrite=args.overwrite, quiet=args.quiet,
-                                      figures=not args.no_figures)
-    except sweep.SweepError as e:
+        layout = engine.default_layout(args.chunk_size, args.inner_batch)
+        if args.command == "plan":
+            return print_plan(engine, store, sw, out, layout, shard)
+        report = engine.run_sweep(sw, out, layout=layout, shard=shard, overwrite=args.overwrite,
+                                  quiet=args.quiet, figures=not args.no_figures)
+    except (sweep.SweepError, UsageError) as e:
         return fail(str(e))
+    where = f"{out}/shards/{shard[0]}-of-{shard[1]}" if shard else str(out)
     print(f"{sw.name}: {report.trained} runs trained ({report.runs} in the sweep) in {report.wall_s:.1f} s; "
           f"{report.steps_per_s:,.0f} model-steps/s; {report.compiles} compiles, {report.compile_s:.1f} s "
-          f"compiling; results in {out}")
+          f"compiling; results in {where}")
     if report.failed:
         return fail(f"{len(report.failed)} chunk(s) failed: {', '.join(report.failed)}; "
                     "run the same command again to retry them", code=1)
+    if shard:
+        print(f"when every shard has finished: calibjax merge {out}")
+    return 0
+
+
+def print_plan(engine, store, sw, out, layout, shard) -> int:
+    done = store.finished_run_ids(out) if store.read_manifest(out) else set()
+    table = engine.plan(sw, layout, shard, done)
+    print(f"{sw.name}: {len(sw.runs)} runs, {len(engine.group_runs(sw)[0])} groups (one compile each); "
+          f"{len(done)} already finished in {out}; {len(layout.devices)} {layout.backend} device(s)")
+    if len(table):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:,.1f}"))
+        print(f"total: {table['runs'].sum()} runs to train in {table['chunks'].sum()} chunks, "
+              f"about {table['est_seconds'].sum() / 60:,.1f} min (rough: from a measured matmul rate)")
     return 0
 
 

@@ -9,9 +9,11 @@ trains only what is missing.
 from __future__ import annotations
 
 import math
+import os
 import platform
 import sys
 import time
+import tomllib
 import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -24,42 +26,87 @@ from tqdm.auto import tqdm
 
 from calibjax import store, sweep as sweep_mod, train
 
-CPU_INNER_BATCH = 32   # runs vmapped together per device on CPU: small enough to stay in cache
+CPU_INNER_BATCH = 32    # runs vmapped together per device on CPU: small enough to stay in cache
 GPU_INNER_BATCH = 4096  # on accelerators, wide batches fill the device
-DEFAULT_MAX_CHUNK = 1024
+CPU_MAX_CHUNK = 1024    # most runs per call: bounds lost work on a kill and keeps progress moving
+GPU_MAX_CHUNK = 16384
+MEMORY_FRACTION = 0.5   # of device (or, on CPU, host) memory a chunk may plan to use
+F32 = 4
 
 
 class ResultsExist(sweep_mod.SweepError):
     """The output directory holds results of a different sweep file."""
 
 
+def memory_per_run(static: train.Static) -> tuple[int, int]:
+    """Estimated bytes per run: (working set while it trains, results held until the chunk ends).
+
+    Working set: parameters, gradients and two Adam moments; training activations (forward and
+    backward) of one batch; the evaluation set and its forward pass; posterior curves.
+    Held: the run's output arrays plus the host tables built from them (about 56 bytes a row).
+    """
+    widths = (static.dim, *static.hidden, static.num_classes)
+    n_params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+    units = sum(widths)
+    g, m, nb, c, p = (static.eval.points, static.num_classes, static.eval.num_bins,
+                      len(static.checkpoints), static.curve_points)
+    working = F32 * (4 * n_params + 3 * static.batch_size * units
+                     + g * (static.dim + 2 * m + nb + 3) + 2 * g * units + p * (units + m))
+    rows = c * (1 + nb + p * m)
+    held = F32 * c * (6 + 3 * nb + p * m) + 56 * rows
+    return working, held
+
+
+def device_memory(device) -> int:
+    """Bytes a chunk may plan on: the accelerator's limit, or the host's RAM shared by CPU devices."""
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return host // max(1, len(jax.local_devices(backend="cpu")))
+
+
 @dataclass(frozen=True)
 class Layout:
     """How a group's runs are laid out on the hardware."""
 
-    devices: tuple          # devices the run axis is sharded over
-    inner_batch: int        # runs vmapped together on one device (lax.map over such batches)
-    max_chunk: int          # most runs per compiled call (bounds memory and lost work on a kill)
+    devices: tuple      # devices the run axis is sharded over
+    inner_batch: int    # most runs vmapped together on one device (lax.map over such batches)
+    max_chunk: int      # most runs per compiled call
+    memory: int         # bytes per device a chunk may plan to use
 
     @property
     def backend(self) -> str:
         return self.devices[0].platform
 
-    def chunk_size(self, n_runs: int) -> tuple[int, int]:
-        """(padded chunk size, inner batch) for a group of n_runs: multiples of the device count."""
+    def chunk_size(self, n_runs: int, static: train.Static) -> tuple[int, int, int]:
+        """(runs per chunk, padded runs per call, inner batch) for a group of n_runs.
+
+        Runs per chunk is bounded by max_chunk and the memory budget; the call size is that
+        rounded up to a multiple of devices x inner batch, so every chunk of the group (the
+        last one padded with copies) reuses one compiled program.
+        """
         n_dev = len(self.devices)
-        per_device = math.ceil(min(n_runs, self.max_chunk) / n_dev)
-        inner = min(self.inner_batch, per_device)
-        per_device = math.ceil(per_device / inner) * inner
-        return per_device * n_dev, inner
+        working, held = memory_per_run(static)
+        inner = max(1, min(self.inner_batch, self.memory // (2 * working)))
+        by_memory = max(1, (self.memory - inner * working) // held) * n_dev
+        runs = max(1, min(n_runs, self.max_chunk, by_memory))
+        inner = min(inner, math.ceil(runs / n_dev))
+        return runs, math.ceil(runs / (n_dev * inner)) * n_dev * inner, inner
+
+    def describe(self) -> dict:
+        return {"devices": len(self.devices), "backend": self.backend, "inner_batch": self.inner_batch,
+                "max_chunk": self.max_chunk, "memory_per_device": self.memory}
 
 
 def default_layout(chunk_size: int | None = None, inner_batch: int | None = None,
                    devices=None) -> Layout:
+    """The fastest layout measured for the hardware at hand (benchmarks/throughput.py --explore)."""
     devices = tuple(devices if devices is not None else jax.local_devices())
     cpu = devices[0].platform == "cpu"
     inner = inner_batch or (CPU_INNER_BATCH if cpu else GPU_INNER_BATCH)
-    return Layout(devices, inner, chunk_size or DEFAULT_MAX_CHUNK)
+    max_chunk = chunk_size or (CPU_MAX_CHUNK if cpu else GPU_MAX_CHUNK)
+    return Layout(devices, inner, max_chunk, int(device_memory(devices[0]) * MEMORY_FRACTION))
 
 
 @dataclass
@@ -101,6 +148,14 @@ def group_runs(sw: sweep_mod.Sweep) -> tuple[list[train.Static], list[int]]:
     return list(statics), group_of
 
 
+def shard_run_ids(n_runs: int, shard: tuple[int, int] | None) -> list[int]:
+    """Shard k of n owns run_ids i with i % n == k: deterministic, and balanced over groups."""
+    if shard is None:
+        return list(range(n_runs))
+    k, n = shard
+    return list(range(k, n_runs, n))
+
+
 def plan_chunks(sw: sweep_mod.Sweep, layout: Layout, run_ids=None, done=frozenset()) -> list[Chunk]:
     """Cut each group's pending runs (those in run_ids and not done) into chunks."""
     statics, group_of = group_runs(sw)
@@ -109,8 +164,8 @@ def plan_chunks(sw: sweep_mod.Sweep, layout: Layout, run_ids=None, done=frozense
     for g, static in enumerate(statics):
         ids = [i for i, gi in enumerate(group_of) if gi == g and i in wanted]
         if ids:
-            size, inner = layout.chunk_size(len(ids))
-            chunks += [Chunk(g, static, ids[i:i + size], size, inner) for i in range(0, len(ids), size)]
+            runs, size, inner = layout.chunk_size(len(ids), static)
+            chunks += [Chunk(g, static, ids[i:i + runs], size, inner) for i in range(0, len(ids), runs)]
     return chunks
 
 
@@ -165,20 +220,24 @@ class Trainer:
         self.compiles = 0
         self.compile_s = 0.0
 
-    def __call__(self, static: train.Static, dyns: list[train.Dynamic], size: int, inner: int,
-                 on_compile=None) -> dict[str, np.ndarray]:
-        n = len(dyns)
-        padded = train.stack_dynamic(dyns + [dyns[-1]] * (size - n))  # pad with copies of the last run
+    def executable(self, static: train.Static, example: train.Dynamic, size: int, inner: int, on_compile=None):
+        """The compiled program for chunks of ``size`` runs of this group (compiled on first use)."""
         key = (static, size, inner)
         if key not in self._compiled:
             if on_compile:
                 on_compile(static, size)
             t0 = time.perf_counter()
             fn = train.batched_train_fn(static, inner, self.mesh)
-            self._compiled[key] = fn.lower(padded).compile()
+            self._compiled[key] = fn.lower(train.stack_dynamic([example] * size)).compile()
             self.compile_s += time.perf_counter() - t0
             self.compiles += 1
-        out = self._compiled[key](padded)
+        return self._compiled[key]
+
+    def __call__(self, static: train.Static, dyns: list[train.Dynamic], size: int, inner: int,
+                 on_compile=None) -> dict[str, np.ndarray]:
+        n = len(dyns)
+        padded = train.stack_dynamic(dyns + [dyns[-1]] * (size - n))  # pad with copies of the last run
+        out = self.executable(static, dyns[0], size, inner, on_compile)(padded)
         return {k: np.asarray(v)[:n] for k, v in out.items()}
 
 
@@ -196,13 +255,12 @@ def environment() -> dict:
 def prepare_output(sw: sweep_mod.Sweep, out: Path, overwrite: bool) -> None:
     """Create or reuse the output directory; refuse to mix results of different sweep files."""
     manifest = store.read_manifest(out)
-    if manifest is not None and manifest.get("sweep_sha256") != sw.sha256:
-        if not overwrite:
-            raise ResultsExist(f"{out}: holds results of a different sweep file (sha256 "
-                               f"{manifest.get('sweep_sha256', '?')[:12]} != {sw.sha256[:12]}); "
-                               "use --overwrite to replace them or --out to write elsewhere")
+    if manifest is not None and manifest.get("sweep_sha256") != sw.sha256 and not overwrite:
+        raise ResultsExist(f"{out}: holds results of a different sweep file (sha256 "
+                           f"{manifest.get('sweep_sha256', '?')[:12]} != {sw.sha256[:12]}); "
+                           "use --overwrite to replace them or --out to write elsewhere")
     if overwrite and out.exists():
-        for name in ("chunks", "figures"):
+        for name in ("chunks", "shards", "figures"):
             store.shutil.rmtree(out / name, ignore_errors=True)
         for p in out.glob("*.parquet"):
             p.unlink()
@@ -211,32 +269,38 @@ def prepare_output(sw: sweep_mod.Sweep, out: Path, overwrite: bool) -> None:
     store.clean_debris(out)
 
 
+def sweep_manifest(sw: sweep_mod.Sweep) -> dict:
+    return {"sweep_name": sw.name, "sweep_file": sw.path, "sweep_sha256": sw.sha256, "sweep_text": sw.text,
+            "runs": len(sw.runs), "groups": len(group_runs(sw)[0])}
+
+
 def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: Layout | None = None,
-              overwrite: bool = False, quiet: bool = False, figures: bool = True) -> Report:
-    """Train every unfinished run of a sweep into ``out`` and write the final tables."""
+              shard: tuple[int, int] | None = None, overwrite: bool = False, quiet: bool = False,
+              figures: bool = True) -> Report:
+    """Train every unfinished run of a sweep (or of one shard of it) into ``out``.
+
+    Without a shard, the final tables and figures are written once every run has finished.
+    Shard k of n writes its chunks to ``out/shards/k-of-n`` and leaves joining to ``merge``.
+    """
     t_start = time.perf_counter()
     out = Path(out)
     layout = layout or default_layout()
     prepare_output(sw, out, overwrite)
-    runs = runs_table(sw)
-    manifest = {"sweep_name": sw.name, "sweep_file": sw.path, "sweep_sha256": sw.sha256,
-                "sweep_text": sw.text, **environment(),
-                "layout": {"devices": len(layout.devices), "inner_batch": layout.inner_batch,
-                           "max_chunk": layout.max_chunk}}
+    manifest = {**sweep_manifest(sw), **environment(), "layout": layout.describe()}
     if store.read_manifest(out) is None:
         store.write_json(out / "manifest.json", {**manifest, "complete": False})
+    part = out / "shards" / f"{shard[0]}-of-{shard[1]}" if shard else out
 
-    done = store.finished_run_ids(out)
-    chunks = plan_chunks(sw, layout, done=done)
+    chunks = plan_chunks(sw, layout, shard_run_ids(len(sw.runs), shard), done=store.finished_run_ids(out))
     report = Report(runs=len(sw.runs), groups=len({c.group for c in chunks}), chunks=len(chunks))
     trainer = Trainer(layout)
     bar = tqdm(total=sum(len(c.run_ids) for c in chunks), unit="run", disable=quiet, dynamic_ncols=True,
-               desc=sw.name)
+               desc=sw.name, smoothing=0.1)
 
     def on_compile(static, size):
         if not quiet:
-            bar.write(f"compiling: {static.hidden} {static.activation} {static.optimizer} batch "
-                      f"{static.batch_size}, {static.steps} steps, {size} runs per call")
+            bar.write(f"compiling group: hidden {list(static.hidden)} {static.activation} {static.optimizer}, "
+                      f"batch {static.batch_size}, {static.steps} steps; {size} runs per call")
 
     for chunk in chunks:
         dyns = [sweep_mod.dynamic_of(sw.runs[i]) for i in chunk.run_ids]
@@ -245,7 +309,7 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: Layout | None = N
             t0 = time.perf_counter()
             outputs = trainer(chunk.static, dyns, chunk.size, chunk.inner, on_compile)
             report.train_s += time.perf_counter() - t0 - (trainer.compile_s - compile_before)
-            store.write_chunk(out, chunk.chunk_id, chunk_tables(chunk.static, chunk.run_ids, outputs))
+            store.write_chunk(part, chunk.chunk_id, chunk_tables(chunk.static, chunk.run_ids, outputs))
         except Exception as e:  # a broken chunk must not stop the others
             report.failed.append(chunk.chunk_id)
             bar.write(f"chunk {chunk.chunk_id} failed: {type(e).__name__}: {e}")
@@ -259,15 +323,14 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: Layout | None = N
     bar.close()
     report.compiles, report.compile_s = trainer.compiles, trainer.compile_s
 
-    if not report.failed:
-        finalize(out, runs)
-        report.complete = True
-        if figures:
+    if not report.failed and shard is None:
+        report.complete = not finalize(out, runs_table(sw))
+        if figures and report.complete:
             from calibjax import plots
             plots.standard_figures(out)
     report.wall_s = time.perf_counter() - t_start
-    store.write_json(out / "manifest.json", {
-        **manifest, "complete": report.complete, "runs": report.runs, "groups": len(group_runs(sw)[0]),
+    store.write_json(part / "manifest.json", {
+        **manifest, "shard": list(shard) if shard else None, "complete": report.complete,
         "trained_this_call": report.trained, "chunks_this_call": report.chunks,
         "failed_chunks": report.failed, "compiles": report.compiles,
         "compile_s": round(report.compile_s, 3), "train_s": round(report.train_s, 3),
@@ -275,11 +338,81 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: Layout | None = N
     return report
 
 
-def finalize(out: Path, runs: pd.DataFrame) -> None:
-    """Join the finished chunks into the final tables."""
+def finalize(out: Path, runs: pd.DataFrame) -> list[int]:
+    """Join the finished chunks (own and shards') into the final tables; return missing run_ids.
+
+    Runs not finished yet appear in runs.parquet with status "missing".
+    """
     status = store.read_chunks(out, "status")
-    store.write_parquet(out / "runs.parquet", runs.merge(status, on="run_id", how="left"))
+    if status is None:
+        status = pd.DataFrame({"run_id": pd.Series([], dtype=np.int64), "status": pd.Series([], dtype=str),
+                               "bayes_loss": pd.Series([], dtype=np.float64)})
+    table = runs.merge(status, on="run_id", how="left")
+    table["status"] = table["status"].fillna("missing")
+    store.write_parquet(out / "runs.parquet", table)
     for name in ("metrics", "density", "curves"):
         df = store.read_chunks(out, name)
         if df is not None:
             store.write_parquet(out / f"{name}.parquet", df)
+    return table.loc[table["status"] == "missing", "run_id"].tolist()
+
+
+def merge(out: str | Path, figures: bool = True) -> list[int]:
+    """Join shard parts (and any unsharded chunks) of ``out`` into its final tables.
+
+    Refuses parts written from a different sweep file. Returns the run_ids still missing.
+    """
+    out = Path(out)
+    manifest = store.read_manifest(out)
+    if manifest is None:
+        raise sweep_mod.SweepError(f"{out}: no manifest.json here; is it a calibjax results directory?")
+    for part in sorted(out.glob("shards/*")):
+        m = store.read_manifest(part)
+        if m is not None and m.get("sweep_sha256") != manifest["sweep_sha256"]:
+            raise ResultsExist(f"{part}: written from a different sweep file than {out}/manifest.json")
+    sw = sweep_mod.parse(tomllib.loads(manifest["sweep_text"]), manifest["sweep_file"], manifest["sweep_text"])
+    store.clean_debris(out)
+    missing = finalize(out, runs_table(sw))
+    store.write_json(out / "manifest.json", {**manifest, "complete": not missing, "merged": True,
+                                             "missing_runs": len(missing)})
+    if figures and not missing:
+        from calibjax import plots
+        plots.standard_figures(out)
+    return missing
+
+
+def matmul_rate(seconds: float = 1.0, n: int = 1024) -> float:
+    """Measured float32 matmul FLOP/s on the default device."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jax.numpy.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        f(a).block_until_ready()
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+# Fraction of the matmul rate the training loop reaches, measured by benchmarks/throughput.py
+# (CPU: about 0.35 for the study's MLP); plan uses it for its time estimate.
+EFFICIENCY = {"cpu": 0.35, "gpu": 0.05}
+COMPILE_S = 10.0  # typical compile time of one group here (CPU); plan adds it per group
+
+
+def plan(sw: sweep_mod.Sweep, layout: Layout, shard=None, done=frozenset()) -> pd.DataFrame:
+    """One row per group: runs, chunks, call size, memory and time estimates (nothing trained)."""
+    chunks = plan_chunks(sw, layout, shard_run_ids(len(sw.runs), shard), done)
+    rate = matmul_rate(0.5) * EFFICIENCY.get(layout.backend, 0.05)
+    rows = []
+    for g in dict.fromkeys(c.group for c in chunks):
+        cs = [c for c in chunks if c.group == g]
+        st = cs[0].static
+        working, held = memory_per_run(st)
+        n = sum(len(c.run_ids) for c in cs)
+        rows.append({"group": g, "hidden": "-".join(map(str, st.hidden)), "optimizer": st.optimizer,
+                     "batch_size": st.batch_size, "steps": st.steps, "classes": st.num_classes,
+                     "dim": st.dim, "runs": n, "chunks": len(cs), "runs_per_call": cs[0].size,
+                     "inner_batch": cs[0].inner,
+                     "memory_per_chunk_mb": (cs[0].inner * working * len(layout.devices) + cs[0].size * held) / 2**20,
+                     "est_seconds": COMPILE_S + n * st.steps * st.flops_per_step / rate})
+    return pd.DataFrame(rows)

@@ -76,20 +76,35 @@ def write_chunk(out: Path, chunk_id: str, tables: dict[str, pd.DataFrame]) -> No
 
 
 def chunk_dirs(out: Path) -> list[Path]:
-    d = Path(out) / "chunks"
-    return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".tmp-")) if d.exists() else []
+    """Finished chunks of a results directory: its own and those of its shard parts."""
+    out = Path(out)
+    dirs = [*out.glob("chunks/*"), *out.glob("shards/*/chunks/*")]
+    return sorted((p for p in dirs if p.is_dir() and not p.name.startswith(".tmp-")),
+                  key=lambda p: (p.name, str(p)))
+
+
+def _owners(out: Path) -> dict[Path, list[int]]:
+    """run_ids each chunk owns; a run finished twice (say, by two shard layouts) counts once."""
+    owners, seen = {}, set()
+    for d in chunk_dirs(out):
+        ids = [i for i in pd.read_parquet(d / "status.parquet", columns=["run_id"])["run_id"] if i not in seen]
+        seen.update(ids)
+        owners[d] = ids
+    return owners
 
 
 def finished_run_ids(out: Path) -> set[int]:
-    done: set[int] = set()
-    for d in chunk_dirs(out):
-        done.update(pd.read_parquet(d / "status.parquet", columns=["run_id"])["run_id"].tolist())
-    return done
+    return {i for ids in _owners(out).values() for i in ids}
 
 
 def read_chunks(out: Path, name: str) -> pd.DataFrame | None:
-    """One table joined over all finished chunks, sorted; None if no chunk has it."""
-    parts = [pd.read_parquet(p) for d in chunk_dirs(out) if (p := d / f"{name}.parquet").exists()]
+    """One table joined over all finished chunks, each run once, sorted; None if no chunk has it."""
+    parts = []
+    for d, ids in _owners(out).items():
+        p = d / f"{name}.parquet"
+        if ids and p.exists():
+            df = pd.read_parquet(p)
+            parts.append(df[df["run_id"].isin(ids)])
     parts = [p for p in parts if len(p)]
     if not parts:
         return None
@@ -99,7 +114,7 @@ def read_chunks(out: Path, name: str) -> pd.DataFrame | None:
 
 def clean_debris(out: Path) -> None:
     """Remove temporary files and directories a killed run left behind."""
-    for base in (Path(out), Path(out) / "chunks"):
+    for base in (Path(out), Path(out) / "chunks", *Path(out).glob("shards/*"), *Path(out).glob("shards/*/chunks")):
         if base.exists():
             for p in base.glob(".tmp-*"):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

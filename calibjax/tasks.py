@@ -80,14 +80,25 @@ def log_posterior(task: GaussianTask, x: jax.Array) -> jax.Array:
     return jax.nn.log_softmax(log_joint(task, x))
 
 
+def open_uniform(key: jax.Array, shape) -> jax.Array:
+    """Uniforms strictly inside (0, 1): midpoints of 2^24 equal bins (exact in float32)."""
+    bits = jax.random.bits(key, shape, jnp.uint32) >> 8
+    return (bits.astype(jnp.float32) + 0.5) * (2.0 ** -24)
+
+
 def sample(task: GaussianTask, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Draw one (x, c): x (D,) float32, c int32 scalar."""
-    class_key, comp_key, noise_key = jax.random.split(key, 3)
-    c = jax.random.categorical(class_key, task.log_prior)
-    k = jax.random.categorical(comp_key, task.log_weight[c])
-    noise = jax.random.normal(noise_key, (task.dim,), jnp.float32)
-    x = task.mean[c, k] + task.sigma[c, k] * noise
-    return x, c.astype(jnp.int32)
+    """Draw one (x, c): x (D,) float32, c int32 scalar.
+
+    One random draw of 2 + D uniforms per example (the class and the component by
+    inverting their cumulative probabilities, the noise by the normal quantile
+    function): a third of the hashing of separate categorical and normal draws,
+    which matters because every training example is regenerated from its key.
+    """
+    u = open_uniform(key, (2 + task.dim,))
+    c = jnp.sum(u[0] > jnp.cumsum(jnp.exp(task.log_prior))[:-1]).astype(jnp.int32)
+    k = jnp.sum(u[1] > jnp.cumsum(jnp.exp(task.log_weight[c]))[:-1])
+    x = task.mean[c, k] + task.sigma[c, k] * jax.scipy.special.ndtri(u[2:])
+    return x, c
 
 
 def support_range(task: GaussianTask, num_sigmas: float) -> tuple[jax.Array, jax.Array]:

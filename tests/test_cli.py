@@ -98,3 +98,68 @@ def test_missing_file_and_invalid_toml_are_clear_errors(tmp_path):
     bad.write_text("[task\nmeans = 1")
     r = calibjax("run", bad)
     assert r.returncode == 2 and "broken.toml: not valid TOML" in r.stderr and "Traceback" not in r.stderr
+
+
+RESUME = TINY.replace("seeds = 2", "seeds = 8").replace("steps = 30", "steps = 3000").replace(
+    "checkpoints = [10, 30]", "checkpoints = [10, 3000]")
+
+
+def test_sigkill_mid_sweep_then_resume_equals_an_uninterrupted_run(tmp_path):
+    import signal
+    import time
+
+    sweep = tmp_path / "resume.toml"
+    sweep.write_text(RESUME)
+    out = tmp_path / "killed"
+    env = {**os.environ, "CALIBJAX_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "calibjax", "run", sweep, "--out", out, "--quiet",
+                             "--chunk-size", "2", "--no-figures"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    chunks = out / "chunks"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if chunks.exists() and len([p for p in chunks.iterdir() if not p.name.startswith(".tmp-")]) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = [p for p in chunks.iterdir() if not p.name.startswith(".tmp-")]
+    assert 2 <= len(finished) < 8, "the kill should land before the last of 8 chunks"
+    assert not (out / "metrics.parquet").exists()
+
+    resumed = calibjax("run", sweep, "--out", out, "--quiet", "--chunk-size", "2", "--no-figures")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{16 - 2 * len(finished)} runs trained" in resumed.stdout
+    assert not list(out.rglob(".tmp-*"))
+
+    ref = tmp_path / "ref"
+    assert calibjax("run", sweep, "--out", ref, "--quiet", "--no-figures").returncode == 0
+    for name in ("metrics", "density", "curves"):
+        a, b = pd.read_parquet(out / f"{name}.parquet"), pd.read_parquet(ref / f"{name}.parquet")
+        assert len(a) == len(b) and not a.duplicated(list(a.columns[:2]) + (["x", "class"] if name == "curves" else
+                                                     ["log10_density_lo"] if name == "density" else [])).any()
+        pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-5, rtol=1e-5)
+
+
+def test_shards_from_flag_and_slurm_array_then_merge_and_plan(tmp_path):
+    sweep = tmp_path / "tiny.toml"
+    sweep.write_text(TINY)
+    out = tmp_path / "res"
+    plan = calibjax("plan", sweep, "--out", out)
+    assert plan.returncode == 0 and "4 runs, 1 groups" in plan.stdout and "total: 4 runs" in plan.stdout
+    assert calibjax("run", sweep, "--out", out, "--quiet", "--shard", "0/2").returncode == 0
+    partial = calibjax("merge", out)
+    assert partial.returncode == 1 and "2 run(s) missing: run_id 1, 3" in partial.stderr
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "0"}
+    r = subprocess.run([sys.executable, "-m", "calibjax", "run", sweep, "--out", out, "--quiet"],
+                       capture_output=True, text=True, env={**env, "CALIBJAX_CPU_DEVICES": "2"})
+    assert r.returncode == 0 and "shards/1-of-2" in r.stdout, r.stderr
+    merged = calibjax("merge", out)
+    assert merged.returncode == 0, merged.stderr
+    runs = pd.read_parquet(out / "runs.parquet")
+    assert runs["run_id"].tolist() == [0, 1, 2, 3] and set(runs["status"]) == {"ok"}
+    assert len(pd.read_parquet(out / "metrics.parquet")) == 8
+    assert (out / "figures" / "kl_vs_steps.png").exists()
+    bad = calibjax("run", sweep, "--out", out, "--shard", "2/2")
+    assert bad.returncode == 2 and "--shard: need 0 <= K < N" in bad.stderr

@@ -1,0 +1,162 @@
+"""Throughput of the study's model: vmapped runs against one-at-a-time baselines.
+
+    python benchmarks/throughput.py                  # the table for the README
+    python benchmarks/throughput.py --explore        # compare execution layouts (devices x inner batch)
+
+One model-step = one optimiser update of one classifier (1-64-64-2 MLP, batch 64, Adam, finite
+N = 100,000): 1.73 MFLOP by the dense-layer count (train.Static.flops_per_step). Each row trains R
+runs by one compiled call and, in the same process, times the same work done one run at a time by
+the jitted single-run program; if PyTorch is importable, also the study's own DataLoader loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from calibjax.cli import configure_cpu_devices  # noqa: E402  (must run before jax is imported)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, nargs="+", default=[1, 8, 64, 256, 1024, 4096])
+    p.add_argument("--steps", type=int, default=500, help="optimiser updates per run")
+    p.add_argument("--inner-batch", type=int, help="runs vmapped together per device (default: calibjax's)")
+    p.add_argument("--single-runs", type=int, default=3, help="runs timed one at a time for the baseline")
+    p.add_argument("--torch-steps", type=int, default=2000, help="steps of the PyTorch baseline (0: skip)")
+    p.add_argument("--explore", action="store_true", help="time layouts in subprocesses and exit")
+    p.add_argument("--json", help="also write the rows to this file")
+    return p.parse_args()
+
+
+def matmul_rate() -> float:
+    """Measured float32 matmul FLOP/s on the default device (2048^3 products)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 2048
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 2.0:
+        f(a).block_until_ready()
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def torch_rate(steps: int) -> float | None:
+    """The study's PyTorch loop (seed code): DataLoader over N = 100,000, batch 64, Adam 1e-3."""
+    try:
+        import torch
+        from torch import nn
+        from torch.utils.data import DataLoader, TensorDataset
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    n = 100_000
+    c = torch.randint(0, 2, (n,))
+    x = torch.randn(n, 1) + 3.0 * c[:, None]
+    loader = DataLoader(TensorDataset(x, c), batch_size=64, shuffle=True)
+    model = nn.Sequential(nn.Linear(1, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    done, t0 = 0, None
+    while done < steps:
+        for xb, cb in loader:
+            if done == 50:
+                t0 = time.perf_counter()  # warm-up excluded
+            opt.zero_grad()
+            loss_fn(model(xb), cb).backward()
+            opt.step()
+            done += 1
+            if done >= steps:
+                break
+    return (steps - 50) / (time.perf_counter() - t0)
+
+
+def peak_memory_mb() -> float:
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # CPU: process peak RSS
+
+
+def main():
+    args = parse_args()
+    if args.explore:
+        return explore(args)
+    configure_cpu_devices()
+    import jax
+
+    from calibjax import engine, tasks, train
+
+    task = tasks.make_task([0.5, 0.5], [[[0.0]], [[3.0]]], [[[1.0]], [[1.0]]])
+    static = train.Static(steps=args.steps, checkpoints=(args.steps,))
+    flops = static.flops_per_step
+    layout = engine.default_layout(inner_batch=args.inner_batch, chunk_size=max(args.runs))
+    trainer = engine.Trainer(layout)
+    peak = matmul_rate()
+    print(f"backend {jax.default_backend()}, {len(layout.devices)} device(s): {layout.devices[0].device_kind}; "
+          f"float32 matmul {peak / 1e9:,.1f} GFLOP/s; model-step {flops / 1e6:.2f} MFLOP; {args.steps} steps per run")
+
+    single = train.train_single.lower(static, train.make_dynamic(task, n_data=100_000)).compile()
+    t0 = time.perf_counter()
+    for s in range(args.single_runs):
+        jax.block_until_ready(single(train.make_dynamic(task, n_data=100_000, seed=s)))
+    single_rate = args.single_runs * args.steps / (time.perf_counter() - t0)
+    torch = torch_rate(args.torch_steps) if args.torch_steps else None
+    print(f"one run at a time (jitted single-run loop): {single_rate:,.0f} model-steps/s"
+          + (f"; PyTorch loop of the study: {torch:,.0f} model-steps/s" if torch else "; PyTorch not installed"))
+
+    head = f"{'runs':>6} {'model-steps/s':>14} {'% matmul peak':>14} {'x single':>9} {'x torch':>8} {'compile s':>10} {'peak MB':>8}"
+    print(head)
+    rows = []
+    for r in args.runs:
+        dyns = [train.make_dynamic(task, n_data=100_000, seed=s) for s in range(r)]
+        _, size, inner = layout.chunk_size(r, static)
+        trainer.executable(static, dyns[0], size, inner)
+        compile_s = trainer.compile_s
+        trainer.compile_s = 0.0
+        t0 = time.perf_counter()
+        trainer(static, dyns, size, inner)
+        wall = time.perf_counter() - t0
+        rate = r * args.steps / wall
+        row = {"runs": r, "model_steps_per_s": rate, "frac_matmul_peak": rate * flops / peak,
+               "vs_single": rate / single_rate, "vs_torch": rate / torch if torch else None,
+               "compile_s": compile_s, "peak_mb": peak_memory_mb(), "inner_batch": inner,
+               "devices": len(layout.devices), "backend": jax.default_backend()}
+        rows.append(row)
+        vs_torch = f"{row['vs_torch']:.1f}x" if torch else "-"
+        print(f"{r:>6} {rate:>14,.0f} {100 * row['frac_matmul_peak']:>13.1f}% {row['vs_single']:>8.1f}x "
+              f"{vs_torch:>8} {compile_s:>10.1f} {row['peak_mb']:>8.0f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"matmul_flops": peak, "single_rate": single_rate,
+                                               "torch_rate": torch, "rows": rows}, indent=2))
+
+
+def explore(args):
+    """Time R = max(--runs) runs under each layout, each in a fresh process."""
+    r = max(args.runs)
+    cores = len(os.sched_getaffinity(0))
+    for devices in sorted({1, cores}):
+        for inner in (8, 16, 32, 64, 128, r):
+            env = {**os.environ, "CALIBJAX_CPU_DEVICES": str(devices)}
+            out = subprocess.run([sys.executable, __file__, "--runs", str(r), "--steps", str(args.steps),
+                                  "--inner-batch", str(inner), "--single-runs", "1", "--torch-steps", "0"],
+                                 env=env, capture_output=True, text=True)
+            line = out.stdout.strip().splitlines()[-1] if out.returncode == 0 else out.stderr[-300:]
+            print(f"devices {devices} inner {inner:>5}: {line}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

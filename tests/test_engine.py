@@ -1,0 +1,136 @@
+"""The sweep engine: chunking, devices, shards, failures and memory planning."""
+
+import dataclasses
+import tomllib
+
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+
+from calibjax import engine, store, sweep
+
+TEXT = """
+name = "eng"
+seeds = 2
+[task]
+means = [0.0, 3.0]
+sigmas = [1.0, 1.0]
+[model]
+hidden = [8]
+[train]
+steps = 20
+checkpoints = [5, 20]
+n_data = 300
+[eval]
+points = 64
+[grid]
+mu2 = [1.0, 2.0, 3.0]
+lr = [1e-3, 1e-2]
+"""
+N_RUNS = 12
+
+
+def load(text=TEXT):
+    return sweep.parse(tomllib.loads(text), "eng.toml", text)
+
+
+def layout(chunk=None, devices=4):
+    return engine.default_layout(chunk_size=chunk, devices=jax.devices()[:devices])
+
+
+def tables(out):
+    t = store.load_results(out)
+    return {k: t[k].sort_values(store.SORT_KEYS.get(k, ["run_id"])).reset_index(drop=True)
+            for k in ("metrics", "density")} | {"runs": t["runs"]}
+
+
+def assert_tables_close(a, b, atol=1e-5):
+    for name in ("metrics", "density"):
+        x, y = a[name], b[name]
+        assert x.shape == y.shape and list(x.columns) == list(y.columns)
+        keys = ["run_id", "step"] + (["log10_density_lo"] if name == "density" else [])
+        pd.testing.assert_frame_equal(x[keys], y[keys])
+        np.testing.assert_allclose(x.drop(columns=keys).to_numpy(), y.drop(columns=keys).to_numpy(),
+                                   atol=atol, rtol=1e-5, equal_nan=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    report = engine.run_sweep(load(), out, layout=layout(), quiet=True, figures=False)
+    assert report.complete and report.compiles == 1 and report.trained == N_RUNS
+    return tables(out)
+
+
+def test_one_group_and_chunk_count(reference):
+    assert len(reference["runs"]) == N_RUNS and set(reference["runs"]["status"]) == {"ok"}
+    chunks = engine.plan_chunks(load(), layout(chunk=5))
+    assert [len(c.run_ids) for c in chunks] == [5, 5, 2]
+    assert {(c.size, c.inner) for c in chunks} == {(8, 2)}  # one call size: one compile
+
+
+@pytest.mark.parametrize("chunk,devices", [(1, 4), (7, 4), (None, 1)])
+def test_results_do_not_depend_on_chunk_size_or_device_count(tmp_path, reference, chunk, devices):
+    report = engine.run_sweep(load(), tmp_path, layout=layout(chunk, devices), quiet=True, figures=False)
+    assert report.compiles == 1
+    assert_tables_close(tables(tmp_path), reference)
+
+
+def test_shards_merge_to_the_unsharded_sweep(tmp_path, reference):
+    sw = load()
+    for k in range(3):
+        r = engine.run_sweep(sw, tmp_path, layout=layout(), shard=(k, 3), quiet=True, figures=False)
+        assert r.trained == N_RUNS // 3 and not r.complete
+        assert not (tmp_path / "metrics.parquet").exists()
+    assert engine.merge(tmp_path, figures=False) == []
+    merged = tables(tmp_path)
+    assert_tables_close(merged, reference)
+    assert merged["runs"]["run_id"].tolist() == list(range(N_RUNS))
+
+
+def test_merge_reports_missing_runs(tmp_path):
+    engine.run_sweep(load(), tmp_path, layout=layout(), shard=(1, 4), quiet=True, figures=False)
+    missing = engine.merge(tmp_path, figures=False)
+    assert missing == [i for i in range(N_RUNS) if i % 4 != 1]
+    runs = pd.read_parquet(tmp_path / "runs.parquet")
+    assert (runs["status"] == "missing").sum() == len(missing)
+
+
+def test_a_failing_chunk_is_reported_and_retried_alone(tmp_path, monkeypatch, reference):
+    original = engine.Trainer.__call__
+
+    def flaky(self, static, dyns, size, inner, on_compile=None):
+        if len(dyns) and float(dyns[0].task.mean[1, 0, 0]) == 2.0:  # the chunk holding mu2 = 2
+            raise RuntimeError("simulated device failure")
+        return original(self, static, dyns, size, inner, on_compile)
+
+    monkeypatch.setattr(engine.Trainer, "__call__", flaky)
+    first = engine.run_sweep(load(), tmp_path, layout=layout(chunk=4), quiet=True, figures=False)
+    assert len(first.failed) == 1 and first.trained == 8 and not first.complete
+    assert not (tmp_path / "metrics.parquet").exists()
+    monkeypatch.setattr(engine.Trainer, "__call__", original)
+    second = engine.run_sweep(load(), tmp_path, layout=layout(chunk=4), quiet=True, figures=False)
+    assert second.trained == 4 and second.complete and not second.failed
+    assert_tables_close(tables(tmp_path), reference)
+
+
+def test_chunks_shrink_to_fit_memory():
+    st = engine.group_runs(load())[0][0]
+    working, held = engine.memory_per_run(st)
+    big = layout()
+    small = dataclasses.replace(big, memory=4 * working + 40 * held)
+    runs_big, _, _ = big.chunk_size(10_000, st)
+    runs_small, size_small, inner_small = small.chunk_size(10_000, st)
+    assert runs_big == engine.CPU_MAX_CHUNK
+    assert runs_small < 400 and size_small % (4 * inner_small) == 0
+    per_device = inner_small * working + (size_small // 4) * held
+    assert per_device <= small.memory * 1.1  # within budget (rounding to whole inner batches aside)
+    assert engine.memory_per_run(dataclasses.replace(st, curve_points=201))[1] > 10 * held
+
+
+def test_plan_counts_runs_groups_and_chunks():
+    sw = load(TEXT + "batch_size = [16, 32]\n")
+    table = engine.plan(sw, layout(chunk=5))
+    assert table["runs"].tolist() == [12, 12] and table["chunks"].tolist() == [3, 3]
+    assert (table["est_seconds"] > 0).all() and (table["memory_per_chunk_mb"] > 0).all()
