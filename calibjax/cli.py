@@ -42,6 +42,25 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="join the shard parts of a results directory; report missing runs")
     merge.add_argument("dir", help="results directory")
     merge.add_argument("--no-figures", action="store_true", help="write tables only")
+    summ = sub.add_parser("summarize", help="write summary.parquet (per run) and summary_by_setting.parquet")
+    summ.add_argument("dir", help="results directory")
+    summ.add_argument("--eps", type=float, nargs="+", default=[1e-2, 1e-3],
+                      help="kl thresholds for steps_to_kl_<eps> (default 0.01 0.001)")
+    plot = sub.add_parser("plot", help="draw figures from a results directory's tables (no training)",
+                          description="kinds: standard (the default set), heatmap (--x --y --value "
+                          "[--facet]), density (error by density bin x steps), reliability (--step)")
+    plot.add_argument("dir", help="results directory")
+    plot.add_argument("kind", nargs="?", default="standard", choices=["standard", "heatmap", "density", "reliability"])
+    plot.add_argument("--x", help="heatmap: swept setting on the x axis (a runs.parquet column)")
+    plot.add_argument("--y", help="heatmap: swept setting on the y axis")
+    plot.add_argument("--value", help="heatmap: a summary, e.g. steps_to_kl_0.01, final_kl, kl_auc; "
+                      "density: max_err or kl")
+    plot.add_argument("--facet", help="heatmap: one panel per value of this setting")
+    plot.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                      help="density, reliability: runs with this setting (repeatable); seeds are pooled")
+    plot.add_argument("--run-id", type=int, help="density, reliability: one run")
+    plot.add_argument("--step", type=int, help="reliability: checkpoint (default: the last)")
+    plot.add_argument("--output", help="file to write (default DIR/figures/<kind>_....png)")
     return p
 
 
@@ -81,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     from calibjax import engine, store, sweep
 
     try:
+        if args.command in ("summarize", "plot"):
+            return analyse(args)
         if args.command == "merge":
             missing = engine.merge(args.dir, figures=not args.no_figures)
             if missing:
@@ -109,6 +130,61 @@ def main(argv: list[str] | None = None) -> int:
     if shard:
         print(f"when every shard has finished: calibjax merge {out}")
     return 0
+
+
+def analyse(args) -> int:
+    """summarize and plot: tables in, tables and figures out."""
+    from calibjax import plots, store, summaries
+
+    out = Path(args.dir)
+    if not (out / "runs.parquet").exists() or not (out / "metrics.parquet").exists():
+        raise UsageError(f"{out}: no runs.parquet and metrics.parquet here; run or merge a sweep first")
+    if args.command == "summarize":
+        summary, agg = summaries.write_summaries(out, args.eps)
+        print(f"{out}: summary.parquet ({len(summary)} runs), summary_by_setting.parquet ({len(agg)} settings)")
+        return 0
+    try:
+        if args.kind == "standard":
+            if not (out / "summary_by_setting.parquet").exists():
+                summaries.write_summaries(out)
+            paths = plots.standard_figures(out)
+        else:
+            paths = [plot_one(args, out, plots, store, summaries)]
+    except plots.PlotError as e:
+        raise UsageError(str(e)) from None
+    print("\n".join(map(str, paths)))
+    return 0
+
+
+def plot_one(args, out: Path, plots, store, summaries) -> Path:
+    t = store.load_results(out)
+    runs = t["runs"]
+    fig = out / "figures"
+    if args.kind == "heatmap":
+        missing = [f"--{n}" for n in ("x", "y", "value") if getattr(args, n) is None]
+        if missing:
+            raise plots.PlotError(f"heatmap needs {', '.join(missing)}")
+        if args.value is not None and "summary_by_setting" not in t:
+            t["summary_by_setting"] = summaries.write_summaries(out)[1]
+        agg = t["summary_by_setting"]
+        path = Path(args.output or fig / f"heatmap_{args.value}_{args.x}_{args.y}.png")
+        return plots.heatmap(agg, args.x, args.y, args.value, path, args.facet, runs=runs)
+    where = {}
+    for item in args.where:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise plots.PlotError(f"--where {item!r}: expected KEY=VALUE")
+        where[key] = value
+    ids = plots.select_runs(runs, where, args.run_id)
+    label = f"run {args.run_id}" if args.run_id is not None else (
+        ", ".join(f"{k}={v}" for k, v in where.items()) or "all runs")
+    tag = "_".join(f"{k}-{v}" for k, v in where.items()) or (f"run{args.run_id}" if args.run_id is not None else "all")
+    if args.kind == "density":
+        path = Path(args.output or fig / f"density_{tag}.png")
+        return plots.density_map(t["density"], ids, path, args.value or "max_err", title=label)
+    step = args.step if args.step is not None else int(t["metrics"]["step"].max())
+    path = Path(args.output or fig / f"reliability_{tag}_step{step}.png")
+    return plots.reliability(t["calibration"], ids, step, path, title=f"{label}, step {step}")
 
 
 def print_plan(engine, store, sw, out, layout, shard) -> int:

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from calibjax import store, sweep as sweep_mod, train
+from calibjax import plots, store, summaries, sweep as sweep_mod, train
 
 CPU_INNER_BATCH = 32    # runs vmapped together per device on CPU: small enough to stay in cache
 GPU_INNER_BATCH = 4096  # on accelerators, wide batches fill the device
@@ -32,6 +32,11 @@ CPU_MAX_CHUNK = 1024    # most runs per call: bounds lost work on a kill and kee
 GPU_MAX_CHUNK = 16384
 MEMORY_FRACTION = 0.5   # of device (or, on CPU, host) memory a chunk may plan to use
 F32 = 4
+
+
+# metrics.parquet columns after run_id, step (see README for definitions)
+METRIC_COLUMNS = ("kl", "tv", "max_err", "accuracy", "bayes_accuracy", "loss", "err_dense", "err_sparse",
+                  "ece", "ece_mass", "brier", "nll", "true_ece", "excess_brier", "cal_term", "grouping_term")
 
 
 class ResultsExist(sweep_mod.SweepError):
@@ -50,10 +55,13 @@ def memory_per_run(static: train.Static) -> tuple[int, int]:
     units = sum(widths)
     g, m, nb, c, p = (static.eval.points, static.num_classes, static.eval.num_bins,
                       len(static.checkpoints), static.curve_points)
+    s, cb = static.eval.calibration_samples, static.eval.calibration_bins
+    p = p ** static.dim
     working = F32 * (4 * n_params + 3 * static.batch_size * units
-                     + g * (static.dim + 2 * m + nb + 3) + 2 * g * units + p * (units + m))
-    rows = c * (1 + nb + p * m)
-    held = F32 * c * (6 + 3 * nb + p * m) + 56 * rows
+                     + (g + s) * (static.dim + 2 * m + nb + 5) + 2 * (g + s) * units + p * (units + m)
+                     + g * static.eval.true_bins)
+    rows = c * (1 + nb + cb + p * m)
+    held = F32 * c * (len(METRIC_COLUMNS) + 3 * nb + 6 * cb + p * m) + 56 * rows
     return working, held
 
 
@@ -183,8 +191,7 @@ def chunk_tables(static: train.Static, run_ids: list[int], out: dict[str, np.nda
     steps = np.asarray(static.checkpoints, np.int64)
     run_col, step_col = np.repeat(ids, c), np.tile(steps, r)
     metrics = pd.DataFrame({"run_id": run_col, "step": step_col,
-                            **{k: out[k].reshape(-1).astype(np.float64)
-                               for k in ("kl", "tv", "max_err", "accuracy", "bayes_accuracy", "loss")}})
+                            **{k: out[k].reshape(-1).astype(np.float64) for k in METRIC_COLUMNS}})
     lo, hi = static.eval.bin_bounds()
     nb = len(lo)
     density = pd.DataFrame({
@@ -197,13 +204,22 @@ def chunk_tables(static: train.Static, run_ids: list[int], out: dict[str, np.nda
     finite = np.isfinite(out["kl"]).all(1) & np.isfinite(out["loss"][:, trained]).all(1)
     status = pd.DataFrame({"run_id": ids, "status": np.where(finite, "ok", "diverged"),
                            "bayes_loss": out["bayes_loss"].astype(np.float64)})
-    tables = {"status": status, "metrics": metrics, "density": density}
+    cb = static.eval.calibration_bins
+    edges = np.linspace(0.0, 1.0, cb + 1)
+    calibration = pd.DataFrame({
+        "run_id": np.repeat(ids, c * cb), "step": np.tile(np.repeat(steps, cb), r),
+        "conf_lo": np.tile(edges[:-1], r * c), "conf_hi": np.tile(edges[1:], r * c),
+        **{name: out[f"rel_{name}"].reshape(-1).astype(np.float64)
+           for name in ("est_count", "est_conf", "est_acc", "true_mass", "true_conf", "true_acc")}})
+    tables = {"status": status, "metrics": metrics, "density": density, "calibration": calibration}
     if static.curve_points:
-        p, m = static.curve_points, static.num_classes
+        p, m = static.curve_points ** static.dim, static.num_classes
+        xs = {"x" if d == 0 else f"x{d + 1}": np.tile(np.repeat(out["curve_x"][..., d], m, axis=1), (1, c))
+              .reshape(-1).astype(np.float64) for d in range(static.dim)}
         tables["curves"] = pd.DataFrame({
             "run_id": np.repeat(ids, c * p * m),
             "step": np.tile(np.repeat(steps, p * m), r),
-            "x": np.tile(np.repeat(out["curve_x"], m, axis=1), (1, c)).reshape(-1).astype(np.float64),
+            **xs,
             "class": np.tile(np.arange(1, m + 1), r * c * p),
             "model_prob": out["curve_model"].reshape(-1).astype(np.float64),
             "true_prob": np.tile(out["curve_true"].reshape(r, 1, p * m), (1, c, 1)).reshape(-1).astype(np.float64)})
@@ -325,9 +341,10 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: Layout | None = N
 
     if not report.failed and shard is None:
         report.complete = not finalize(out, runs_table(sw))
-        if figures and report.complete:
-            from calibjax import plots
-            plots.standard_figures(out)
+        if report.complete:
+            summaries.write_summaries(out)
+            if figures:
+                plots.standard_figures(out)
     report.wall_s = time.perf_counter() - t_start
     store.write_json(part / "manifest.json", {
         **manifest, "shard": list(shard) if shard else None, "complete": report.complete,
@@ -350,7 +367,7 @@ def finalize(out: Path, runs: pd.DataFrame) -> list[int]:
     table = runs.merge(status, on="run_id", how="left")
     table["status"] = table["status"].fillna("missing")
     store.write_parquet(out / "runs.parquet", table)
-    for name in ("metrics", "density", "curves"):
+    for name in ("metrics", "density", "calibration", "curves"):
         df = store.read_chunks(out, name)
         if df is not None:
             store.write_parquet(out / f"{name}.parquet", df)
@@ -375,9 +392,10 @@ def merge(out: str | Path, figures: bool = True) -> list[int]:
     missing = finalize(out, runs_table(sw))
     store.write_json(out / "manifest.json", {**manifest, "complete": not missing, "merged": True,
                                              "missing_runs": len(missing)})
-    if figures and not missing:
-        from calibjax import plots
-        plots.standard_figures(out)
+    if not missing:
+        summaries.write_summaries(out)
+        if figures:
+            plots.standard_figures(out)
     return missing
 
 

@@ -32,6 +32,11 @@ class EvalSpec:
     grid_sigmas: float = 8.0           # 1-D grid half-width around each component, in sigmas
     hdr_mass: float = 0.999            # max_err is taken over the densest region holding this mass
     density_edges: tuple[float, ...] = (-6.0, -5.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0)
+    dense_mass: float = 0.9            # err_dense: max error over the densest region holding this mass
+    sparse_mass: float = 0.01          # err_sparse: ... over the sparsest this much of the hdr region
+    calibration_samples: int = 5000    # labelled test sample for the usual (estimated) calibration metrics
+    calibration_bins: int = 15         # equal-width / equal-mass bins of ECE and the reliability table
+    true_bins: int = 200               # confidence bins of the true calibration error and its split
 
     @property
     def num_bins(self) -> int:
@@ -49,7 +54,11 @@ class EvalSet(NamedTuple):
     log_post: jax.Array       # (G, M) exact log P(c | x)
     log10_density: jax.Array  # (G,) log10 p(x)
     in_hdr: jax.Array         # (G,) bool, inside the densest region holding hdr_mass
+    in_dense: jax.Array       # (G,) bool, inside the densest region holding dense_mass
+    in_sparse: jax.Array      # (G,) bool, the sparsest sparse_mass of the hdr region
     bins: jax.Array           # (G, NB) float32 one-hot of the log10-density bin
+    cal_x: jax.Array          # (S, D) labelled test sample, fixed per task (EVAL_SEED)
+    cal_y: jax.Array          # (S,) int32 its labels
 
 
 def eval_points(task: tasks.GaussianTask, spec: EvalSpec) -> tuple[jax.Array, jax.Array]:
@@ -60,9 +69,14 @@ def eval_points(task: tasks.GaussianTask, spec: EvalSpec) -> tuple[jax.Array, ja
         x = lo[None, :] + dx[None, :] * (jnp.arange(spec.points, dtype=jnp.float32)[:, None] + 0.5)
         logd = jax.vmap(tasks.log_density, (None, 0))(task, x)
         return x, jnp.exp(logd - jnp.max(logd))
-    keys = jax.random.split(jax.random.key(EVAL_SEED), spec.points)
-    x, _ = jax.vmap(tasks.sample, (None, 0))(task, keys)
+    x, _ = draw(task, spec.points, 0)
     return x, jnp.ones((spec.points,), jnp.float32)
+
+
+def draw(task: tasks.GaussianTask, n: int, stream: int) -> tuple[jax.Array, jax.Array]:
+    """n labelled examples from the fixed evaluation key (independent of any run's seed)."""
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(EVAL_SEED), stream), n)
+    return jax.vmap(tasks.sample, (None, 0))(task, keys)
 
 
 def make_eval_set(task: tasks.GaussianTask, spec: EvalSpec) -> EvalSet:
@@ -72,12 +86,15 @@ def make_eval_set(task: tasks.GaussianTask, spec: EvalSpec) -> EvalSet:
     log10_density = jax.vmap(tasks.log_density, (None, 0))(task, x) * LOG10_E
     # Densest-first cumulative mass: a point is in the region if the mass denser than it is < hdr_mass.
     order = jnp.argsort(-log10_density)
-    mass_before = jnp.cumsum(weight[order]) - weight[order]
-    in_hdr = jnp.zeros_like(weight, dtype=bool).at[order].set(mass_before < spec.hdr_mass)
+    mass_before = jnp.zeros_like(weight).at[order].set(jnp.cumsum(weight[order]) - weight[order])
+    in_hdr = mass_before < spec.hdr_mass
+    in_dense = mass_before < spec.dense_mass
+    in_sparse = in_hdr & (mass_before >= spec.hdr_mass - spec.sparse_mass)
     edges = jnp.asarray(spec.density_edges, jnp.float32)
     bin_index = jnp.searchsorted(edges, log10_density, side="left")  # bin i = (edge[i-1], edge[i]]
     bins = jax.nn.one_hot(bin_index, spec.num_bins, dtype=jnp.float32)
-    return EvalSet(x, weight, log_post, log10_density, in_hdr, bins)
+    cal_x, cal_y = draw(task, spec.calibration_samples, 1)
+    return EvalSet(x, weight, log_post, log10_density, in_hdr, in_dense, in_sparse, bins, cal_x, cal_y)
 
 
 def pointwise_kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
@@ -92,12 +109,87 @@ def conditional_entropy(ev: EvalSet) -> jax.Array:
     return -jnp.sum(ev.weight * jnp.sum(jnp.where(p > 0, p * ev.log_post, 0.0), axis=-1))
 
 
-def evaluate(ev: EvalSet, log_q: jax.Array) -> dict[str, jax.Array]:
+def _bin_sums(index: jax.Array, num: int, *values: jax.Array) -> list[jax.Array]:
+    """Sum each value over the points of each bin (index (N,) in [0, num))."""
+    onehot = jax.nn.one_hot(index, num, dtype=jnp.float32)
+    return [v @ onehot for v in values]
+
+
+def top_label(log_q: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Confidence max_c q_c and the predicted class."""
+    return jnp.exp(jnp.max(log_q, axis=-1)), jnp.argmax(log_q, axis=-1)
+
+
+def confidence_bin(conf: jax.Array, num: int) -> jax.Array:
+    return jnp.clip(jnp.floor(conf * num).astype(jnp.int32), 0, num - 1)
+
+
+def estimated_calibration(log_q: jax.Array, y: jax.Array, spec: EvalSpec) -> dict[str, jax.Array]:
+    """The usual estimates from a labelled sample: ECE (equal-width and equal-mass), Brier, NLL.
+
+    ECE is top-label: sum over bins of |accuracy - confidence| weighted by the bin's share.
+    """
+    s, b = y.shape[0], spec.calibration_bins
+    conf, pred = top_label(log_q)
+    correct = (pred == y).astype(jnp.float32)
+    count, sum_conf, sum_acc = _bin_sums(confidence_bin(conf, b), b, jnp.ones_like(conf), conf, correct)
+    order = jnp.argsort(conf)
+    group = (jnp.arange(s) * b) // s  # equal-mass bins: b groups of consecutive confidences
+    mass_conf, mass_acc = _bin_sums(group, b, conf[order], correct[order])
+    onehot = jax.nn.one_hot(y, log_q.shape[-1], dtype=jnp.float32)
+    return {
+        "ece": jnp.sum(jnp.abs(sum_acc - sum_conf)) / s,
+        "ece_mass": jnp.sum(jnp.abs(mass_acc - mass_conf)) / s,
+        "brier": jnp.mean(jnp.sum((jnp.exp(log_q) - onehot) ** 2, axis=-1)),
+        "nll": -jnp.mean(jnp.sum(onehot * log_q, axis=-1)),
+        "rel_est_count": count,
+        "rel_est_conf": sum_conf / jnp.maximum(count, 1.0),
+        "rel_est_acc": sum_acc / jnp.maximum(count, 1.0),
+    }
+
+
+def true_calibration(ev: EvalSet, log_q: jax.Array, spec: EvalSpec) -> dict[str, jax.Array]:
+    """Calibration against the exact posterior, under p(x), with no sampling noise.
+
+    Top-label: conf = max_c q_c, and P_top = P(argmax q | x) is the true probability that the
+    prediction is right. The true calibration curve m = E[P_top | conf] is taken as
+    conf + E[P_top - conf | conf bin] over fine bins with exact weights: averaging the residual,
+    not P_top, makes m = conf exactly for the exact posterior and for any calibrated q that is
+    constant on its level sets, whatever the bin width. Then
+      true_ece      = E |m - conf|
+      cal_term      = E (conf - m)^2        grouping_term = E (m - P_top)^2
+    and cal_term + grouping_term = E (conf - P_top)^2 exactly (the cross term cancels per bin).
+    excess_brier = E sum_c (q_c - P_c)^2 is the Brier score above the Bayes classifier's; the
+    excess NLL above Bayes is exactly kl.
+    """
+    w = ev.weight
+    p = jnp.exp(ev.log_post)
+    conf, pred = top_label(log_q)
+    p_top = jnp.take_along_axis(p, pred[:, None], axis=-1)[:, 0]
+    fine = confidence_bin(conf, spec.true_bins)
+    mass, sum_r = _bin_sums(fine, spec.true_bins, w, w * (p_top - conf))
+    m = conf + (sum_r / jnp.maximum(mass, 1e-30))[fine]  # E[P_top | conf] at each point
+    coarse = confidence_bin(conf, spec.calibration_bins)
+    rel_mass, rel_conf, rel_acc = _bin_sums(coarse, spec.calibration_bins, w, w * conf, w * p_top)
+    return {
+        "true_ece": jnp.sum(w * jnp.abs(m - conf)),
+        "cal_term": jnp.sum(w * (conf - m) ** 2),
+        "grouping_term": jnp.sum(w * (m - p_top) ** 2),
+        "excess_brier": jnp.sum(w * jnp.sum((jnp.exp(log_q) - p) ** 2, axis=-1)),
+        "rel_true_mass": rel_mass,
+        "rel_true_conf": rel_conf / jnp.maximum(rel_mass, 1e-30),
+        "rel_true_acc": rel_acc / jnp.maximum(rel_mass, 1e-30),
+    }
+
+
+def evaluate(ev: EvalSet, log_q: jax.Array, log_q_cal: jax.Array | None = None,
+             spec: EvalSpec | None = None) -> dict[str, jax.Array]:
     """Errors of a model's log q(c | x_i) (G, M) against the exact posterior.
 
-    Returns scalars kl, tv, max_err, accuracy, bayes_accuracy and per-bin arrays
-    bin_mass, bin_kl (each bin's contribution, summing to kl), bin_max_err
-    (nan for an empty bin).
+    Returns scalars kl, tv, max_err (over the hdr region), err_dense, err_sparse, accuracy,
+    bayes_accuracy and per-bin arrays bin_mass, bin_kl (each bin's contribution, summing to kl),
+    bin_max_err (nan for an empty bin). With the model's log q on the labelled sample
+    (log_q_cal) and the spec, also the estimated and true calibration metrics.
     """
     p = jnp.exp(ev.log_post)
     q = jnp.exp(log_q)
@@ -108,13 +200,19 @@ def evaluate(ev: EvalSet, log_q: jax.Array) -> dict[str, jax.Array]:
     p_chosen = jnp.take_along_axis(p, jnp.argmax(log_q, axis=-1)[:, None], axis=-1)[:, 0]
     in_bin = ev.bins > 0
     bin_max = jnp.max(jnp.where(in_bin, err_i[:, None], -jnp.inf), axis=0)
-    return {
+    region_max = lambda mask: jnp.max(jnp.where(mask, err_i, 0.0))  # noqa: E731  (nan propagates)
+    out = {
         "kl": jnp.sum(ev.weight * kl_i),
         "tv": jnp.sum(ev.weight * 0.5 * jnp.sum(abs_err, axis=-1)),
-        "max_err": jnp.max(jnp.where(ev.in_hdr, err_i, 0.0)),
+        "max_err": region_max(ev.in_hdr),
+        "err_dense": region_max(ev.in_dense),
+        "err_sparse": region_max(ev.in_sparse),
         "accuracy": jnp.sum(ev.weight * p_chosen),
         "bayes_accuracy": jnp.sum(ev.weight * jnp.max(p, axis=-1)),
         "bin_mass": ev.weight @ ev.bins,
         "bin_kl": (ev.weight * kl_i) @ ev.bins,
         "bin_max_err": jnp.where(jnp.any(in_bin, axis=0), bin_max, jnp.nan),
     }
+    if log_q_cal is not None:
+        out |= estimated_calibration(log_q_cal, ev.cal_y, spec) | true_calibration(ev, log_q, spec)
+    return out

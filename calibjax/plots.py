@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from calibjax import store, sweep as sweep_mod, tasks  # noqa: E402
+from calibjax import store, summaries, sweep as sweep_mod, tasks  # noqa: E402
 
 BAND = (0.0, 1.0)  # quantiles of the seed band: min to max over seeds
 
@@ -102,21 +102,251 @@ def error_by_density(density: pd.DataFrame, runs: pd.DataFrame, path: Path, by: 
     return _save(fig, path)
 
 
+MAX_PANELS = 6  # per-case figures are drawn when a sweep has at most this many cases
+
+
+def select_runs(runs: pd.DataFrame, where: dict | None = None, run_id: int | None = None) -> pd.Series:
+    """run_ids matching setting=value pairs (floats compared with a tolerance), or one run_id."""
+    if run_id is not None:
+        if run_id not in set(runs["run_id"]):
+            raise PlotError(f"--run-id {run_id}: no such run (0 to {runs['run_id'].max()})")
+        return pd.Series([run_id])
+    mask = np.ones(len(runs), bool)
+    for key, value in (where or {}).items():
+        if key not in runs.columns:
+            raise PlotError(f"--where {key}: no such column in runs.parquet")
+        col = runs[key]
+        if pd.api.types.is_numeric_dtype(col):
+            try:
+                mask &= np.isclose(col.to_numpy(float), float(value), rtol=1e-6)
+            except ValueError:
+                raise PlotError(f"--where {key}={value}: expected a number") from None
+        else:
+            mask &= (col.astype(str) == str(value)).to_numpy()
+    if not mask.any():
+        raise PlotError(f"--where {where}: no run matches")
+    return runs.loc[mask, "run_id"]
+
+
 def standard_figures(out: str | Path) -> list[Path]:
     """The default figures of a results directory, from its tables and manifest."""
     out = Path(out)
     t = store.load_results(out)
     runs, figs = t["runs"], []
     fig_dir = out / "figures"
-    if (runs["dim"] == 1).any():
+    cases = list(dict.fromkeys(runs["case"]))
+    small = len(cases) <= MAX_PANELS
+    if (runs["dim"] == 1).any() and small:
         figs.append(densities(runs, fig_dir / "densities.png"))
     figs.append(kl_vs_steps(t["metrics"], runs, fig_dir / "kl_vs_steps.png"))
-    figs.append(error_by_density(t["density"], runs, fig_dir / "error_by_density.png"))
-    if "curves" in t:
+    if small:
+        figs.append(error_by_density(t["density"], runs, fig_dir / "error_by_density.png"))
+        last = int(t["metrics"]["step"].max())
+        for case in cases:
+            ids = runs.loc[runs["case"] == case, "run_id"]
+            if "calibration" in t:
+                figs.append(reliability(t["calibration"], ids, last, fig_dir / f"reliability_{case}.png",
+                                        title=f"{case}: step {last}"))
+    if "curves" in t and small:
         manifest = store.read_manifest(out)
         sw = sweep_mod.parse(tomllib.loads(manifest["sweep_text"]), manifest["sweep_file"])
         plot_steps = {r.case: r.settings["plot_steps"] for r in sw.runs}
+        dims = runs.groupby("case")["dim"].first()
         for case in runs.loc[runs["run_id"].isin(t["curves"]["run_id"].unique()), "case"].unique():
-            figs.append(posterior_curves(t["curves"], runs, case, plot_steps[case],
-                                         fig_dir / f"posterior_{case}.png"))
+            draw = posterior_curves if dims[case] == 1 else posterior_map
+            figs.append(draw(t["curves"], runs, case, plot_steps[case], fig_dir / f"posterior_{case}.png"))
+    if "summary_by_setting" in t:
+        agg = t["summary_by_setting"]
+        axes = [c for c in summaries.swept_columns(runs) if c in agg.columns and agg[c].nunique() > 1]
+        if len(axes) == 1:
+            figs.append(summary_lines(agg, axes[0], "final_kl", fig_dir / f"final_kl_vs_{axes[0]}.png"))
+        if len(axes) >= 2:
+            facet = axes[2] if len(axes) > 2 and agg[axes[2]].nunique() <= MAX_PANELS else None
+            for value in [c for c in agg.columns if c.startswith("steps_to_kl_") and "_q" not in c] + ["final_kl"]:
+                figs.append(heatmap(agg, axes[0], axes[1], value, fig_dir / f"heatmap_{value}.png", facet))
     return figs
+
+
+# ---------------------------------------------------------------- learnability maps
+
+class PlotError(ValueError):
+    """A plot request that the tables cannot answer (unknown column, setting not swept)."""
+
+
+def _is_log_spaced(values: np.ndarray) -> bool:
+    v = np.sort(np.unique(values))
+    if len(v) < 3 or v[0] <= 0:
+        return False
+    r = np.diff(np.log(v))
+    return bool(np.allclose(r, r[0], rtol=1e-3) and not np.allclose(np.diff(v), np.diff(v)[0], rtol=1e-3))
+
+
+def _edges(values: np.ndarray, log: bool) -> np.ndarray:
+    v = np.log(values) if log else values.astype(float)
+    if len(v) == 1:
+        e = np.array([v[0] - 0.5, v[0] + 0.5]) if not log else np.array([v[0] - 0.1, v[0] + 0.1])
+    else:
+        mid = (v[:-1] + v[1:]) / 2
+        e = np.concatenate([[v[0] - (mid[0] - v[0])], mid, [v[-1] + (v[-1] - mid[-1])]])
+    return np.exp(e) if log else e
+
+
+def heatmap(agg: pd.DataFrame, x: str, y: str, value: str, path: Path, facet: str | None = None,
+            title: str | None = None, runs: pd.DataFrame | None = None) -> Path:
+    """A summary (median over seeds) over two swept settings; 'never' cells hatched grey.
+
+    ``agg`` is summary_by_setting; ``runs`` (optional) tells unswept settings from unknown names.
+    """
+    for name, col in (("--x", x), ("--y", y), ("--value", value), ("--facet", facet)):
+        if col is not None and col not in agg.columns:
+            if runs is not None and col in runs.columns:
+                raise PlotError(f"{name} {col}: this setting was not swept (one value: {runs[col].iloc[0]}); "
+                                f"swept: {', '.join(summaries.swept_columns(runs))}")
+            raise PlotError(f"{name} {col}: no such column; settings: "
+                            f"{', '.join(c for c in agg.columns if c in (runs.columns if runs is not None else []))}"
+                            f"; summaries: {', '.join(c for c in summaries.value_columns(agg) if '_q' not in c)}")
+    for name, col in (("--x", x), ("--y", y), ("--facet", facet)):
+        if col is not None and agg[col].nunique() < 2:
+            raise PlotError(f"{name} {col}: this setting was not swept (one value: {agg[col].iloc[0]})")
+    facets = list(dict.fromkeys(agg[facet])) if facet else [None]
+    finite = agg[value].to_numpy(float)
+    finite = finite[np.isfinite(finite)]
+    positive = len(finite) and finite.min() > 0
+    log_color = bool(positive and finite.max() / finite.min() > 20)
+    norm = (matplotlib.colors.LogNorm(finite.min(), finite.max()) if log_color else
+            matplotlib.colors.Normalize(finite.min() if len(finite) else 0, finite.max() if len(finite) else 1))
+    fig, axes = plt.subplots(1, len(facets), figsize=(4.6 * len(facets) + 1.2, 4.0), squeeze=False)
+    xs, ys = np.sort(agg[x].unique()), np.sort(agg[y].unique())
+    xlog, ylog = _is_log_spaced(xs), _is_log_spaced(ys)
+    for ax, fv in zip(axes[0], facets):
+        d = agg if fv is None else agg[agg[facet] == fv]
+        grid = d.pivot_table(index=y, columns=x, values=value, aggfunc="median", dropna=False)
+        grid = grid.reindex(index=ys, columns=xs).to_numpy(float)
+        mesh = ax.pcolormesh(_edges(xs, xlog), _edges(ys, ylog), np.ma.masked_invalid(grid), norm=norm,
+                             cmap="viridis", shading="flat")
+        never = np.isposinf(grid)
+        if never.any():
+            ax.pcolor(_edges(xs, xlog), _edges(ys, ylog), np.ma.masked_where(~never, np.ones_like(grid)),
+                      cmap=matplotlib.colors.ListedColormap(["#d9d9d9"]), hatch="///", edgecolor="#888888",
+                      shading="flat", linewidth=0)
+        if xlog:
+            ax.set_xscale("log")
+        if ylog:
+            ax.set_yscale("log")
+        ax.set(xlabel=x + (" (log)" if xlog else ""), ylabel=y + (" (log)" if ylog else ""),
+               title=(f"{facet} = {fv:g}" if isinstance(fv, float) else f"{facet} = {fv}") if facet else None)
+    cbar = fig.colorbar(mesh, ax=axes[0].tolist())
+    cbar.set_label(value + " (median over seeds)")
+    if (np.isposinf(agg[value].to_numpy(float))).any():
+        fig.legend(handles=[matplotlib.patches.Patch(facecolor="#d9d9d9", hatch="///", edgecolor="#888888",
+                                                     label="never reached")], loc="upper left", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def density_map(density: pd.DataFrame, run_ids, path: Path, value: str = "max_err", title: str = "") -> Path:
+    """Error per log10-density bin (rows) against checkpoint steps (columns), median over the runs."""
+    if value not in density.columns:
+        raise PlotError(f"--value {value}: density.parquet has {', '.join(density.columns[4:])}")
+    d = density[density["run_id"].isin(run_ids) & (density["step"] > 0) & (density["mass"] > 0)]
+    if d.empty:
+        raise PlotError("no density rows for the selected runs")
+    med = d.groupby(["log10_density_hi", "step"])[[value, "mass"]].median()
+    grid = med[value].unstack("step")
+    mass = med["mass"].groupby(level=0).first()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    norm = matplotlib.colors.LogNorm(max(np.nanmin(grid.to_numpy()), 1e-6), max(np.nanmax(grid.to_numpy()), 1e-5))
+    im = ax.imshow(grid.to_numpy(), aspect="auto", origin="lower", cmap="magma", norm=norm)
+    ax.set_xticks(range(grid.shape[1]), [f"{s:g}" for s in grid.columns], rotation=45)
+    ax.set_yticks(range(grid.shape[0]), [f"<= {hi:g}  (mass {mass[hi]:.0e})" for hi in grid.index], fontsize=7)
+    ax.set(xlabel="training steps", ylabel="log10 p(x) bin", title=title)
+    fig.colorbar(im, ax=ax, label=f"{value} in bin (median over runs)")
+    return _save(fig, path)
+
+
+def reliability(calibration: pd.DataFrame, run_ids, step: int, path: Path, title: str = "") -> Path:
+    """Reliability diagram: the usual estimate from a labelled sample beside the true curve."""
+    d = calibration[calibration["run_id"].isin(run_ids) & (calibration["step"] == step)]
+    if d.empty:
+        raise PlotError(f"no calibration rows for the selected runs at step {step}")
+    g = d.groupby("conf_lo").agg(est_count=("est_count", "sum"),
+                                 est_acc=("est_acc", "median"), est_conf=("est_conf", "median"),
+                                 true_mass=("true_mass", "mean"), true_acc=("true_acc", "median"),
+                                 true_conf=("true_conf", "median"))
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
+    est = g[g["est_count"] > 0]
+    ax.plot(est["est_conf"], est["est_acc"], "o-", ms=4, label="estimated (labelled sample)")
+    tru = g[g["true_mass"] > 0]
+    ax.plot(tru["true_conf"], tru["true_acc"], "s--", ms=4, label="true (exact posterior)")
+    lo = max(0.0, min(g.index.min(), 0.5))
+    ax.set(xlim=(lo, 1), ylim=(lo, 1), xlabel="confidence max_c q(c|x)", ylabel="accuracy",
+           title=title or f"step {step}")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+CLASS_COLORS = np.array([[0.12, 0.47, 0.71], [1.0, 0.5, 0.05], [0.17, 0.63, 0.17], [0.84, 0.15, 0.16],
+                         [0.58, 0.4, 0.74], [0.55, 0.34, 0.29]])
+
+
+def posterior_map(curves: pd.DataFrame, runs: pd.DataFrame, case: str, steps, path: Path) -> Path:
+    """2-D tasks: the exact posterior and the learned one (median over seeds, renormalised) as
+    class-colour mixtures, sum_c P(c|x) colour_c, with the decision boundary of each drawn on top."""
+    ids = runs.loc[runs["case"] == case, "run_id"]
+    d = curves[curves["run_id"].isin(ids)]
+    m = int(d["class"].max())
+    colors = CLASS_COLORS[np.arange(m) % len(CLASS_COLORS)]
+
+    def image(table, column):
+        g = table.groupby(["x2", "x", "class"])[column].median().unstack("class")
+        xs, ys = np.sort(table["x"].unique()), np.sort(table["x2"].unique())
+        prob = g.to_numpy().reshape(len(ys), len(xs), m)
+        prob = prob / prob.sum(-1, keepdims=True)
+        return xs, ys, prob
+
+    first = d[d["step"] == d["step"].min()]
+    panels = [("exact P(C|x)", image(first, "true_prob"))]
+    panels += [(f"model, step {s}", image(d[d["step"] == s], "model_prob")) for s in steps]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False, sharey=True)
+    for ax, (title, (xs, ys, prob)) in zip(axes[0], panels):
+        ax.imshow(np.clip(prob @ colors, 0, 1), origin="lower", extent=(xs[0], xs[-1], ys[0], ys[-1]),
+                  aspect="auto", interpolation="bilinear")
+        ax.contour(xs, ys, prob.argmax(-1), levels=np.arange(m) + 0.5, colors="k", linewidths=0.6)
+        ax.set(title=f"{case}: {title}", xlabel="x1")
+    axes[0][0].set_ylabel("x2")
+    handles = [matplotlib.patches.Patch(color=colors[c], label=f"class {c + 1}") for c in range(m)]
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="upper right")
+    return _save(fig, path)
+
+
+def summary_lines(agg: pd.DataFrame, x: str, value: str, path: Path, hue: str = "case") -> Path:
+    """A summary against one swept setting, median with interquartile band, one line per `hue`.
+
+    An infinite x (n_data = online) is drawn at the right end and labelled."""
+    for name, col in (("x", x), ("value", value), ("hue", hue)):
+        if col not in agg.columns:
+            raise PlotError(f"{name} {col}: no such column")
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    xs = np.sort(agg[x].unique())
+    finite = xs[np.isfinite(xs)]
+    log = _is_log_spaced(finite) or (finite.min() > 0 and finite.max() / finite.min() > 100)
+    inf_at = finite.max() * (3.0 if log else 1.1) if len(finite) < len(xs) else None
+    for key, d in agg.groupby(hue, sort=False):
+        d = d.sort_values(x)
+        px = np.where(np.isinf(d[x]), inf_at if inf_at else np.nan, d[x])
+        line, = ax.plot(px, d[value], marker="o", ms=3, label=str(key))
+        if f"{value}_q25" in d:
+            ax.fill_between(px, d[f"{value}_q25"], d[f"{value}_q75"], color=line.get_color(), alpha=0.2)
+    if log:
+        ax.set_xscale("log")
+    if inf_at:
+        ticks = list(ax.get_xticks())
+        ax.axvline(inf_at / (1.7 if log else 1.05), color="k", lw=0.5, ls=":")
+        ax.set_xticks([t for t in ticks if finite.min() <= t <= finite.max()] + [inf_at],
+                      [f"{t:g}" for t in ticks if finite.min() <= t <= finite.max()] + ["online"])
+    ax.set(yscale="log", xlabel=x, ylabel=value + " (median, IQR over seeds)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -4,8 +4,10 @@ Layout of a results directory::
 
     manifest.json          sweep text and hash, versions, devices, timings
     runs.parquet           one row per run (settings, status, bayes_loss)
-    metrics.parquet        run_id, step, kl, tv, max_err, accuracy, bayes_accuracy, loss
+    metrics.parquet        run_id, step, kl, tv, max_err, accuracy, bayes_accuracy, loss, ... (engine.METRIC_COLUMNS)
     density.parquet        run_id, step, log10_density_lo, log10_density_hi, mass, kl, max_err
+    calibration.parquet    run_id, step, conf_lo, conf_hi, est_count, est_conf, est_acc,
+                           true_mass, true_conf, true_acc   (reliability diagrams)
     curves.parquet         run_id, step, x, class, model_prob, true_prob   (when asked for)
     chunks/<id>/*.parquet  the same tables for each finished chunk (what resume reads)
     figures/*.png
@@ -25,10 +27,9 @@ from pathlib import Path
 
 import pandas as pd
 
-TABLES = ("status", "metrics", "density", "curves")
 SORT_KEYS = {"status": ["run_id"], "metrics": ["run_id", "step"],
              "density": ["run_id", "step", "log10_density_lo"],
-             "curves": ["run_id", "step", "class", "x"]}
+             "calibration": ["run_id", "step", "conf_lo"], "curves": ["run_id", "step", "class", "x"]}  # 2-D curves: sorted by x then x2 (stable)
 
 
 def _umask() -> int:

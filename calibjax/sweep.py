@@ -55,6 +55,10 @@ SETTINGS: dict[str, tuple[str, Any, str]] = {
     "points": ("eval", 2048, "pos_int"),
     "hdr_mass": ("eval", 0.999, "fraction"),
     "density_edges": ("eval", list(metrics.EvalSpec().density_edges), "edges"),
+    "dense_mass": ("eval", 0.9, "fraction"),
+    "sparse_mass": ("eval", 0.01, "fraction"),
+    "calibration_samples": ("eval", 5000, "pos_int"),
+    "calibration_bins": ("eval", 15, "pos_int"),
     "curves": ("eval", False, "bool"),
     "curve_points": ("eval", 201, "pos_int"),
     "curve_range": ("eval", None, "range"),
@@ -451,8 +455,8 @@ def _resolve(settings: dict, origin: dict, f: str) -> Run:
         width = settings["width"] if settings["width"] is not None else (hidden[0] if hidden else 64)
         depth = settings["depth"] if settings["depth"] is not None else len(hidden)
         settings["hidden"] = [width] * depth
-    if settings["curves"] and dim != 1:
-        raise SweepError(f"{origin['curves']} curves: posterior curves need a 1-D task (D = {dim})")
+    if settings["curves"] and dim > 2:
+        raise SweepError(f"{origin['curves']} curves: posterior curves need a 1-D or 2-D task (D = {dim})")
     task = {"prior": prior, "weight": weight, "mean": mean, "sigma": sigma}
     return Run("", 0, settings, origin, task)
 
@@ -467,7 +471,9 @@ def static_of(run: Run) -> train.Static:
         hidden=tuple(s["hidden"]), activation=s["activation"], init=s["init"], optimizer=s["optimizer"],
         batch_size=s["batch_size"],
         eval=metrics.EvalSpec(points=s["points"], hdr_mass=s["hdr_mass"],
-                              density_edges=tuple(s["density_edges"])),
+                              density_edges=tuple(s["density_edges"]), dense_mass=s["dense_mass"],
+                              sparse_mass=s["sparse_mass"], calibration_samples=s["calibration_samples"],
+                              calibration_bins=s["calibration_bins"]),
         curve_points=s["curve_points"] if s["curves"] else 0)
 
 

@@ -44,7 +44,7 @@ class Static:
     optimizer: str = "adam"
     batch_size: int = 64
     eval: metrics.EvalSpec = field(default_factory=metrics.EvalSpec)
-    curve_points: int = 0  # 0: no posterior curves (1-D tasks only)
+    curve_points: int = 0  # 0: no posterior curves; else points per axis (1-D and 2-D tasks)
 
     @property
     def model(self) -> MLP:
@@ -109,10 +109,16 @@ def draw_batch(static: Static, dyn: Dynamic, data_key, batch_key, step) -> tuple
 
 
 def curve_grid(static: Static, dyn: Dynamic) -> jax.Array:
-    auto_lo, auto_hi = (a[0] for a in tasks.support_range(dyn.task, 4.0))
+    """Points where posterior curves are recorded: P points (1-D) or a P x P grid (2-D), (P^D, D).
+
+    The range is dyn.curve_range on every axis, or (nan) every component's mean +- 4 sigma.
+    """
+    auto_lo, auto_hi = tasks.support_range(dyn.task, 4.0)
     lo = jnp.where(jnp.isnan(dyn.curve_range[0]), auto_lo, dyn.curve_range[0])
     hi = jnp.where(jnp.isnan(dyn.curve_range[1]), auto_hi, dyn.curve_range[1])
-    return jnp.linspace(lo, hi, static.curve_points, dtype=jnp.float32)[:, None]
+    axes = [jnp.linspace(lo[d], hi[d], static.curve_points, dtype=jnp.float32) for d in range(static.dim)]
+    mesh = jnp.meshgrid(*axes, indexing="ij")
+    return jnp.stack([m.reshape(-1) for m in mesh], axis=-1)
 
 
 def train_run(static: Static, dyn: Dynamic) -> dict[str, jax.Array]:
@@ -137,7 +143,9 @@ def train_run(static: Static, dyn: Dynamic) -> dict[str, jax.Array]:
 
     def segment(state: TrainState, length):
         state = jax.lax.fori_loop(0, length, update, state)
-        out = metrics.evaluate(ev, jax.nn.log_softmax(model.apply(state.params, ev.x)))
+        log_q = jax.nn.log_softmax(model.apply(state.params, ev.x))
+        log_q_cal = jax.nn.log_softmax(model.apply(state.params, ev.cal_x))
+        out = metrics.evaluate(ev, log_q, log_q_cal, static.eval)
         out["loss"] = jnp.where(length > 0, state.loss_sum / jnp.maximum(length, 1), jnp.nan)
         if curve_x is not None:
             out["curve_model"] = jax.nn.softmax(model.apply(state.params, curve_x))
@@ -148,7 +156,7 @@ def train_run(static: Static, dyn: Dynamic) -> dict[str, jax.Array]:
     _, out = jax.lax.scan(segment, state, jnp.asarray(lengths))
     out["bayes_loss"] = metrics.conditional_entropy(ev)
     if curve_x is not None:
-        out["curve_x"] = curve_x[:, 0]
+        out["curve_x"] = curve_x
         out["curve_true"] = jnp.exp(jax.vmap(tasks.log_posterior, (None, 0))(dyn.task, curve_x))
     return out
 

@@ -91,3 +91,82 @@ def test_monte_carlo_eval_for_2d_is_fixed_and_weights_sum_to_one():
     # Bayes accuracy of two unit Gaussians 2 apart along one axis: Phi(1).
     m = metrics.evaluate(a, a.log_post)
     np.testing.assert_allclose(float(m["bayes_accuracy"]), stats.norm.cdf(1.0), atol=0.015)
+
+
+def _calibration(task, log_q_fn, spec=metrics.EvalSpec()):
+    ev = metrics.make_eval_set(task, spec)
+    return ev, metrics.evaluate(ev, log_q_fn(ev, ev.x), log_q_fn(ev, ev.cal_x), spec)
+
+
+def test_exact_posterior_has_zero_true_calibration_error_but_a_positive_estimated_ece():
+    task = example(2)
+    exact = lambda ev, x: jax.vmap(tasks.log_posterior, (None, 0))(task, x)
+    _, m = _calibration(task, exact)
+    for k in ("true_ece", "cal_term", "grouping_term", "excess_brier"):
+        assert abs(float(m[k])) < 1e-6, (k, float(m[k]))
+    # The usual estimate from 5000 labelled samples is not zero: that is its sampling bias.
+    assert 0.002 < float(m["ece"]) < 0.05
+
+
+def test_calibrated_but_coarse_q_has_zero_calibration_term_and_positive_grouping():
+    task = example(1)
+    ev = metrics.make_eval_set(task, metrics.EvalSpec())
+    x, w, p1 = np.asarray(ev.x[:, 0]), np.asarray(ev.weight), np.exp(np.asarray(ev.log_post[:, 0]))
+    a = np.sum(w * p1 * (x < 0.5)) / np.sum(w * (x < 0.5))    # q = E[P | side of x = 0.5]: calibrated
+    b = np.sum(w * p1 * (x >= 0.5)) / np.sum(w * (x >= 0.5))
+
+    def coarse(ev, pts):
+        q1 = jnp.where(pts[:, 0] < 0.5, a, b).astype(jnp.float32)
+        return jnp.log(jnp.stack([q1, 1 - q1], -1))
+
+    _, m = _calibration(task, coarse)
+    assert float(m["true_ece"]) < 1e-5 and float(m["cal_term"]) < 1e-6
+    q1 = np.where(x < 0.5, a, b)
+    top_true = np.where(q1 >= 0.5, p1, 1 - p1)
+    top_m = np.where(q1 >= 0.5, q1, 1 - q1)
+    grouping = np.sum(w * (top_m - top_true) ** 2)
+    assert grouping > 0.05
+    np.testing.assert_allclose(float(m["grouping_term"]), grouping, rtol=1e-4)
+    np.testing.assert_allclose(float(m["excess_brier"]), 2 * np.sum(w * (q1 - p1) ** 2), rtol=1e-4)
+
+
+def test_overconfident_q_is_miscalibrated_and_the_terms_add_up():
+    task = example(2)
+    sharp = lambda ev, x: jax.nn.log_softmax(3.0 * jax.vmap(tasks.log_posterior, (None, 0))(task, x))
+    ev, m = _calibration(task, sharp)
+    conf = np.exp(np.max(np.asarray(sharp(ev, ev.x)), -1))
+    p = np.exp(np.asarray(ev.log_post))
+    p_top = p[np.arange(len(p)), np.argmax(np.asarray(sharp(ev, ev.x)), -1)]
+    mse = np.sum(np.asarray(ev.weight) * (conf - p_top) ** 2)
+    assert float(m["true_ece"]) > 0.03 and float(m["cal_term"]) > 1e-3
+    np.testing.assert_allclose(float(m["cal_term"] + m["grouping_term"]), mse, rtol=1e-3)
+    # With a clear miscalibration, the usual estimate lands near the truth.
+    np.testing.assert_allclose(float(m["ece"]), float(m["true_ece"]), atol=0.02)
+
+
+def test_estimated_ece_brier_nll_match_numpy():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(1000, 3)).astype(np.float32)
+    y = rng.integers(0, 3, 1000)
+    log_q = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    spec = metrics.EvalSpec(calibration_bins=10)
+    m = metrics.estimated_calibration(jnp.asarray(log_q), jnp.asarray(y, jnp.int32), spec)
+    q = np.exp(log_q)
+    conf, pred = q.max(1), q.argmax(1)
+    b = np.minimum((conf * 10).astype(int), 9)
+    ece = sum(abs(((pred == y) & (b == i)).sum() - conf[b == i].sum()) for i in range(10)) / 1000
+    np.testing.assert_allclose(float(m["ece"]), ece, atol=1e-5)
+    order = np.argsort(conf)
+    ece_mass = sum(abs((pred == y)[order][i * 100:(i + 1) * 100].sum() - conf[order][i * 100:(i + 1) * 100].sum())
+                   for i in range(10)) / 1000
+    np.testing.assert_allclose(float(m["ece_mass"]), ece_mass, atol=1e-5)
+    np.testing.assert_allclose(float(m["brier"]), np.mean(((q - np.eye(3)[y]) ** 2).sum(1)), rtol=1e-5)
+    np.testing.assert_allclose(float(m["nll"]), -np.mean(log_q[np.arange(1000), y]), rtol=1e-5)
+
+
+def test_dense_and_sparse_region_errors():
+    ev = metrics.make_eval_set(example(3), metrics.EvalSpec())
+    w = np.asarray(ev.weight)
+    assert 0.9 <= w[np.asarray(ev.in_dense)].sum() < 0.901
+    np.testing.assert_allclose(w[np.asarray(ev.in_sparse)].sum(), 0.01, atol=5e-4)
+    assert not np.any(np.asarray(ev.in_dense) & np.asarray(ev.in_sparse))

@@ -1,0 +1,124 @@
+"""Summaries, seed aggregation and plots, from hand-built tables (no training here)."""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from calibjax import plots, summaries
+
+
+def test_steps_to_reach_interpolates_on_log_axes_and_keeps_never_apart_from_nan():
+    steps, kl = np.array([10, 100, 1000.0]), np.array([1.0, 0.1, 0.001])
+    assert summaries.steps_to_reach(steps, kl, 0.01) == pytest.approx(math.sqrt(100 * 1000))
+    assert summaries.steps_to_reach(steps, kl, 2.0) == 10
+    assert summaries.steps_to_reach(steps, kl, 1e-4) == math.inf
+    assert math.isnan(summaries.steps_to_reach(steps, np.array([1.0, np.nan, 0.001]), 0.01))
+
+
+def synthetic_results(root):
+    """A 3 x 2 grid (mu2 x sigma1) x 2 seeds; kl falls as 1 / (mu2 * step), one run diverged."""
+    runs, metrics, density, calib = [], [], [], []
+    steps = [10, 100, 1000]
+    run_id = 0
+    for mu2 in (1.0, 2.0, 4.0):
+        for sigma1 in (0.5, 1.0):
+            for seed in (0, 1):
+                diverged = run_id == 5
+                runs.append({"run_id": run_id, "case": "default", "seed": seed, "mu1": 0.0, "mu2": mu2,
+                             "sigma1": sigma1, "sigma2": 1.0, "lr": 1e-3, "group": 0,
+                             "status": "diverged" if diverged else "ok", "bayes_loss": 0.2})
+                for s in steps:
+                    kl = np.nan if diverged and s == 1000 else 1.0 / (mu2 * s) * (1 if sigma1 == 0.5 else 1e3)
+                    metrics.append({"run_id": run_id, "step": s, "kl": kl, "tv": kl, "max_err": kl,
+                                    "accuracy": 0.9, "bayes_accuracy": 0.91, "loss": 0.3, "err_dense": kl,
+                                    "err_sparse": 2 * kl, "ece": 0.02, "ece_mass": 0.02, "brier": 0.1,
+                                    "nll": 0.3, "true_ece": 0.01, "excess_brier": kl, "cal_term": kl / 2,
+                                    "grouping_term": kl / 2})
+                    for lo, hi, mass in ((-np.inf, -2.0, 0.05), (-2.0, 0.0, 0.95)):
+                        density.append({"run_id": run_id, "step": s, "log10_density_lo": lo,
+                                        "log10_density_hi": hi, "mass": mass, "kl": kl * mass,
+                                        "max_err": kl * (10 if lo < -2 else 1)})
+                    for lo in np.linspace(0, 1, 5, endpoint=False):
+                        calib.append({"run_id": run_id, "step": s, "conf_lo": lo, "conf_hi": lo + 0.2,
+                                      "est_count": 10.0 if lo >= 0.4 else 0.0, "est_conf": lo + 0.1,
+                                      "est_acc": lo + 0.05, "true_mass": 0.3 if lo >= 0.4 else 0.0,
+                                      "true_conf": lo + 0.1, "true_acc": lo + 0.1})
+                run_id += 1
+    root.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("runs", runs), ("metrics", metrics), ("density", density), ("calibration", calib)):
+        pd.DataFrame(rows).to_parquet(root / f"{name}.parquet", index=False)
+    return pd.DataFrame(runs), pd.DataFrame(metrics)
+
+
+def test_summary_per_run_against_hand_computed_values(tmp_path):
+    runs, metrics = synthetic_results(tmp_path)
+    s = summaries.summarize(metrics, runs, eps=(1e-2, 1e-6)).set_index("run_id")
+    # run 0: mu2 = 1, sigma1 = 0.5: kl = 1/step, so kl <= 0.01 at exactly step 100.
+    assert s.loc[0, "steps_to_kl_0.01"] == pytest.approx(100.0)
+    assert s.loc[0, "steps_to_kl_1e-06"] == math.inf and not s.loc[0, "reached_kl_1e-06"]
+    # run 2: mu2 = 1, sigma1 = 1: kl = 1000/step never reaches 0.01.
+    assert s.loc[2, "steps_to_kl_0.01"] == math.inf and s.loc[2, "final_kl"] == pytest.approx(1.0)
+    # run 5 diverged: nan, not "never".
+    assert math.isnan(s.loc[5, "steps_to_kl_0.01"]) and not s.loc[5, "reached_kl_0.01"]
+    assert math.isnan(s.loc[5, "final_kl"])
+    # kl_auc: trapezoid of kl over log10 steps (1, 2, 3), divided by 2.
+    assert s.loc[0, "kl_auc"] == pytest.approx(((0.1 + 0.01) / 2 + (0.01 + 0.001) / 2) / 2)
+    assert s.loc[0, "final_accuracy_gap"] == pytest.approx(0.01)
+
+
+def test_aggregation_over_seeds_keeps_never_infinite_and_counts():
+    df = pd.DataFrame({"run_id": range(8), "case": "c", "seed": [0, 1, 2, 3] * 2, "mu2": [1.0] * 4 + [2.0] * 4,
+                       "status": ["ok"] * 7 + ["diverged"],
+                       "steps_to_kl_0.01": [100, 200, np.inf, np.inf, 100, 200, 300, np.nan],
+                       "final_kl": [1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, np.nan]})
+    agg = summaries.aggregate(df).set_index("mu2")
+    assert agg.loc[1.0, "steps_to_kl_0.01"] == math.inf and agg.loc[1.0, "n_never_0.01"] == 2
+    assert agg.loc[1.0, "steps_to_kl_0.01_q25"] == pytest.approx(175.0)
+    assert agg.loc[2.0, "steps_to_kl_0.01"] == 200 and agg.loc[2.0, "n_diverged"] == 1
+    assert agg.loc[1.0, "final_kl"] == 2.5 and agg.loc[1.0, "final_kl_q75"] == pytest.approx(3.25)
+    assert list(agg.reset_index().columns[:2]) == ["mu2", "case"] or "case" in agg.columns
+
+
+def test_plots_are_drawn_from_tables_alone(tmp_path):
+    runs, metrics = synthetic_results(tmp_path)
+    summary = summaries.summarize(metrics, runs)
+    agg = summaries.aggregate(summary)
+    assert set(summaries.swept_columns(runs)) == {"mu2", "sigma1"}
+    paths = [
+        plots.heatmap(agg, "mu2", "sigma1", "steps_to_kl_0.01", tmp_path / "h.png"),
+        plots.heatmap(agg, "mu2", "sigma1", "final_kl", tmp_path / "h2.png"),
+        plots.density_map(pd.read_parquet(tmp_path / "density.parquet"), [0, 1], tmp_path / "d.png"),
+        plots.reliability(pd.read_parquet(tmp_path / "calibration.parquet"), [0, 1], 1000, tmp_path / "r.png"),
+        plots.summary_lines(agg, "mu2", "final_kl", tmp_path / "l.png", hue="sigma1"),
+    ]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+def test_bad_plot_arguments_are_clear_errors(tmp_path):
+    runs, metrics = synthetic_results(tmp_path)
+    agg = summaries.aggregate(summaries.summarize(metrics, runs))
+    with pytest.raises(plots.PlotError, match="--x bogus: no such column"):
+        plots.heatmap(agg, "bogus", "sigma1", "final_kl", tmp_path / "x.png")
+    with pytest.raises(plots.PlotError, match="--y lr: this setting was not swept"):
+        plots.heatmap(agg, "mu2", "lr", "final_kl", tmp_path / "x.png", runs=runs)
+    with pytest.raises(plots.PlotError, match="no run matches"):
+        plots.select_runs(runs, {"mu2": "7"})
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cli = lambda *a: subprocess.run([sys.executable, "-m", "calibjax", *map(str, a)], capture_output=True,
+                                    text=True, env=env)
+    r = cli("plot", tmp_path, "heatmap", "--x", "mu2", "--y", "seed2", "--value", "final_kl")
+    assert r.returncode == 2 and "--y seed2: no such column" in r.stderr and "Traceback" not in r.stderr
+    r = cli("plot", tmp_path, "heatmap", "--x", "mu2", "--y", "sigma1", "--value", "steps_to_kl_0.01")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "figures" / "heatmap_steps_to_kl_0.01_mu2_sigma1.png").exists()
+    r = cli("plot", tmp_path, "density", "--where", "mu2=2", "--where", "sigma1=0.5")
+    assert r.returncode == 0 and (tmp_path / "figures" / "density_mu2-2_sigma1-0.5.png").exists(), r.stderr
+    r = cli("plot", tmp_path / "nowhere")
+    assert r.returncode == 2 and "run or merge a sweep first" in r.stderr
