@@ -31,25 +31,10 @@ def parse_args():
     p.add_argument("--inner-batch", type=int, help="runs vmapped together per device (default: calibjax's)")
     p.add_argument("--single-runs", type=int, default=3, help="runs timed one at a time for the baseline")
     p.add_argument("--torch-steps", type=int, default=2000, help="steps of the PyTorch baseline (0: skip)")
+    p.add_argument("--precision", default="float32", help="matmul precision (float32, tensorfloat32, default)")
     p.add_argument("--explore", action="store_true", help="time layouts in subprocesses and exit")
     p.add_argument("--json", help="also write the rows to this file")
     return p.parse_args()
-
-
-def matmul_rate() -> float:
-    """Measured float32 matmul FLOP/s on the default device (2048^3 products)."""
-    import jax
-    import jax.numpy as jnp
-
-    n = 2048
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 2.0:
-        f(a).block_until_ready()
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
 def torch_rate(steps: int) -> float | None:
@@ -101,15 +86,17 @@ def main():
     from calibjax import engine, tasks, train
 
     task = tasks.make_task([0.5, 0.5], [[[0.0]], [[3.0]]], [[[1.0]], [[1.0]]])
-    static = train.Static(steps=args.steps, checkpoints=(args.steps,))
+    static = train.Static(steps=args.steps, checkpoints=(args.steps,), matmul_precision=args.precision)
     flops = static.flops_per_step
     layout = engine.default_layout(inner_batch=args.inner_batch, chunk_size=max(args.runs))
     trainer = engine.Trainer(layout)
-    peak = matmul_rate()
+    peak = engine.matmul_rate(seconds=2.0, n=2048)
     print(f"backend {jax.default_backend()}, {len(layout.devices)} device(s): {layout.devices[0].device_kind}; "
-          f"float32 matmul {peak / 1e9:,.1f} GFLOP/s; model-step {flops / 1e6:.2f} MFLOP; {args.steps} steps per run")
+          f"float32 matmul {peak / 1e9:,.1f} GFLOP/s (JAX default precision); model-step {flops / 1e6:.2f} MFLOP; "
+          f"{args.steps} steps per run; training matmuls in {args.precision}")
 
     single = train.train_single.lower(static, train.make_dynamic(task, n_data=100_000)).compile()
+    single(train.make_dynamic(task, n_data=100_000, seed=99))  # warm-up
     t0 = time.perf_counter()
     for s in range(args.single_runs):
         jax.block_until_ready(single(train.make_dynamic(task, n_data=100_000, seed=s)))

@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -81,22 +82,32 @@ def kl_vs_steps(metrics: pd.DataFrame, runs: pd.DataFrame, path: Path, by: str =
     return _save(fig, path)
 
 
-def error_by_density(density: pd.DataFrame, runs: pd.DataFrame, path: Path, by: str = "case") -> Path:
-    """max |P - q| per log10-density bin against steps (median over seeds), one panel per `by`."""
-    df = density.merge(runs[["run_id", by]], on="run_id")
+def error_by_density(density: pd.DataFrame, runs: pd.DataFrame, path: Path, by: str = "case",
+                     x: str = "step") -> Path:
+    """max |P - q| per log10-density bin (median over seeds), one panel per `by`, against
+    training steps or, at the last checkpoint, against a swept setting ``x`` (e.g. n_data;
+    an infinite value, online, is drawn at the right end)."""
+    cols = ["run_id", by] + ([x] if x != "step" and x != by else [])
+    df = density.merge(runs[cols], on="run_id")
     df = df[(df["step"] > 0) & (df["mass"] > 0)]
+    if x != "step":
+        df = df[df["step"] == df["step"].max()]
+        finite = df.loc[np.isfinite(df[x]), x]
+        df = df.assign(**{x: df[x].replace(np.inf, finite.max() * 3.0)})
     keys = list(dict.fromkeys(df[by]))
     fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.4), squeeze=False, sharey=True)
     for ax, key in zip(axes[0], keys):
         d = df[df[by] == key]
-        med = d.groupby(["log10_density_lo", "log10_density_hi", "step"])[["max_err", "mass"]].median()
-        bins = med.index.droplevel("step").unique()
+        med = d.groupby(["log10_density_lo", "log10_density_hi", x])[["max_err", "mass"]].median()
+        bins = med.index.droplevel(x).unique()
         cmap = plt.get_cmap("viridis", len(bins))
         for i, (lo, hi) in enumerate(bins):
             m = med.loc[(lo, hi)]
-            ax.plot(m.index, m["max_err"], color=cmap(i),
+            ax.plot(m.index, m["max_err"], color=cmap(i), marker="o" if x != "step" else None, ms=3,
                     label=f"({lo:g}, {hi:g}]  mass {m['mass'].iloc[0]:.1e}")
-        ax.set(xscale="log", title=str(key), xlabel="training steps")
+        ax.set(xscale="log", title=str(key), xlabel="training steps" if x == "step" else
+               f"{x} (at step {int(df['step'].max())}; rightmost point: online)"
+               if np.isinf(runs[x]).any() else x)
         ax.legend(fontsize=6, title="log10 p(x) bin", title_fontsize=6)
     axes[0][0].set_ylabel("max |P - q| in bin (median over seeds)")
     return _save(fig, path)
@@ -135,10 +146,14 @@ def standard_figures(out: str | Path) -> list[Path]:
     runs, figs = t["runs"], []
     fig_dir = out / "figures"
     cases = list(dict.fromkeys(runs["case"]))
-    small = len(cases) <= MAX_PANELS
+    axes = summaries.swept_columns(runs)
+    # Per-case figures pool a case's seeds; with grid axes they would pool unlike runs, so the
+    # grid gets its own figures (summary heatmaps and lines) instead.
+    small = len(cases) <= MAX_PANELS and not axes
     if (runs["dim"] == 1).any() and small:
         figs.append(densities(runs, fig_dir / "densities.png"))
-    figs.append(kl_vs_steps(t["metrics"], runs, fig_dir / "kl_vs_steps.png"))
+    line_by = axes[0] if len(axes) == 1 and runs[axes[0]].nunique() <= 12 and len(cases) == 1 else "case"
+    figs.append(kl_vs_steps(t["metrics"], runs, fig_dir / "kl_vs_steps.png", by=line_by))
     if small:
         figs.append(error_by_density(t["density"], runs, fig_dir / "error_by_density.png"))
         last = int(t["metrics"]["step"].max())
@@ -157,9 +172,13 @@ def standard_figures(out: str | Path) -> list[Path]:
             figs.append(draw(t["curves"], runs, case, plot_steps[case], fig_dir / f"posterior_{case}.png"))
     if "summary_by_setting" in t:
         agg = t["summary_by_setting"]
-        axes = [c for c in summaries.swept_columns(runs) if c in agg.columns and agg[c].nunique() > 1]
+        axes = [c for c in axes if c in agg.columns and agg[c].nunique() > 1]
         if len(axes) == 1:
-            figs.append(summary_lines(agg, axes[0], "final_kl", fig_dir / f"final_kl_vs_{axes[0]}.png"))
+            for value in ("final_kl", "final_err_dense", "final_err_sparse"):
+                figs.append(summary_lines(agg, axes[0], value, fig_dir / f"{value}_vs_{axes[0]}.png"))
+            if len(cases) <= MAX_PANELS:
+                figs.append(error_by_density(t["density"], runs, fig_dir / f"error_by_density_vs_{axes[0]}.png",
+                                             x=axes[0]))
         if len(axes) >= 2:
             facet = axes[2] if len(axes) > 2 and agg[axes[2]].nunique() <= MAX_PANELS else None
             for value in [c for c in agg.columns if c.startswith("steps_to_kl_") and "_q" not in c] + ["final_kl"]:
@@ -229,19 +248,22 @@ def heatmap(agg: pd.DataFrame, x: str, y: str, value: str, path: Path, facet: st
             ax.pcolor(_edges(xs, xlog), _edges(ys, ylog), np.ma.masked_where(~never, np.ones_like(grid)),
                       cmap=matplotlib.colors.ListedColormap(["#d9d9d9"]), hatch="///", edgecolor="#888888",
                       shading="flat", linewidth=0)
-        if xlog:
-            ax.set_xscale("log")
-        if ylog:
-            ax.set_yscale("log")
+        for axis, values, log in ((ax.xaxis, xs, xlog), (ax.yaxis, ys, ylog)):
+            if log:
+                (ax.set_xscale if axis is ax.xaxis else ax.set_yscale)("log")
+            shown = values[::max(1, len(values) // 6)]
+            axis.set_ticks(shown, [f"{v:.3g}" for v in shown])
+            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            axis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set(xlabel=x + (" (log)" if xlog else ""), ylabel=y + (" (log)" if ylog else ""),
                title=(f"{facet} = {fv:g}" if isinstance(fv, float) else f"{facet} = {fv}") if facet else None)
     cbar = fig.colorbar(mesh, ax=axes[0].tolist())
     cbar.set_label(value + " (median over seeds)")
     if (np.isposinf(agg[value].to_numpy(float))).any():
-        fig.legend(handles=[matplotlib.patches.Patch(facecolor="#d9d9d9", hatch="///", edgecolor="#888888",
-                                                     label="never reached")], loc="upper left", fontsize=8)
-    if title:
-        fig.suptitle(title)
+        axes[0][0].legend(handles=[matplotlib.patches.Patch(facecolor="#d9d9d9", hatch="///", edgecolor="#888888",
+                                                            label="never reached")], loc="upper left",
+                          bbox_to_anchor=(0.0, -0.13), fontsize=8, frameon=False)
+    fig.suptitle(title or f"{value}: median over seeds")
     return _save(fig, path)
 
 
@@ -280,7 +302,8 @@ def reliability(calibration: pd.DataFrame, run_ids, step: int, path: Path, title
     ax.plot(est["est_conf"], est["est_acc"], "o-", ms=4, label="estimated (labelled sample)")
     tru = g[g["true_mass"] > 0]
     ax.plot(tru["true_conf"], tru["true_acc"], "s--", ms=4, label="true (exact posterior)")
-    lo = max(0.0, min(g.index.min(), 0.5))
+    seen = pd.concat([est["est_conf"], tru["true_conf"]])
+    lo = float(np.floor(seen.min() * 20) / 20) if len(seen) else 0.0
     ax.set(xlim=(lo, 1), ylim=(lo, 1), xlabel="confidence max_c q(c|x)", ylabel="accuracy",
            title=title or f"step {step}")
     ax.legend(fontsize=7)

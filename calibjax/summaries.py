@@ -73,12 +73,15 @@ def summarize(metrics: pd.DataFrame, runs: pd.DataFrame, eps=DEFAULT_EPS) -> pd.
 
 
 def swept_columns(runs: pd.DataFrame) -> list[str]:
-    """Settings that vary across the runs (besides seed): the axes of a sweep."""
+    """Settings that vary within a case (besides seed): the grid axes of a sweep.
+
+    Settings fixed by the case are left out: the case name stands for them.
+    """
     cols = []
     for c in runs.columns:
-        if c in ID_COLUMNS or c == "case":
+        if c in ID_COLUMNS or c == "case" or c.startswith(("reached_", "steps_to_", "final_")) or c == "kl_auc":
             continue
-        if runs[c].nunique(dropna=False) > 1:
+        if runs.groupby("case")[c].nunique(dropna=False).max() > 1:
             cols.append(c)
     return cols
 

@@ -50,6 +50,7 @@ SETTINGS: dict[str, tuple[str, Any, str]] = {
     "momentum": ("train", 0.0, "momentum"),
     "batch_size": ("train", 64, "pos_int"),
     "n_data": ("train", ONLINE, "n_data"),
+    "matmul_precision": ("train", "float32", "precision"),
     "steps": ("train", REQUIRED, "pos_int"),
     "checkpoints": ("train", None, "checkpoints"),  # None: 10, 20, 50, ... below steps, then steps
     "points": ("eval", 2048, "pos_int"),
@@ -150,6 +151,10 @@ def _check_value(name: str, kind: str, v, where: str) -> Any:
     if kind == "optimizer":
         if v not in train.OPTIMIZERS:
             bad(f"expected one of {list(train.OPTIMIZERS)}")
+        return v
+    if kind == "precision":
+        if v not in train.PRECISIONS:
+            bad(f"expected one of {list(train.PRECISIONS)}")
         return v
     if kind == "checkpoints":
         if (not isinstance(v, list) or not v
@@ -469,7 +474,7 @@ def static_of(run: Run) -> train.Static:
     return train.Static(
         steps=s["steps"], checkpoints=tuple(s["checkpoints"]), num_classes=m, num_components=k, dim=d,
         hidden=tuple(s["hidden"]), activation=s["activation"], init=s["init"], optimizer=s["optimizer"],
-        batch_size=s["batch_size"],
+        batch_size=s["batch_size"], matmul_precision=s["matmul_precision"],
         eval=metrics.EvalSpec(points=s["points"], hdr_mass=s["hdr_mass"],
                               density_edges=tuple(s["density_edges"]), dense_mass=s["dense_mass"],
                               sparse_mass=s["sparse_mass"], calibration_samples=s["calibration_samples"],
@@ -528,7 +533,7 @@ def run_row(run_id: int, run: Run) -> dict[str, Any]:
         "width": s["hidden"][0] if s["hidden"] else 0,
         "activation": s["activation"], "init": s["init"], "optimizer": s["optimizer"],
         "lr": s["lr"], "weight_decay": s["weight_decay"], "momentum": s["momentum"],
-        "batch_size": s["batch_size"],
+        "batch_size": s["batch_size"], "matmul_precision": s["matmul_precision"],
         "n_data": math.inf if s["n_data"] == ONLINE else float(s["n_data"]),
         "steps": s["steps"],
     }

@@ -27,6 +27,9 @@ from calibjax import metrics, tasks
 from calibjax.model import MLP
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+# float32 by default: on GPUs JAX otherwise runs float32 matmuls in TF32 (10-bit mantissa), which
+# adds noise of about 1e-3 to every logit, the size of the errors this tool measures.
+PRECISIONS = ("float32", "tensorfloat32", "bfloat16", "default")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class Static:
     batch_size: int = 64
     eval: metrics.EvalSpec = field(default_factory=metrics.EvalSpec)
     curve_points: int = 0  # 0: no posterior curves; else points per axis (1-D and 2-D tasks)
+    matmul_precision: str = "float32"
 
     @property
     def model(self) -> MLP:
@@ -123,6 +127,11 @@ def curve_grid(static: Static, dyn: Dynamic) -> jax.Array:
 
 def train_run(static: Static, dyn: Dynamic) -> dict[str, jax.Array]:
     """Train one classifier; returns per-checkpoint metrics (leading axis = checkpoints)."""
+    with jax.default_matmul_precision(static.matmul_precision):
+        return _train_run(static, dyn)
+
+
+def _train_run(static: Static, dyn: Dynamic) -> dict[str, jax.Array]:
     model = static.model
     init_key, data_key, batch_key = jax.random.split(jax.random.key(dyn.seed), 3)
     params = model.init(init_key, jnp.zeros((static.dim,), jnp.float32))

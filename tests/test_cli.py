@@ -52,7 +52,13 @@ def test_run_writes_every_table_manifest_and_figure(tmp_path):
     assert list(runs["run_id"]) == [0, 1, 2, 3] and set(runs["status"]) == {"ok"}
     assert list(runs.loc[runs["case"] == "b", "mu2"]) == [1.0, 1.0]
     m = pd.read_parquet(out / "metrics.parquet")
-    assert list(m.columns) == ["run_id", "step", "kl", "tv", "max_err", "accuracy", "bayes_accuracy", "loss"]
+    assert list(m.columns[:8]) == ["run_id", "step", "kl", "tv", "max_err", "accuracy", "bayes_accuracy", "loss"]
+    assert {"err_dense", "err_sparse", "ece", "true_ece", "cal_term", "grouping_term"} <= set(m.columns)
+    cal = pd.read_parquet(out / "calibration.parquet")
+    np.testing.assert_allclose(cal.groupby(["run_id", "step"])["true_mass"].sum(), 1.0, atol=1e-4)
+    summary = pd.read_parquet(out / "summary.parquet")
+    assert len(summary) == 4 and "steps_to_kl_0.01" in summary.columns
+    assert set(pd.read_parquet(out / "summary_by_setting.parquet")["case"]) == {"a", "b"}
     assert len(m) == 4 * 2 and np.isfinite(m[["kl", "tv", "loss"]].to_numpy()).all()
     d = pd.read_parquet(out / "density.parquet")
     assert list(d.columns) == ["run_id", "step", "log10_density_lo", "log10_density_hi", "mass", "kl", "max_err"]
@@ -66,7 +72,8 @@ def test_run_writes_every_table_manifest_and_figure(tmp_path):
     manifest = (out / "manifest.json").read_text()
     assert '"complete": true' in manifest and "sweep_sha256" in manifest and '"backend": "cpu"' in manifest
     figs = {p.name for p in (out / "figures").glob("*.png")}
-    assert {"densities.png", "kl_vs_steps.png", "error_by_density.png", "posterior_a.png"} <= figs
+    assert {"densities.png", "kl_vs_steps.png", "error_by_density.png", "posterior_a.png",
+            "reliability_a.png"} <= figs
 
     # A second call finds nothing left to do; a changed sweep file is refused unless --overwrite.
     again = calibjax("run", sweep, "--out", out, "--quiet")
