@@ -119,7 +119,7 @@ def test_a_failing_chunk_is_reported_and_retried_alone(tmp_path, monkeypatch, re
 
 
 def test_chunks_shrink_to_fit_memory():
-    st = engine.group_runs(load())[0][0]
+    st = dataclasses.replace(engine.group_runs(load())[0][0], curve_points=201)  # results held: ~50 kB/run
     working, held = engine.memory_per_run(st)
     big = layout()
     small = dataclasses.replace(big, memory=4 * working + 40 * held)
@@ -130,7 +130,7 @@ def test_chunks_shrink_to_fit_memory():
     assert runs_small < runs_big and size_small % (n_dev * inner_small) == 0
     per_device = inner_small * working + (size_small // n_dev) * held
     assert per_device <= small.memory * 1.1  # within budget (rounding to whole inner batches aside)
-    assert engine.memory_per_run(dataclasses.replace(st, curve_points=201))[1] > 10 * held
+    assert engine.memory_per_run(dataclasses.replace(st, curve_points=0))[1] < held / 10
 
 
 def test_plan_counts_runs_groups_and_chunks():
