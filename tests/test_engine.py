@@ -138,3 +138,43 @@ def test_plan_counts_runs_groups_and_chunks():
     table = engine.plan(sw, layout(chunk=5))
     assert table["runs"].tolist() == [12, 12] and table["chunks"].tolist() == [3, 3]
     assert (table["est_seconds"] > 0).all() and (table["memory_per_chunk_mb"] > 0).all()
+
+
+TWO_D = """
+name = "two_d"
+seeds = 2
+[task]
+means = [[-1.0, 0.0], [1.0, 0.0], [[0.0, 2.0], [0.0, -2.0]]]
+sigmas = [[1.0, 1.0], [1.0, 1.0], [[0.5, 0.5], [0.5, 0.5]]]
+[model]
+hidden = [8]
+[train]
+steps = 20
+checkpoints = [5, 20]
+n_data = 300
+[eval]
+points = 256
+calibration_samples = 200
+curves = true
+curve_points = 7
+curve_range = [-3.0, 3.0]
+"""
+
+
+def test_two_d_three_class_mixture_sweep_writes_posterior_maps(tmp_path):
+    from calibjax import metrics, tasks
+
+    sw = load(TWO_D)
+    report = engine.run_sweep(sw, tmp_path, layout=layout(), quiet=True)
+    assert report.complete
+    curves = pd.read_parquet(tmp_path / "curves.parquet")
+    assert {"x", "x2"} <= set(curves.columns) and len(curves) == 2 * 2 * 7 * 7 * 3
+    assert curves["x"].min() == -3.0 and curves["x2"].max() == 3.0
+    # true_prob is the exact posterior at (x, x2)
+    row = curves.iloc[123]
+    task = sweep.dynamic_of(sw.runs[0]).task
+    exact = np.exp(np.asarray(tasks.log_posterior(task, np.array([row["x"], row["x2"]], np.float32))))
+    assert row["true_prob"] == pytest.approx(exact[int(row["class"]) - 1], abs=1e-6)
+    assert (tmp_path / "figures" / "posterior_default.png").exists()
+    m = pd.read_parquet(tmp_path / "metrics.parquet")
+    assert np.isfinite(m[["kl", "true_ece", "ece"]].to_numpy()).all()
