@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                                   quiet=args.quiet, figures=not args.no_figures)
     except (sweep.SweepError, UsageError) as e:
         return fail(str(e))
+    except KeyboardInterrupt:
+        return fail("interrupted; finished chunks are kept: run the same command again to resume", code=130)
     where = f"{out}/shards/{shard[0]}-of-{shard[1]}" if shard else str(out)
     print(f"{sw.name}: {report.trained} runs trained ({report.runs} in the sweep) in {report.wall_s:.1f} s; "
           f"{report.steps_per_s:,.0f} model-steps/s; {report.compiles} compiles, {report.compile_s:.1f} s "

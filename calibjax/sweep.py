@@ -442,6 +442,9 @@ def _resolve(settings: dict, origin: dict, f: str) -> Run:
             weight[c - 1] /= weight[c - 1].sum()
 
     steps = settings["steps"]
+    if steps * settings["batch_size"] >= 2**31 or (settings["n_data"] != ONLINE and settings["n_data"] >= 2**31):
+        raise SweepError(f"{origin['steps']} steps: steps x batch_size and n_data must stay below 2^31 "
+                         "(example indices are int32)")
     if settings["checkpoints"] is None:
         series = [m * 10**e for e in range(1, 10) for m in (1, 2, 5)]
         settings["checkpoints"] = [c for c in series if c < steps] + [steps]
