@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from calibjax.cli import configure_cpu_devices  # noqa: E402  (must run before jax is imported)
+import calibjax  # noqa: E402,F401  (before jax: one XLA CPU device per core)
 
 
 def parse_args():
@@ -80,7 +80,6 @@ def main():
     args = parse_args()
     if args.explore:
         return explore(args)
-    configure_cpu_devices()
     import jax
 
     from calibjax import engine, tasks, train

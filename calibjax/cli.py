@@ -8,19 +8,6 @@ import sys
 from pathlib import Path
 
 
-def configure_cpu_devices() -> None:
-    """Expose one XLA CPU device per core (before jax is imported), so runs shard over cores.
-
-    Respects an explicit --xla_force_host_platform_device_count in XLA_FLAGS and
-    CALIBJAX_CPU_DEVICES. Harmless on GPU machines, where the CPU is not the default backend.
-    """
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" in flags or "jax" in sys.modules:
-        return
-    n = os.environ.get("CALIBJAX_CPU_DEVICES") or str(len(os.sched_getaffinity(0)))
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={int(n)}".strip()
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="calibjax", description="Measure how well classifiers learn the exact "
                                 "Bayesian posterior, over sweeps of thousands of runs.")
@@ -96,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         v = getattr(args, name, None)
         if v is not None and v < 1:
             return fail(f"--{name.replace('_', '-')}: expected a positive integer, got {v}")
-    configure_cpu_devices()
-    from calibjax import engine, store, sweep
+    from calibjax import engine, store, sweep  # importing calibjax configured the CPU devices
 
     try:
         if args.command in ("summarize", "plot"):
