@@ -411,9 +411,10 @@ def matmul_rate(seconds: float = 1.0, n: int = 1024) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
-# Fraction of the matmul rate the training loop reaches, measured by benchmarks/throughput.py
-# (CPU: about 0.35 for the study's MLP); plan uses it for its time estimate.
-EFFICIENCY = {"cpu": 0.35, "gpu": 0.05}
+# Fraction of the matmul rate that training and evaluation reach, for plan's time estimate:
+# CPU 0.3 (benchmarks/throughput.py: 0.33-0.35 for training alone; the blog and scale_10k sweeps
+# ran at 0.29-0.33 with evaluation and I/O); GPU 0.05 (H200: 0.08 of its TF32 matmul rate).
+EFFICIENCY = {"cpu": 0.3, "gpu": 0.05}
 COMPILE_S = 10.0  # typical compile time of one group here (CPU); plan adds it per group
 
 
@@ -432,5 +433,5 @@ def plan(sw: sweep_mod.Sweep, layout: Layout, shard=None, done=frozenset()) -> p
                      "dim": st.dim, "runs": n, "chunks": len(cs), "runs_per_call": cs[0].size,
                      "inner_batch": cs[0].inner,
                      "memory_per_chunk_mb": (cs[0].inner * working * len(layout.devices) + cs[0].size * held) / 2**20,
-                     "est_seconds": COMPILE_S + n * st.steps * st.flops_per_step / rate})
+                     "est_seconds": COMPILE_S + n * st.flops_per_run / rate})
     return pd.DataFrame(rows)

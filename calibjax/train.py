@@ -55,11 +55,20 @@ class Static:
         return MLP(self.hidden, self.num_classes, self.activation, self.init)
 
     @property
+    def macs_per_example(self) -> int:
+        widths = (self.dim, *self.hidden, self.num_classes)
+        return sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+
+    @property
     def flops_per_step(self) -> float:
         """Dense-layer FLOPs of one optimiser update (forward + backward = 3x forward)."""
-        widths = (self.dim, *self.hidden, self.num_classes)
-        macs = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
-        return 6.0 * macs * self.batch_size
+        return 6.0 * self.macs_per_example * self.batch_size
+
+    @property
+    def flops_per_run(self) -> float:
+        """Training plus the forward passes of every checkpoint's evaluation."""
+        points = self.eval.points + self.eval.calibration_samples + self.curve_points ** self.dim
+        return self.steps * self.flops_per_step + len(self.checkpoints) * 2.0 * self.macs_per_example * points
 
 
 class Dynamic(NamedTuple):
