@@ -39,6 +39,30 @@ METRIC_COLUMNS = ("kl", "tv", "max_err", "accuracy", "bayes_accuracy", "loss", "
                   "ece", "ece_mass", "brier", "nll", "true_ece", "excess_brier", "cal_term", "grouping_term")
 
 
+def configure_compilation_cache() -> str | None:
+    """Keep compiled programs on disk, so a resumed, repeated or sharded sweep skips most compiling.
+
+    JAX's persistent cache, keyed by the program and the compiler flags, so it cannot serve a
+    wrong program. Directory: $CALIBJAX_CACHE_DIR, else $XDG_CACHE_HOME/calibjax/xla, else
+    ~/.cache/calibjax/xla; CALIBJAX_CACHE_DIR=off disables it; a directory set through
+    jax.config by the user is left alone.
+    """
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    choice = os.environ.get("CALIBJAX_CACHE_DIR")
+    if choice in ("off", "0", ""):
+        return None
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = Path(choice) if choice else base / "calibjax" / "xla"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None  # a read-only home: compile every time, as without the cache
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return str(path)
+
+
 class ResultsExist(sweep_mod.SweepError):
     """The output directory holds results of a different sweep file."""
 
@@ -230,6 +254,7 @@ class Trainer:
     """Compiles once per (static settings, chunk size) and trains chunks of runs."""
 
     def __init__(self, layout: Layout):
+        configure_compilation_cache()
         self.layout = layout
         self.mesh = jax.sharding.Mesh(np.asarray(layout.devices), ("runs",)) if len(layout.devices) > 1 else None
         self._compiled: dict = {}

@@ -6,6 +6,11 @@ flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=4".strip()
 
+# One compilation cache for the whole test session (subprocesses inherit it), never the user's.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("CALIBJAX_CACHE_DIR", tempfile.mkdtemp(prefix="calibjax-test-xla-"))
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -75,6 +75,8 @@ def test_run_writes_every_table_manifest_and_figure(tmp_path):
     assert {"densities.png", "kl_vs_steps.png", "error_by_density.png", "posterior_a.png",
             "reliability_a.png"} <= figs
 
+    assert any(Path(os.environ["CALIBJAX_CACHE_DIR"]).iterdir())  # the compiled program was kept on disk
+
     # A second call finds nothing left to do; a changed sweep file is refused unless --overwrite.
     again = calibjax("run", sweep, "--out", out, "--quiet")
     assert again.returncode == 0 and "0 runs trained" in again.stdout
