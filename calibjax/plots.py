@@ -336,7 +336,10 @@ def posterior_map(curves: pd.DataFrame, runs: pd.DataFrame, case: str, steps, pa
     for ax, (title, (xs, ys, prob)) in zip(axes[0], panels):
         ax.imshow(np.clip(prob @ colors, 0, 1), origin="lower", extent=(xs[0], xs[-1], ys[0], ys[-1]),
                   aspect="auto", interpolation="bilinear")
-        ax.contour(xs, ys, prob.argmax(-1), levels=np.arange(m) + 0.5, colors="k", linewidths=0.6)
+        label = prob.argmax(-1)
+        for c in range(m):  # each class's region outlined once: shared borders overlap exactly
+            if (label == c).any() and not (label == c).all():
+                ax.contour(xs, ys, (label == c).astype(float), levels=[0.5], colors="k", linewidths=0.6)
         ax.set(title=f"{case}: {title}", xlabel="x1")
     axes[0][0].set_ylabel("x2")
     handles = [matplotlib.patches.Patch(color=colors[c], label=f"class {c + 1}") for c in range(m)]
