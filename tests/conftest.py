@@ -7,9 +7,13 @@ if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=4".strip()
 
 # One compilation cache for the whole test session (subprocesses inherit it), never the user's.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-os.environ.setdefault("CALIBJAX_CACHE_DIR", tempfile.mkdtemp(prefix="calibjax-test-xla-"))
+if "CALIBJAX_CACHE_DIR" not in os.environ:
+    os.environ["CALIBJAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="calibjax-test-xla-")
+    atexit.register(shutil.rmtree, os.environ["CALIBJAX_CACHE_DIR"], ignore_errors=True)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
