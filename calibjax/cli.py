@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         v = getattr(args, name, None)
         if v is not None and v < 1:
             return fail(f"--{name.replace('_', '-')}: expected a positive integer, got {v}")
-    from calibjax import engine, store, sweep  # importing calibjax configured the CPU devices
+    from calibjax import engine, sweep  # importing calibjax configured the CPU devices
 
     try:
         if args.command in ("summarize", "plot"):
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else Path("results") / sw.name
         layout = engine.default_layout(args.chunk_size, args.inner_batch)
         if args.command == "plan":
-            return print_plan(engine, store, sw, out, layout, shard)
+            return print_plan(sw, out, layout, shard)
         report = engine.run_sweep(sw, out, layout=layout, shard=shard, overwrite=args.overwrite,
                                   quiet=args.quiet, figures=not args.no_figures)
     except (sweep.SweepError, UsageError) as e:
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def analyse(args) -> int:
     """summarize and plot: tables in, tables and figures out."""
-    from calibjax import plots, store, summaries
+    from calibjax import plots, summaries
 
     out = Path(args.dir)
     if not (out / "runs.parquet").exists() or not (out / "metrics.parquet").exists():
@@ -137,14 +137,16 @@ def analyse(args) -> int:
                 summaries.write_summaries(out)
             paths = plots.standard_figures(out)
         else:
-            paths = [plot_one(args, out, plots, store, summaries)]
+            paths = [plot_one(args, out)]
     except plots.PlotError as e:
         raise UsageError(str(e)) from None
     print("\n".join(map(str, paths)))
     return 0
 
 
-def plot_one(args, out: Path, plots, store, summaries) -> Path:
+def plot_one(args, out: Path) -> Path:
+    from calibjax import plots, store, summaries
+
     t = store.load_results(out)
     runs = t["runs"]
     fig = out / "figures"
@@ -175,7 +177,9 @@ def plot_one(args, out: Path, plots, store, summaries) -> Path:
     return plots.reliability(t["calibration"], ids, step, path, title=f"{label}, step {step}")
 
 
-def print_plan(engine, store, sw, out, layout, shard) -> int:
+def print_plan(sw, out: Path, layout, shard) -> int:
+    from calibjax import engine, store
+
     done = store.finished_run_ids(out) if store.read_manifest(out) else set()
     table = engine.plan(sw, layout, shard, done)
     print(f"{sw.name}: {len(sw.runs)} runs, {len(engine.group_runs(sw)[0])} groups (one compile each); "

@@ -301,11 +301,7 @@ def prepare_output(sw: sweep_mod.Sweep, out: Path, overwrite: bool) -> None:
                            f"{manifest.get('sweep_sha256', '?')[:12]} != {sw.sha256[:12]}); "
                            "use --overwrite to replace them or --out to write elsewhere")
     if overwrite and out.exists():
-        for name in ("chunks", "shards", "figures"):
-            store.shutil.rmtree(out / name, ignore_errors=True)
-        for p in out.glob("*.parquet"):
-            p.unlink()
-        (out / "manifest.json").unlink(missing_ok=True)
+        store.remove_results(out)
     out.mkdir(parents=True, exist_ok=True)
     store.clean_debris(out)
 

@@ -121,6 +121,16 @@ def clean_debris(out: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+def remove_results(out: Path) -> None:
+    """Delete a results directory's tables, chunks, shard parts, figures and manifest."""
+    out = Path(out)
+    for name in ("chunks", "shards", "figures"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for p in out.glob("*.parquet"):
+        p.unlink()
+    (out / "manifest.json").unlink(missing_ok=True)
+
+
 def read_manifest(out: Path) -> dict | None:
     p = Path(out) / "manifest.json"
     return json.loads(p.read_text()) if p.exists() else None

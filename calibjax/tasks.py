@@ -16,6 +16,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -42,15 +43,18 @@ class GaussianTask:
 
 
 def make_task(prior, mean, sigma, weight=None) -> GaussianTask:
-    """Build a task from priors (M,), means and sigmas (M, K, D), weights (M, K)."""
-    mean = jnp.asarray(mean, jnp.float32)
-    sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), mean.shape)
-    if weight is None:
-        weight = jnp.ones(mean.shape[:2], jnp.float32)
-    weight = jnp.asarray(weight, jnp.float32)
-    log_weight = jnp.log(weight) - jnp.log(jnp.sum(weight, axis=-1, keepdims=True))
-    log_prior = jnp.log(jnp.asarray(prior, jnp.float32))
-    return GaussianTask(log_prior, log_weight, mean, sigma)
+    """Build a task from priors (M,), means and sigmas (M, K, D), weights (M, K).
+
+    Host-side numpy (float32): building thousands of runs' tasks costs no device dispatches or
+    copies; jitted functions take the arrays as they are.
+    """
+    mean = np.asarray(mean, np.float32)
+    sigma = np.broadcast_to(np.asarray(sigma, np.float32), mean.shape)
+    weight = np.ones(mean.shape[:2], np.float32) if weight is None else np.asarray(weight, np.float32)
+    with np.errstate(divide="ignore"):  # zero-weight (padding) components: log 0 = -inf, never drawn
+        log_weight = np.log(weight) - np.log(weight.sum(axis=-1, keepdims=True))
+        log_prior = np.log(np.asarray(prior, np.float32))
+    return GaussianTask(log_prior, log_weight.astype(np.float32), mean, np.ascontiguousarray(sigma))
 
 
 def component_log_density(task: GaussianTask, x: jax.Array) -> jax.Array:
@@ -94,6 +98,7 @@ def sample(task: GaussianTask, key: jax.Array) -> tuple[jax.Array, jax.Array]:
     function): a third of the hashing of separate categorical and normal draws,
     which matters because every training example is regenerated from its key.
     """
+    task = jax.tree.map(jnp.asarray, task)  # numpy leaves cannot be indexed by traced c, k
     u = open_uniform(key, (2 + task.dim,))
     c = jnp.sum(u[0] > jnp.cumsum(jnp.exp(task.log_prior))[:-1]).astype(jnp.int32)
     k = jnp.sum(u[1] > jnp.cumsum(jnp.exp(task.log_weight[c]))[:-1])

@@ -162,7 +162,7 @@ curve_range = [-3.0, 3.0]
 
 
 def test_two_d_three_class_mixture_sweep_writes_posterior_maps(tmp_path):
-    from calibjax import metrics, tasks
+    from calibjax import tasks
 
     sw = load(TWO_D)
     report = engine.run_sweep(sw, tmp_path, layout=layout(), quiet=True)
