@@ -8,7 +8,7 @@ to choose the number, or put --xla_force_host_platform_device_count in XLA_FLAGS
 import os
 import sys
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def configure_cpu_devices() -> None:

@@ -293,13 +293,23 @@ def environment() -> dict:
             "backend": jax.default_backend(), "devices": [str(d) for d in jax.local_devices()]}
 
 
+def check_same_numbers(manifest: dict, where: Path, sha256: str, hint: str) -> None:
+    """Refuse to join results of a different sweep file, or of a calibjax that computes other numbers."""
+    if manifest.get("sweep_sha256") != sha256:
+        raise ResultsExist(f"{where}: holds results of a different sweep file (sha256 "
+                           f"{manifest.get('sweep_sha256', '?')[:12]} != {sha256[:12]}); {hint}")
+    theirs = manifest.get("numbers_version", 1)
+    if theirs != train.NUMBERS_VERSION:
+        raise ResultsExist(f"{where}: holds results of calibjax {manifest.get('versions', {}).get('calibjax', '?')}, "
+                           f"whose runs give other numbers (numbers_version {theirs}, this calibjax has "
+                           f"{train.NUMBERS_VERSION}); joining them would mix the two; {hint}")
+
+
 def prepare_output(sw: sweep_mod.Sweep, out: Path, overwrite: bool) -> None:
     """Create or reuse the output directory; refuse to mix results of different sweep files."""
     manifest = store.read_manifest(out)
-    if manifest is not None and manifest.get("sweep_sha256") != sw.sha256 and not overwrite:
-        raise ResultsExist(f"{out}: holds results of a different sweep file (sha256 "
-                           f"{manifest.get('sweep_sha256', '?')[:12]} != {sw.sha256[:12]}); "
-                           "use --overwrite to replace them or --out to write elsewhere")
+    if manifest is not None and not overwrite:
+        check_same_numbers(manifest, out, sw.sha256, "use --overwrite to replace them or --out to write elsewhere")
     if overwrite and out.exists():
         store.remove_results(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -308,7 +318,7 @@ def prepare_output(sw: sweep_mod.Sweep, out: Path, overwrite: bool) -> None:
 
 def sweep_manifest(sw: sweep_mod.Sweep) -> dict:
     return {"sweep_name": sw.name, "sweep_file": sw.path, "sweep_sha256": sw.sha256, "sweep_text": sw.text,
-            "runs": len(sw.runs), "groups": len(group_runs(sw)[0])}
+            "numbers_version": train.NUMBERS_VERSION, "runs": len(sw.runs), "groups": len(group_runs(sw)[0])}
 
 
 def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: Layout | None = None,
@@ -406,8 +416,8 @@ def merge(out: str | Path, figures: bool = True) -> list[int]:
         raise sweep_mod.SweepError(f"{out}: no manifest.json here; is it a calibjax results directory?")
     for part in sorted(out.glob("shards/*")):
         m = store.read_manifest(part)
-        if m is not None and m.get("sweep_sha256") != manifest["sweep_sha256"]:
-            raise ResultsExist(f"{part}: written from a different sweep file than {out}/manifest.json")
+        if m is not None:
+            check_same_numbers(m, part, manifest["sweep_sha256"], f"it does not belong with {out}/manifest.json")
     sw = sweep_mod.parse(tomllib.loads(manifest["sweep_text"]), manifest["sweep_file"], manifest["sweep_text"])
     store.clean_debris(out)
     missing = finalize(out, runs_table(sw))

@@ -75,8 +75,8 @@ def eval_points(task: tasks.GaussianTask, spec: EvalSpec) -> tuple[jax.Array, ja
 
 def draw(task: tasks.GaussianTask, n: int, stream: int) -> tuple[jax.Array, jax.Array]:
     """n labelled examples from the fixed evaluation key (independent of any run's seed)."""
-    keys = jax.random.split(jax.random.fold_in(jax.random.key(EVAL_SEED), stream), n)
-    return jax.vmap(tasks.sample, (None, 0))(task, keys)
+    key = jax.random.fold_in(jax.random.key(EVAL_SEED), stream)
+    return tasks.draw(task, key, jnp.arange(n, dtype=jnp.uint32))
 
 
 def make_eval_set(task: tasks.GaussianTask, spec: EvalSpec) -> EvalSet:
@@ -110,9 +110,20 @@ def conditional_entropy(ev: EvalSet) -> jax.Array:
 
 
 def _bin_sums(index: jax.Array, num: int, *values: jax.Array) -> list[jax.Array]:
-    """Sum each value over the points of each bin (index (N,) in [0, num))."""
-    onehot = jax.nn.one_hot(index, num, dtype=jnp.float32)
-    return [v @ onehot for v in values]
+    """Sum each value over the points of each bin (index (N,) in [0, num)).
+
+    On CPU a scatter-add (50x faster than the one-hot product for 2048 points in 200 bins); on
+    accelerators the one-hot product, which is fast there and, unlike atomic scatter-adds,
+    deterministic.
+    """
+    def scatter(index, *values):
+        return [jax.ops.segment_sum(v, index, num) for v in values]
+
+    def onehot(index, *values):
+        hot = jax.nn.one_hot(index, num, dtype=jnp.float32)
+        return [v @ hot for v in values]
+
+    return jax.lax.platform_dependent(index, *values, cpu=scatter, default=onehot)
 
 
 def top_label(log_q: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -133,9 +144,9 @@ def estimated_calibration(log_q: jax.Array, y: jax.Array, spec: EvalSpec) -> dic
     conf, pred = top_label(log_q)
     correct = (pred == y).astype(jnp.float32)
     count, sum_conf, sum_acc = _bin_sums(confidence_bin(conf, b), b, jnp.ones_like(conf), conf, correct)
-    order = jnp.argsort(conf)
+    sorted_conf, sorted_correct = jax.lax.sort((conf, correct), num_keys=1)
     group = (jnp.arange(s) * b) // s  # equal-mass bins: b groups of consecutive confidences
-    mass_conf, mass_acc = _bin_sums(group, b, conf[order], correct[order])
+    mass_conf, mass_acc = _bin_sums(group, b, sorted_conf, sorted_correct)
     onehot = jax.nn.one_hot(y, log_q.shape[-1], dtype=jnp.float32)
     return {
         "ece": jnp.sum(jnp.abs(sum_acc - sum_conf)) / s,

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from calibjax import rng
+
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -84,26 +86,29 @@ def log_posterior(task: GaussianTask, x: jax.Array) -> jax.Array:
     return jax.nn.log_softmax(log_joint(task, x))
 
 
-def open_uniform(key: jax.Array, shape) -> jax.Array:
-    """Uniforms strictly inside (0, 1): midpoints of 2^24 equal bins (exact in float32)."""
-    bits = jax.random.bits(key, shape, jnp.uint32) >> 8
-    return (bits.astype(jnp.float32) + 0.5) * (2.0 ** -24)
+def sample(task: GaussianTask, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One (x, c) from 2 + D uniforms u in (0, 1): x (D,) float32, c int32 scalar.
 
-
-def sample(task: GaussianTask, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Draw one (x, c): x (D,) float32, c int32 scalar.
-
-    One random draw of 2 + D uniforms per example (the class and the component by
-    inverting their cumulative probabilities, the noise by the normal quantile
-    function): a third of the hashing of separate categorical and normal draws,
-    which matters because every training example is regenerated from its key.
+    The class and the component by inverting their cumulative probabilities, the noise by the
+    normal quantile function: one hash gives all an example needs (a third of the hashing of
+    separate categorical and normal draws), which matters because every training example is
+    regenerated from its index at every step.
     """
     task = jax.tree.map(jnp.asarray, task)  # numpy leaves cannot be indexed by traced c, k
-    u = open_uniform(key, (2 + task.dim,))
     c = jnp.sum(u[0] > jnp.cumsum(jnp.exp(task.log_prior))[:-1]).astype(jnp.int32)
     k = jnp.sum(u[1] > jnp.cumsum(jnp.exp(task.log_weight[c]))[:-1])
     x = task.mean[c, k] + task.sigma[c, k] * jax.scipy.special.ndtri(u[2:])
     return x, c
+
+
+def draw(task: GaussianTask, key: jax.Array, index: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Examples number ``index`` (int, shape (n,)) of the stream ``key``: x (n, D), c (n,).
+
+    Example i is a pure function of (key, i) (see calibjax.rng), so a dataset of any size is
+    regenerated on demand, and the first N examples are the same for every larger N.
+    """
+    u = rng.open_uniform(rng.words(key, index, 2 + task.dim))
+    return jax.vmap(sample, (None, 0))(task, u)
 
 
 def support_range(task: GaussianTask, num_sigmas: float) -> tuple[jax.Array, jax.Array]:

@@ -23,8 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from calibjax import metrics, tasks
+from calibjax import metrics, rng, tasks
 from calibjax.model import MLP
+
+# Bumped whenever a change alters the numbers a run gives (data streams, initialisation, metrics),
+# so that resume and merge refuse to join results of two such versions. 2: calibjax.rng streams.
+NUMBERS_VERSION = 2
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 # float32 by default: on GPUs JAX otherwise runs float32 matmuls in TF32 (10-bit mantissa), which
@@ -106,19 +110,18 @@ def make_optimizer(name: str, dyn: Dynamic) -> optax.GradientTransformation:
 def draw_batch(static: Static, dyn: Dynamic, data_key, batch_key, step) -> tuple[jax.Array, jax.Array]:
     """The mini-batch for update ``step``: examples are regenerated from their index.
 
-    Example i of the run's dataset is ``sample(fold_in(data_key, i))``, so a
-    dataset of any size N costs no memory and N is a dynamic setting. Finite
-    data draws indices uniformly in [0, N) (with replacement); online data
-    (N = 0) uses indices step*B + j, never repeated. Datasets of one seed are
-    nested: the first N examples are the same for every larger N.
+    Example i of the run's dataset is ``tasks.draw(task, data_key, i)``, so a dataset of any size
+    N costs no memory and N is a dynamic setting. Finite data draws indices uniformly in [0, N)
+    (with replacement) from the hash of (batch_key, step); online data (N = 0) uses indices
+    step*B + j, never repeated. Datasets of one seed are nested: the first N examples are the
+    same for every larger N.
     """
     b = static.batch_size
-    finite_index = jax.random.randint(jax.random.fold_in(batch_key, step), (b,), 0,
-                                      jnp.maximum(dyn.n_data, 1))
-    online_index = step * b + jnp.arange(b, dtype=jnp.int32)
+    step = step.astype(jnp.uint32)
+    finite_index = rng.below(rng.words(batch_key, step[None], b)[0], jnp.maximum(dyn.n_data, 1))
+    online_index = (step * np.uint32(b) + jnp.arange(b, dtype=jnp.uint32)).astype(jnp.int32)
     index = jnp.where(dyn.n_data > 0, finite_index, online_index)
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(data_key, index)
-    return jax.vmap(tasks.sample, (None, 0))(dyn.task, keys)
+    return tasks.draw(dyn.task, data_key, index)
 
 
 def curve_grid(static: Static, dyn: Dynamic) -> jax.Array:

@@ -178,3 +178,18 @@ def test_two_d_three_class_mixture_sweep_writes_posterior_maps(tmp_path):
     assert (tmp_path / "figures" / "posterior_default.png").exists()
     m = pd.read_parquet(tmp_path / "metrics.parquet")
     assert np.isfinite(m[["kl", "true_ece", "ece"]].to_numpy()).all()
+
+
+def test_results_of_a_calibjax_with_other_numbers_are_not_mixed(tmp_path):
+    engine.run_sweep(load(), tmp_path, layout=layout(), shard=(0, 2), quiet=True, figures=False)
+    part = tmp_path / "shards" / "0-of-2" / "manifest.json"
+    old = {**store.read_manifest(part.parent), "numbers_version": 1, "versions": {"calibjax": "0.1.0"}}
+    store.write_json(part, old)
+    with pytest.raises(engine.ResultsExist, match="calibjax 0.1.0.*numbers_version 1"):
+        engine.merge(tmp_path, figures=False)
+    top = {k: v for k, v in store.read_manifest(tmp_path).items() if k != "numbers_version"}  # written before the key
+    store.write_json(tmp_path / "manifest.json", top)
+    with pytest.raises(engine.ResultsExist, match="numbers_version 1"):
+        engine.run_sweep(load(), tmp_path, layout=layout(), shard=(1, 2), quiet=True, figures=False)
+    report = engine.run_sweep(load(), tmp_path, layout=layout(), overwrite=True, quiet=True, figures=False)
+    assert report.complete and report.trained == N_RUNS
