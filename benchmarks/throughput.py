@@ -67,6 +67,46 @@ def torch_rate(steps: int) -> float | None:
     return (steps - 50) / (time.perf_counter() - t0)
 
 
+def product_ceiling(layout, static, seconds: float = 2.0) -> float:
+    """Model-steps/s if a step cost only its three hidden-layer products, in the engine's layout.
+
+    Each device runs, for ``layout.inner_batch`` runs at once, the forward product h @ W, the input
+    gradient dz @ W^T and the weight gradient h^T @ dz of the 64 x 64 layer (batch 64): the
+    dense-layer work of one step minus the thin first and last layers. Every other part of a step
+    (activations, softmax, Adam, the data draw) is extra, so training cannot exceed this rate.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    width, b, r = static.hidden[-1], static.batch_size, layout.inner_batch
+    n_dev = len(layout.devices)
+    iters = 200
+
+    def local(h, w, dz):
+        def body(_, c):
+            h, w, dz = c
+            z = jnp.einsum("rbi,rio->rbo", h, w)
+            dh = jnp.einsum("rbo,rio->rbi", dz, w)
+            dw = jnp.einsum("rbi,rbo->rio", h, dz)
+            return h + 1e-3 * dh, w - 1e-6 * dw, dz + 1e-3 * z
+        return jax.lax.fori_loop(0, iters, body, (h, w, dz))
+
+    fn = jax.jit(local)
+    if n_dev > 1:
+        mesh = jax.sharding.Mesh(np.asarray(layout.devices), ("runs",))
+        spec = jax.sharding.PartitionSpec("runs")
+        fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+    key = jax.random.key(0)
+    args = [0.1 * jax.random.normal(k, (n_dev * r, b, width)) for k in jax.random.split(key, 3)]
+    jax.block_until_ready(fn(*args))
+    calls, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        jax.block_until_ready(fn(*args))
+        calls += 1
+    return calls * iters * n_dev * r / (time.perf_counter() - t0)
+
+
 def peak_memory_mb() -> float:
     import jax
 
@@ -94,6 +134,10 @@ def main():
           f"float32 matmul {peak / 1e9:,.1f} GFLOP/s (JAX default precision); model-step {flops / 1e6:.2f} MFLOP; "
           f"{args.steps} steps per run; training matmuls in {args.precision}")
 
+    ceiling = product_ceiling(layout, static)
+    print(f"ceiling: the step's three {static.hidden[-1]}x{static.hidden[-1]} products alone, in this layout "
+          f"({len(layout.devices)} device(s) x {layout.inner_batch} runs): {ceiling:,.0f} model-steps/s")
+
     single = train.train_single.lower(static, train.make_dynamic(task, n_data=100_000)).compile()
     single(train.make_dynamic(task, n_data=100_000, seed=99))  # warm-up
     t0 = time.perf_counter()
@@ -104,7 +148,7 @@ def main():
     print(f"one run at a time (jitted single-run loop): {single_rate:,.0f} model-steps/s"
           + (f"; PyTorch loop of the study: {torch:,.0f} model-steps/s" if torch else "; PyTorch not installed"))
 
-    head = f"{'runs':>6} {'model-steps/s':>14} {'% matmul peak':>14} {'x single':>9} {'x torch':>8} {'compile s':>10} {'peak MB':>8}"
+    head = f"{'runs':>6} {'model-steps/s':>14} {'% matmul peak':>14} {'% ceiling':>10} {'x single':>9} {'x torch':>8} {'compile s':>10} {'peak MB':>8}"
     print(head)
     rows = []
     for r in args.runs:
@@ -118,16 +162,46 @@ def main():
         wall = time.perf_counter() - t0
         rate = r * args.steps / wall
         row = {"runs": r, "model_steps_per_s": rate, "frac_matmul_peak": rate * flops / peak,
+               "frac_ceiling": rate / ceiling,
                "vs_single": rate / single_rate, "vs_torch": rate / torch if torch else None,
                "compile_s": compile_s, "peak_mb": peak_memory_mb(), "inner_batch": inner,
                "devices": len(layout.devices), "backend": jax.default_backend()}
         rows.append(row)
         vs_torch = f"{row['vs_torch']:.1f}x" if torch else "-"
-        print(f"{r:>6} {rate:>14,.0f} {100 * row['frac_matmul_peak']:>13.1f}% {row['vs_single']:>8.1f}x "
+        print(f"{r:>6} {rate:>14,.0f} {100 * row['frac_matmul_peak']:>13.1f}% {100 * row['frac_ceiling']:>9.0f}% "
+              f"{row['vs_single']:>8.1f}x "
               f"{vs_torch:>8} {compile_s:>10.1f} {row['peak_mb']:>8.0f}", flush=True)
+    split = fixed_cost(trainer, layout, task, args.steps, rows)
     if args.json:
-        Path(args.json).write_text(json.dumps({"matmul_flops": peak, "single_rate": single_rate,
-                                               "torch_rate": torch, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"matmul_flops": peak, "ceiling": ceiling, "single_rate": single_rate,
+                                               "torch_rate": torch, "rows": rows, "fixed_cost": split}, indent=2))
+
+
+def fixed_cost(trainer, layout, task, steps, rows) -> dict | None:
+    """Split the largest row's time into each run's fixed cost and its training steps.
+
+    The fixed cost (initialisation, the evaluation set, one checkpoint's evaluation of 7,048
+    points) is timed by the same R runs trained for one step.
+    """
+    from calibjax import train
+
+    row = max((r for r in rows if r["runs"] <= 1024), key=lambda r: r["runs"], default=None)
+    if row is None or steps < 2:
+        return None
+    r = row["runs"]
+    one = train.Static(steps=1, checkpoints=(1,))
+    dyns = [train.make_dynamic(task, n_data=100_000, seed=s) for s in range(r)]
+    _, size, inner = layout.chunk_size(r, one)
+    trainer(one, dyns, size, inner)  # compile and warm up
+    t0 = time.perf_counter()
+    trainer(one, dyns, size, inner)
+    fixed = time.perf_counter() - t0
+    wall = r * steps / row["model_steps_per_s"]
+    train_rate = r * (steps - 1) / (wall - fixed)
+    print(f"R = {r}: fixed cost {1e3 * fixed / r:.2f} ms per run (initialisation, evaluation set, one "
+          f"checkpoint's evaluation) = {100 * fixed / wall:.0f} % of the time; training steps alone "
+          f"{train_rate:,.0f} model-steps/s")
+    return {"runs": r, "fixed_s_per_run": fixed / r, "fixed_fraction": fixed / wall, "train_rate": train_rate}
 
 
 def explore(args):
@@ -140,7 +214,8 @@ def explore(args):
             out = subprocess.run([sys.executable, __file__, "--runs", str(r), "--steps", str(args.steps),
                                   "--inner-batch", str(inner), "--single-runs", "1", "--torch-steps", "0"],
                                  env=env, capture_output=True, text=True)
-            line = out.stdout.strip().splitlines()[-1] if out.returncode == 0 else out.stderr[-300:]
+            row = [line for line in out.stdout.splitlines() if line.split()[:1] == [str(r)]]
+            line = row[-1] if out.returncode == 0 and row else out.stderr[-300:]
             print(f"devices {devices} inner {inner:>5}: {line}", flush=True)
 
 

@@ -11,6 +11,7 @@ run, outside the step loop.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -116,14 +117,17 @@ def _bin_sums(index: jax.Array, num: int, *values: jax.Array) -> list[jax.Array]
     accelerators the one-hot product, which is fast there and, unlike atomic scatter-adds,
     deterministic.
     """
-    def scatter(index, *values):
-        return [jax.ops.segment_sum(v, index, num) for v in values]
+    return jax.lax.platform_dependent(index, *values, cpu=functools.partial(_scatter_sums, num),
+                                      default=functools.partial(_onehot_sums, num))
 
-    def onehot(index, *values):
-        hot = jax.nn.one_hot(index, num, dtype=jnp.float32)
-        return [v @ hot for v in values]
 
-    return jax.lax.platform_dependent(index, *values, cpu=scatter, default=onehot)
+def _scatter_sums(num: int, index: jax.Array, *values: jax.Array) -> list[jax.Array]:
+    return [jax.ops.segment_sum(v, index, num) for v in values]
+
+
+def _onehot_sums(num: int, index: jax.Array, *values: jax.Array) -> list[jax.Array]:
+    hot = jax.nn.one_hot(index, num, dtype=jnp.float32)
+    return [v @ hot for v in values]
 
 
 def top_label(log_q: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -170,3 +170,15 @@ def test_dense_and_sparse_region_errors():
     assert 0.9 <= w[np.asarray(ev.in_dense)].sum() < 0.901
     np.testing.assert_allclose(w[np.asarray(ev.in_sparse)].sum(), 0.01, atol=5e-4)
     assert not np.any(np.asarray(ev.in_dense) & np.asarray(ev.in_sparse))
+
+
+def test_bin_sums_on_cpu_and_the_accelerator_path_match_bincount():
+    gen = np.random.default_rng(5)
+    index = gen.integers(0, 200, 2048)
+    index[:3] = [0, 199, 199]
+    values = [gen.random(2048).astype(np.float32), gen.normal(size=2048).astype(np.float32)]
+    expected = [np.bincount(index, weights=v, minlength=200) for v in values]
+    for fn in (metrics._bin_sums, lambda i, n, *v: metrics._onehot_sums(n, i, *v)):
+        got = jax.jit(fn, static_argnums=1)(jnp.asarray(index), 200, *map(jnp.asarray, values))
+        for g, e in zip(got, expected):
+            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
