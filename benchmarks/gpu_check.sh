@@ -17,6 +17,7 @@ for s in blog atlas dataset_size imbalance multiclass2d grid_2000; do
       >> "$OUT/sweeps_gpu.txt" 2>&1
 done
 python3 benchmarks/blog_numbers.py /tmp/res/blog > "$OUT/blog_numbers.txt" 2>&1 || true
-JAX_PLATFORMS=cuda timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_train.py tests/test_engine.py \
+JAX_PLATFORMS=cuda timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_train.py tests/test_engine.py \
+    tests/test_rng.py tests/test_metrics.py \
     > "$OUT/tests_gpu.txt" 2>&1
 echo "tests exit $?" >> "$OUT/tests_gpu.txt"

@@ -210,7 +210,10 @@ def explore(args):
     cores = len(os.sched_getaffinity(0))
     for devices in sorted({1, cores}):
         for inner in (8, 16, 32, 64, 128, r):
-            env = {**os.environ, "CALIBJAX_CPU_DEVICES": str(devices)}
+            # importing calibjax put this process's device count in XLA_FLAGS: drop it for the child
+            flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                             if "xla_force_host_platform_device_count" not in f)
+            env = {**os.environ, "XLA_FLAGS": flags, "CALIBJAX_CPU_DEVICES": str(devices)}
             out = subprocess.run([sys.executable, __file__, "--runs", str(r), "--steps", str(args.steps),
                                   "--inner-batch", str(inner), "--single-runs", "1", "--torch-steps", "0"],
                                  env=env, capture_output=True, text=True)

@@ -1,10 +1,11 @@
 """Counter-based random bits for training data: Threefry-2x32 written out in jnp.
 
 Every training example is regenerated from its index at every step, so hashing is on the hot path
-(about 100 hashes per model-step). ``jax.random`` computes the same Threefry-2x32 hash, but its
-CPU lowering is a rolled loop of small kernels per call, and drawing a batch took six such loops
-(fold_in, randint's split and two draws, a fold_in and a draw per example): 15-20 % of a step.
-Written out here, one batch's hashing is a single fused elementwise kernel.
+(B/2 + B * ceil((2 + D) / 2) hashes per step: 160 for the study's batch of 64). ``jax.random``
+computes the same Threefry-2x32 hash, but its CPU lowering is a rolled loop of small kernels per
+call, and drawing a batch took six such loops (fold_in, randint's split and two draws, a fold_in
+and a draw per example): 15-20 % of a step. Written out here, one batch's hashing is a single
+fused elementwise kernel.
 
 ``threefry2x32`` is bit-identical to ``jax.extend.random.threefry_2x32`` (tested); the streams
 built on it are calibjax's own and documented, so datasets do not change with jax.random's
