@@ -443,9 +443,10 @@ def matmul_rate(seconds: float = 1.0, n: int = 1024) -> float:
 
 
 # Fraction of the matmul rate that training and evaluation reach, for plan's time estimate:
-# CPU 0.3 (benchmarks/throughput.py: 0.33-0.35 for training alone; the blog and scale_10k sweeps
-# ran at 0.29-0.33 with evaluation and I/O); GPU 0.05 (H200: 0.08 of its TF32 matmul rate).
-EFFICIENCY = {"cpu": 0.3, "gpu": 0.05}
+# CPU 0.35 (calibjax 0.2.0 here: benchmarks/throughput.py 0.36-0.40 with one evaluation per run;
+# the shipped sweeps 0.29-0.43 of the training FLOPs, scale_10k 0.35); GPU 0.05 (H200, 0.1.0: 0.08
+# of its TF32 matmul rate).
+EFFICIENCY = {"cpu": 0.35, "gpu": 0.05}
 COMPILE_S = 10.0  # typical compile time of one group here (CPU); plan adds it per group
 
 
