@@ -306,7 +306,7 @@ def check_same_numbers(manifest: dict, where: Path, sha256: str, hint: str) -> N
 
 
 def prepare_output(sw: sweep_mod.Sweep, out: Path, overwrite: bool) -> None:
-    """Create or reuse the output directory; refuse to mix results of different sweep files."""
+    """Create or reuse the output directory; refuse to mix results of other sweep files or numbers."""
     manifest = store.read_manifest(out)
     if manifest is not None and not overwrite:
         check_same_numbers(manifest, out, sw.sha256, "use --overwrite to replace them or --out to write elsewhere")

@@ -90,9 +90,9 @@ def sample(task: GaussianTask, u: jax.Array) -> tuple[jax.Array, jax.Array]:
     """One (x, c) from 2 + D uniforms u in (0, 1): x (D,) float32, c int32 scalar.
 
     The class and the component by inverting their cumulative probabilities, the noise by the
-    normal quantile function: one hash gives all an example needs (a third of the hashing of
-    separate categorical and normal draws), which matters because every training example is
-    regenerated from its index at every step.
+    normal quantile function: 2 + D hashed words give all an example needs (a third of the
+    hashing of separate categorical and normal draws), which matters because every training
+    example is regenerated from its index at every step.
     """
     task = jax.tree.map(jnp.asarray, task)  # numpy leaves cannot be indexed by traced c, k
     c = jnp.sum(u[0] > jnp.cumsum(jnp.exp(task.log_prior))[:-1]).astype(jnp.int32)
