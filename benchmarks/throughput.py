@@ -92,11 +92,11 @@ def product_ceiling(layout, static, seconds: float = 2.0) -> float:
             return h + 1e-3 * dh, w - 1e-6 * dw, dz + 1e-3 * z
         return jax.lax.fori_loop(0, iters, body, (h, w, dz))
 
-    fn = jax.jit(local)
     if n_dev > 1:
         mesh = jax.sharding.Mesh(np.asarray(layout.devices), ("runs",))
         spec = jax.sharding.PartitionSpec("runs")
-        fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+        local = jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+    fn = jax.jit(local)
     key = jax.random.key(0)
     args = [0.1 * jax.random.normal(k, (n_dev * r, b, width)) for k in jax.random.split(key, 3)]
     jax.block_until_ready(fn(*args))

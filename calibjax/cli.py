@@ -182,7 +182,7 @@ def print_plan(sw, out: Path, layout, shard) -> int:
 
     done = store.finished_run_ids(out) if store.read_manifest(out) else set()
     table = engine.plan(sw, layout, shard, done)
-    print(f"{sw.name}: {len(sw.runs)} runs, {len(engine.group_runs(sw)[0])} groups (one compile each); "
+    print(f"{sw.name}: {len(sw.runs)} runs, {len(sw.groups[0])} groups (one compile each); "
           f"{len(done)} already finished in {out}; {len(layout.devices)} {layout.backend} device(s)")
     if len(table):
         print(table.to_string(index=False, float_format=lambda v: f"{v:,.1f}"))

@@ -173,13 +173,6 @@ class Report:
         return self.model_steps / self.train_s if self.train_s else 0.0
 
 
-def group_runs(sw: sweep_mod.Sweep) -> tuple[list[train.Static], list[int]]:
-    """Distinct static settings in order of first appearance, and each run's group index."""
-    statics: dict[train.Static, int] = {}
-    group_of = [statics.setdefault(sweep_mod.static_of(r), len(statics)) for r in sw.runs]
-    return list(statics), group_of
-
-
 def shard_run_ids(n_runs: int, shard: tuple[int, int] | None) -> list[int]:
     """Shard k of n owns run_ids i with i % n == k: deterministic, and balanced over groups."""
     if shard is None:
@@ -190,7 +183,7 @@ def shard_run_ids(n_runs: int, shard: tuple[int, int] | None) -> list[int]:
 
 def plan_chunks(sw: sweep_mod.Sweep, layout: Layout, run_ids=None, done=frozenset()) -> list[Chunk]:
     """Cut each group's pending runs (those in run_ids and not done) into chunks."""
-    statics, group_of = group_runs(sw)
+    statics, group_of = sw.groups
     wanted = set(range(len(sw.runs)) if run_ids is None else run_ids) - set(done)
     chunks = []
     for g, static in enumerate(statics):
@@ -202,7 +195,7 @@ def plan_chunks(sw: sweep_mod.Sweep, layout: Layout, run_ids=None, done=frozense
 
 
 def runs_table(sw: sweep_mod.Sweep) -> pd.DataFrame:
-    statics, group_of = group_runs(sw)
+    statics, group_of = sw.groups
     df = pd.DataFrame([sweep_mod.run_row(i, r) for i, r in enumerate(sw.runs)])
     df["group"] = group_of
     return df
@@ -318,7 +311,7 @@ def prepare_output(sw: sweep_mod.Sweep, out: Path, overwrite: bool) -> None:
 
 def sweep_manifest(sw: sweep_mod.Sweep) -> dict:
     return {"sweep_name": sw.name, "sweep_file": sw.path, "sweep_sha256": sw.sha256, "sweep_text": sw.text,
-            "numbers_version": train.NUMBERS_VERSION, "runs": len(sw.runs), "groups": len(group_runs(sw)[0])}
+            "numbers_version": train.NUMBERS_VERSION, "runs": len(sw.runs), "groups": len(sw.groups[0])}
 
 
 def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: Layout | None = None,
@@ -391,15 +384,15 @@ def finalize(out: Path, runs: pd.DataFrame) -> list[int]:
 
     Runs not finished yet appear in runs.parquet with status "missing".
     """
-    status = store.read_chunks(out, "status")
+    tables = store.read_tables(out, ("status", "metrics", "density", "calibration", "curves"))
+    status = tables.pop("status")
     if status is None:
         status = pd.DataFrame({"run_id": pd.Series([], dtype=np.int64), "status": pd.Series([], dtype=str),
                                "bayes_loss": pd.Series([], dtype=np.float64)})
     table = runs.merge(status, on="run_id", how="left")
     table["status"] = table["status"].fillna("missing")
     store.write_parquet(out / "runs.parquet", table)
-    for name in ("metrics", "density", "calibration", "curves"):
-        df = store.read_chunks(out, name)
+    for name, df in tables.items():
         if df is not None:
             store.write_parquet(out / f"{name}.parquet", df)
     return table.loc[table["status"] == "missing", "run_id"].tolist()

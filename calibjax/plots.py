@@ -9,6 +9,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import jax
 import matplotlib
 
 matplotlib.use("Agg")
@@ -37,7 +38,7 @@ def densities(runs: pd.DataFrame, path: Path) -> Path:
         task = sweep_mod.task_from_row(row)
         lo, hi = (float(a[0]) for a in tasks.support_range(task, 4.0))
         x = np.linspace(lo, hi, 400, dtype=np.float32)[:, None]
-        lj = np.exp(np.array([tasks.log_joint(task, xi) for xi in x]))
+        lj = np.exp(np.asarray(jax.vmap(tasks.log_joint, (None, 0))(task, x)))
         for c in range(lj.shape[1]):
             ax.plot(x[:, 0], lj[:, c], label=f"P(c{c + 1}) p(x|c{c + 1})")
         ax.plot(x[:, 0], lj.sum(1), "k--", lw=1, label="p(x)")

@@ -98,19 +98,21 @@ def finished_run_ids(out: Path) -> set[int]:
     return {i for ids in _owners(out).values() for i in ids}
 
 
-def read_chunks(out: Path, name: str) -> pd.DataFrame | None:
-    """One table joined over all finished chunks, each run once, sorted; None if no chunk has it."""
-    parts = []
-    for d, ids in _owners(out).items():
-        p = d / f"{name}.parquet"
-        if ids and p.exists():
-            df = pd.read_parquet(p)
-            parts.append(df[df["run_id"].isin(ids)])
-    parts = [p for p in parts if len(p)]
-    if not parts:
-        return None
-    df = pd.concat(parts, ignore_index=True)
-    return df.sort_values(SORT_KEYS[name], kind="stable").reset_index(drop=True)
+def read_tables(out: Path, names) -> dict[str, pd.DataFrame | None]:
+    """Each named table joined over all finished chunks, each run once, sorted; None if no chunk has it."""
+    owners = _owners(out)  # read once for all tables
+    tables = {}
+    for name in names:
+        parts = []
+        for d, ids in owners.items():
+            p = d / f"{name}.parquet"
+            if ids and p.exists():
+                df = pd.read_parquet(p)
+                parts.append(df[df["run_id"].isin(ids)])
+        parts = [p for p in parts if len(p)]
+        tables[name] = (pd.concat(parts, ignore_index=True).sort_values(SORT_KEYS[name], kind="stable")
+                        .reset_index(drop=True) if parts else None)
+    return tables
 
 
 def clean_debris(out: Path) -> None:

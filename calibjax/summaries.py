@@ -101,7 +101,7 @@ def value_columns(summary: pd.DataFrame) -> list[str]:
 
 def aggregate(summary: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
     """Median and interquartile range of every summary over seeds, per grid point."""
-    by = by if by is not None else ["case", *swept_columns(summary.drop(columns=value_columns(summary)))]
+    by = by if by is not None else ["case", *swept_columns(summary)]
     by = [c for c in by if c in summary.columns and not c.startswith("reached_")]
     rows = []
     for key, g in summary.groupby(by, sort=True, dropna=False):

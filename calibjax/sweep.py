@@ -12,6 +12,7 @@ problem, before anything is computed or written.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
@@ -93,8 +94,21 @@ class Sweep:
     def sha256(self) -> str:
         return hashlib.sha256(self.text.encode()).hexdigest()
 
+    @functools.cached_property
+    def groups(self) -> tuple[list[train.Static], list[int]]:
+        """Distinct static settings (one compile each) in order of first appearance, and each
+        run's group index; computed once per sweep."""
+        statics: dict[train.Static, int] = {}
+        group_of = [statics.setdefault(static_of(r), len(statics)) for r in self.runs]
+        return list(statics), group_of
+
 
 # ---------------------------------------------------------------- value checks
+
+# kinds whose value is one of a fixed set of names (listed in this order in error messages)
+CHOICES = {"activation": sorted(model.ACTIVATIONS), "init": list(model.INITS),
+           "optimizer": list(train.OPTIMIZERS), "precision": list(train.PRECISIONS)}
+
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -140,21 +154,9 @@ def _check_value(name: str, kind: str, v, where: str) -> Any:
         if not isinstance(v, list) or not all(_is_number(w) and w == int(w) and w >= 1 for w in v):
             bad("expected a list of positive integers (hidden layer widths)")
         return [int(w) for w in v]
-    if kind == "activation":
-        if v not in model.ACTIVATIONS:
-            bad(f"expected one of {sorted(model.ACTIVATIONS)}")
-        return v
-    if kind == "init":
-        if v not in model.INITS:
-            bad(f"expected one of {list(model.INITS)}")
-        return v
-    if kind == "optimizer":
-        if v not in train.OPTIMIZERS:
-            bad(f"expected one of {list(train.OPTIMIZERS)}")
-        return v
-    if kind == "precision":
-        if v not in train.PRECISIONS:
-            bad(f"expected one of {list(train.PRECISIONS)}")
+    if kind in CHOICES:
+        if v not in CHOICES[kind]:
+            bad(f"expected one of {CHOICES[kind]}")
         return v
     if kind == "checkpoints":
         if (not isinstance(v, list) or not v

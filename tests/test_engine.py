@@ -119,7 +119,7 @@ def test_a_failing_chunk_is_reported_and_retried_alone(tmp_path, monkeypatch, re
 
 
 def test_chunks_shrink_to_fit_memory():
-    st = dataclasses.replace(engine.group_runs(load())[0][0], curve_points=201)  # results held: ~50 kB/run
+    st = dataclasses.replace(load().groups[0][0], curve_points=201)  # results held: ~50 kB/run
     working, held = engine.memory_per_run(st)
     big = layout()
     small = dataclasses.replace(big, memory=4 * working + 40 * held)
