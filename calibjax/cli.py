@@ -83,28 +83,26 @@ def main(argv: list[str] | None = None) -> int:
         v = getattr(args, name, None)
         if v is not None and v < 1:
             return fail(f"--{name.replace('_', '-')}: expected a positive integer, got {v}")
-    from calibjax import engine, sweep  # importing calibjax configured the CPU devices
+    from calibjax import runtime, sweep
 
     try:
         if args.command in ("summarize", "plot"):
             return analyse(args)
+        runtime.setup()  # before any JAX computation: CPU devices, compilation cache
         if args.command == "merge":
-            missing = engine.merge(args.dir, figures=not args.no_figures)
-            if missing:
-                shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
-                return fail(f"{args.dir}: {len(missing)} run(s) missing: run_id {shown}; "
-                            "rerun their shards, then merge again", code=1)
-            print(f"{args.dir}: merged; every run present")
-            return 0
+            return merge(args)
         shard = parse_shard(args.shard)
         sw = sweep.load(args.sweep)
         out = Path(args.out) if args.out else Path("results") / sw.name
-        layout = engine.default_layout(args.chunk_size, args.inner_batch)
+        from calibjax import engine, planning
+
+        layout = planning.default_layout(args.chunk_size, args.inner_batch)
         if args.command == "plan":
             return print_plan(sw, out, layout, shard)
-        report = engine.run_sweep(sw, out, layout=layout, shard=shard, overwrite=args.overwrite,
-                                  quiet=args.quiet, figures=not args.no_figures)
-    except (sweep.SweepError, UsageError) as e:
+        report = engine.run_sweep(sw, out, layout=layout, shard=shard, overwrite=args.overwrite, quiet=args.quiet)
+        if report.complete:
+            finish(out, figures=not args.no_figures)
+    except (sweep.SweepError, UsageError, runtime.SetupError) as e:
         return fail(str(e))
     except KeyboardInterrupt:
         return fail("interrupted; finished chunks are kept: run the same command again to resume", code=130)
@@ -117,6 +115,30 @@ def main(argv: list[str] | None = None) -> int:
                     "run the same command again to retry them", code=1)
     if shard:
         print(f"when every shard has finished: calibjax merge {out}")
+    return 0
+
+
+def finish(out: Path, figures: bool = True) -> None:
+    """After the final tables: summaries, then (unless turned off) the standard figures."""
+    from calibjax import summaries
+
+    summaries.write_summaries(out)
+    if figures:
+        from calibjax import plots
+
+        plots.standard_figures(out)
+
+
+def merge(args) -> int:
+    from calibjax import results
+
+    missing = results.merge(args.dir)
+    if missing:
+        shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+        return fail(f"{args.dir}: {len(missing)} run(s) missing: run_id {shown}; "
+                    "rerun their shards, then merge again", code=1)
+    finish(Path(args.dir), figures=not args.no_figures)
+    print(f"{args.dir}: merged; every run present")
     return 0
 
 
@@ -178,10 +200,10 @@ def plot_one(args, out: Path) -> Path:
 
 
 def print_plan(sw, out: Path, layout, shard) -> int:
-    from calibjax import engine, store
+    from calibjax import planning, store
 
     done = store.finished_run_ids(out) if store.read_manifest(out) else set()
-    table = engine.plan(sw, layout, shard, done)
+    table = planning.plan(sw, layout, shard, done)
     print(f"{sw.name}: {len(sw.runs)} runs, {len(sw.groups[0])} groups (one compile each); "
           f"{len(done)} already finished in {out}; {len(layout.devices)} {layout.backend} device(s)")
     if len(table):

@@ -49,6 +49,59 @@ class EvalSpec:
         return [-math.inf] + edges, edges + [math.inf]
 
 
+class Scalars(NamedTuple):
+    """One run at one checkpoint: a row of metrics.parquet, in column order (float32 scalars)."""
+
+    kl: jax.Array              # E_x KL(P(C|x) || q(C|x)), nats
+    tv: jax.Array              # E_x total variation
+    max_err: jax.Array         # max_x max_c |P - q| over the hdr region
+    accuracy: jax.Array        # E_x P(argmax q | x), exact
+    bayes_accuracy: jax.Array  # E_x max_c P(c | x)
+    loss: jax.Array            # mean training loss since the previous checkpoint (nan if none)
+    err_dense: jax.Array       # max error over the densest dense_mass
+    err_sparse: jax.Array      # max error over the sparsest sparse_mass of the hdr region
+    ece: jax.Array             # estimated from the labelled sample: equal-width ECE
+    ece_mass: jax.Array        # ... equal-mass ECE
+    brier: jax.Array           # ... Brier score
+    nll: jax.Array             # ... negative log-likelihood
+    true_ece: jax.Array        # against the exact posterior: E |m(conf) - conf|
+    excess_brier: jax.Array    # E sum_c (q_c - P_c)^2
+    cal_term: jax.Array        # E (conf - m)^2
+    grouping_term: jax.Array   # E (m - P_top)^2
+
+
+class DensityBins(NamedTuple):
+    """One run at one checkpoint, per log10-density bin: (NB,) each; rows of density.parquet."""
+
+    mass: jax.Array     # probability mass of the bin
+    kl: jax.Array       # the bin's contribution to kl (the bins sum to kl)
+    max_err: jax.Array  # max error in the bin; nan for an empty bin
+
+
+class ReliabilityBins(NamedTuple):
+    """One run at one checkpoint, per confidence bin: (CB,) each; rows of calibration.parquet."""
+
+    est_count: jax.Array  # labelled examples in the bin
+    est_conf: jax.Array   # their mean confidence
+    est_acc: jax.Array    # their accuracy
+    true_mass: jax.Array  # probability mass of the bin under p(x)
+    true_conf: jax.Array  # its mean confidence
+    true_acc: jax.Array   # its mean P(prediction right | x)
+
+
+class Evaluation(NamedTuple):
+    """Everything measured at one checkpoint."""
+
+    scalars: Scalars
+    density: DensityBins
+    reliability: ReliabilityBins
+
+
+def _pick(record: type, values: dict[str, jax.Array]):
+    """Fill a record (a NamedTuple) from a dict of named results: its fields fix what is kept."""
+    return record(*(values[name] for name in record._fields))
+
+
 class EvalSet(NamedTuple):
     x: jax.Array              # (G, D) evaluation points
     weight: jax.Array         # (G,) probability mass of each point; sums to 1
@@ -157,9 +210,9 @@ def estimated_calibration(log_q: jax.Array, y: jax.Array, spec: EvalSpec) -> dic
         "ece_mass": jnp.sum(jnp.abs(mass_acc - mass_conf)) / s,
         "brier": jnp.mean(jnp.sum((jnp.exp(log_q) - onehot) ** 2, axis=-1)),
         "nll": -jnp.mean(jnp.sum(onehot * log_q, axis=-1)),
-        "rel_est_count": count,
-        "rel_est_conf": sum_conf / jnp.maximum(count, 1.0),
-        "rel_est_acc": sum_acc / jnp.maximum(count, 1.0),
+        "est_count": count,
+        "est_conf": sum_conf / jnp.maximum(count, 1.0),
+        "est_acc": sum_acc / jnp.maximum(count, 1.0),
     }
 
 
@@ -191,20 +244,17 @@ def true_calibration(ev: EvalSet, log_q: jax.Array, spec: EvalSpec) -> dict[str,
         "cal_term": jnp.sum(w * (conf - m) ** 2),
         "grouping_term": jnp.sum(w * (m - p_top) ** 2),
         "excess_brier": jnp.sum(w * jnp.sum((jnp.exp(log_q) - p) ** 2, axis=-1)),
-        "rel_true_mass": rel_mass,
-        "rel_true_conf": rel_conf / jnp.maximum(rel_mass, 1e-30),
-        "rel_true_acc": rel_acc / jnp.maximum(rel_mass, 1e-30),
+        "true_mass": rel_mass,
+        "true_conf": rel_conf / jnp.maximum(rel_mass, 1e-30),
+        "true_acc": rel_acc / jnp.maximum(rel_mass, 1e-30),
     }
 
 
-def evaluate(ev: EvalSet, log_q: jax.Array, log_q_cal: jax.Array | None = None,
-             spec: EvalSpec | None = None) -> dict[str, jax.Array]:
+def errors(ev: EvalSet, log_q: jax.Array) -> tuple[dict[str, jax.Array], DensityBins]:
     """Errors of a model's log q(c | x_i) (G, M) against the exact posterior.
 
-    Returns scalars kl, tv, max_err (over the hdr region), err_dense, err_sparse, accuracy,
-    bayes_accuracy and per-bin arrays bin_mass, bin_kl (each bin's contribution, summing to kl),
-    bin_max_err (nan for an empty bin). With the model's log q on the labelled sample
-    (log_q_cal) and the spec, also the estimated and true calibration metrics.
+    Scalars by name: kl, tv, max_err (over the hdr region), err_dense, err_sparse, accuracy,
+    bayes_accuracy; and the same errors per log10-density bin.
     """
     p = jnp.exp(ev.log_post)
     q = jnp.exp(log_q)
@@ -216,7 +266,7 @@ def evaluate(ev: EvalSet, log_q: jax.Array, log_q_cal: jax.Array | None = None,
     in_bin = ev.bins > 0
     bin_max = jnp.max(jnp.where(in_bin, err_i[:, None], -jnp.inf), axis=0)
     region_max = lambda mask: jnp.max(jnp.where(mask, err_i, 0.0))  # noqa: E731  (nan propagates)
-    out = {
+    scalars = {
         "kl": jnp.sum(ev.weight * kl_i),
         "tv": jnp.sum(ev.weight * 0.5 * jnp.sum(abs_err, axis=-1)),
         "max_err": region_max(ev.in_hdr),
@@ -224,10 +274,22 @@ def evaluate(ev: EvalSet, log_q: jax.Array, log_q_cal: jax.Array | None = None,
         "err_sparse": region_max(ev.in_sparse),
         "accuracy": jnp.sum(ev.weight * p_chosen),
         "bayes_accuracy": jnp.sum(ev.weight * jnp.max(p, axis=-1)),
-        "bin_mass": ev.weight @ ev.bins,
-        "bin_kl": (ev.weight * kl_i) @ ev.bins,
-        "bin_max_err": jnp.where(jnp.any(in_bin, axis=0), bin_max, jnp.nan),
     }
-    if log_q_cal is not None:
-        out |= estimated_calibration(log_q_cal, ev.cal_y, spec) | true_calibration(ev, log_q, spec)
-    return out
+    density = DensityBins(mass=ev.weight @ ev.bins, kl=(ev.weight * kl_i) @ ev.bins,
+                          max_err=jnp.where(jnp.any(in_bin, axis=0), bin_max, jnp.nan))
+    return scalars, density
+
+
+def evaluate(ev: EvalSet, log_q: jax.Array, log_q_cal: jax.Array, spec: EvalSpec,
+             loss: jax.Array | float = jnp.nan) -> Evaluation:
+    """Everything measured at a checkpoint, from the model's log q on the evaluation set (G, M)
+    and on the labelled sample (S, M), and the mean training loss since the last checkpoint.
+
+    To add a metric: compute it under a name in one of the functions called here and add that
+    name as a field of the record it belongs to (Scalars, ReliabilityBins; DensityBins is built
+    in ``errors``); tables, columns, sort keys and memory estimates follow from the records.
+    """
+    scalars, density = errors(ev, log_q)
+    values = (scalars | estimated_calibration(log_q_cal, ev.cal_y, spec) | true_calibration(ev, log_q, spec)
+              | {"loss": jnp.asarray(loss, jnp.float32)})
+    return Evaluation(_pick(Scalars, values), density, _pick(ReliabilityBins, values))

@@ -1,39 +1,44 @@
-"""Figures drawn from the result tables alone (never by retraining).
+"""Figures drawn from the result files alone (never by retraining, never from the sweep file).
 
-Each function takes tables (pandas) and a path; ``standard_figures`` draws
-the default set for a results directory.
+Each function takes tables (pandas) and a path; ``standard_figures`` draws the default set for a
+results directory. Figures are ``matplotlib.figure.Figure`` objects rendered straight to PNG, so
+drawing them changes no global matplotlib state (no pyplot, no backend switch).
 """
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import jax
 import matplotlib
+import matplotlib.colors
+import matplotlib.patches
+import matplotlib.ticker
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from calibjax import store, summaries, sweep as sweep_mod, tasks  # noqa: E402
+from calibjax import store, summaries, sweep as sweep_mod, tasks
 
 BAND = (0.0, 1.0)  # quantiles of the seed band: min to max over seeds
 
 
-def _save(fig, path: Path) -> Path:
+def _subplots(ncols: int, figsize, **kw):
+    """A new figure of one row of ncols panels (axes as a 1 x ncols array unless squeeze)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(1, ncols, **kw)
+
+
+def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     store.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
-    plt.close(fig)
     return path
 
 
 def densities(runs: pd.DataFrame, path: Path) -> Path:
     """Per case (1-D tasks): each class's P(c) p(x|c) and the mixture p(x)."""
     cases = runs[runs["dim"] == 1].drop_duplicates("case")
-    fig, axes = plt.subplots(1, len(cases), figsize=(4.2 * len(cases), 3.2), squeeze=False)
+    fig, axes = _subplots(len(cases), figsize=(4.2 * len(cases), 3.2), squeeze=False)
     for ax, (_, row) in zip(axes[0], cases.iterrows()):
         task = sweep_mod.task_from_row(row)
         lo, hi = (float(a[0]) for a in tasks.support_range(task, 4.0))
@@ -51,7 +56,7 @@ def posterior_curves(curves: pd.DataFrame, runs: pd.DataFrame, case: str, steps,
     """Model posterior (median over seeds, min-max band) against the exact one at a few steps."""
     ids = runs.loc[runs["case"] == case, "run_id"]
     df = curves[curves["run_id"].isin(ids) & curves["step"].isin(steps)]
-    fig, axes = plt.subplots(1, len(steps), figsize=(4.2 * len(steps), 3.2), squeeze=False, sharey=True)
+    fig, axes = _subplots(len(steps), figsize=(4.2 * len(steps), 3.2), squeeze=False, sharey=True)
     for ax, step in zip(axes[0], steps):
         d = df[df["step"] == step]
         for c, dc in d.groupby("class"):
@@ -71,7 +76,7 @@ def kl_vs_steps(metrics: pd.DataFrame, runs: pd.DataFrame, path: Path, by: str =
     """kl against steps (log-log), median over seeds with an interquartile band, one line per `by`."""
     df = metrics.merge(runs[["run_id", by]], on="run_id")
     df = df[df["step"] > 0]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = _subplots(1, (5.5, 3.8))
     for key, d in df.groupby(by, sort=False):
         q = d.groupby("step")["kl"].quantile([0.25, 0.5, 0.75]).unstack()
         line, = ax.plot(q.index, q[0.5], marker="o", ms=3, label=str(key))
@@ -96,12 +101,12 @@ def error_by_density(density: pd.DataFrame, runs: pd.DataFrame, path: Path, by: 
         finite = df.loc[np.isfinite(df[x]), x]
         df = df.assign(**{x: df[x].replace(np.inf, finite.max() * 3.0)})
     keys = list(dict.fromkeys(df[by]))
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.4), squeeze=False, sharey=True)
+    fig, axes = _subplots(len(keys), figsize=(4.4 * len(keys), 3.4), squeeze=False, sharey=True)
     for ax, key in zip(axes[0], keys):
         d = df[df[by] == key]
         med = d.groupby(["log10_density_lo", "log10_density_hi", x])[["max_err", "mass"]].median()
         bins = med.index.droplevel(x).unique()
-        cmap = plt.get_cmap("viridis", len(bins))
+        cmap = matplotlib.colormaps["viridis"].resampled(len(bins))
         for i, (lo, hi) in enumerate(bins):
             m = med.loc[(lo, hi)]
             ax.plot(m.index, m["max_err"], color=cmap(i), marker="o" if x != "step" else None, ms=3,
@@ -164,13 +169,13 @@ def standard_figures(out: str | Path) -> list[Path]:
                 figs.append(reliability(t["calibration"], ids, last, fig_dir / f"reliability_{case}.png",
                                         title=f"{case}: step {last}"))
     if "curves" in t and small:
-        manifest = store.read_manifest(out)
-        sw = sweep_mod.parse(tomllib.loads(manifest["sweep_text"]), manifest["sweep_file"])
-        plot_steps = {r.case: r.settings["plot_steps"] for r in sw.runs}
+        plot_steps = (store.read_manifest(out) or {}).get("plot_steps") or {}
+        checkpoints = sorted(t["curves"]["step"].unique())
+        spread = sorted({checkpoints[0], checkpoints[len(checkpoints) // 2], checkpoints[-1]})
         dims = runs.groupby("case")["dim"].first()
         for case in runs.loc[runs["run_id"].isin(t["curves"]["run_id"].unique()), "case"].unique():
             draw = posterior_curves if dims[case] == 1 else posterior_map
-            figs.append(draw(t["curves"], runs, case, plot_steps[case], fig_dir / f"posterior_{case}.png"))
+            figs.append(draw(t["curves"], runs, case, plot_steps.get(case, spread), fig_dir / f"posterior_{case}.png"))
     if "summary_by_setting" in t:
         agg = t["summary_by_setting"]
         axes = [c for c in axes if c in agg.columns and agg[c].nunique() > 1]
@@ -235,7 +240,7 @@ def heatmap(agg: pd.DataFrame, x: str, y: str, value: str, path: Path, facet: st
     log_color = bool(positive and finite.max() / finite.min() > 20)
     norm = (matplotlib.colors.LogNorm(finite.min(), finite.max()) if log_color else
             matplotlib.colors.Normalize(finite.min() if len(finite) else 0, finite.max() if len(finite) else 1))
-    fig, axes = plt.subplots(1, len(facets), figsize=(4.6 * len(facets) + 1.2, 4.0), squeeze=False)
+    fig, axes = _subplots(len(facets), figsize=(4.6 * len(facets) + 1.2, 4.0), squeeze=False)
     xs, ys = np.sort(agg[x].unique()), np.sort(agg[y].unique())
     xlog, ylog = _is_log_spaced(xs), _is_log_spaced(ys)
     for ax, fv in zip(axes[0], facets):
@@ -278,7 +283,7 @@ def density_map(density: pd.DataFrame, run_ids, path: Path, value: str = "max_er
     med = d.groupby(["log10_density_hi", "step"])[[value, "mass"]].median()
     grid = med[value].unstack("step")
     mass = med["mass"].groupby(level=0).first()
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, ax = _subplots(1, (6.4, 3.8))
     norm = matplotlib.colors.LogNorm(max(np.nanmin(grid.to_numpy()), 1e-6), max(np.nanmax(grid.to_numpy()), 1e-5))
     im = ax.imshow(grid.to_numpy(), aspect="auto", origin="lower", cmap="magma", norm=norm)
     ax.set_xticks(range(grid.shape[1]), [f"{s:g}" for s in grid.columns], rotation=45)
@@ -297,7 +302,7 @@ def reliability(calibration: pd.DataFrame, run_ids, step: int, path: Path, title
                                  est_acc=("est_acc", "median"), est_conf=("est_conf", "median"),
                                  true_mass=("true_mass", "mean"), true_acc=("true_acc", "median"),
                                  true_conf=("true_conf", "median"))
-    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    fig, ax = _subplots(1, (4.6, 4.4))
     ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
     est = g[g["est_count"] > 0]
     ax.plot(est["est_conf"], est["est_acc"], "o-", ms=4, label="estimated (labelled sample)")
@@ -333,7 +338,7 @@ def posterior_map(curves: pd.DataFrame, runs: pd.DataFrame, case: str, steps, pa
     first = d[d["step"] == d["step"].min()]
     panels = [("exact P(C|x)", image(first, "true_prob"))]
     panels += [(f"model, step {s}", image(d[d["step"] == s], "model_prob")) for s in steps]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False, sharey=True)
+    fig, axes = _subplots(len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False, sharey=True)
     for ax, (title, (xs, ys, prob)) in zip(axes[0], panels):
         ax.imshow(np.clip(prob @ colors, 0, 1), origin="lower", extent=(xs[0], xs[-1], ys[0], ys[-1]),
                   aspect="auto", interpolation="bilinear")
@@ -355,7 +360,7 @@ def summary_lines(agg: pd.DataFrame, x: str, value: str, path: Path, hue: str = 
     for name, col in (("x", x), ("value", value), ("hue", hue)):
         if col not in agg.columns:
             raise PlotError(f"{name} {col}: no such column")
-    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    fig, ax = _subplots(1, (5.6, 3.8))
     xs = np.sort(agg[x].unique())
     finite = xs[np.isfinite(xs)]
     log = _is_log_spaced(finite) or (finite.min() > 0 and finite.max() / finite.min() > 100)

@@ -1,15 +1,14 @@
-"""Results on disk: atomic writes, finished chunks, final tables.
+"""Files on disk: atomic writes, finished chunks, reading them back.
 
-Layout of a results directory::
+Layout of a results directory (the tables' columns are in ``calibjax.tables``)::
 
-    manifest.json          sweep text and hash, versions, devices, timings
+    manifest.json          sweep text and hash, plot settings, versions, devices, timings
     runs.parquet           one row per run (settings, status, bayes_loss)
-    metrics.parquet        run_id, step, kl, tv, max_err, accuracy, bayes_accuracy, loss, ... (engine.METRIC_COLUMNS)
-    density.parquet        run_id, step, log10_density_lo, log10_density_hi, mass, kl, max_err
-    calibration.parquet    run_id, step, conf_lo, conf_hi, est_count, est_conf, est_acc,
-                           true_mass, true_conf, true_acc   (reliability diagrams)
-    curves.parquet         run_id, step, x, class, model_prob, true_prob   (when asked for)
+    metrics.parquet        run x checkpoint           density.parquet    ... x log10-density bin
+    calibration.parquet    ... x confidence bin       curves.parquet     ... x point x class
+    summary.parquet, summary_by_setting.parquet
     chunks/<id>/*.parquet  the same tables for each finished chunk (what resume reads)
+    shards/K-of-N/         a shard's manifest and chunks
     figures/*.png
 
 A chunk is written into a temporary directory and renamed into place, so it
@@ -26,10 +25,6 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
-
-SORT_KEYS = {"status": ["run_id"], "metrics": ["run_id", "step"],
-             "density": ["run_id", "step", "log10_density_lo"],
-             "calibration": ["run_id", "step", "conf_lo"], "curves": ["run_id", "step", "class", "x"]}  # 2-D curves: sorted by x then x2 (stable)
 
 
 def _umask() -> int:
@@ -98,8 +93,9 @@ def finished_run_ids(out: Path) -> set[int]:
     return {i for ids in _owners(out).values() for i in ids}
 
 
-def read_tables(out: Path, names) -> dict[str, pd.DataFrame | None]:
-    """Each named table joined over all finished chunks, each run once, sorted; None if no chunk has it."""
+def read_chunk_tables(out: Path, names) -> dict[str, pd.DataFrame | None]:
+    """Each named table joined over all finished chunks, each run once, in chunk order; None if
+    no chunk has it."""
     owners = _owners(out)  # read once for all tables
     tables = {}
     for name in names:
@@ -110,8 +106,7 @@ def read_tables(out: Path, names) -> dict[str, pd.DataFrame | None]:
                 df = pd.read_parquet(p)
                 parts.append(df[df["run_id"].isin(ids)])
         parts = [p for p in parts if len(p)]
-        tables[name] = (pd.concat(parts, ignore_index=True).sort_values(SORT_KEYS[name], kind="stable")
-                        .reset_index(drop=True) if parts else None)
+        tables[name] = pd.concat(parts, ignore_index=True) if parts else None
     return tables
 
 
@@ -139,6 +134,7 @@ def read_manifest(out: Path) -> dict | None:
 
 
 def load_results(out: str | Path) -> dict[str, pd.DataFrame]:
-    """The final tables of a results directory, by name (runs, metrics, density, curves)."""
+    """The final tables of a results directory, by name (runs, metrics, density, calibration, curves,
+    summary, summary_by_setting)."""
     out = Path(out)
     return {p.stem: pd.read_parquet(p) for p in sorted(out.glob("*.parquet"))}

@@ -12,17 +12,21 @@ problem, before anything is computed or written.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import inspect
 import itertools
 import math
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from calibjax import metrics, model, tasks, train
 
@@ -31,41 +35,60 @@ class SweepError(ValueError):
     """A mistake in a sweep file; the message names the file, the key and what is wrong."""
 
 
-ONLINE = "online"
+def _field_default(cls, name: str):
+    """A dataclass field's default: the one place each default is written."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
 
-# name -> (section, default, kind). kind picks the value check; REQUIRED marks no default.
+
+def _arg_default(fn, name: str):
+    return inspect.signature(fn).parameters[name].default
+
+
+_static = functools.partial(_field_default, train.Static)
+_eval = functools.partial(_field_default, metrics.EvalSpec)
+_dynamic = functools.partial(_arg_default, train.make_dynamic)
+
+
+@dataclass(frozen=True)
+class Setting:
+    section: str
+    default: Any   # REQUIRED: no default
+    kind: str      # which validator checks a value (VALIDATORS)
+
+
 REQUIRED = object()
-SETTINGS: dict[str, tuple[str, Any, str]] = {
+SETTINGS: dict[str, Setting] = {name: Setting(*spec) for name, spec in {
     "means": ("task", REQUIRED, "class_array"),
-    "sigmas": ("task", REQUIRED, "class_array"),
+    "sigmas": ("task", REQUIRED, "sigmas"),
     "priors": ("task", None, "priors"),          # None: equal priors
     "weights": ("task", None, "class_weights"),  # None: equal component weights
-    "hidden": ("model", [64, 64], "widths"),
+    "hidden": ("model", list(_static("hidden")), "widths"),
     "width": ("model", None, "pos_int"),         # with depth: hidden = [width] * depth
     "depth": ("model", None, "nonneg_int"),
-    "activation": ("model", "relu", "activation"),
-    "init": ("model", "torch", "init"),
-    "optimizer": ("train", "adam", "optimizer"),
-    "lr": ("train", 1e-3, "pos_float"),
-    "weight_decay": ("train", 0.0, "nonneg_float"),
-    "momentum": ("train", 0.0, "momentum"),
-    "batch_size": ("train", 64, "pos_int"),
-    "n_data": ("train", ONLINE, "n_data"),
-    "matmul_precision": ("train", "float32", "precision"),
+    "activation": ("model", _static("activation"), "activation"),
+    "init": ("model", _static("init"), "init"),
+    "optimizer": ("train", _static("optimizer"), "optimizer"),
+    "lr": ("train", _dynamic("lr"), "pos_float"),
+    "weight_decay": ("train", _dynamic("weight_decay"), "nonneg_float"),
+    "momentum": ("train", _dynamic("momentum"), "momentum"),
+    "batch_size": ("train", _static("batch_size"), "pos_int"),
+    "n_data": ("train", _dynamic("n_data"), "n_data"),
+    "matmul_precision": ("train", _static("matmul_precision"), "precision"),
     "steps": ("train", REQUIRED, "pos_int"),
     "checkpoints": ("train", None, "checkpoints"),  # None: 10, 20, 50, ... below steps, then steps
-    "points": ("eval", 2048, "pos_int"),
-    "hdr_mass": ("eval", 0.999, "fraction"),
-    "density_edges": ("eval", list(metrics.EvalSpec().density_edges), "edges"),
-    "dense_mass": ("eval", 0.9, "fraction"),
-    "sparse_mass": ("eval", 0.01, "fraction"),
-    "calibration_samples": ("eval", 5000, "pos_int"),
-    "calibration_bins": ("eval", 15, "pos_int"),
+    "points": ("eval", _eval("points"), "pos_int"),
+    "hdr_mass": ("eval", _eval("hdr_mass"), "fraction"),
+    "density_edges": ("eval", list(_eval("density_edges")), "edges"),
+    "dense_mass": ("eval", _eval("dense_mass"), "fraction"),
+    "sparse_mass": ("eval", _eval("sparse_mass"), "fraction"),
+    "calibration_samples": ("eval", _eval("calibration_samples"), "pos_int"),
+    "calibration_bins": ("eval", _eval("calibration_bins"), "pos_int"),
     "curves": ("eval", False, "bool"),
-    "curve_points": ("eval", 201, "pos_int"),
-    "curve_range": ("eval", None, "range"),
+    "curve_points": ("eval", 201, "pos_int"),      # per axis, when curves = true
+    "curve_range": ("eval", None, "range"),        # None: every component's mean +- 4 sigma
     "plot_steps": ("eval", None, "checkpoints"),  # checkpoints the posterior figure shows; None: 3 spread out
-}
+}.items()}
 SECTIONS = ("task", "model", "train", "eval")
 TOP_LEVEL = ("name", "description", "seeds", *SECTIONS, "cases", "grid")
 ADDRESS = re.compile(r"^(?:(mu|sigma)(\d+)(?:_k(\d+))?(?:_d(\d+))?|(prior)(\d+)|(weight)(\d+)_k(\d+))$")
@@ -105,118 +128,196 @@ class Sweep:
 
 # ---------------------------------------------------------------- value checks
 
-# kinds whose value is one of a fixed set of names (listed in this order in error messages)
-CHOICES = {"activation": sorted(model.ACTIVATIONS), "init": list(model.INITS),
-           "optimizer": list(train.OPTIMIZERS), "precision": list(train.PRECISIONS)}
+class Invalid(ValueError):
+    """A value check failed: what was expected (the caller adds the file, section and key) and the
+    offending value (by default the whole value checked)."""
+
+    def __init__(self, what: str, *got):
+        super().__init__(what)
+        self.got = got
+
+
+VALIDATORS: dict[str, Callable[[Any], Any]] = {}  # kind -> check(value) -> normalised value
+
+
+def validator(*kinds: str):
+    def register(fn):
+        for kind in kinds:
+            VALIDATORS[kind] = fn
+        return fn
+    return register
 
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _is_finite(v) -> bool:
+    return _is_number(v) and math.isfinite(v)
+
+
+def _is_int(v, least: int) -> bool:
+    return _is_finite(v) and v == int(v) and v >= least
+
+
+def _expect(ok: bool, what: str) -> None:
+    if not ok:
+        raise Invalid(what)
+
+
+@validator("pos_float")
+def _pos_float(v):
+    _expect(_is_finite(v) and v > 0, "expected a positive number")
+    return float(v)
+
+
+@validator("nonneg_float")
+def _nonneg_float(v):
+    _expect(_is_finite(v) and v >= 0, "expected a number >= 0")
+    return float(v)
+
+
+@validator("fraction")
+def _fraction(v):
+    _expect(_is_finite(v) and 0 < v < 1, "expected a number in (0, 1)")
+    return float(v)
+
+
+@validator("momentum")
+def _momentum(v):
+    _expect(_is_finite(v) and 0 <= v < 1, "expected a number in [0, 1)")
+    return float(v)
+
+
+@validator("pos_int")
+def _pos_int(v):
+    _expect(_is_int(v, 1), "expected a positive integer")
+    return int(v)
+
+
+@validator("nonneg_int")
+def _nonneg_int(v):
+    _expect(_is_int(v, 0), "expected an integer >= 0")
+    return int(v)
+
+
+@validator("bool")
+def _bool(v):
+    _expect(isinstance(v, bool), "expected true or false")
+    return v
+
+
+@validator("n_data")
+def _n_data(v):
+    """A dataset size, or "online" (stored as train.ONLINE, infinitely many examples)."""
+    if v == "online":
+        return train.ONLINE
+    _expect(_is_int(v, 1), 'expected a positive integer or "online"')
+    return int(v)
+
+
+@validator("widths")
+def _widths(v):
+    _expect(isinstance(v, list) and all(_is_int(w, 1) for w in v),
+            "expected a list of positive integers (hidden layer widths)")
+    return [int(w) for w in v]
+
+
+def _choice(options: list[str]):
+    def check(v):
+        _expect(v in options, f"expected one of {options}")
+        return v
+    return check
+
+
+for _kind, _options in {"activation": sorted(model.ACTIVATIONS), "init": list(model.INITS),
+                        "optimizer": list(train.OPTIMIZERS), "precision": list(train.PRECISIONS)}.items():
+    VALIDATORS[_kind] = _choice(_options)
+
+
+def _increasing(v) -> bool:
+    return all(b > a for a, b in zip(v[:-1], v[1:]))
+
+
+@validator("checkpoints")
+def _checkpoints(v):
+    _expect(isinstance(v, list) and bool(v) and all(_is_int(c, 0) for c in v),
+            "expected a non-empty list of integer steps >= 0")
+    _expect(_increasing(v), "expected strictly increasing steps")
+    return [int(c) for c in v]
+
+
+@validator("edges")
+def _edges(v):
+    _expect(isinstance(v, list) and bool(v) and all(_is_finite(e) for e in v) and _increasing(v),
+            "expected a non-empty, strictly increasing list of log10-density edges")
+    return [float(e) for e in v]
+
+
+@validator("range")
+def _range(v):
+    _expect(isinstance(v, list) and len(v) == 2 and all(_is_finite(e) for e in v) and v[1] > v[0],
+            "expected [lo, hi] with lo < hi")
+    return [float(e) for e in v]
+
+
+@validator("priors")
+def _priors(v):
+    _expect(isinstance(v, list) and len(v) >= 2 and all(_is_finite(p) for p in v),
+            "expected a list of at least two numbers, one per class")
+    _expect(all(p > 0 for p in v), "priors must be > 0")
+    _expect(abs(sum(v) - 1.0) <= 1e-6, f"priors must sum to 1 (they sum to {sum(v):.6g})")
+    return [float(p) for p in v]
+
+
+@validator("class_array")
+def _class_array(v):
+    """Means or sigmas: one entry per class, each -> (K, D)."""
+    _expect(isinstance(v, list) and len(v) >= 2, "expected a list with one entry per class (at least two classes)")
+    return [_class_entry(e, c + 1) for c, e in enumerate(v)]
+
+
+@validator("sigmas")
+def _sigmas(v):
+    out = _class_array(v)
+    _expect(all((s > 0).all() for s in out), "every sigma must be > 0")
+    return out
+
+
+@validator("class_weights")
+def _class_weights(v):
+    _expect(isinstance(v, list) and len(v) >= 2,
+            "expected a list with one entry (a number or a list of component weights) per class")
+    out = []
+    for e in v:
+        w = e if isinstance(e, list) else [e]
+        _expect(bool(w) and all(_is_finite(x) for x in w), "expected numbers")
+        w = np.asarray(w, float)
+        _expect(bool((w >= 0).all() and w.sum() > 0), "component weights must be >= 0 with a positive sum per class")
+        out.append(w)
+    return out
+
+
 def _check_value(name: str, kind: str, v, where: str) -> Any:
     """Check one raw value of setting ``name``; returns it normalised."""
-
-    def bad(what: str):
-        raise SweepError(f"{where} {name}: {what}, got {v!r}")
-
-    if kind == "pos_float":
-        if not _is_number(v) or not (v > 0 and math.isfinite(v)):
-            bad("expected a positive number")
-        return float(v)
-    if kind == "nonneg_float":
-        if not _is_number(v) or not (v >= 0 and math.isfinite(v)):
-            bad("expected a number >= 0")
-        return float(v)
-    if kind == "fraction":
-        if not _is_number(v) or not 0 < v < 1:
-            bad("expected a number in (0, 1)")
-        return float(v)
-    if kind == "momentum":
-        if not _is_number(v) or not 0 <= v < 1:
-            bad("expected a number in [0, 1)")
-        return float(v)
-    if kind in ("pos_int", "nonneg_int"):
-        if not _is_number(v) or v != int(v) or v < (1 if kind == "pos_int" else 0):
-            bad("expected a positive integer" if kind == "pos_int" else "expected an integer >= 0")
-        return int(v)
-    if kind == "bool":
-        if not isinstance(v, bool):
-            bad("expected true or false")
-        return v
-    if kind == "n_data":
-        if v == ONLINE:
-            return ONLINE
-        if not _is_number(v) or v != int(v) or v < 1:
-            bad('expected a positive integer or "online"')
-        return int(v)
-    if kind == "widths":
-        if not isinstance(v, list) or not all(_is_number(w) and w == int(w) and w >= 1 for w in v):
-            bad("expected a list of positive integers (hidden layer widths)")
-        return [int(w) for w in v]
-    if kind in CHOICES:
-        if v not in CHOICES[kind]:
-            bad(f"expected one of {CHOICES[kind]}")
-        return v
-    if kind == "checkpoints":
-        if (not isinstance(v, list) or not v
-                or not all(_is_number(c) and c == int(c) and c >= 0 for c in v)):
-            bad("expected a non-empty list of integer steps >= 0")
-        if any(b <= a for a, b in zip(v[:-1], v[1:])):
-            bad("expected strictly increasing steps")
-        return [int(c) for c in v]
-    if kind == "edges":
-        if (not isinstance(v, list) or not v or not all(_is_number(e) and math.isfinite(e) for e in v)
-                or any(b <= a for a, b in zip(v[:-1], v[1:]))):
-            bad("expected a non-empty, strictly increasing list of log10-density edges")
-        return [float(e) for e in v]
-    if kind == "range":
-        if not isinstance(v, list) or len(v) != 2 or not all(_is_number(e) for e in v) or v[1] <= v[0]:
-            bad("expected [lo, hi] with lo < hi")
-        return [float(e) for e in v]
-    if kind == "priors":
-        if not isinstance(v, list) or len(v) < 2 or not all(_is_number(p) for p in v):
-            bad("expected a list of at least two numbers, one per class")
-        if any(p <= 0 for p in v):
-            bad("priors must be > 0")
-        if abs(sum(v) - 1.0) > 1e-6:
-            bad(f"priors must sum to 1 (they sum to {sum(v):.6g})")
-        return [float(p) for p in v]
-    if kind == "class_array":
-        if not isinstance(v, list) or len(v) < 2:
-            bad("expected a list with one entry per class (at least two classes)")
-        out = [_class_entry(name, e, where, c + 1) for c, e in enumerate(v)]
-        if name == "sigmas" and any((s <= 0).any() or not np.isfinite(s).all() for s in out):
-            bad("every sigma must be > 0")
-        return out
-    if kind == "class_weights":
-        if not isinstance(v, list) or len(v) < 2:
-            bad("expected a list with one entry (a number or a list of component weights) per class")
-        out = []
-        for e in v:
-            w = np.atleast_1d(np.asarray(e if isinstance(e, list) else [e], dtype=object))
-            if w.ndim != 1 or not all(_is_number(x) for x in w):
-                bad("expected numbers")
-            w = w.astype(float)
-            if (w < 0).any() or w.sum() <= 0:
-                bad("component weights must be >= 0 with a positive sum per class")
-            out.append(w)
-        return out
-    raise AssertionError(kind)
+    try:
+        return VALIDATORS[kind](v)
+    except Invalid as e:
+        got = e.got[0] if e.got else v
+        raise SweepError(f"{where} {name}: {e}, got {got!r}") from None
 
 
-def _class_entry(name: str, e, where: str, c: int) -> np.ndarray:
+def _class_entry(e, c: int) -> np.ndarray:
     """One class's means or sigmas -> (K, D): a number, a D-vector, or K lists of D numbers."""
-    msg = (f"{where} {name}: class {c}: expected a number, a list of D numbers, "
-           f"or a list of K lists of D numbers, got {e!r}")
-    if _is_number(e):
+    if _is_finite(e):
         return np.array([[float(e)]])
-    if isinstance(e, list) and e and all(_is_number(x) for x in e):
+    if isinstance(e, list) and e and all(_is_finite(x) for x in e):
         return np.array([e], dtype=float)
     if (isinstance(e, list) and e and all(isinstance(r, list) and r for r in e)
-            and all(_is_number(x) for r in e for x in r) and len({len(r) for r in e}) == 1):
+            and all(_is_finite(x) for r in e for x in r) and len({len(r) for r in e}) == 1):
         return np.array(e, dtype=float)
-    raise SweepError(msg)
+    raise Invalid(f"class {c}: expected a number, a list of D numbers, or a list of K lists of D numbers "
+                  "(all finite)", e)
 
 
 def _grid_values(name: str, spec, where: str) -> list:
@@ -265,7 +366,7 @@ def _grid_values(name: str, spec, where: str) -> list:
 def _check_setting(name: str, v, where: str):
     """Check a value given by setting name or task address."""
     if name in SETTINGS:
-        return _check_value(name, SETTINGS[name][2], v, where)
+        return _check_value(name, SETTINGS[name].kind, v, where)
     m = ADDRESS.match(name)
     if not m:
         known = ", ".join(sorted(SETTINGS))
@@ -317,11 +418,11 @@ def parse(doc: dict, path: str = "<sweep>", text: str = "", default_name: str = 
         if not isinstance(table, dict):
             raise SweepError(f"{where}: expected a table of settings")
         for key, v in table.items():
-            if key not in SETTINGS or SETTINGS[key][0] != section:
-                home = f" (it belongs in [{SETTINGS[key][0]}])" if key in SETTINGS else ""
-                known = ", ".join(k for k, s in SETTINGS.items() if s[0] == section)
+            if key not in SETTINGS or SETTINGS[key].section != section:
+                home = f" (it belongs in [{SETTINGS[key].section}])" if key in SETTINGS else ""
+                known = ", ".join(k for k, s in SETTINGS.items() if s.section == section)
                 raise SweepError(f"{where} unknown key {key!r}{home}; known: {known}")
-            base[key] = _check_value(key, SETTINGS[key][2], v, where)
+            base[key] = _check_value(key, SETTINGS[key].kind, v, where)
             origin[key] = where
 
     cases = doc.get("cases", {"default": {}})
@@ -356,24 +457,42 @@ def parse(doc: dict, path: str = "<sweep>", text: str = "", default_name: str = 
 
 
 def _seeds(v, f: str) -> list[int]:
-    if _is_number(v) and v == int(v) and v >= 1:
+    if _is_int(v, 1):
         return list(range(int(v)))
-    if (isinstance(v, list) and v and all(_is_number(s) and s == int(s) and 0 <= s < 2**32 for s in v)
-            and len(set(v)) == len(v)):
+    if isinstance(v, list) and v and all(_is_int(s, 0) and s < 2**32 for s in v) and len(set(v)) == len(v):
         return [int(s) for s in v]
     raise SweepError(f"{f} seeds: expected a count >= 1 or a list of distinct integers >= 0, got {v!r}")
 
 
 def _resolve(settings: dict, origin: dict, f: str) -> Run:
-    """Fill defaults, apply task addresses, build the task arrays and check them together."""
-    for key, (section, default, _) in SETTINGS.items():
-        if key not in settings:
-            if default is REQUIRED:
-                raise SweepError(f"{f} [{section}] {key}: missing required setting "
-                                 "(set it in the section, in every case, or in [grid])")
-            settings[key] = default
-            origin[key] = f"{f} [{section}]"
+    """One grid point's settings, checked together: the resolver's steps in order."""
+    fill_defaults(settings, origin, f)
+    task = task_arrays(settings, origin)
+    apply_addresses(settings, origin, task)
+    resolve_checkpoints(settings, origin)
+    resolve_hidden(settings)
+    if settings["curves"] and task["mean"].shape[2] > 2:
+        raise SweepError(f"{origin['curves']} curves: posterior curves need a 1-D or 2-D task "
+                         f"(D = {task['mean'].shape[2]})")
+    return Run("", 0, settings, origin, task)
 
+
+def fill_defaults(settings: dict, origin: dict, f: str) -> None:
+    """Every setting not given takes its default; a required one missing is an error."""
+    for key, spec in SETTINGS.items():
+        if key not in settings:
+            if spec.default is REQUIRED:
+                raise SweepError(f"{f} [{spec.section}] {key}: missing required setting "
+                                 "(set it in the section, in every case, or in [grid])")
+            settings[key] = spec.default
+            origin[key] = f"{f} [{spec.section}]"
+
+
+def task_arrays(settings: dict, origin: dict) -> dict[str, np.ndarray]:
+    """means, sigmas, weights and priors -> prior (M,), weight (M, K), mean and sigma (M, K, D).
+
+    Classes with fewer components than others get zero-weight (never drawn) padding components.
+    """
     means, sigmas = settings["means"], settings["sigmas"]
     n_classes = len(means)
     where = origin["sigmas"] if origin["sigmas"] != origin["means"] else origin["means"]
@@ -386,7 +505,7 @@ def _resolve(settings: dict, origin: dict, f: str) -> Run:
     k_max = max(m.shape[0] for m in means)
     mean = np.zeros((n_classes, k_max, dim))
     sigma = np.ones((n_classes, k_max, dim))
-    weight = np.zeros((n_classes, k_max))  # padding components get weight 0: never drawn
+    weight = np.zeros((n_classes, k_max))
     weights = settings["weights"]
     if weights is not None and len(weights) != n_classes:
         raise SweepError(f"{origin['weights']} weights: {len(weights)} classes, but means has {n_classes}")
@@ -413,11 +532,16 @@ def _resolve(settings: dict, origin: dict, f: str) -> Run:
         raise SweepError(f"{origin['priors']} priors: {len(priors)} values, but means has {n_classes} classes")
     else:
         prior = np.asarray(priors, float)
+    return {"prior": prior, "weight": weight, "mean": mean, "sigma": sigma}
 
-    for key in list(settings):
-        m = ADDRESS.match(key) if key not in SETTINGS else None
-        if not m:
-            continue
+
+def apply_addresses(settings: dict, origin: dict, task: dict[str, np.ndarray]) -> None:
+    """Task entries set by address (mu2, sigma1_k2_d1, prior1, weight2_k1) overwrite the arrays
+    in place, and leave ``settings``."""
+    mean, sigma, weight, prior = task["mean"], task["sigma"], task["weight"], task["prior"]
+    n_classes, k_max, dim = mean.shape
+    for key in [k for k in settings if k not in SETTINGS]:
+        m = ADDRESS.match(key)
         v, where = settings.pop(key), origin.pop(key)
         if m.group(1):  # mu / sigma
             arr = mean if m.group(1) == "mu" else sigma
@@ -443,13 +567,22 @@ def _resolve(settings: dict, origin: dict, f: str) -> Run:
                 raise SweepError(f"{where} {key}: class {c} would have no positive weight")
             weight[c - 1] /= weight[c - 1].sum()
 
-    steps = settings["steps"]
-    if steps * settings["batch_size"] >= 2**31 or (settings["n_data"] != ONLINE and settings["n_data"] >= 2**31):
+
+def default_checkpoints(steps: int) -> list[int]:
+    """10, 20, 50, 100, ... below steps, then steps."""
+    series = [m * 10**e for e in range(1, 10) for m in (1, 2, 5)]
+    return [c for c in series if c < steps] + [steps]
+
+
+def resolve_checkpoints(settings: dict, origin: dict) -> None:
+    """Checkpoints (default: default_checkpoints) within steps, plot steps among them, and example
+    indices within int32."""
+    steps, n_data = settings["steps"], settings["n_data"]
+    if steps * settings["batch_size"] >= 2**31 or (math.isfinite(n_data) and n_data >= 2**31):
         raise SweepError(f"{origin['steps']} steps: steps x batch_size and n_data must stay below 2^31 "
                          "(example indices are int32)")
     if settings["checkpoints"] is None:
-        series = [m * 10**e for e in range(1, 10) for m in (1, 2, 5)]
-        settings["checkpoints"] = [c for c in series if c < steps] + [steps]
+        settings["checkpoints"] = default_checkpoints(steps)
     bad = [c for c in settings["checkpoints"] if c > steps]
     if bad:
         where = origin["checkpoints"] if origin["checkpoints"] != origin["steps"] else origin["steps"]
@@ -460,15 +593,15 @@ def _resolve(settings: dict, origin: dict, f: str) -> Run:
     missing = [c for c in settings["plot_steps"] if c not in settings["checkpoints"]]
     if missing:
         raise SweepError(f"{origin['plot_steps']} plot_steps: step {missing[0]} is not a checkpoint")
+
+
+def resolve_hidden(settings: dict) -> None:
+    """width and depth, when given, override hidden: hidden = [width] * depth."""
     if settings["width"] is not None or settings["depth"] is not None:
         hidden = settings["hidden"]
         width = settings["width"] if settings["width"] is not None else (hidden[0] if hidden else 64)
         depth = settings["depth"] if settings["depth"] is not None else len(hidden)
         settings["hidden"] = [width] * depth
-    if settings["curves"] and dim > 2:
-        raise SweepError(f"{origin['curves']} curves: posterior curves need a 1-D or 2-D task (D = {dim})")
-    task = {"prior": prior, "weight": weight, "mean": mean, "sigma": sigma}
-    return Run("", 0, settings, origin, task)
 
 
 # ---------------------------------------------------------------- runs -> programs and tables
@@ -490,8 +623,8 @@ def static_of(run: Run) -> train.Static:
 def dynamic_of(run: Run) -> train.Dynamic:
     s, t = run.settings, run.task
     task = tasks.make_task(t["prior"], t["mean"], t["sigma"], t["weight"])
-    n = 0 if s["n_data"] == ONLINE else s["n_data"]
-    return train.make_dynamic(task, s["lr"], s["weight_decay"], s["momentum"], n, run.seed, s["curve_range"])
+    return train.make_dynamic(task, s["lr"], s["weight_decay"], s["momentum"], s["n_data"], run.seed,
+                              s["curve_range"])
 
 
 def task_columns(task: dict[str, np.ndarray]) -> dict[str, float]:
@@ -539,6 +672,13 @@ def run_row(run_id: int, run: Run) -> dict[str, Any]:
         "activation": s["activation"], "init": s["init"], "optimizer": s["optimizer"],
         "lr": s["lr"], "weight_decay": s["weight_decay"], "momentum": s["momentum"],
         "batch_size": s["batch_size"], "matmul_precision": s["matmul_precision"],
-        "n_data": math.inf if s["n_data"] == ONLINE else float(s["n_data"]),
+        "n_data": float(s["n_data"]),  # inf: online
         "steps": s["steps"],
     }
+
+
+def runs_table(sw: Sweep) -> pd.DataFrame:
+    """One row per run: identity, task entries, training settings and its group (compiled program)."""
+    df = pd.DataFrame([run_row(i, r) for i, r in enumerate(sw.runs)])
+    df["group"] = sw.groups[1]
+    return df

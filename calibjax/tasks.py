@@ -32,14 +32,6 @@ class GaussianTask:
     sigma: jax.Array        # (M, K, D) float32, > 0
 
     @property
-    def num_classes(self) -> int:
-        return self.mean.shape[-3]
-
-    @property
-    def num_components(self) -> int:
-        return self.mean.shape[-2]
-
-    @property
     def dim(self) -> int:
         return self.mean.shape[-1]
 

@@ -75,6 +75,9 @@ class Static:
         return self.steps * self.flops_per_step + len(self.checkpoints) * 2.0 * self.macs_per_example * points
 
 
+ONLINE = math.inf  # n_data of online training (fresh examples every step): infinitely many examples
+
+
 class Dynamic(NamedTuple):
     """Per-run numbers; batched runs carry a leading run axis on every leaf."""
 
@@ -82,9 +85,25 @@ class Dynamic(NamedTuple):
     lr: jax.Array            # () float32
     weight_decay: jax.Array  # () float32; L2 for adam/sgd, decoupled for adamw
     momentum: jax.Array      # () float32; sgd only
-    n_data: jax.Array        # () int32; dataset size, 0 = online (fresh examples every step)
+    n_data: jax.Array        # () int32; dataset size; 0 inside the program stands for ONLINE
     seed: jax.Array          # () uint32
     curve_range: jax.Array   # (2,) float32 x range of the posterior curves; nan: mean +- 4 sigma
+
+
+class Curves(NamedTuple):
+    """Posterior curves of one run (1-D and 2-D tasks): rows of curves.parquet."""
+
+    x: jax.Array           # (P, D) float32 points (a P-point line, or a grid of P = points^2)
+    true_prob: jax.Array   # (P, M) float32 exact P(c | x)
+    model_prob: jax.Array  # (C, P, M) float32 the model's q(c | x) at each checkpoint
+
+
+class RunResult(NamedTuple):
+    """Everything one run returns; batched runs carry a leading run axis on every leaf."""
+
+    checkpoints: metrics.Evaluation  # every leaf has a leading checkpoint axis (C, ...)
+    bayes_loss: jax.Array            # () float32, H(C | X): the floor of the expected loss
+    curves: Curves | None            # None unless static.curve_points
 
 
 class TrainState(NamedTuple):
@@ -137,13 +156,13 @@ def curve_grid(static: Static, dyn: Dynamic) -> jax.Array:
     return jnp.stack([m.reshape(-1) for m in mesh], axis=-1)
 
 
-def train_run(static: Static, dyn: Dynamic) -> dict[str, jax.Array]:
-    """Train one classifier; returns per-checkpoint metrics (leading axis = checkpoints)."""
+def train_run(static: Static, dyn: Dynamic) -> RunResult:
+    """Train one classifier and evaluate it at every checkpoint."""
     with jax.default_matmul_precision(static.matmul_precision):
         return _train_run(static, dyn)
 
 
-def _train_run(static: Static, dyn: Dynamic) -> dict[str, jax.Array]:
+def _train_run(static: Static, dyn: Dynamic) -> RunResult:
     model = static.model
     init_key, data_key, batch_key = jax.random.split(jax.random.key(dyn.seed), 3)
     params = model.init(init_key, jnp.zeros((static.dim,), jnp.float32))
@@ -166,24 +185,23 @@ def _train_run(static: Static, dyn: Dynamic) -> dict[str, jax.Array]:
         state = jax.lax.fori_loop(0, length, update, state)
         log_q = jax.nn.log_softmax(model.apply(state.params, ev.x))
         log_q_cal = jax.nn.log_softmax(model.apply(state.params, ev.cal_x))
-        out = metrics.evaluate(ev, log_q, log_q_cal, static.eval)
-        out["loss"] = jnp.where(length > 0, state.loss_sum / jnp.maximum(length, 1), jnp.nan)
-        if curve_x is not None:
-            out["curve_model"] = jax.nn.softmax(model.apply(state.params, curve_x))
-        return state._replace(loss_sum=jnp.zeros_like(state.loss_sum)), out
+        loss = jnp.where(length > 0, state.loss_sum / jnp.maximum(length, 1), jnp.nan)
+        evaluation = metrics.evaluate(ev, log_q, log_q_cal, static.eval, loss)
+        curve = jax.nn.softmax(model.apply(state.params, curve_x)) if curve_x is not None else None
+        return state._replace(loss_sum=jnp.zeros_like(state.loss_sum)), (evaluation, curve)
 
     lengths = np.diff(np.asarray((0, *static.checkpoints))).astype(np.int32)
     state = TrainState(params, optimizer.init(params), jnp.int32(0), jnp.float32(0.0))
-    _, out = jax.lax.scan(segment, state, jnp.asarray(lengths))
-    out["bayes_loss"] = metrics.conditional_entropy(ev)
+    _, (evaluations, curve_model) = jax.lax.scan(segment, state, jnp.asarray(lengths))
+    curves = None
     if curve_x is not None:
-        out["curve_x"] = curve_x
-        out["curve_true"] = jnp.exp(jax.vmap(tasks.log_posterior, (None, 0))(dyn.task, curve_x))
-    return out
+        true_prob = jnp.exp(jax.vmap(tasks.log_posterior, (None, 0))(dyn.task, curve_x))
+        curves = Curves(curve_x, true_prob, curve_model)
+    return RunResult(evaluations, metrics.conditional_entropy(ev), curves)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def train_single(static: Static, dyn: Dynamic) -> dict[str, jax.Array]:
+def train_single(static: Static, dyn: Dynamic) -> RunResult:
     """One run alone (the reference the batched program is tested against)."""
     return train_run(static, dyn)
 
@@ -211,10 +229,25 @@ def stack_dynamic(dyns: list[Dynamic]) -> Dynamic:
     return jax.tree.map(lambda *xs: np.stack(xs), *dyns)
 
 
+def placeholder_dynamic(static: Static) -> Dynamic:
+    """A Dynamic of the shapes a group's runs have (for jax.eval_shape and lowering)."""
+    m, k, d = static.num_classes, static.num_components, static.dim
+    task = tasks.make_task(np.full(m, 1.0 / m), np.zeros((m, k, d)), np.ones((m, k, d)))
+    return make_dynamic(task)
+
+
+@functools.lru_cache(maxsize=256)
+def output_shapes(static: Static) -> RunResult:
+    """Shapes and dtypes of one run's result, from tracing the real function (nothing runs)."""
+    return jax.eval_shape(functools.partial(train_run, static), placeholder_dynamic(static))
+
+
 def make_dynamic(task: tasks.GaussianTask, lr=1e-3, weight_decay=0.0, momentum=0.0,
-                 n_data=0, seed=0, curve_range=None) -> Dynamic:
-    """One run's dynamic settings as numpy scalars (n_data = 0 or inf means online)."""
-    n = 0 if n_data is None or math.isinf(n_data) else int(n_data)
+                 n_data=ONLINE, seed=0, curve_range=None) -> Dynamic:
+    """One run's dynamic settings as numpy scalars; n_data is a count or ONLINE (inf)."""
+    n = 0 if n_data == ONLINE else int(n_data)
+    if n < 1 and n_data != ONLINE:
+        raise ValueError(f"n_data must be a positive count or train.ONLINE, got {n_data!r}")
     return Dynamic(jax.tree.map(np.asarray, task), np.float32(lr), np.float32(weight_decay),
                    np.float32(momentum), np.int32(n), np.uint32(seed),
                    np.asarray(curve_range if curve_range is not None else (np.nan, np.nan), np.float32))

@@ -1,44 +1,20 @@
 """The command line end to end, in real subprocesses."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import cli as calibjax, sweep_text
 from test_sweep import BAD
 
-TINY = """
-name = "tiny"
-seeds = 2
-[task]
-means = [0.0, 3.0]
-sigmas = [1.0, 1.0]
-[model]
-hidden = [8]
-[train]
-steps = 30
-checkpoints = [10, 30]
-n_data = 500
-[eval]
-points = 128
-curves = true
-curve_points = 5
-[cases.a]
-[cases.b]
-mu2 = 1.0
-sigma1 = 2.0
-"""
-
-
-def calibjax(*args, cwd=None):
-    env = {**os.environ, "CALIBJAX_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
-    return subprocess.run([sys.executable, "-m", "calibjax", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=600)
+TINY = sweep_text(eval={"curves": True, "curve_points": 5}, cases={"a": {}, "b": {"mu2": 1.0, "sigma1": 2.0}})
 
 
 def test_run_writes_every_table_manifest_and_figure(tmp_path):
@@ -81,6 +57,7 @@ def test_run_writes_every_table_manifest_and_figure(tmp_path):
     again = calibjax("run", sweep, "--out", out, "--quiet")
     assert again.returncode == 0 and "0 runs trained" in again.stdout
     sweep.write_text(TINY.replace("seeds = 2", "seeds = 3"))
+    assert "seeds = 3" in sweep.read_text()
     refused = calibjax("run", sweep, "--out", out, "--quiet")
     assert refused.returncode == 2 and "different sweep file" in refused.stderr and "--overwrite" in refused.stderr
     assert "Traceback" not in refused.stderr
@@ -109,19 +86,16 @@ def test_missing_file_and_invalid_toml_are_clear_errors(tmp_path):
     assert r.returncode == 2 and "broken.toml: not valid TOML" in r.stderr and "Traceback" not in r.stderr
 
 
-RESUME = TINY.replace("seeds = 2", "seeds = 8").replace("steps = 30", "steps = 3000").replace(
-    "checkpoints = [10, 30]", "checkpoints = [10, 3000]")
+RESUME = sweep_text(seeds=8, train={"steps": 3000, "checkpoints": [10, 3000]},
+                    eval={"curves": True, "curve_points": 5}, cases={"a": {}, "b": {"mu2": 1.0, "sigma1": 2.0}})
 
 
+@pytest.mark.slow
 def test_sigkill_mid_sweep_then_resume_equals_an_uninterrupted_run(tmp_path):
-    import signal
-    import time
-
     sweep = tmp_path / "resume.toml"
     sweep.write_text(RESUME)
     out = tmp_path / "killed"
     env = {**os.environ, "CALIBJAX_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
     proc = subprocess.Popen([sys.executable, "-m", "calibjax", "run", sweep, "--out", out, "--quiet",
                              "--chunk-size", "2", "--no-figures"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -160,9 +134,8 @@ def test_shards_from_flag_and_slurm_array_then_merge_and_plan(tmp_path):
     assert calibjax("run", sweep, "--out", out, "--quiet", "--shard", "0/2").returncode == 0
     partial = calibjax("merge", out)
     assert partial.returncode == 1 and "2 run(s) missing: run_id 1, 3" in partial.stderr
-    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "0"}
-    r = subprocess.run([sys.executable, "-m", "calibjax", "run", sweep, "--out", out, "--quiet"],
-                       capture_output=True, text=True, env={**env, "CALIBJAX_CPU_DEVICES": "2"})
+    r = calibjax("run", sweep, "--out", out, "--quiet",
+                 env={"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "0"})
     assert r.returncode == 0 and "shards/1-of-2" in r.stdout, r.stderr
     merged = calibjax("merge", out)
     assert merged.returncode == 0, merged.stderr
@@ -172,3 +145,15 @@ def test_shards_from_flag_and_slurm_array_then_merge_and_plan(tmp_path):
     assert (out / "figures" / "kl_vs_steps.png").exists()
     bad = calibjax("run", sweep, "--out", out, "--shard", "2/2")
     assert bad.returncode == 2 and "--shard: need 0 <= K < N" in bad.stderr
+
+
+def test_cpu_device_count_is_set_up_explicitly_and_wins_over_xla_flags(tmp_path):
+    """The CLI sets up CALIBJAX_CPU_DEVICES devices even when an inherited XLA_FLAGS asks for others."""
+    sweep = tmp_path / "tiny.toml"
+    sweep.write_text(TINY)
+    flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    for n in ("1", "3"):
+        r = calibjax("plan", sweep, "--out", tmp_path / "res", env={**flags, "CALIBJAX_CPU_DEVICES": n})
+        assert r.returncode == 0 and f"; {n} cpu device(s)" in r.stdout, r.stdout + r.stderr
+    r = calibjax("plan", sweep, env={"CALIBJAX_CPU_DEVICES": "two"})
+    assert r.returncode == 2 and "CALIBJAX_CPU_DEVICES: expected a positive integer, got 'two'" in r.stderr

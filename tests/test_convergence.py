@@ -17,6 +17,6 @@ KL_AFTER_200 = 1e-2
 def test_example1_median_kl_after_200_updates():
     runs = [train.make_dynamic(example(1), lr=1e-3, n_data=100_000, seed=s) for s in range(8)]
     out = train.batched_train_fn(STUDY, inner_batch=8)(train.stack_dynamic(runs))
-    kl = np.asarray(out["kl"])
+    kl = np.asarray(out.checkpoints.scalars.kl)
     assert np.median(kl[:, 1]) < KL_AFTER_200, kl[:, 1]
     assert np.median(kl[:, 0]) > 10 * np.median(kl[:, 1])  # and it got there by training

@@ -8,26 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from calibjax import engine, store, sweep
+from calibjax import cli, engine, planning, results, store, sweep
+from conftest import sweep_doc, to_toml
 
-TEXT = """
-name = "eng"
-seeds = 2
-[task]
-means = [0.0, 3.0]
-sigmas = [1.0, 1.0]
-[model]
-hidden = [8]
-[train]
-steps = 20
-checkpoints = [5, 20]
-n_data = 300
-[eval]
-points = 64
-[grid]
-mu2 = [1.0, 2.0, 3.0]
-lr = [1e-3, 1e-2]
-"""
+DOC = sweep_doc(name="eng", train={"steps": 20, "checkpoints": [5, 20], "n_data": 300}, eval={"points": 64},
+                grid={"mu2": [1.0, 2.0, 3.0], "lr": [1e-3, 1e-2]})
+TEXT = to_toml(DOC)
 N_RUNS = 12
 
 
@@ -37,13 +23,12 @@ def load(text=TEXT):
 
 def layout(chunk=None, devices=4):
     """A CPU-style layout (inner batches of 32), whatever the platform, so chunk counts are fixed."""
-    return engine.default_layout(chunk_size=chunk, inner_batch=32, devices=jax.devices()[:devices])
+    return planning.default_layout(chunk_size=chunk, inner_batch=32, devices=jax.devices()[:devices])
 
 
 def tables(out):
     t = store.load_results(out)
-    return {k: t[k].sort_values(store.SORT_KEYS.get(k, ["run_id"])).reset_index(drop=True)
-            for k in ("metrics", "density")} | {"runs": t["runs"]}
+    return {k: t[k] for k in ("metrics", "density")} | {"runs": t["runs"]}
 
 
 def assert_tables_close(a, b, atol=1e-5):
@@ -59,14 +44,14 @@ def assert_tables_close(a, b, atol=1e-5):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
-    report = engine.run_sweep(load(), out, layout=layout(), quiet=True, figures=False)
+    report = engine.run_sweep(load(), out, layout=layout(), quiet=True)
     assert report.complete and report.compiles == 1 and report.trained == N_RUNS
     return tables(out)
 
 
 def test_one_group_and_chunk_count(reference):
     assert len(reference["runs"]) == N_RUNS and set(reference["runs"]["status"]) == {"ok"}
-    chunks = engine.plan_chunks(load(), layout(chunk=5))
+    chunks = planning.plan_chunks(load(), layout(chunk=5))
     assert [len(c.run_ids) for c in chunks] == [5, 5, 2]
     n_dev = min(4, jax.device_count())
     assert len({(c.size, c.inner) for c in chunks}) == 1  # one call size: one compile
@@ -75,7 +60,7 @@ def test_one_group_and_chunk_count(reference):
 
 @pytest.mark.parametrize("chunk,devices", [(1, 4), (7, 4), (None, 1)])
 def test_results_do_not_depend_on_chunk_size_or_device_count(tmp_path, reference, chunk, devices):
-    report = engine.run_sweep(load(), tmp_path, layout=layout(chunk, devices), quiet=True, figures=False)
+    report = engine.run_sweep(load(), tmp_path, layout=layout(chunk, devices), quiet=True)
     assert report.compiles == 1
     assert_tables_close(tables(tmp_path), reference)
 
@@ -83,18 +68,18 @@ def test_results_do_not_depend_on_chunk_size_or_device_count(tmp_path, reference
 def test_shards_merge_to_the_unsharded_sweep(tmp_path, reference):
     sw = load()
     for k in range(3):
-        r = engine.run_sweep(sw, tmp_path, layout=layout(), shard=(k, 3), quiet=True, figures=False)
+        r = engine.run_sweep(sw, tmp_path, layout=layout(), shard=(k, 3), quiet=True)
         assert r.trained == N_RUNS // 3 and not r.complete
         assert not (tmp_path / "metrics.parquet").exists()
-    assert engine.merge(tmp_path, figures=False) == []
+    assert results.merge(tmp_path) == []
     merged = tables(tmp_path)
     assert_tables_close(merged, reference)
     assert merged["runs"]["run_id"].tolist() == list(range(N_RUNS))
 
 
 def test_merge_reports_missing_runs(tmp_path):
-    engine.run_sweep(load(), tmp_path, layout=layout(), shard=(1, 4), quiet=True, figures=False)
-    missing = engine.merge(tmp_path, figures=False)
+    engine.run_sweep(load(), tmp_path, layout=layout(), shard=(1, 4), quiet=True)
+    missing = results.merge(tmp_path)
     assert missing == [i for i in range(N_RUNS) if i % 4 != 1]
     runs = pd.read_parquet(tmp_path / "runs.parquet")
     assert (runs["status"] == "missing").sum() == len(missing)
@@ -109,18 +94,18 @@ def test_a_failing_chunk_is_reported_and_retried_alone(tmp_path, monkeypatch, re
         return original(self, static, dyns, size, inner, on_compile)
 
     monkeypatch.setattr(engine.Trainer, "__call__", flaky)
-    first = engine.run_sweep(load(), tmp_path, layout=layout(chunk=4), quiet=True, figures=False)
+    first = engine.run_sweep(load(), tmp_path, layout=layout(chunk=4), quiet=True)
     assert len(first.failed) == 1 and first.trained == 8 and not first.complete
     assert not (tmp_path / "metrics.parquet").exists()
     monkeypatch.setattr(engine.Trainer, "__call__", original)
-    second = engine.run_sweep(load(), tmp_path, layout=layout(chunk=4), quiet=True, figures=False)
+    second = engine.run_sweep(load(), tmp_path, layout=layout(chunk=4), quiet=True)
     assert second.trained == 4 and second.complete and not second.failed
     assert_tables_close(tables(tmp_path), reference)
 
 
 def test_chunks_shrink_to_fit_memory():
     st = dataclasses.replace(load().groups[0][0], curve_points=201)  # results held: ~50 kB/run
-    working, held = engine.memory_per_run(st)
+    working, held = planning.memory_per_run(st)
     big = layout()
     small = dataclasses.replace(big, memory=4 * working + 40 * held)
     runs_big, _, _ = big.chunk_size(10_000, st)
@@ -130,35 +115,22 @@ def test_chunks_shrink_to_fit_memory():
     assert runs_small < runs_big and size_small % (n_dev * inner_small) == 0
     per_device = inner_small * working + (size_small // n_dev) * held
     assert per_device <= small.memory * 1.1  # within budget (rounding to whole inner batches aside)
-    assert engine.memory_per_run(dataclasses.replace(st, curve_points=0))[1] < held / 10
+    assert planning.memory_per_run(dataclasses.replace(st, curve_points=0))[1] < held / 10
 
 
 def test_plan_counts_runs_groups_and_chunks():
-    sw = load(TEXT + "batch_size = [16, 32]\n")
-    table = engine.plan(sw, layout(chunk=5))
+    sw = load(to_toml(DOC | {"grid": DOC["grid"] | {"batch_size": [16, 32]}}))
+    table = planning.plan(sw, layout(chunk=5))
     assert table["runs"].tolist() == [12, 12] and table["chunks"].tolist() == [3, 3]
     assert (table["est_seconds"] > 0).all() and (table["memory_per_chunk_mb"] > 0).all()
 
 
-TWO_D = """
-name = "two_d"
-seeds = 2
-[task]
-means = [[-1.0, 0.0], [1.0, 0.0], [[0.0, 2.0], [0.0, -2.0]]]
-sigmas = [[1.0, 1.0], [1.0, 1.0], [[0.5, 0.5], [0.5, 0.5]]]
-[model]
-hidden = [8]
-[train]
-steps = 20
-checkpoints = [5, 20]
-n_data = 300
-[eval]
-points = 256
-calibration_samples = 200
-curves = true
-curve_points = 7
-curve_range = [-3.0, 3.0]
-"""
+TWO_D = to_toml(sweep_doc(
+    name="two_d",
+    task={"means": [[-1.0, 0.0], [1.0, 0.0], [[0.0, 2.0], [0.0, -2.0]]],
+          "sigmas": [[1.0, 1.0], [1.0, 1.0], [[0.5, 0.5], [0.5, 0.5]]]},
+    train={"steps": 20, "checkpoints": [5, 20], "n_data": 300},
+    eval={"points": 256, "calibration_samples": 200, "curves": True, "curve_points": 7, "curve_range": [-3.0, 3.0]}))
 
 
 def test_two_d_three_class_mixture_sweep_writes_posterior_maps(tmp_path):
@@ -167,6 +139,7 @@ def test_two_d_three_class_mixture_sweep_writes_posterior_maps(tmp_path):
     sw = load(TWO_D)
     report = engine.run_sweep(sw, tmp_path, layout=layout(), quiet=True)
     assert report.complete
+    cli.finish(tmp_path)
     curves = pd.read_parquet(tmp_path / "curves.parquet")
     assert {"x", "x2"} <= set(curves.columns) and len(curves) == 2 * 2 * 7 * 7 * 3
     assert curves["x"].min() == -3.0 and curves["x2"].max() == 3.0
@@ -181,15 +154,15 @@ def test_two_d_three_class_mixture_sweep_writes_posterior_maps(tmp_path):
 
 
 def test_results_of_a_calibjax_with_other_numbers_are_not_mixed(tmp_path):
-    engine.run_sweep(load(), tmp_path, layout=layout(), shard=(0, 2), quiet=True, figures=False)
+    engine.run_sweep(load(), tmp_path, layout=layout(), shard=(0, 2), quiet=True)
     part = tmp_path / "shards" / "0-of-2" / "manifest.json"
     old = {**store.read_manifest(part.parent), "numbers_version": 1, "versions": {"calibjax": "0.1.0"}}
     store.write_json(part, old)
-    with pytest.raises(engine.ResultsExist, match="calibjax 0.1.0.*numbers_version 1"):
-        engine.merge(tmp_path, figures=False)
+    with pytest.raises(results.ResultsExist, match="calibjax 0.1.0.*numbers_version 1"):
+        results.merge(tmp_path)
     top = {k: v for k, v in store.read_manifest(tmp_path).items() if k != "numbers_version"}  # written before the key
     store.write_json(tmp_path / "manifest.json", top)
-    with pytest.raises(engine.ResultsExist, match="numbers_version 1"):
-        engine.run_sweep(load(), tmp_path, layout=layout(), shard=(1, 2), quiet=True, figures=False)
-    report = engine.run_sweep(load(), tmp_path, layout=layout(), overwrite=True, quiet=True, figures=False)
+    with pytest.raises(results.ResultsExist, match="numbers_version 1"):
+        engine.run_sweep(load(), tmp_path, layout=layout(), shard=(1, 2), quiet=True)
+    report = engine.run_sweep(load(), tmp_path, layout=layout(), overwrite=True, quiet=True)
     assert report.complete and report.trained == N_RUNS

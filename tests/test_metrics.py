@@ -9,10 +9,19 @@ from calibjax import metrics, tasks
 from conftest import example
 
 
+def evaluate(ev, log_q, log_q_cal=None, spec=metrics.EvalSpec()):
+    """Every measurement by name: the scalars, and the density bins as bin_mass, bin_kl, bin_max_err."""
+    if log_q_cal is None:  # the calibration metrics are not under test: a uniform q on the labelled sample
+        m = log_q.shape[-1]
+        log_q_cal = jnp.full((ev.cal_x.shape[0], m), -np.log(m), jnp.float32)
+    e = metrics.evaluate(ev, log_q, log_q_cal, spec)
+    return e.scalars._asdict() | {f"bin_{k}": v for k, v in e.density._asdict().items()}
+
+
 def test_kl_is_zero_for_the_exact_posterior_and_bins_add_up():
     for n in (1, 2, 3):
         ev = metrics.make_eval_set(example(n), metrics.EvalSpec())
-        m = metrics.evaluate(ev, ev.log_post)
+        m = evaluate(ev, ev.log_post)
         assert abs(float(m["kl"])) < 1e-7 and float(m["tv"]) < 1e-7 and float(m["max_err"]) < 1e-6
         assert float(m["accuracy"]) == float(m["bayes_accuracy"])
         np.testing.assert_allclose(float(jnp.sum(m["bin_mass"])), 1.0, atol=1e-5)
@@ -25,7 +34,7 @@ def test_kl_tv_and_accuracy_of_a_wrong_posterior_match_direct_integration():
     # A known wrong model: logistic q(c1|x) = sigmoid(1 - x).
     x = np.asarray(ev.x)
     log_q = np.stack([-np.logaddexp(0, -(1 - x[:, 0])), -np.logaddexp(0, 1 - x[:, 0])], -1)
-    m = metrics.evaluate(ev, jnp.asarray(log_q, jnp.float32))
+    m = evaluate(ev, jnp.asarray(log_q, jnp.float32))
 
     p1 = lambda v: 0.5 * stats.norm(0, 2).pdf(v)
     p2 = lambda v: 0.5 * stats.norm(1, 1).pdf(v)
@@ -49,7 +58,7 @@ def test_kl_tv_and_accuracy_of_a_wrong_posterior_match_direct_integration():
 
 def test_bayes_accuracy_and_entropy_match_closed_forms():
     ev = metrics.make_eval_set(example(1), metrics.EvalSpec())
-    m = metrics.evaluate(ev, ev.log_post)
+    m = evaluate(ev, ev.log_post)
     np.testing.assert_allclose(float(m["bayes_accuracy"]), stats.norm.cdf(1.5), rtol=1e-4)
     ref, _ = integrate.quad(lambda v: -sum(
         pc * np.log(pc) for pc in [1 / (1 + np.exp((6 * v - 9) / 2)), 1 / (1 + np.exp(-(6 * v - 9) / 2))] if pc > 0)
@@ -67,10 +76,10 @@ def test_max_err_ignores_the_sparsest_mass_only():
     inside = int(np.argmax(np.asarray(ev.log10_density)))
     wrong = np.log([0.5, 0.5], dtype=np.float32)
     log_q[outside] = wrong
-    assert float(metrics.evaluate(ev, jnp.asarray(log_q))["max_err"]) < 1e-5
+    assert float(evaluate(ev, jnp.asarray(log_q))["max_err"]) < 1e-5
     log_q[inside] = wrong
     expected = abs(float(np.exp(ev.log_post[inside, 0])) - 0.5)
-    np.testing.assert_allclose(float(metrics.evaluate(ev, jnp.asarray(log_q))["max_err"]), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(evaluate(ev, jnp.asarray(log_q))["max_err"]), expected, rtol=1e-5)
 
 
 def test_density_bins_follow_log10_density():
@@ -89,13 +98,13 @@ def test_monte_carlo_eval_for_2d_is_fixed_and_weights_sum_to_one():
     np.testing.assert_array_equal(np.asarray(a.x), np.asarray(b.x))
     np.testing.assert_allclose(float(jnp.sum(a.weight)), 1.0, atol=1e-5)
     # Bayes accuracy of two unit Gaussians 2 apart along one axis: Phi(1).
-    m = metrics.evaluate(a, a.log_post)
+    m = evaluate(a, a.log_post)
     np.testing.assert_allclose(float(m["bayes_accuracy"]), stats.norm.cdf(1.0), atol=0.015)
 
 
 def _calibration(task, log_q_fn, spec=metrics.EvalSpec()):
     ev = metrics.make_eval_set(task, spec)
-    return ev, metrics.evaluate(ev, log_q_fn(ev, ev.x), log_q_fn(ev, ev.cal_x), spec)
+    return ev, evaluate(ev, log_q_fn(ev, ev.x), log_q_fn(ev, ev.cal_x), spec)
 
 
 def test_exact_posterior_has_zero_true_calibration_error_but_a_positive_estimated_ece():

@@ -70,7 +70,7 @@ def test_finite_data_uses_exactly_its_n_examples_uniformly():
 
 
 def test_online_data_never_repeats_and_follows_the_task():
-    task, data_key, x, c = _batches(0, steps=200)
+    task, data_key, x, c = _batches(train.ONLINE, steps=200)
     ex_x, ex_c = tasks.draw(task, data_key, jnp.arange(x.size))  # step t: examples tB .. tB + B - 1
     np.testing.assert_allclose(x, np.asarray(ex_x)[:, 0], rtol=1e-6)
     np.testing.assert_array_equal(c, ex_c)

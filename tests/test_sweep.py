@@ -5,18 +5,10 @@ import tomllib
 import numpy as np
 import pytest
 
-from calibjax import engine, sweep
+from calibjax import sweep
+from conftest import sweep_text as _text
 
-BASE = """
-name = "t"
-seeds = 2
-[task]
-means = [0.0, 3.0]
-sigmas = [1.0, 1.0]
-[train]
-steps = 100
-checkpoints = [10, 100]
-"""
+BASE = _text(name="t", model=None, eval=None, train={"steps": 100, "checkpoints": [10, 100], "n_data": None})
 
 
 def parse(text):
@@ -25,7 +17,7 @@ def parse(text):
 
 def test_cases_times_seeds_expand_in_order_with_overrides():
     sw = parse(BASE + "[cases.a]\n[cases.b]\nmu2 = 1.5\nsigmas = [2.0, 1.0]\nlr = 0.01\n")
-    runs = engine.runs_table(sw)
+    runs = sweep.runs_table(sw)
     assert list(runs["run_id"]) == [0, 1, 2, 3]
     assert list(runs["case"]) == ["a", "a", "b", "b"] and list(runs["seed"]) == [0, 1, 0, 1]
     b = runs[runs["case"] == "b"].iloc[0]
@@ -41,7 +33,7 @@ prior1 = [0.5, 0.9]
 n_data = [100, "online"]
 mu2 = {linspace = [1.0, 2.0], num = 2}
 """)
-    runs = engine.runs_table(sw)
+    runs = sweep.runs_table(sw)
     assert len(runs) == 3 * 2 * 2 * 2 * 2
     np.testing.assert_allclose(sorted(runs["lr"].unique()), [1e-4, 1e-3, 1e-2])
     np.testing.assert_allclose(runs["prior1"] + runs["prior2"], 1.0)
@@ -51,7 +43,7 @@ mu2 = {linspace = [1.0, 2.0], num = 2}
 
 def test_static_settings_make_groups():
     sw = parse(BASE + "[grid]\nwidth = [16, 32]\ndepth = [1, 2]\nbatch_size = {range = [32, 64], step = 32, int = true}\n")
-    runs = engine.runs_table(sw)
+    runs = sweep.runs_table(sw)
     assert runs["group"].nunique() == 8
     assert set(runs["hidden"]) == {"16", "32", "16-16", "32-32"}
 
@@ -64,30 +56,34 @@ def test_mixture_classes_are_padded_with_zero_weight_components():
     np.testing.assert_allclose(t["weight"], [[1.0, 0.0], [0.25, 0.75]])
 
 
-def sweep_text(task='means = [0.0, 3.0]\nsigmas = [1.0, 1.0]', train="steps = 100", extra=""):
+def bad_text(task='means = [0.0, 3.0]\nsigmas = [1.0, 1.0]', train="steps = 100", extra=""):
     return f"seeds = 1\n{extra}\n[task]\n{task}\n[train]\n{train}\n"
 
 
 OK_TASK = "means = [0.0, 1.0]\nsigmas = [1.0, 1.0]"
 BAD = [
-    (sweep_text(train="steps = 100\nlrr = 0.1"), "[train] unknown key 'lrr'"),
-    (sweep_text(task="means = [0.0, 1.0]"), "sigmas: missing required setting"),
-    (sweep_text(train="lr = 0.1"), "steps: missing required setting"),
-    (sweep_text(task="means = [0.0, 1.0]\nsigmas = [1.0, 0.0]"), "sigmas: every sigma must be > 0"),
-    (sweep_text(task=OK_TASK + "\npriors = [-0.5, 1.5]"), "priors must be > 0"),
-    (sweep_text(task=OK_TASK + "\npriors = [0.5, 0.6]"), "priors must sum to 1"),
-    (sweep_text(task="means = [0.0, 1.0]\nsigmas = [1.0, 1.0, 2.0]"), "sigmas: 3 classes, but means has 2"),
-    (sweep_text(task=OK_TASK + "\npriors = [0.2, 0.3, 0.5]"), "priors: 3 values"),
-    (sweep_text(task="means = [[0.0, 1.0], 1.0]\nsigmas = [1.0, 1.0]"), "every class needs the same dimension"),
-    (sweep_text(train="steps = 100\ncheckpoints = [10, 200]"), "checkpoints: step 200 is beyond steps = 100"),
-    (sweep_text(train='steps = 100\nlr = "fast"'), "lr: expected a positive number, got 'fast'"),
-    (sweep_text(train='steps = "many"'), "steps: expected a positive integer"),
-    (sweep_text(task='means = [0.0, "x"]\nsigmas = [1.0, 1.0]'), "means: class 2: expected a number"),
-    (sweep_text() + "[grid]\nsigma2 = [1.0, -1.0]\n", "[grid] sigma2: sigma must be > 0"),
-    (sweep_text() + "[grid]\nlr = {logspace = [0, 1], num = 3}\n", "lr.logspace: ends must be > 0"),
-    (sweep_text() + "[cases.a]\nmu7 = 1.0\n", "[cases.a] mu7: no such entry"),
-    (sweep_text() + '[model]\nactivation = "swish2"\n', "activation: expected one of"),
-    (sweep_text(extra="bogus = 1"), "unknown key 'bogus' at top level"),
+    (bad_text(train="steps = 100\nlrr = 0.1"), "[train] unknown key 'lrr'"),
+    (bad_text(task="means = [0.0, 1.0]"), "sigmas: missing required setting"),
+    (bad_text(train="lr = 0.1"), "steps: missing required setting"),
+    (bad_text(task="means = [0.0, 1.0]\nsigmas = [1.0, 0.0]"), "sigmas: every sigma must be > 0"),
+    (bad_text(task=OK_TASK + "\npriors = [-0.5, 1.5]"), "priors must be > 0"),
+    (bad_text(task=OK_TASK + "\npriors = [0.5, 0.6]"), "priors must sum to 1"),
+    (bad_text(task="means = [0.0, 1.0]\nsigmas = [1.0, 1.0, 2.0]"), "sigmas: 3 classes, but means has 2"),
+    (bad_text(task=OK_TASK + "\npriors = [0.2, 0.3, 0.5]"), "priors: 3 values"),
+    (bad_text(task="means = [[0.0, 1.0], 1.0]\nsigmas = [1.0, 1.0]"), "every class needs the same dimension"),
+    (bad_text(train="steps = 100\ncheckpoints = [10, 200]"), "checkpoints: step 200 is beyond steps = 100"),
+    (bad_text(train='steps = 100\nlr = "fast"'), "lr: expected a positive number, got 'fast'"),
+    (bad_text(train='steps = "many"'), "steps: expected a positive integer"),
+    (bad_text(task='means = [0.0, "x"]\nsigmas = [1.0, 1.0]'), "means: class 2: expected a number"),
+    (bad_text() + "[grid]\nsigma2 = [1.0, -1.0]\n", "[grid] sigma2: sigma must be > 0"),
+    (bad_text() + "[grid]\nlr = {logspace = [0, 1], num = 3}\n", "lr.logspace: ends must be > 0"),
+    (bad_text() + "[cases.a]\nmu7 = 1.0\n", "[cases.a] mu7: no such entry"),
+    (bad_text() + '[model]\nactivation = "swish2"\n', "activation: expected one of"),
+    (bad_text(extra="bogus = 1"), "unknown key 'bogus' at top level"),
+    (bad_text(train="steps = nan"), "steps: expected a positive integer, got nan"),
+    (bad_text().replace("seeds = 1", "seeds = inf"), "seeds: expected a count >= 1"),
+    (bad_text(task="means = [0.0, inf]\nsigmas = [1.0, 1.0]"), "means: class 2: expected a number"),
+    (bad_text() + "[model]\nhidden = [64, nan]\n", "hidden: expected a list of positive integers"),
 ]
 
 
@@ -96,3 +92,50 @@ def test_bad_input_names_file_key_and_problem(text, message):
     with pytest.raises(sweep.SweepError) as e:
         parse(text)
     assert "s.toml" in str(e.value) and message in str(e.value)
+
+
+def test_every_validator_accepts_good_values_and_rejects_bad_ones_with_its_message():
+    cases = {  # kind: (good value, normalised, bad value)
+        "pos_float": (2, 2.0, 0.0), "nonneg_float": (0, 0.0, float("nan")), "fraction": (0.5, 0.5, 1.0),
+        "momentum": (0.0, 0.0, 1.0), "pos_int": (3.0, 3, 2.5), "nonneg_int": (0, 0, -1), "bool": (True, True, 1),
+        "n_data": ("online", float("inf"), 0), "widths": ([8, 8.0], [8, 8], [8, 0]),
+        "activation": ("tanh", "tanh", "swish2"), "init": ("lecun", "lecun", "he"),
+        "optimizer": ("sgd", "sgd", "lion"), "precision": ("float32", "float32", "fp8"),
+        "checkpoints": ([0, 10], [0, 10], [10, 10]), "edges": ([-1, 0], [-1.0, 0.0], [0, -1]),
+        "range": ([0, 1], [0.0, 1.0], [1, 0]), "priors": ([0.25, 0.75], [0.25, 0.75], [0.5, 0.6]),
+        "class_weights": ([1, [1, 3]], None, [1, [-1, 3]]), "class_array": ([0, [1, 2]], None, [0]),
+        "sigmas": ([1, 2], None, [1, -2]),
+    }
+    assert set(cases) == set(sweep.VALIDATORS), "every registered kind is tested"
+    for kind, (good, normal, bad) in cases.items():
+        got = sweep.VALIDATORS[kind](good)
+        if normal is not None:
+            assert got == normal and type(got) is type(normal), (kind, got)
+        with pytest.raises(sweep.Invalid):
+            sweep.VALIDATORS[kind](bad)
+
+
+def test_resolver_steps_alone():
+    settings = {"means": [np.array([[0.0]]), np.array([[-1.0], [1.0]])], "sigmas": [np.array([[1.0]])] * 2,
+                "mu2_k2": 5.0, "prior1": 0.8, "steps": 300}
+    origin = {k: "f: [task]" for k in settings}
+    sweep.fill_defaults(settings, origin, "f:")
+    assert settings["lr"] == 1e-3 and settings["n_data"] == float("inf") and settings["hidden"] == [64, 64]
+    task = sweep.task_arrays(settings, origin)
+    assert task["mean"].shape == (2, 2, 1) and task["weight"].tolist() == [[1.0, 0.0], [0.5, 0.5]]
+    sweep.apply_addresses(settings, origin, task)
+    assert "mu2_k2" not in settings and task["mean"][1, :, 0].tolist() == [-1.0, 5.0]
+    np.testing.assert_allclose(task["prior"], [0.8, 0.2])
+    sweep.resolve_checkpoints(settings, origin)
+    assert settings["checkpoints"] == [10, 20, 50, 100, 200, 300] and settings["plot_steps"] == [10, 100, 300]
+    settings |= {"width": 16, "depth": 3}
+    sweep.resolve_hidden(settings)
+    assert settings["hidden"] == [16, 16, 16]
+
+
+def test_defaults_are_the_dataclasses_own():
+    from calibjax import metrics, train
+
+    assert sweep.SETTINGS["hidden"].default == list(train.Static(steps=1, checkpoints=(1,)).hidden)
+    assert sweep.SETTINGS["points"].default == metrics.EvalSpec().points
+    assert sweep.SETTINGS["n_data"].default == train.ONLINE

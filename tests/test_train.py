@@ -6,10 +6,19 @@ import jax
 import numpy as np
 import pytest
 
-from calibjax import engine, train
+from calibjax import tables, train
 from conftest import SMALL, example
 
-KEYS = ("kl", "tv", "max_err", "accuracy", "loss", "bin_kl", "curve_model")
+
+def fields(r: train.RunResult) -> dict:
+    """The numbers compared between runs: scalars, density bins and curves."""
+    sc, d = r.checkpoints.scalars, r.checkpoints.density
+    return {"kl": sc.kl, "tv": sc.tv, "max_err": sc.max_err, "accuracy": sc.accuracy, "loss": sc.loss,
+            "bin_kl": d.kl, "curve_model": r.curves.model_prob, "true_ece": sc.true_ece}
+
+
+def run(r: train.RunResult, i: int) -> train.RunResult:
+    return jax.tree.map(lambda v: v[i], r)
 
 
 def dyn(n=1, lr=1e-3, n_data=1000, seed=0, **kw):
@@ -17,12 +26,13 @@ def dyn(n=1, lr=1e-3, n_data=1000, seed=0, **kw):
 
 
 def assert_same(a, b, rtol=1e-5, atol=1e-6):
-    for k in KEYS:
+    a, b = fields(a), fields(b)
+    for k in a:
         np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), rtol=rtol, atol=atol, err_msg=k)
 
 
 def mixed_runs():
-    return [dyn(1, seed=0), dyn(2, lr=3e-3, seed=1), dyn(3, n_data=0, seed=2),
+    return [dyn(1, seed=0), dyn(2, lr=3e-3, seed=1), dyn(3, n_data=train.ONLINE, seed=2),
             dyn(2, lr=1e-2, n_data=50, seed=3, weight_decay=1e-3), dyn(1, lr=2e-4, seed=4)]
 
 
@@ -31,7 +41,7 @@ def test_vmapped_runs_match_each_run_alone():
     batched = train.batched_train_fn(SMALL, inner_batch=2)(train.stack_dynamic(runs + runs[-1:]))
     for i, d in enumerate(runs):
         alone = train.train_single(SMALL, d)
-        assert_same({k: v[i] for k, v in batched.items()}, alone)
+        assert_same(run(batched, i), alone)
 
 
 def test_a_runs_numbers_do_not_depend_on_its_batch_mates_or_devices():
@@ -40,29 +50,29 @@ def test_a_runs_numbers_do_not_depend_on_its_batch_mates_or_devices():
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("runs",))
     a = train.batched_train_fn(SMALL, 2, mesh)(train.stack_dynamic([target, runs[0], runs[1], runs[3]] * 2))
     b = train.batched_train_fn(SMALL, 1, None)(train.stack_dynamic([runs[4], runs[3], target, runs[0]]))
-    assert_same({k: v[0] for k, v in a.items()}, {k: v[2] for k, v in b.items()})
+    assert_same(run(a, 0), run(b, 2))
 
 
 def test_finite_data_is_memorised_and_online_data_is_not():
     static = dataclasses.replace(SMALL, steps=1500, checkpoints=(1000, 1500), hidden=(64, 64), curve_points=0)
-    runs = [dyn(2, lr=3e-3, n_data=8, seed=s) for s in range(2)] + [dyn(2, lr=3e-3, n_data=0, seed=s) for s in range(2)]
+    runs = [dyn(2, lr=3e-3, n_data=8, seed=s) for s in range(2)] + [dyn(2, lr=3e-3, n_data=train.ONLINE, seed=s) for s in range(2)]
     out = train.batched_train_fn(static, inner_batch=4)(train.stack_dynamic(runs))
-    bayes = float(out["bayes_loss"][0])  # H(C|X) = 0.43 nats for example 2
-    final_loss = np.asarray(out["loss"][:, -1])
+    bayes = float(out.bayes_loss[0])  # H(C|X) = 0.43 nats for example 2
+    final_loss = np.asarray(out.checkpoints.scalars.loss[:, -1])
     assert np.all(final_loss[:2] < 0.25 * bayes), (final_loss, bayes)   # 8 examples: memorised
     assert np.all(final_loss[2:] > 0.8 * bayes), (final_loss, bayes)    # online: cannot beat Bayes
-    kl = np.asarray(out["kl"][:, -1])
+    kl = np.asarray(out.checkpoints.scalars.kl[:, -1])
     assert np.all(kl[:2] > 5 * kl[2:])                                 # and memorising is not learning P
 
 
 def test_a_diverging_run_is_marked_and_leaves_its_batch_mates_alone():
     good, bad = dyn(1, seed=5), train.make_dynamic(example(1), lr=1e30, n_data=1000, seed=6)
     out = train.batched_train_fn(SMALL, inner_batch=2)(train.stack_dynamic([good, bad]))
-    out = {k: np.asarray(v) for k, v in out.items()}
-    assert_same({k: v[0] for k, v in out.items()}, train.train_single(SMALL, good))
-    tables = engine.chunk_tables(SMALL, [10, 11], out)
-    assert tables["status"]["status"].tolist() == ["ok", "diverged"]
-    last = tables["metrics"][tables["metrics"]["step"] == SMALL.steps].set_index("run_id")
+    out = jax.tree.map(np.asarray, out)
+    assert_same(run(out, 0), train.train_single(SMALL, good))
+    t = tables.chunk_tables(SMALL, [10, 11], out)
+    assert t["status"]["status"].tolist() == ["ok", "diverged"]
+    last = t["metrics"][t["metrics"]["step"] == SMALL.steps].set_index("run_id")
     assert np.isnan(last.loc[11, "kl"]) and np.isfinite(last.loc[10, "kl"])
 
 
@@ -72,7 +82,7 @@ def test_dynamic_settings_do_not_retrace(monkeypatch):
     monkeypatch.setattr(train, "train_run", lambda s, d: traces.append(1) or original(s, d))
     fn = train.batched_train_fn(SMALL, inner_batch=2)
     fn(train.stack_dynamic([dyn(1), dyn(2)]))
-    varied = [train.make_dynamic(example(3), lr=5e-2, weight_decay=0.1, momentum=0.5, n_data=0, seed=99),
+    varied = [train.make_dynamic(example(3), lr=5e-2, weight_decay=0.1, momentum=0.5, n_data=train.ONLINE, seed=99),
               train.make_dynamic(example(2).replace(log_prior=np.log(np.array([0.9, 0.1], np.float32))),
                                  lr=1e-4, n_data=7, seed=3)]
     fn(train.stack_dynamic(varied))
@@ -83,5 +93,5 @@ def test_dynamic_settings_do_not_retrace(monkeypatch):
 def test_every_optimizer_reduces_the_error(name):
     static = dataclasses.replace(SMALL, optimizer=name, curve_points=0)
     out = train.train_single(static, dyn(1, lr=1e-2 if name != "sgd" else 0.3, momentum=0.9))
-    kl = np.asarray(out["kl"])
+    kl = np.asarray(out.checkpoints.scalars.kl)
     assert kl[-1] < 0.5 * kl[0], kl

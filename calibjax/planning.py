@@ -1,0 +1,172 @@
+"""Planning: how a sweep's runs are laid on the devices and cut into chunks; memory and time.
+
+Nothing here trains. A ``Layout`` says which devices share the run axis, how many runs each
+vmaps at once and how much memory a chunk may use; ``plan_chunks`` cuts each static group's
+pending runs into chunks of one padded size (one compile per group); ``plan`` estimates a sweep's
+memory and time for ``calibjax plan``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import jax
+import pandas as pd
+
+from calibjax import sweep as sweep_mod, tables, train
+
+CPU_INNER_BATCH = 32    # runs vmapped together per device on CPU: small enough to stay in cache
+GPU_INNER_BATCH = 4096  # on accelerators, wide batches fill the device
+CPU_MAX_CHUNK = 1024    # most runs per call: bounds lost work on a kill and keeps progress moving
+GPU_MAX_CHUNK = 16384
+MEMORY_FRACTION = 0.5   # of device (or, on CPU, host) memory a chunk may plan to use
+F32, F64 = 4, 8
+# Fraction of the matmul rate that training and evaluation reach, for plan's time estimate:
+# CPU 0.35 (calibjax 0.2.0 here: benchmarks/throughput.py 0.36-0.40 with one evaluation per run;
+# the shipped sweeps 0.29-0.43 of the training FLOPs, scale_10k 0.35); GPU 0.05 (H200, 0.1.0: 0.08
+# of its TF32 matmul rate).
+EFFICIENCY = {"cpu": 0.35, "gpu": 0.05}
+COMPILE_S = 10.0  # typical compile time of one group here (CPU); plan adds it per group
+
+
+@functools.lru_cache(maxsize=256)
+def memory_per_run(static: train.Static) -> tuple[int, int]:
+    """Estimated bytes per run: (working set while it trains, results held until the chunk ends).
+
+    Working set (a model of the compiled program): parameters, gradients and two Adam moments;
+    training activations (forward and backward) of one batch; the evaluation set and its forward
+    pass; posterior curves. Held: the run's result on the device (its exact size, from the traced
+    function) and the host tables built from it (8-byte columns).
+    """
+    widths = (static.dim, *static.hidden, static.num_classes)
+    n_params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+    units = sum(widths)
+    g, m, nb = static.eval.points, static.num_classes, static.eval.num_bins
+    s, p = static.eval.calibration_samples, static.curve_points ** static.dim
+    working = F32 * (4 * n_params + 3 * static.batch_size * units
+                     + (g + s) * (static.dim + 2 * m + nb + 5) + 2 * (g + s) * units + p * (units + m)
+                     + g * static.eval.true_bins)
+    table_bytes = sum(rows * cols * F64 for rows, cols in tables.row_counts(static).values())
+    return working, tables.output_bytes(static) + table_bytes
+
+
+def device_memory(device) -> int:
+    """Bytes a chunk may plan on: the accelerator's limit, or the host's RAM shared by CPU devices."""
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return host // max(1, len(jax.local_devices(backend="cpu")))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a group's runs are laid out on the hardware."""
+
+    devices: tuple      # devices the run axis is sharded over
+    inner_batch: int    # most runs vmapped together on one device (lax.map over such batches)
+    max_chunk: int      # most runs per compiled call
+    memory: int         # bytes per device a chunk may plan to use
+
+    @property
+    def backend(self) -> str:
+        return self.devices[0].platform
+
+    def chunk_size(self, n_runs: int, static: train.Static) -> tuple[int, int, int]:
+        """(runs per chunk, padded runs per call, inner batch) for a group of n_runs.
+
+        Runs per chunk is bounded by max_chunk and the memory budget; the call size is that
+        rounded up to a multiple of devices x inner batch, so every chunk of the group (the
+        last one padded with copies) reuses one compiled program.
+        """
+        n_dev = len(self.devices)
+        working, held = memory_per_run(static)
+        inner = max(1, min(self.inner_batch, self.memory // (2 * working)))
+        by_memory = max(1, (self.memory - inner * working) // held) * n_dev
+        runs = max(1, min(n_runs, self.max_chunk, by_memory))
+        inner = min(inner, math.ceil(runs / n_dev))
+        return runs, math.ceil(runs / (n_dev * inner)) * n_dev * inner, inner
+
+    def describe(self) -> dict:
+        return {"devices": len(self.devices), "backend": self.backend, "inner_batch": self.inner_batch,
+                "max_chunk": self.max_chunk, "memory_per_device": self.memory}
+
+
+def default_layout(chunk_size: int | None = None, inner_batch: int | None = None,
+                   devices=None) -> Layout:
+    """The fastest layout measured for the hardware at hand (benchmarks/throughput.py --explore)."""
+    devices = tuple(devices if devices is not None else jax.local_devices())
+    cpu = devices[0].platform == "cpu"
+    inner = inner_batch or (CPU_INNER_BATCH if cpu else GPU_INNER_BATCH)
+    max_chunk = chunk_size or (CPU_MAX_CHUNK if cpu else GPU_MAX_CHUNK)
+    return Layout(devices, inner, max_chunk, int(device_memory(devices[0]) * MEMORY_FRACTION))
+
+
+@dataclass
+class Chunk:
+    group: int
+    static: train.Static
+    run_ids: list[int]
+    size: int    # padded number of runs per call (the same for every chunk of a group)
+    inner: int   # runs vmapped together per device
+
+    @property
+    def chunk_id(self) -> str:
+        return f"g{self.group:03d}-r{self.run_ids[0]:07d}-n{len(self.run_ids)}"
+
+
+def shard_run_ids(n_runs: int, shard: tuple[int, int] | None) -> list[int]:
+    """Shard k of n owns run_ids i with i % n == k: deterministic, and balanced over groups."""
+    if shard is None:
+        return list(range(n_runs))
+    k, n = shard
+    return list(range(k, n_runs, n))
+
+
+def plan_chunks(sw: sweep_mod.Sweep, layout: Layout, run_ids=None, done=frozenset()) -> list[Chunk]:
+    """Cut each group's pending runs (those in run_ids and not done) into chunks."""
+    statics, group_of = sw.groups
+    wanted = set(range(len(sw.runs)) if run_ids is None else run_ids) - set(done)
+    chunks = []
+    for g, static in enumerate(statics):
+        ids = [i for i, gi in enumerate(group_of) if gi == g and i in wanted]
+        if ids:
+            runs, size, inner = layout.chunk_size(len(ids), static)
+            chunks += [Chunk(g, static, ids[i:i + runs], size, inner) for i in range(0, len(ids), runs)]
+    return chunks
+
+
+def matmul_rate(seconds: float = 1.0, n: int = 1024) -> float:
+    """Measured float32 matmul FLOP/s on the default device."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jax.numpy.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        f(a).block_until_ready()
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def plan(sw: sweep_mod.Sweep, layout: Layout, shard=None, done=frozenset()) -> pd.DataFrame:
+    """One row per group: runs, chunks, call size, memory and time estimates (nothing trained)."""
+    chunks = plan_chunks(sw, layout, shard_run_ids(len(sw.runs), shard), done)
+    rate = matmul_rate(0.5) * EFFICIENCY.get(layout.backend, 0.05)
+    rows = []
+    for g in dict.fromkeys(c.group for c in chunks):
+        cs = [c for c in chunks if c.group == g]
+        st = cs[0].static
+        working, held = memory_per_run(st)
+        n = sum(len(c.run_ids) for c in cs)
+        rows.append({"group": g, "hidden": "-".join(map(str, st.hidden)), "optimizer": st.optimizer,
+                     "batch_size": st.batch_size, "steps": st.steps, "classes": st.num_classes,
+                     "dim": st.dim, "runs": n, "chunks": len(cs), "runs_per_call": cs[0].size,
+                     "inner_batch": cs[0].inner,
+                     "memory_per_chunk_mb": (cs[0].inner * working * len(layout.devices) + cs[0].size * held) / 2**20,
+                     "est_seconds": COMPILE_S + n * st.flops_per_run / rate})
+    return pd.DataFrame(rows, columns=None if rows else ["group", "runs", "chunks", "est_seconds"])
+

@@ -1,0 +1,94 @@
+"""Results of a sweep on disk: the manifest, which results belong together, final tables, merge.
+
+A results directory holds one sweep file's results. Its manifest records the sweep text and
+hash, the settings the figures need (``plot_steps``) and the ``numbers_version`` of the calibjax
+that wrote it; chunks and shard parts are joined only with a manifest that matches. Final tables
+are rebuilt from the finished chunks, sorted by each table's keys (``tables.TABLES``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+
+from calibjax import store, sweep as sweep_mod, tables, train
+
+
+class ResultsExist(sweep_mod.SweepError):
+    """The output directory holds results of a different sweep file or calibjax numbers."""
+
+
+def sweep_manifest(sw: sweep_mod.Sweep) -> dict:
+    """What identifies a sweep's results, and what the figures need to know about it."""
+    return {"sweep_name": sw.name, "sweep_file": sw.path, "sweep_sha256": sw.sha256, "sweep_text": sw.text,
+            "numbers_version": train.NUMBERS_VERSION, "runs": len(sw.runs), "groups": len(sw.groups[0]),
+            "plot_steps": {r.case: r.settings["plot_steps"] for r in sw.runs}}
+
+
+def check_same_numbers(manifest: dict, where: Path, sha256: str, hint: str) -> None:
+    """Refuse to join results of a different sweep file, or of a calibjax that computes other numbers."""
+    if manifest.get("sweep_sha256") != sha256:
+        raise ResultsExist(f"{where}: holds results of a different sweep file (sha256 "
+                           f"{manifest.get('sweep_sha256', '?')[:12]} != {sha256[:12]}); {hint}")
+    theirs = manifest.get("numbers_version", 1)
+    if theirs != train.NUMBERS_VERSION:
+        raise ResultsExist(f"{where}: holds results of calibjax {manifest.get('versions', {}).get('calibjax', '?')}, "
+                           f"whose runs give other numbers (numbers_version {theirs}, this calibjax has "
+                           f"{train.NUMBERS_VERSION}); joining them would mix the two; {hint}")
+
+
+def prepare_output(sw: sweep_mod.Sweep, out: Path, overwrite: bool) -> None:
+    """Create or reuse the output directory; refuse to mix results of other sweep files or numbers."""
+    manifest = store.read_manifest(out)
+    if manifest is not None and not overwrite:
+        check_same_numbers(manifest, out, sw.sha256, "use --overwrite to replace them or --out to write elsewhere")
+    if overwrite and out.exists():
+        store.remove_results(out)
+    out.mkdir(parents=True, exist_ok=True)
+    store.clean_debris(out)
+
+
+def write_chunk(part: Path, chunk_id: str, static: train.Static, run_ids, result: train.RunResult) -> None:
+    """One finished chunk's tables, written as a unit."""
+    store.write_chunk(part, chunk_id, tables.chunk_tables(static, run_ids, result))
+
+
+def finalize(out: Path, runs: pd.DataFrame) -> list[int]:
+    """Join the finished chunks (own and shards') into the final tables; return missing run_ids.
+
+    Runs not finished yet appear in runs.parquet with status "missing".
+    """
+    found = store.read_chunk_tables(out, tables.TABLES)
+    status = found.pop("status")
+    table = runs.merge(status if status is not None else tables.empty_status(), on="run_id", how="left")
+    table["status"] = table["status"].fillna("missing")
+    store.write_parquet(out / "runs.parquet", table)
+    for name, df in found.items():
+        if df is not None:
+            keys = list(tables.TABLES[name].keys)
+            store.write_parquet(out / f"{name}.parquet",
+                                df.sort_values(keys, kind="stable").reset_index(drop=True))
+    return table.loc[table["status"] == "missing", "run_id"].tolist()
+
+
+def merge(out: str | Path) -> list[int]:
+    """Join shard parts (and any unsharded chunks) of ``out`` into its final tables.
+
+    Refuses parts written from a different sweep file. Returns the run_ids still missing.
+    """
+    out = Path(out)
+    manifest = store.read_manifest(out)
+    if manifest is None:
+        raise sweep_mod.SweepError(f"{out}: no manifest.json here; is it a calibjax results directory?")
+    for part in sorted(out.glob("shards/*")):
+        m = store.read_manifest(part)
+        if m is not None:
+            check_same_numbers(m, part, manifest["sweep_sha256"], f"it does not belong with {out}/manifest.json")
+    sw = sweep_mod.parse(tomllib.loads(manifest["sweep_text"]), manifest["sweep_file"], manifest["sweep_text"])
+    store.clean_debris(out)
+    missing = finalize(out, sweep_mod.runs_table(sw))
+    store.write_json(out / "manifest.json", {**manifest, **sweep_manifest(sw), "complete": not missing,
+                                             "merged": True, "missing_runs": len(missing)})
+    return missing
