@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 SWEEP ?= sweeps/blog.toml
 
-.PHONY: run test bench clean
+.PHONY: run test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,15 @@ run: $(STAMP)
 	$(VENV)/bin/calibjax run $(SWEEP)
 
 test: $(STAMP)
+	$(VENV)/bin/python -m ruff check .
 	$(VENV)/bin/python -m pytest -q
+
+# The edit loop: everything but the tests marked slow (under 90 s here).
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/python -m ruff check .
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/throughput.py

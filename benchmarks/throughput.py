@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import calibjax  # noqa: E402,F401  (before jax: one XLA CPU device per core)
+import calibjax  # noqa: E402
 
 
 def parse_args():
@@ -120,16 +120,17 @@ def main():
     args = parse_args()
     if args.explore:
         return explore(args)
+    calibjax.setup()  # one XLA CPU device per core ($CALIBJAX_CPU_DEVICES), compilation cache
     import jax
 
-    from calibjax import engine, tasks, train
+    from calibjax import engine, planning, tasks, train
 
     task = tasks.make_task([0.5, 0.5], [[[0.0]], [[3.0]]], [[[1.0]], [[1.0]]])
     static = train.Static(steps=args.steps, checkpoints=(args.steps,), matmul_precision=args.precision)
     flops = static.flops_per_step
-    layout = engine.default_layout(inner_batch=args.inner_batch, chunk_size=max(args.runs))
+    layout = planning.default_layout(inner_batch=args.inner_batch, chunk_size=max(args.runs))
     trainer = engine.Trainer(layout)
-    peak = engine.matmul_rate(seconds=2.0, n=2048)
+    peak = planning.matmul_rate(seconds=2.0, n=2048)
     print(f"backend {jax.default_backend()}, {len(layout.devices)} device(s): {layout.devices[0].device_kind}; "
           f"float32 matmul {peak / 1e9:,.1f} GFLOP/s (JAX default precision); model-step {flops / 1e6:.2f} MFLOP; "
           f"{args.steps} steps per run; training matmuls in {args.precision}")
@@ -148,13 +149,14 @@ def main():
     print(f"one run at a time (jitted single-run loop): {single_rate:,.0f} model-steps/s"
           + (f"; PyTorch loop of the study: {torch:,.0f} model-steps/s" if torch else "; PyTorch not installed"))
 
-    head = f"{'runs':>6} {'model-steps/s':>14} {'% matmul peak':>14} {'% ceiling':>10} {'x single':>9} {'x torch':>8} {'compile s':>10} {'peak MB':>8}"
+    head = (f"{'runs':>6} {'model-steps/s':>14} {'% matmul peak':>14} {'% ceiling':>10} {'x single':>9} "
+            f"{'x torch':>8} {'compile s':>10} {'peak MB':>8}")
     print(head)
     rows = []
     for r in args.runs:
         dyns = [train.make_dynamic(task, n_data=100_000, seed=s) for s in range(r)]
         _, size, inner = layout.chunk_size(r, static)
-        trainer.executable(static, dyns[0], size, inner)
+        trainer.executable(static, size, inner)
         compile_s = trainer.compile_s
         trainer.compile_s = 0.0
         t0 = time.perf_counter()
@@ -210,10 +212,7 @@ def explore(args):
     cores = len(os.sched_getaffinity(0))
     for devices in sorted({1, cores}):
         for inner in (8, 16, 32, 64, 128, r):
-            # importing calibjax put this process's device count in XLA_FLAGS: drop it for the child
-            flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                             if "xla_force_host_platform_device_count" not in f)
-            env = {**os.environ, "XLA_FLAGS": flags, "CALIBJAX_CPU_DEVICES": str(devices)}
+            env = {**os.environ, "CALIBJAX_CPU_DEVICES": str(devices)}  # the child's calibjax.setup() reads it
             out = subprocess.run([sys.executable, __file__, "--runs", str(r), "--steps", str(args.steps),
                                   "--inner-batch", str(inner), "--single-runs", "1", "--torch-steps", "0"],
                                  env=env, capture_output=True, text=True)

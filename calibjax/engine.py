@@ -17,7 +17,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from calibjax import planning, results, runtime, store, sweep as sweep_mod, train
+from calibjax import planning, results, runtime, store, train
+from calibjax import sweep as sweep_mod
 
 
 class Trainer:

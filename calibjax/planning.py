@@ -9,6 +9,7 @@ memory and time for ``calibjax plan``.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import time
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 import jax
 import pandas as pd
 
-from calibjax import sweep as sweep_mod, tables, train
+from calibjax import sweep as sweep_mod
+from calibjax import tables, train
 
 CPU_INNER_BATCH = 32    # runs vmapped together per device on CPU: small enough to stay in cache
 GPU_INNER_BATCH = 4096  # on accelerators, wide batches fill the device
@@ -43,7 +45,7 @@ def memory_per_run(static: train.Static) -> tuple[int, int]:
     function) and the host tables built from it (8-byte columns).
     """
     widths = (static.dim, *static.hidden, static.num_classes)
-    n_params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+    n_params = sum(a * b + b for a, b in itertools.pairwise(widths))
     units = sum(widths)
     g, m, nb = static.eval.points, static.num_classes, static.eval.num_bins
     s, p = static.eval.calibration_samples, static.curve_points ** static.dim

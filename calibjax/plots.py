@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from calibjax import store, summaries, sweep as sweep_mod, tasks
+from calibjax import store, summaries, tasks
+from calibjax import sweep as sweep_mod
 
 BAND = (0.0, 1.0)  # quantiles of the seed band: min to max over seeds
 
@@ -39,7 +40,7 @@ def densities(runs: pd.DataFrame, path: Path) -> Path:
     """Per case (1-D tasks): each class's P(c) p(x|c) and the mixture p(x)."""
     cases = runs[runs["dim"] == 1].drop_duplicates("case")
     fig, axes = _subplots(len(cases), figsize=(4.2 * len(cases), 3.2), squeeze=False)
-    for ax, (_, row) in zip(axes[0], cases.iterrows()):
+    for ax, (_, row) in zip(axes[0], cases.iterrows(), strict=True):
         task = sweep_mod.task_from_row(row)
         lo, hi = (float(a[0]) for a in tasks.support_range(task, 4.0))
         x = np.linspace(lo, hi, 400, dtype=np.float32)[:, None]
@@ -57,7 +58,7 @@ def posterior_curves(curves: pd.DataFrame, runs: pd.DataFrame, case: str, steps,
     ids = runs.loc[runs["case"] == case, "run_id"]
     df = curves[curves["run_id"].isin(ids) & curves["step"].isin(steps)]
     fig, axes = _subplots(len(steps), figsize=(4.2 * len(steps), 3.2), squeeze=False, sharey=True)
-    for ax, step in zip(axes[0], steps):
+    for ax, step in zip(axes[0], steps, strict=True):
         d = df[df["step"] == step]
         for c, dc in d.groupby("class"):
             g = dc.groupby("x")
@@ -102,7 +103,7 @@ def error_by_density(density: pd.DataFrame, runs: pd.DataFrame, path: Path, by: 
         df = df.assign(**{x: df[x].replace(np.inf, finite.max() * 3.0)})
     keys = list(dict.fromkeys(df[by]))
     fig, axes = _subplots(len(keys), figsize=(4.4 * len(keys), 3.4), squeeze=False, sharey=True)
-    for ax, key in zip(axes[0], keys):
+    for ax, key in zip(axes[0], keys, strict=True):
         d = df[df[by] == key]
         med = d.groupby(["log10_density_lo", "log10_density_hi", x])[["max_err", "mass"]].median()
         bins = med.index.droplevel(x).unique()
@@ -243,7 +244,7 @@ def heatmap(agg: pd.DataFrame, x: str, y: str, value: str, path: Path, facet: st
     fig, axes = _subplots(len(facets), figsize=(4.6 * len(facets) + 1.2, 4.0), squeeze=False)
     xs, ys = np.sort(agg[x].unique()), np.sort(agg[y].unique())
     xlog, ylog = _is_log_spaced(xs), _is_log_spaced(ys)
-    for ax, fv in zip(axes[0], facets):
+    for ax, fv in zip(axes[0], facets, strict=True):
         d = agg if fv is None else agg[agg[facet] == fv]
         grid = d.pivot_table(index=y, columns=x, values=value, aggfunc="median", dropna=False)
         grid = grid.reindex(index=ys, columns=xs).to_numpy(float)
@@ -339,7 +340,7 @@ def posterior_map(curves: pd.DataFrame, runs: pd.DataFrame, case: str, steps, pa
     panels = [("exact P(C|x)", image(first, "true_prob"))]
     panels += [(f"model, step {s}", image(d[d["step"] == s], "model_prob")) for s in steps]
     fig, axes = _subplots(len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False, sharey=True)
-    for ax, (title, (xs, ys, prob)) in zip(axes[0], panels):
+    for ax, (title, (xs, ys, prob)) in zip(axes[0], panels, strict=True):
         ax.imshow(np.clip(prob @ colors, 0, 1), origin="lower", extent=(xs[0], xs[-1], ys[0], ys[-1]),
                   aspect="auto", interpolation="bilinear")
         label = prob.argmax(-1)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from calibjax import store, sweep as sweep_mod, tables, train
+from calibjax import store, tables, train
+from calibjax import sweep as sweep_mod
 
 
 class ResultsExist(sweep_mod.SweepError):

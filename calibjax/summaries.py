@@ -36,7 +36,7 @@ def eps_name(eps: float) -> str:
 
 def steps_to_reach(steps: np.ndarray, kl: np.ndarray, eps: float) -> float:
     """First step with kl <= eps, interpolated on log-log axes; inf if never; nan if kl is nan first."""
-    for i, (s, v) in enumerate(zip(steps, kl)):
+    for i, (s, v) in enumerate(zip(steps, kl, strict=True)):
         if np.isnan(v):
             return math.nan
         if v <= eps:
@@ -105,7 +105,7 @@ def aggregate(summary: pd.DataFrame, by: list[str] | None = None) -> pd.DataFram
     by = [c for c in by if c in summary.columns and not c.startswith("reached_")]
     rows = []
     for key, g in summary.groupby(by, sort=True, dropna=False):
-        row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True))
         row["n_runs"] = len(g)
         row["n_diverged"] = int((g["status"] == "diverged").sum())
         for c in value_columns(summary):

@@ -236,7 +236,7 @@ for _kind, _options in {"activation": sorted(model.ACTIVATIONS), "init": list(mo
 
 
 def _increasing(v) -> bool:
-    return all(b > a for a, b in zip(v[:-1], v[1:]))
+    return all(b > a for a, b in itertools.pairwise(v))
 
 
 @validator("checkpoints")
@@ -509,7 +509,7 @@ def task_arrays(settings: dict, origin: dict) -> dict[str, np.ndarray]:
     weights = settings["weights"]
     if weights is not None and len(weights) != n_classes:
         raise SweepError(f"{origin['weights']} weights: {len(weights)} classes, but means has {n_classes}")
-    for c, (m, s) in enumerate(zip(means, sigmas)):
+    for c, (m, s) in enumerate(zip(means, sigmas, strict=True)):
         k = m.shape[0]
         try:
             sigma[c, :k] = np.broadcast_to(s, m.shape)

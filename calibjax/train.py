@@ -14,6 +14,7 @@ and the evaluation are each compiled once whatever the checkpoints are.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -61,7 +62,7 @@ class Static:
     @property
     def macs_per_example(self) -> int:
         widths = (self.dim, *self.hidden, self.num_classes)
-        return sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+        return sum(a * b for a, b in itertools.pairwise(widths))
 
     @property
     def flops_per_step(self) -> float:

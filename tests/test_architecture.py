@@ -9,9 +9,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 import calibjax
 from calibjax import metrics, tables, train
+
 from conftest import SMALL, example
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +69,7 @@ print(rt.cpu_devices, len(jax.devices()), str(w[0].message))
     assert n == devices == "1" and "already initialised with 1 CPU device(s)" in message and "not 3" in message
 
 
+@pytest.mark.slow
 def test_tables_take_their_columns_from_the_records():
     dyns = [train.make_dynamic(example(1), n_data=500, seed=s) for s in range(2)]
     out = jax.tree.map(np.asarray, train.batched_train_fn(SMALL, 2)(train.stack_dynamic(dyns)))

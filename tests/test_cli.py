@@ -11,12 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import cli as calibjax, sweep_text
+from conftest import cli as calibjax
+from conftest import sweep_text
 from test_sweep import BAD
 
 TINY = sweep_text(eval={"curves": True, "curve_points": 5}, cases={"a": {}, "b": {"mu2": 1.0, "sigma1": 2.0}})
 
 
+@pytest.mark.slow
 def test_run_writes_every_table_manifest_and_figure(tmp_path):
     sweep = tmp_path / "tiny.toml"
     sweep.write_text(TINY)
@@ -125,6 +127,7 @@ def test_sigkill_mid_sweep_then_resume_equals_an_uninterrupted_run(tmp_path):
         pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_shards_from_flag_and_slurm_array_then_merge_and_plan(tmp_path):
     sweep = tmp_path / "tiny.toml"
     sweep.write_text(TINY)
@@ -147,6 +150,7 @@ def test_shards_from_flag_and_slurm_array_then_merge_and_plan(tmp_path):
     assert bad.returncode == 2 and "--shard: need 0 <= K < N" in bad.stderr
 
 
+@pytest.mark.slow
 def test_cpu_device_count_is_set_up_explicitly_and_wins_over_xla_flags(tmp_path):
     """The CLI sets up CALIBJAX_CPU_DEVICES devices even when an inherited XLA_FLAGS asks for others."""
     sweep = tmp_path / "tiny.toml"

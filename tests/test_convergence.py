@@ -1,8 +1,10 @@
 """The study's first claim, as a test: example 1 is learned within a couple hundred updates."""
 
 import numpy as np
+import pytest
 
 from calibjax import metrics, train
+
 from conftest import example
 
 # The study's setting: MLP 1-64-64-2 ReLU (PyTorch init), Adam 1e-3, batch 64, N = 100,000.
@@ -14,6 +16,7 @@ STUDY = train.Static(steps=200, checkpoints=(10, 200), eval=metrics.EvalSpec(poi
 KL_AFTER_200 = 1e-2
 
 
+@pytest.mark.slow
 def test_example1_median_kl_after_200_updates():
     runs = [train.make_dynamic(example(1), lr=1e-3, n_data=100_000, seed=s) for s in range(8)]
     out = train.batched_train_fn(STUDY, inner_batch=8)(train.stack_dynamic(runs))

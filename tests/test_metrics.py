@@ -3,13 +3,17 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy import integrate, stats
 
 from calibjax import metrics, tasks
+
 from conftest import example
 
+SPEC = metrics.EvalSpec()
 
-def evaluate(ev, log_q, log_q_cal=None, spec=metrics.EvalSpec()):
+
+def evaluate(ev, log_q, log_q_cal=None, spec=SPEC):
     """Every measurement by name: the scalars, and the density bins as bin_mass, bin_kl, bin_max_err."""
     if log_q_cal is None:  # the calibration metrics are not under test: a uniform q on the labelled sample
         m = log_q.shape[-1]
@@ -18,6 +22,7 @@ def evaluate(ev, log_q, log_q_cal=None, spec=metrics.EvalSpec()):
     return e.scalars._asdict() | {f"bin_{k}": v for k, v in e.density._asdict().items()}
 
 
+@pytest.mark.slow
 def test_kl_is_zero_for_the_exact_posterior_and_bins_add_up():
     for n in (1, 2, 3):
         ev = metrics.make_eval_set(example(n), metrics.EvalSpec())
@@ -28,6 +33,7 @@ def test_kl_is_zero_for_the_exact_posterior_and_bins_add_up():
         np.testing.assert_allclose(float(jnp.sum(m["bin_kl"])), float(m["kl"]), atol=1e-7)
 
 
+@pytest.mark.slow
 def test_kl_tv_and_accuracy_of_a_wrong_posterior_match_direct_integration():
     task = example(2)
     ev = metrics.make_eval_set(task, metrics.EvalSpec())
@@ -91,6 +97,7 @@ def test_density_bins_follow_log10_density():
     assert np.all(d > np.asarray(lo)[b]) and np.all(d <= np.asarray(hi)[b])
 
 
+@pytest.mark.slow
 def test_monte_carlo_eval_for_2d_is_fixed_and_weights_sum_to_one():
     task = tasks.make_task([0.5, 0.5], [[[0.0, 0.0]], [[2.0, 0.0]]], [[[1.0, 1.0]], [[1.0, 1.0]]])
     spec = metrics.EvalSpec(points=4000)
@@ -102,7 +109,7 @@ def test_monte_carlo_eval_for_2d_is_fixed_and_weights_sum_to_one():
     np.testing.assert_allclose(float(m["bayes_accuracy"]), stats.norm.cdf(1.0), atol=0.015)
 
 
-def _calibration(task, log_q_fn, spec=metrics.EvalSpec()):
+def _calibration(task, log_q_fn, spec=SPEC):
     ev = metrics.make_eval_set(task, spec)
     return ev, evaluate(ev, log_q_fn(ev, ev.x), log_q_fn(ev, ev.cal_x), spec)
 
@@ -189,5 +196,5 @@ def test_bin_sums_on_cpu_and_the_accelerator_path_match_bincount():
     expected = [np.bincount(index, weights=v, minlength=200) for v in values]
     for fn in (metrics._bin_sums, lambda i, n, *v: metrics._onehot_sums(n, i, *v)):
         got = jax.jit(fn, static_argnums=1)(jnp.asarray(index), 200, *map(jnp.asarray, values))
-        for g, e in zip(got, expected):
+        for g, e in zip(got, expected, strict=True):
             np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)

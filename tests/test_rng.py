@@ -4,6 +4,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy import stats
 
 from calibjax import rng, tasks, train
@@ -57,6 +58,7 @@ def _batches(n_data, steps, batch_size=64):
     return task, data_key, np.asarray(x).reshape(-1), np.asarray(c).reshape(-1)
 
 
+@pytest.mark.slow
 def test_finite_data_uses_exactly_its_n_examples_uniformly():
     n = 50
     task, data_key, x, c = _batches(n, steps=400)

@@ -100,6 +100,7 @@ def test_plots_are_drawn_from_tables_alone(tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
 
 
+@pytest.mark.slow
 def test_bad_plot_arguments_are_clear_errors(tmp_path):
     runs, metrics = synthetic_results(tmp_path)
     agg = summaries.aggregate(summaries.summarize(metrics, runs))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from calibjax import sweep
+
 from conftest import sweep_text as _text
 
 BASE = _text(name="t", model=None, eval=None, train={"steps": 100, "checkpoints": [10, 100], "n_data": None})
@@ -42,7 +43,8 @@ mu2 = {linspace = [1.0, 2.0], num = 2}
 
 
 def test_static_settings_make_groups():
-    sw = parse(BASE + "[grid]\nwidth = [16, 32]\ndepth = [1, 2]\nbatch_size = {range = [32, 64], step = 32, int = true}\n")
+    sw = parse(BASE + "[grid]\nwidth = [16, 32]\ndepth = [1, 2]\n"
+               "batch_size = {range = [32, 64], step = 32, int = true}\n")
     runs = sweep.runs_table(sw)
     assert runs["group"].nunique() == 8
     assert set(runs["hidden"]) == {"16", "32", "16-16", "32-32"}

@@ -8,6 +8,7 @@ from scipy import stats
 from scipy.special import logsumexp as np_logsumexp
 
 from calibjax import tasks
+
 from conftest import example
 
 
@@ -49,6 +50,7 @@ def scipy_log_posterior(params, x):
     return log_joint - np_logsumexp(log_joint)
 
 
+@pytest.mark.slow
 def test_three_class_2d_mixture_matches_scipy_bayes():
     task, params = three_class_task()
     rng = np.random.default_rng(0)
@@ -77,6 +79,7 @@ def test_class_frequencies_follow_priors():
     assert np.all(np.abs(freq - prior) < 5 * sd), (freq, prior)
 
 
+@pytest.mark.slow
 def test_class_conditionals_pass_ks_and_a_wrong_distribution_fails():
     task = tasks.make_task([0.4, 0.6], [[[0.0], [0.0]], [[-2.0], [2.0]]], [[[2.0], [2.0]], [[0.5], [1.0]]],
                            [[1.0, 0.0], [0.3, 0.7]])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from calibjax import tables, train
+
 from conftest import SMALL, example
 
 
@@ -36,6 +37,7 @@ def mixed_runs():
             dyn(2, lr=1e-2, n_data=50, seed=3, weight_decay=1e-3), dyn(1, lr=2e-4, seed=4)]
 
 
+@pytest.mark.slow
 def test_vmapped_runs_match_each_run_alone():
     runs = mixed_runs()
     batched = train.batched_train_fn(SMALL, inner_batch=2)(train.stack_dynamic(runs + runs[-1:]))
@@ -44,6 +46,7 @@ def test_vmapped_runs_match_each_run_alone():
         assert_same(run(batched, i), alone)
 
 
+@pytest.mark.slow
 def test_a_runs_numbers_do_not_depend_on_its_batch_mates_or_devices():
     runs = mixed_runs()
     target = runs[2]
@@ -53,9 +56,10 @@ def test_a_runs_numbers_do_not_depend_on_its_batch_mates_or_devices():
     assert_same(run(a, 0), run(b, 2))
 
 
+@pytest.mark.slow
 def test_finite_data_is_memorised_and_online_data_is_not():
     static = dataclasses.replace(SMALL, steps=1500, checkpoints=(1000, 1500), hidden=(64, 64), curve_points=0)
-    runs = [dyn(2, lr=3e-3, n_data=8, seed=s) for s in range(2)] + [dyn(2, lr=3e-3, n_data=train.ONLINE, seed=s) for s in range(2)]
+    runs = [dyn(2, lr=3e-3, n_data=n, seed=s) for n in (8, train.ONLINE) for s in range(2)]
     out = train.batched_train_fn(static, inner_batch=4)(train.stack_dynamic(runs))
     bayes = float(out.bayes_loss[0])  # H(C|X) = 0.43 nats for example 2
     final_loss = np.asarray(out.checkpoints.scalars.loss[:, -1])
@@ -65,6 +69,7 @@ def test_finite_data_is_memorised_and_online_data_is_not():
     assert np.all(kl[:2] > 5 * kl[2:])                                 # and memorising is not learning P
 
 
+@pytest.mark.slow
 def test_a_diverging_run_is_marked_and_leaves_its_batch_mates_alone():
     good, bad = dyn(1, seed=5), train.make_dynamic(example(1), lr=1e30, n_data=1000, seed=6)
     out = train.batched_train_fn(SMALL, inner_batch=2)(train.stack_dynamic([good, bad]))
@@ -76,6 +81,7 @@ def test_a_diverging_run_is_marked_and_leaves_its_batch_mates_alone():
     assert np.isnan(last.loc[11, "kl"]) and np.isfinite(last.loc[10, "kl"])
 
 
+@pytest.mark.slow
 def test_dynamic_settings_do_not_retrace(monkeypatch):
     traces = []
     original = train.train_run
@@ -89,6 +95,7 @@ def test_dynamic_settings_do_not_retrace(monkeypatch):
     assert len(traces) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", train.OPTIMIZERS)
 def test_every_optimizer_reduces_the_error(name):
     static = dataclasses.replace(SMALL, optimizer=name, curve_points=0)
