@@ -155,18 +155,19 @@ def main():
     rows = []
     for r in args.runs:
         dyns = [train.make_dynamic(task, n_data=100_000, seed=s) for s in range(r)]
-        _, size, inner = layout.chunk_size(r, static)
-        trainer.executable(static, size, inner)
+        _, size = layout.chunk_size(r, static)
+        trainer.executable(static, size)
         compile_s = trainer.compile_s
         trainer.compile_s = 0.0
         t0 = time.perf_counter()
-        trainer(static, dyns, size, inner)
+        trainer(static, dyns, size)
         wall = time.perf_counter() - t0
         rate = r * args.steps / wall
         row = {"runs": r, "model_steps_per_s": rate, "frac_matmul_peak": rate * flops / peak,
                "frac_ceiling": rate / ceiling,
                "vs_single": rate / single_rate, "vs_torch": rate / torch if torch else None,
-               "compile_s": compile_s, "peak_mb": peak_memory_mb(), "inner_batch": inner,
+               "compile_s": compile_s, "peak_mb": peak_memory_mb(), "inner_batch": layout.inner_batch,
+               "padded_runs": size,
                "devices": len(layout.devices), "backend": jax.default_backend()}
         rows.append(row)
         vs_torch = f"{row['vs_torch']:.1f}x" if torch else "-"
@@ -193,10 +194,10 @@ def fixed_cost(trainer, layout, task, steps, rows) -> dict | None:
     r = row["runs"]
     one = train.Static(steps=1, checkpoints=(1,))
     dyns = [train.make_dynamic(task, n_data=100_000, seed=s) for s in range(r)]
-    _, size, inner = layout.chunk_size(r, one)
-    trainer(one, dyns, size, inner)  # compile and warm up
+    _, size = layout.chunk_size(r, one)
+    trainer(one, dyns, size)  # compile and warm up
     t0 = time.perf_counter()
-    trainer(one, dyns, size, inner)
+    trainer(one, dyns, size)
     fixed = time.perf_counter() - t0
     wall = r * steps / row["model_steps_per_s"]
     train_rate = r * (steps - 1) / (wall - fixed)

@@ -19,8 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--out", help="results directory (default results/<sweep name>)")
         q.add_argument("--chunk-size", type=int, help="most runs per compiled call (default: by memory, "
                        "at most 1024 on CPU, 16384 on GPU)")
-        q.add_argument("--inner-batch", type=int, help="runs vmapped together per device "
-                       "(default 32 on CPU, 4096 on GPU)")
+        q.add_argument("--inner-batch", type=int, help="runs vmapped together per device (default 32 on CPU, "
+                       "1024 on GPU); part of every run's numbers, so a results directory keeps one")
         q.add_argument("--shard", help="K/N: only runs with run_id %% N == K, into DIR/shards/K-of-N "
                        "(default from SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT when set)")
     run.add_argument("--overwrite", action="store_true", help="replace results of a different sweep file")

@@ -22,7 +22,8 @@ from calibjax import sweep as sweep_mod
 
 
 class Trainer:
-    """Compiles once per (static settings, call size, inner batch) and trains chunks of runs."""
+    """Compiles once per (static settings, call size) and trains chunks of runs, ``layout.inner_batch``
+    at a time on each device."""
 
     def __init__(self, layout: planning.Layout):
         self.layout = layout
@@ -31,25 +32,25 @@ class Trainer:
         self.compiles = 0
         self.compile_s = 0.0
 
-    def executable(self, static: train.Static, size: int, inner: int, on_compile=None):
+    def executable(self, static: train.Static, size: int, on_compile=None):
         """The compiled program for chunks of ``size`` runs of this group (compiled on first use)."""
-        key = (static, size, inner)
+        key = (static, size)
         if key not in self._compiled:
             if on_compile:
                 on_compile(static, size)
             t0 = time.perf_counter()
-            fn = train.batched_train_fn(static, inner, self.mesh)
+            fn = train.batched_train_fn(static, self.layout.inner_batch, self.mesh)
             self._compiled[key] = fn.lower(train.stack_dynamic([train.placeholder_dynamic(static)] * size)).compile()
             self.compile_s += time.perf_counter() - t0
             self.compiles += 1
         return self._compiled[key]
 
-    def __call__(self, static: train.Static, dyns: list[train.Dynamic], size: int, inner: int,
+    def __call__(self, static: train.Static, dyns: list[train.Dynamic], size: int,
                  on_compile=None) -> train.RunResult:
         """Train the runs ``dyns`` (padded to ``size`` with copies of the last); numpy results."""
         n = len(dyns)
         padded = train.stack_dynamic(dyns + [dyns[-1]] * (size - n))
-        out = self.executable(static, size, inner, on_compile)(padded)
+        out = self.executable(static, size, on_compile)(padded)
         return jax.tree.map(lambda v: np.asarray(v)[:n], out)
 
 
@@ -81,8 +82,9 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout |
     t_start = time.perf_counter()
     out = Path(out)
     layout = layout or planning.default_layout()
-    results.prepare_output(sw, out, overwrite)
-    manifest = {**results.sweep_manifest(sw), **runtime.environment(), "layout": layout.describe()}
+    identity = results.numbers_identity(layout.backend, layout.inner_batch)
+    results.prepare_output(sw, out, identity, overwrite)
+    manifest = {**results.sweep_manifest(sw), **runtime.environment(), **identity, "layout": layout.describe()}
     if store.read_manifest(out) is None:
         store.write_json(out / "manifest.json", {**manifest, "complete": False})
     part = out / "shards" / f"{shard[0]}-of-{shard[1]}" if shard else out
@@ -104,7 +106,7 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout |
         try:
             compile_before = trainer.compile_s
             t0 = time.perf_counter()
-            result = trainer(chunk.static, dyns, chunk.size, chunk.inner, on_compile)
+            result = trainer(chunk.static, dyns, chunk.size, on_compile)
             report.train_s += time.perf_counter() - t0 - (trainer.compile_s - compile_before)
             results.write_chunk(part, chunk.chunk_id, chunk.static, chunk.run_ids, result)
         except Exception as e:  # a broken chunk must not stop the others

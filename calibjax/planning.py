@@ -1,9 +1,17 @@
 """Planning: how a sweep's runs are laid on the devices and cut into chunks; memory and time.
 
 Nothing here trains. A ``Layout`` says which devices share the run axis, how many runs each
-vmaps at once and how much memory a chunk may use; ``plan_chunks`` cuts each static group's
-pending runs into chunks of one padded size (one compile per group); ``plan`` estimates a sweep's
-memory and time for ``calibjax plan``.
+vmaps at once (the vectorisation width) and how much memory a chunk may use; ``plan_chunks``
+cuts each static group's pending runs into chunks of one padded size (one compile per group);
+``plan`` estimates a sweep's memory and time for ``calibjax plan``.
+
+The vectorisation width is part of a run's numbers: XLA computes a vmapped batch of W runs with
+kernels chosen for W, and one-ulp differences grow over training (measured: widths 16 and 32
+give different bits after 1000 steps). Everything else about the layout does not change a bit
+(measured and tested: a run's position in its batch, its neighbours, diverging ones included,
+the number of batches per device, the number of devices). So the width is fixed per backend and
+never narrowed to fit a small chunk: chunks are padded to whole batches instead, and a results
+directory records its width and accepts no results of another.
 """
 
 from __future__ import annotations
@@ -21,8 +29,11 @@ import pandas as pd
 from calibjax import sweep as sweep_mod
 from calibjax import tables, train
 
-CPU_INNER_BATCH = 32    # runs vmapped together per device on CPU: small enough to stay in cache
-GPU_INNER_BATCH = 4096  # on accelerators, wide batches fill the device
+# Runs vmapped together per device (the vectorisation width): on CPU small enough that a batch's
+# weights stay in cache (benchmarks/throughput.py --explore); on accelerators wide, to fill the
+# device, but not so wide that a small sweep pays for thousands of padding runs.
+CPU_INNER_BATCH = 32
+GPU_INNER_BATCH = 1024
 CPU_MAX_CHUNK = 1024    # most runs per call: bounds lost work on a kill and keeps progress moving
 GPU_MAX_CHUNK = 16384
 MEMORY_FRACTION = 0.5   # of device (or, on CPU, host) memory a chunk may plan to use
@@ -70,7 +81,7 @@ class Layout:
     """How a group's runs are laid out on the hardware."""
 
     devices: tuple      # devices the run axis is sharded over
-    inner_batch: int    # most runs vmapped together on one device (lax.map over such batches)
+    inner_batch: int    # runs vmapped together on one device, always (lax.map over such batches)
     max_chunk: int      # most runs per compiled call
     memory: int         # bytes per device a chunk may plan to use
 
@@ -78,20 +89,20 @@ class Layout:
     def backend(self) -> str:
         return self.devices[0].platform
 
-    def chunk_size(self, n_runs: int, static: train.Static) -> tuple[int, int, int]:
-        """(runs per chunk, padded runs per call, inner batch) for a group of n_runs.
+    def chunk_size(self, n_runs: int, static: train.Static) -> tuple[int, int]:
+        """(runs per chunk, padded runs per call) for a group of n_runs.
 
         Runs per chunk is bounded by max_chunk and the memory budget; the call size is that
-        rounded up to a multiple of devices x inner batch, so every chunk of the group (the
-        last one padded with copies) reuses one compiled program.
+        rounded up to whole batches on every device (a multiple of devices x inner batch), so
+        every chunk of the group (the last one padded with copies) reuses one compiled program
+        and every run is computed in a batch of exactly ``inner_batch`` runs.
         """
         n_dev = len(self.devices)
         working, held = memory_per_run(static)
-        inner = max(1, min(self.inner_batch, self.memory // (2 * working)))
-        by_memory = max(1, (self.memory - inner * working) // held) * n_dev
+        by_memory = max(1, (self.memory - self.inner_batch * working) // held) * n_dev
         runs = max(1, min(n_runs, self.max_chunk, by_memory))
-        inner = min(inner, math.ceil(runs / n_dev))
-        return runs, math.ceil(runs / (n_dev * inner)) * n_dev * inner, inner
+        per_call = n_dev * self.inner_batch
+        return runs, math.ceil(runs / per_call) * per_call
 
     def describe(self) -> dict:
         return {"devices": len(self.devices), "backend": self.backend, "inner_batch": self.inner_batch,
@@ -114,7 +125,6 @@ class Chunk:
     static: train.Static
     run_ids: list[int]
     size: int    # padded number of runs per call (the same for every chunk of a group)
-    inner: int   # runs vmapped together per device
 
     @property
     def chunk_id(self) -> str:
@@ -137,8 +147,8 @@ def plan_chunks(sw: sweep_mod.Sweep, layout: Layout, run_ids=None, done=frozense
     for g, static in enumerate(statics):
         ids = [i for i, gi in enumerate(group_of) if gi == g and i in wanted]
         if ids:
-            runs, size, inner = layout.chunk_size(len(ids), static)
-            chunks += [Chunk(g, static, ids[i:i + runs], size, inner) for i in range(0, len(ids), runs)]
+            runs, size = layout.chunk_size(len(ids), static)
+            chunks += [Chunk(g, static, ids[i:i + runs], size) for i in range(0, len(ids), runs)]
     return chunks
 
 
@@ -167,8 +177,9 @@ def plan(sw: sweep_mod.Sweep, layout: Layout, shard=None, done=frozenset()) -> p
         rows.append({"group": g, "hidden": "-".join(map(str, st.hidden)), "optimizer": st.optimizer,
                      "batch_size": st.batch_size, "steps": st.steps, "classes": st.num_classes,
                      "dim": st.dim, "runs": n, "chunks": len(cs), "runs_per_call": cs[0].size,
-                     "inner_batch": cs[0].inner,
-                     "memory_per_chunk_mb": (cs[0].inner * working * len(layout.devices) + cs[0].size * held) / 2**20,
+                     "inner_batch": layout.inner_batch,
+                     "memory_per_chunk_mb": (layout.inner_batch * working * len(layout.devices)
+                                             + cs[0].size * held) / 2**20,
                      "est_seconds": COMPILE_S + n * st.flops_per_run / rate})
     return pd.DataFrame(rows, columns=None if rows else ["group", "runs", "chunks", "est_seconds"])
 

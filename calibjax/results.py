@@ -21,30 +21,43 @@ class ResultsExist(sweep_mod.SweepError):
     """The output directory holds results of a different sweep file or calibjax numbers."""
 
 
+def numbers_identity(backend: str, vector_width: int) -> dict:
+    """What besides its settings fixes the bits of a run: calibjax's numbers version, the backend
+    and the vectorisation width (``planning``). Results join only if all three match."""
+    return {"numbers_version": train.NUMBERS_VERSION, "backend": backend, "vector_width": vector_width}
+
+
 def sweep_manifest(sw: sweep_mod.Sweep) -> dict:
     """What identifies a sweep's results, and what the figures need to know about it."""
     return {"sweep_name": sw.name, "sweep_file": sw.path, "sweep_sha256": sw.sha256, "sweep_text": sw.text,
-            "numbers_version": train.NUMBERS_VERSION, "runs": len(sw.runs), "groups": len(sw.groups[0]),
+            "runs": len(sw.runs), "groups": len(sw.groups[0]),
             "plot_steps": {r.case: r.settings["plot_steps"] for r in sw.runs}}
 
 
-def check_same_numbers(manifest: dict, where: Path, sha256: str, hint: str) -> None:
-    """Refuse to join results of a different sweep file, or of a calibjax that computes other numbers."""
+def check_same_numbers(manifest: dict, where: Path, sha256: str, identity: dict, hint: str) -> None:
+    """Refuse to join results of a different sweep file, or results whose runs give other bits:
+    another calibjax numbers version, backend or vectorisation width (``numbers_identity``)."""
     if manifest.get("sweep_sha256") != sha256:
         raise ResultsExist(f"{where}: holds results of a different sweep file (sha256 "
                            f"{manifest.get('sweep_sha256', '?')[:12]} != {sha256[:12]}); {hint}")
     theirs = manifest.get("numbers_version", 1)
-    if theirs != train.NUMBERS_VERSION:
+    if theirs != identity["numbers_version"]:
         raise ResultsExist(f"{where}: holds results of calibjax {manifest.get('versions', {}).get('calibjax', '?')}, "
                            f"whose runs give other numbers (numbers_version {theirs}, this calibjax has "
-                           f"{train.NUMBERS_VERSION}); joining them would mix the two; {hint}")
+                           f"{identity['numbers_version']}); joining them would mix the two; {hint}")
+    for key, what in (("backend", "backend"), ("vector_width", "vectorisation width (--inner-batch)")):
+        if manifest.get(key) != identity[key]:
+            raise ResultsExist(f"{where}: holds results computed with {what} {manifest.get(key)!r}, "
+                               f"not {identity[key]!r}; their runs' last bits differ, so joining them would mix "
+                               f"the two; {hint}")
 
 
-def prepare_output(sw: sweep_mod.Sweep, out: Path, overwrite: bool) -> None:
+def prepare_output(sw: sweep_mod.Sweep, out: Path, identity: dict, overwrite: bool) -> None:
     """Create or reuse the output directory; refuse to mix results of other sweep files or numbers."""
     manifest = store.read_manifest(out)
     if manifest is not None and not overwrite:
-        check_same_numbers(manifest, out, sw.sha256, "use --overwrite to replace them or --out to write elsewhere")
+        check_same_numbers(manifest, out, sw.sha256, identity,
+                           "use --overwrite to replace them or --out to write elsewhere")
     if overwrite and out.exists():
         store.remove_results(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,10 +96,14 @@ def merge(out: str | Path) -> list[int]:
     manifest = store.read_manifest(out)
     if manifest is None:
         raise sweep_mod.SweepError(f"{out}: no manifest.json here; is it a calibjax results directory?")
+    identity = numbers_identity(manifest.get("backend"), manifest.get("vector_width"))
+    check_same_numbers(manifest, out, manifest["sweep_sha256"], identity, "rerun the sweep with this calibjax "
+                       "(calibjax run SWEEP --overwrite)")
     for part in sorted(out.glob("shards/*")):
         m = store.read_manifest(part)
         if m is not None:
-            check_same_numbers(m, part, manifest["sweep_sha256"], f"it does not belong with {out}/manifest.json")
+            check_same_numbers(m, part, manifest["sweep_sha256"], identity,
+                               f"it does not belong with {out}/manifest.json")
     sw = sweep_mod.parse(tomllib.loads(manifest["sweep_text"]), manifest["sweep_file"], manifest["sweep_text"])
     store.clean_debris(out)
     missing = finalize(out, sweep_mod.runs_table(sw))

@@ -57,16 +57,29 @@ def _long(shape: tuple[int, ...], columns: dict[str, np.ndarray]) -> pd.DataFram
     return pd.DataFrame({k: np.broadcast_to(v, shape).reshape(-1) for k, v in columns.items()})
 
 
-def _f64(record) -> dict[str, np.ndarray]:
-    return {name: np.asarray(v, np.float64) for name, v in record._asdict().items()}
+# Columns that describe the task, not the model: they stay when a run diverges.
+TRUTH_COLUMNS = frozenset({"bayes_accuracy", "mass", "true_prob"})
 
 
-def status_of(static: train.Static, result: train.RunResult) -> np.ndarray:
-    """'ok', or 'diverged' for a run whose kl or training loss stopped being finite."""
+def diverged(static: train.Static, result: train.RunResult) -> np.ndarray:
+    """(R, C) bool: the run has diverged by this checkpoint (its kl, or the training loss of a
+    segment that trained, stopped being finite here or earlier)."""
     trained = np.diff(np.asarray((0, *static.checkpoints))) > 0
     sc = result.checkpoints.scalars
-    finite = np.isfinite(sc.kl).all(1) & np.isfinite(np.asarray(sc.loss)[:, trained]).all(1)
-    return np.where(finite, "ok", "diverged")
+    bad = ~np.isfinite(np.asarray(sc.kl)) | (~np.isfinite(np.asarray(sc.loss)) & trained)
+    return np.logical_or.accumulate(bad, axis=1)
+
+
+def _f64(record, dead: np.ndarray) -> dict[str, np.ndarray]:
+    """A record's fields as float64 columns; every model-dependent value is nan where ``dead``
+    ((R, C): from a run's divergence on), whatever the diverged network happened to output."""
+    out = {}
+    for name, v in record._asdict().items():
+        v = np.asarray(v, np.float64)
+        if name not in TRUTH_COLUMNS:
+            v = np.where(dead.reshape(dead.shape + (1,) * (v.ndim - dead.ndim)), np.nan, v)
+        out[name] = v
+    return out
 
 
 def chunk_tables(static: train.Static, run_ids, result: train.RunResult) -> dict[str, pd.DataFrame]:
@@ -75,19 +88,20 @@ def chunk_tables(static: train.Static, run_ids, result: train.RunResult) -> dict
     steps = np.asarray(static.checkpoints, np.int64)
     r, c = len(ids), len(steps)
     ev = result.checkpoints
+    dead = diverged(static, result)
     per_ckpt = {"run_id": ids[:, None], "step": steps[None, :]}
     tables = {
-        "status": pd.DataFrame({"run_id": ids, "status": status_of(static, result),
+        "status": pd.DataFrame({"run_id": ids, "status": np.where(dead[:, -1], "diverged", "ok"),
                                 "bayes_loss": np.asarray(result.bayes_loss, np.float64)}),
-        "metrics": _long((r, c), per_ckpt | _f64(ev.scalars)),
+        "metrics": _long((r, c), per_ckpt | _f64(ev.scalars, dead)),
     }
     lo, hi = static.eval.bin_bounds()
     in_bins = {k: v[..., None] for k, v in per_ckpt.items()}
     tables["density"] = _long((r, c, len(lo)), in_bins | {"log10_density_lo": np.asarray(lo),
-                                                          "log10_density_hi": np.asarray(hi)} | _f64(ev.density))
+                                                          "log10_density_hi": np.asarray(hi)} | _f64(ev.density, dead))
     edges = np.linspace(0.0, 1.0, static.eval.calibration_bins + 1)
     tables["calibration"] = _long((r, c, len(edges) - 1), in_bins | {"conf_lo": edges[:-1], "conf_hi": edges[1:]}
-                                  | _f64(ev.reliability))
+                                  | _f64(ev.reliability, dead))
     if result.curves is not None:
         cv = result.curves
         p, m = cv.true_prob.shape[-2:]
@@ -96,7 +110,7 @@ def chunk_tables(static: train.Static, run_ids, result: train.RunResult) -> dict
             "run_id": ids[:, None, None, None], "step": steps[None, :, None, None],
             **{"x" if d == 0 else f"x{d + 1}": x[..., d] for d in range(static.dim)},
             "class": np.arange(1, m + 1)[None, None, None, :],
-            "model_prob": np.asarray(cv.model_prob, np.float64),
+            "model_prob": np.where(dead[:, :, None, None], np.nan, np.asarray(cv.model_prob, np.float64)),
             "true_prob": np.asarray(cv.true_prob, np.float64)[:, None]})
     return tables
 

@@ -29,7 +29,8 @@ from calibjax.model import MLP
 
 # Bumped whenever a change alters the numbers a run gives (data streams, initialisation, metrics),
 # so that resume and merge refuse to join results of two such versions. 2: calibjax.rng streams.
-NUMBERS_VERSION = 2
+# 3: a fixed vectorisation width (small chunks were narrowed before, which changed their bits).
+NUMBERS_VERSION = 3
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 # float32 by default: on GPUs JAX otherwise runs float32 matmuls in TF32 (10-bit mantissa), which
@@ -214,7 +215,10 @@ def batched_train_fn(static: Static, inner_batch: int, mesh: jax.sharding.Mesh |
     groups), which keeps each group's parameters and activations cache
     resident on CPU; on a GPU, a large inner batch fills the device. With a
     mesh, the run axis is split over its devices with ``shard_map`` so each
-    device trains its own runs with no communication.
+    device trains its own runs with no communication. R must be a multiple of
+    devices x inner_batch: then every run is computed in a vmapped batch of
+    exactly inner_batch, and its numbers do not depend on R, the device count
+    or its batch mates (``planning`` explains why the width itself matters).
     """
 
     def local(dyn: Dynamic):
