@@ -33,6 +33,8 @@ def parse_args():
     p.add_argument("--torch-steps", type=int, default=2000, help="steps of the PyTorch baseline (0: skip)")
     p.add_argument("--precision", default="float32", help="matmul precision (float32, tensorfloat32, default)")
     p.add_argument("--explore", action="store_true", help="time layouts in subprocesses and exit")
+    p.add_argument("--widths", type=int, nargs="+", help="time these vectorisation widths (inner batches) "
+                   "against each other in this process, interleaved, for R = max(--runs), and exit")
     p.add_argument("--json", help="also write the rows to this file")
     return p.parse_args()
 
@@ -120,6 +122,8 @@ def main():
     args = parse_args()
     if args.explore:
         return explore(args)
+    if args.widths:
+        return compare_widths(args)
     calibjax.setup()  # one XLA CPU device per core ($CALIBJAX_CPU_DEVICES), compilation cache
     import jax
 
@@ -205,6 +209,35 @@ def fixed_cost(trainer, layout, task, steps, rows) -> dict | None:
           f"checkpoint's evaluation) = {100 * fixed / wall:.0f} % of the time; training steps alone "
           f"{train_rate:,.0f} model-steps/s")
     return {"runs": r, "fixed_s_per_run": fixed / r, "fixed_fraction": fixed / wall, "train_rate": train_rate}
+
+
+def compare_widths(args, rounds: int = 4):
+    """Model-steps/s of each vectorisation width, timed in one process, interleaved (the machine
+    drifts by 20 % within minutes, so separate processes would compare drift)."""
+    calibjax.setup()
+    from calibjax import engine, planning, tasks, train
+
+    r = max(args.runs)
+    task = tasks.make_task([0.5, 0.5], [[[0.0]], [[3.0]]], [[[1.0]], [[1.0]]])
+    static = train.Static(steps=args.steps, checkpoints=(args.steps,), matmul_precision=args.precision)
+    dyns = [train.make_dynamic(task, n_data=100_000, seed=s) for s in range(r)]
+    trainers = {}
+    for w in args.widths:
+        layout = planning.default_layout(inner_batch=w, chunk_size=r)
+        trainers[w] = (engine.Trainer(layout), layout.chunk_size(r, static)[1])
+        trainers[w][0](static, dyns, trainers[w][1])  # compile and warm up
+    rates = {w: [] for w in args.widths}
+    for i in range(rounds):
+        for w in args.widths if i % 2 == 0 else args.widths[::-1]:
+            trainer, size = trainers[w]
+            t0 = time.perf_counter()
+            trainer(static, dyns, size)
+            rates[w].append(r * args.steps / (time.perf_counter() - t0))
+    for w in args.widths:
+        v = sorted(rates[w])
+        n_dev = len(trainers[w][0].layout.devices)
+        print(f"width {w:>5}: median {v[len(v) // 2]:,.0f} model-steps/s ({r} runs, {n_dev} device(s); "
+              f"rounds: {', '.join(f'{x:,.0f}' for x in rates[w])})", flush=True)
 
 
 def explore(args):

@@ -19,10 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--out", help="results directory (default results/<sweep name>)")
         q.add_argument("--chunk-size", type=int, help="most runs per compiled call (default: by memory, "
                        "at most 1024 on CPU, 16384 on GPU)")
-        q.add_argument("--inner-batch", type=int, help="runs vmapped together per device (default 32 on CPU, "
+        q.add_argument("--inner-batch", type=int, help="runs vmapped together per device (default 8 on CPU, "
                        "1024 on GPU); part of every run's numbers, so a results directory keeps one")
         q.add_argument("--shard", help="K/N: only runs with run_id %% N == K, into DIR/shards/K-of-N "
                        "(default from SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT when set)")
+        q.add_argument("--max-runs", type=int, default=None, help="refuse sweeps with more runs than this "
+                       "(default 10,000,000), before expanding them")
     run.add_argument("--overwrite", action="store_true", help="replace results of a different sweep file")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--no-figures", action="store_true", help="write tables only")
@@ -64,8 +66,15 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     """--shard K/N, else SLURM's array variables (task ids counted from SLURM_ARRAY_TASK_MIN)."""
     env = os.environ
     if text is None and "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        text = (f"{int(env['SLURM_ARRAY_TASK_ID']) - int(env.get('SLURM_ARRAY_TASK_MIN', 0))}/"
-                f"{env['SLURM_ARRAY_TASK_COUNT']}")
+        values = {}
+        for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+            raw = env.get(name, "0")
+            try:
+                values[name] = int(raw)
+            except ValueError:
+                raise UsageError(f"{name}: expected an integer, got {raw!r}") from None
+        text = (f"{values['SLURM_ARRAY_TASK_ID'] - values['SLURM_ARRAY_TASK_MIN']}/"
+                f"{values['SLURM_ARRAY_TASK_COUNT']}")
     if text is None:
         return None
     try:
@@ -79,11 +88,11 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("chunk_size", "inner_batch"):
+    for name in ("chunk_size", "inner_batch", "max_runs"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             return fail(f"--{name.replace('_', '-')}: expected a positive integer, got {v}")
-    from calibjax import runtime, sweep
+    from calibjax import runtime, store, sweep
 
     try:
         if args.command in ("summarize", "plot"):
@@ -92,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "merge":
             return merge(args)
         shard = parse_shard(args.shard)
-        sw = sweep.load(args.sweep)
+        sw = sweep.load(args.sweep, **({"max_runs": args.max_runs} if args.max_runs else {}))
         out = Path(args.out) if args.out else Path("results") / sw.name
         from calibjax import engine, planning
 
@@ -102,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         report = engine.run_sweep(sw, out, layout=layout, shard=shard, overwrite=args.overwrite, quiet=args.quiet)
         if report.complete:
             finish(out, figures=not args.no_figures)
-    except (sweep.SweepError, UsageError, runtime.SetupError) as e:
+    except (sweep.SweepError, UsageError, runtime.SetupError, store.CorruptResults) as e:
         return fail(str(e))
+    except OSError as e:  # a full disk, a read-only or vanished directory: say which file, no traceback
+        return fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
     except KeyboardInterrupt:
         return fail("interrupted; finished chunks are kept: run the same command again to resume", code=130)
     where = f"{out}/shards/{shard[0]}-of-{shard[1]}" if shard else str(out)
@@ -133,11 +144,11 @@ def merge(args) -> int:
     from calibjax import results
 
     missing = results.merge(args.dir)
+    finish(Path(args.dir), figures=not args.no_figures)  # summaries and figures of exactly the runs present
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
         return fail(f"{args.dir}: {len(missing)} run(s) missing: run_id {shown}; "
                     "rerun their shards, then merge again", code=1)
-    finish(Path(args.dir), figures=not args.no_figures)
     print(f"{args.dir}: merged; every run present")
     return 0
 

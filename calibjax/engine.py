@@ -20,6 +20,8 @@ from tqdm.auto import tqdm
 from calibjax import planning, results, runtime, store, train
 from calibjax import sweep as sweep_mod
 
+POLL_S = 1.0  # how often a process waits for chunks that another process is training
+
 
 class Trainer:
     """Compiles once per (static settings, call size) and trains chunks of runs, ``layout.inner_batch``
@@ -101,24 +103,44 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout |
             bar.write(f"compiling group: hidden {list(static.hidden)} {static.activation} {static.optimizer}, "
                       f"batch {static.batch_size}, {static.steps} steps; {size} runs per call")
 
-    for chunk in chunks:
+    def train_chunk(chunk: planning.Chunk, lock: store.ChunkLock) -> None:
         dyns = [sweep_mod.dynamic_of(sw.runs[i]) for i in chunk.run_ids]
         try:
             compile_before = trainer.compile_s
             t0 = time.perf_counter()
             result = trainer(chunk.static, dyns, chunk.size, on_compile)
             report.train_s += time.perf_counter() - t0 - (trainer.compile_s - compile_before)
-            results.write_chunk(part, chunk.chunk_id, chunk.static, chunk.run_ids, result)
+            written = results.write_chunk(part, chunk.chunk_id, chunk.static, chunk.run_ids, result)
         except Exception as e:  # a broken chunk must not stop the others
             report.failed.append(chunk.chunk_id)
             bar.write(f"chunk {chunk.chunk_id} failed: {type(e).__name__}: {e}")
             if not quiet:
                 traceback.print_exc()
-            continue
-        report.trained += len(chunk.run_ids)
-        report.model_steps += len(chunk.run_ids) * chunk.static.steps
+            return
+        finally:
+            lock.release()
+        if written:
+            report.trained += len(chunk.run_ids)
+            report.model_steps += len(chunk.run_ids) * chunk.static.steps
         bar.update(len(chunk.run_ids))
         bar.set_postfix(steps_s=f"{report.steps_per_s:,.0f}")
+
+    # Processes sharing the directory (a user's second run, a requeued task) cooperate: each chunk
+    # is trained by whoever locks it first; the others go on with other chunks, then wait for it.
+    pending = list(chunks)
+    while pending:
+        waiting = []
+        for chunk in pending:
+            lock = store.ChunkLock(part, chunk.chunk_id)
+            if store.chunk_complete(part / "chunks" / chunk.chunk_id):
+                bar.update(len(chunk.run_ids))  # finished by another process
+            elif lock.acquire():
+                train_chunk(chunk, lock)
+            else:
+                waiting.append(chunk)
+        if waiting and len(waiting) == len(pending):
+            time.sleep(POLL_S)
+        pending = waiting
     bar.close()
     report.compiles, report.compile_s = trainer.compiles, trainer.compile_s
 

@@ -53,20 +53,24 @@ def check_same_numbers(manifest: dict, where: Path, sha256: str, identity: dict,
 
 
 def prepare_output(sw: sweep_mod.Sweep, out: Path, identity: dict, overwrite: bool) -> None:
-    """Create or reuse the output directory; refuse to mix results of other sweep files or numbers."""
+    """Create or reuse the output directory; refuse to mix results of other sweep files or numbers,
+    and refuse (even with overwrite) a non-empty directory that calibjax did not write."""
     manifest = store.read_manifest(out)
+    if manifest is None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ResultsExist(f"{out}: exists and is not a calibjax results directory (no manifest.json); calibjax "
+                           "writes only into a new or empty directory or its own: choose another --out")
     if manifest is not None and not overwrite:
         check_same_numbers(manifest, out, sw.sha256, identity,
                            "use --overwrite to replace them or --out to write elsewhere")
-    if overwrite and out.exists():
+    if overwrite and manifest is not None:
         store.remove_results(out)
     out.mkdir(parents=True, exist_ok=True)
     store.clean_debris(out)
 
 
-def write_chunk(part: Path, chunk_id: str, static: train.Static, run_ids, result: train.RunResult) -> None:
-    """One finished chunk's tables, written as a unit."""
-    store.write_chunk(part, chunk_id, tables.chunk_tables(static, run_ids, result))
+def write_chunk(part: Path, chunk_id: str, static: train.Static, run_ids, result: train.RunResult) -> bool:
+    """One finished chunk's tables, written as a unit (False: another process wrote it first)."""
+    return store.write_chunk(part, chunk_id, tables.chunk_tables(static, run_ids, result), run_ids)
 
 
 def finalize(out: Path, runs: pd.DataFrame) -> list[int]:
@@ -105,7 +109,6 @@ def merge(out: str | Path) -> list[int]:
             check_same_numbers(m, part, manifest["sweep_sha256"], identity,
                                f"it does not belong with {out}/manifest.json")
     sw = sweep_mod.parse(tomllib.loads(manifest["sweep_text"]), manifest["sweep_file"], manifest["sweep_text"])
-    store.clean_debris(out)
     missing = finalize(out, sweep_mod.runs_table(sw))
     store.write_json(out / "manifest.json", {**manifest, **sweep_manifest(sw), "complete": not missing,
                                              "merged": True, "missing_runs": len(missing)})

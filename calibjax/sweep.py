@@ -57,9 +57,10 @@ class Setting:
     kind: str      # which validator checks a value (VALIDATORS)
 
 
+MAX_RUNS = 10_000_000  # a sweep with more runs is refused before it is expanded (--max-runs raises it)
 REQUIRED = object()
 SETTINGS: dict[str, Setting] = {name: Setting(*spec) for name, spec in {
-    "means": ("task", REQUIRED, "class_array"),
+    "means": ("task", REQUIRED, "means"),
     "sigmas": ("task", REQUIRED, "sigmas"),
     "priors": ("task", None, "priors"),          # None: equal priors
     "weights": ("task", None, "class_weights"),  # None: equal component weights
@@ -261,11 +262,18 @@ def _range(v):
     return [float(e) for e in v]
 
 
+# Task values stay where float32 arithmetic is exact enough: the truth is computed in float32.
+MEAN_LIMIT = 1e6
+SIGMA_RANGE = (1e-6, 1e6)
+PRIOR_MIN = 1e-9
+
+
 @validator("priors")
 def _priors(v):
     _expect(isinstance(v, list) and len(v) >= 2 and all(_is_finite(p) for p in v),
             "expected a list of at least two numbers, one per class")
     _expect(all(p > 0 for p in v), "priors must be > 0")
+    _expect(all(p >= PRIOR_MIN for p in v), f"priors must be >= {PRIOR_MIN:g} (float32 truth)")
     _expect(abs(sum(v) - 1.0) <= 1e-6, f"priors must sum to 1 (they sum to {sum(v):.6g})")
     return [float(p) for p in v]
 
@@ -277,10 +285,19 @@ def _class_array(v):
     return [_class_entry(e, c + 1) for c, e in enumerate(v)]
 
 
+@validator("means")
+def _means(v):
+    out = _class_array(v)
+    _expect(all((abs(m) <= MEAN_LIMIT).all() for m in out), f"every mean must be within +-{MEAN_LIMIT:g}")
+    return out
+
+
 @validator("sigmas")
 def _sigmas(v):
     out = _class_array(v)
     _expect(all((s > 0).all() for s in out), "every sigma must be > 0")
+    lo, hi = SIGMA_RANGE
+    _expect(all(((s >= lo) & (s <= hi)).all() for s in out), f"every sigma must be in [{lo:g}, {hi:g}]")
     return out
 
 
@@ -320,8 +337,8 @@ def _class_entry(e, c: int) -> np.ndarray:
                   "(all finite)", e)
 
 
-def _grid_values(name: str, spec, where: str) -> list:
-    """A grid axis: a non-empty list of values, or a range helper table."""
+def _grid_values(name: str, spec, where: str, max_runs: int) -> list:
+    """A grid axis: a non-empty list of values, or a range helper table (at most max_runs values)."""
     if isinstance(spec, list):
         if not spec:
             raise SweepError(f"{where} {name}: expected a non-empty list of values")
@@ -336,18 +353,27 @@ def _grid_values(name: str, spec, where: str) -> list:
                          f"(with num or step) and optionally int = true; got keys {sorted(spec)}")
     kind = kinds[0]
     ends = spec[kind]
-    if not (isinstance(ends, list) and len(ends) == 2 and all(_is_number(e) for e in ends)):
-        raise SweepError(f"{where} {name}.{kind}: expected [start, stop] numbers, got {ends!r}")
+    if not (isinstance(ends, list) and len(ends) == 2 and all(_is_finite(e) for e in ends)):
+        raise SweepError(f"{where} {name}.{kind}: expected [start, stop], two finite numbers, got {ends!r}")
     a, b = ends
     if kind == "range":
         step = spec.get("step")
-        if not _is_number(step) or step <= 0 or "num" in spec:
-            raise SweepError(f"{where} {name}.step: range needs step > 0 (and no num), got {step!r}")
+        if not _is_finite(step) or step <= 0 or "num" in spec:
+            raise SweepError(f"{where} {name}.step: range needs a finite step > 0 (and no num), got {step!r}")
+        count = math.floor((b - a) / step + 1e-9) + 1
+        if count > max_runs:
+            raise SweepError(f"{where} {name}.range: {count:,} values, more than the {max_runs:,} runs a sweep may "
+                             "have (--max-runs)")
         values = list(np.arange(a, b + step * 1e-9, step))
+        if not values:
+            raise SweepError(f"{where} {name}.range: no values from {a} to {b}")
     else:
         num = spec.get("num")
-        if not _is_number(num) or num != int(num) or num < 1 or "step" in spec:
+        if not _is_int(num, 1) or "step" in spec:
             raise SweepError(f"{where} {name}.num: {kind} needs num, a positive integer, got {num!r}")
+        if num > max_runs:
+            raise SweepError(f"{where} {name}.num: {num:,} values, more than the {max_runs:,} runs a sweep may "
+                             "have (--max-runs)")
         if kind == "logspace":
             if a <= 0 or b <= 0:
                 raise SweepError(f"{where} {name}.logspace: ends must be > 0, got {ends!r}")
@@ -376,8 +402,12 @@ def _check_setting(name: str, v, where: str):
         raise SweepError(f"{where} {name}: expected a number, got {v!r}")
     if m.group(1) == "sigma" and v <= 0:
         raise SweepError(f"{where} {name}: sigma must be > 0, got {v!r}")
-    if m.group(5) and not 0 < v < 1:
-        raise SweepError(f"{where} {name}: a prior must be in (0, 1), got {v!r}")
+    if m.group(1) == "sigma" and not SIGMA_RANGE[0] <= v <= SIGMA_RANGE[1]:
+        raise SweepError(f"{where} {name}: sigma must be in [{SIGMA_RANGE[0]:g}, {SIGMA_RANGE[1]:g}], got {v!r}")
+    if m.group(1) == "mu" and abs(v) > MEAN_LIMIT:
+        raise SweepError(f"{where} {name}: a mean must be within +-{MEAN_LIMIT:g}, got {v!r}")
+    if m.group(5) and not PRIOR_MIN <= v < 1:
+        raise SweepError(f"{where} {name}: a prior must be in [{PRIOR_MIN:g}, 1), got {v!r}")
     if m.group(7) and v < 0:
         raise SweepError(f"{where} {name}: a weight must be >= 0, got {v!r}")
     return float(v)
@@ -385,30 +415,34 @@ def _check_setting(name: str, v, where: str):
 
 # ---------------------------------------------------------------- loading
 
-def load(path: str | Path) -> Sweep:
+def load(path: str | Path, max_runs: int = MAX_RUNS) -> Sweep:
     """Read, validate and expand a sweep file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as e:
         raise SweepError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise SweepError(f"{path}: not UTF-8 text (byte {e.start}); save the sweep file as UTF-8") from None
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise SweepError(f"{path}: not valid TOML: {e}") from None
-    return parse(doc, str(path), text, default_name=path.stem)
+    return parse(doc, str(path), text, default_name=path.stem, max_runs=max_runs)
 
 
-def parse(doc: dict, path: str = "<sweep>", text: str = "", default_name: str = "sweep") -> Sweep:
+def parse(doc: dict, path: str = "<sweep>", text: str = "", default_name: str = "sweep",
+          max_runs: int = MAX_RUNS) -> Sweep:
     f = path + ":"
     for key in doc:
         if key not in TOP_LEVEL:
             raise SweepError(f"{f} unknown key {key!r} at top level; expected one of {', '.join(TOP_LEVEL)}")
 
     name = doc.get("name", default_name)
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise SweepError(f"{f} name: expected letters, digits, '_', '-' or '.', got {name!r}")
-    seeds = _seeds(doc.get("seeds", 1), f)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise SweepError(f"{f} name: expected letters, digits, '_', '-' or '.', starting with a letter, digit or "
+                         f"'_' (results go to results/<name>), got {name!r}")
+    seeds = _seeds(doc.get("seeds", 1), f, max_runs)
 
     base: dict[str, Any] = {}
     origin: dict[str, str] = {}
@@ -439,9 +473,14 @@ def parse(doc: dict, path: str = "<sweep>", text: str = "", default_name: str = 
     axes = []
     for key, spec in grid.items():
         where = f"{f} [grid]"
-        values = _grid_values(key, spec, where)
+        values = _grid_values(key, spec, where, max_runs)
         axes.append([(key, _check_setting(key, v, where), where) for v in values])
 
+    n_runs = len(case_settings) * math.prod(len(a) for a in axes) * len(seeds)
+    if n_runs > max_runs:
+        raise SweepError(f"{f} {len(case_settings)} case(s) x {' x '.join(str(len(a)) for a in axes) or '1'} grid "
+                         f"point(s) x {len(seeds)} seed(s) = {n_runs:,} runs, more than the {max_runs:,} a sweep "
+                         "may have; split it, or raise the limit with --max-runs")
     runs = []
     for cname, overrides in case_settings.items():
         for point in itertools.product(*axes):
@@ -456,8 +495,11 @@ def parse(doc: dict, path: str = "<sweep>", text: str = "", default_name: str = 
     return Sweep(name, path, text, runs)
 
 
-def _seeds(v, f: str) -> list[int]:
+def _seeds(v, f: str, max_runs: int) -> list[int]:
     if _is_int(v, 1):
+        if v > max_runs:
+            raise SweepError(f"{f} seeds: {int(v):,} seeds, more than the {max_runs:,} runs a sweep may have "
+                             "(--max-runs)")
         return list(range(int(v)))
     if isinstance(v, list) and v and all(_is_int(s, 0) and s < 2**32 for s in v) and len(set(v)) == len(v):
         return [int(s) for s in v]
@@ -584,9 +626,12 @@ def resolve_checkpoints(settings: dict, origin: dict) -> None:
     if settings["checkpoints"] is None:
         settings["checkpoints"] = default_checkpoints(steps)
     bad = [c for c in settings["checkpoints"] if c > steps]
+    where = origin["checkpoints"] if origin["checkpoints"] != origin["steps"] else origin["steps"]
     if bad:
-        where = origin["checkpoints"] if origin["checkpoints"] != origin["steps"] else origin["steps"]
         raise SweepError(f"{where} checkpoints: step {bad[0]} is beyond steps = {steps}")
+    if settings["checkpoints"][-1] != steps:
+        raise SweepError(f"{where} checkpoints: the last checkpoint must be steps = {steps} (training stops at "
+                         f"the last checkpoint), got {settings['checkpoints']}")
     if settings["plot_steps"] is None:
         ck = settings["checkpoints"]
         settings["plot_steps"] = sorted({ck[0], ck[len(ck) // 2], ck[-1]})

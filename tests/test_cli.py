@@ -159,3 +159,72 @@ def test_cpu_device_count_is_set_up_explicitly_and_wins_over_xla_flags(tmp_path)
         assert r.returncode == 0 and f"; {n} cpu device(s)" in r.stdout, r.stdout + r.stderr
     r = calibjax("plan", sweep, env={"CALIBJAX_CPU_DEVICES": "two"})
     assert r.returncode == 2 and "CALIBJAX_CPU_DEVICES: expected a positive integer, got 'two'" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setup,args,env,message", [
+    ("non-utf8", ["run", "{sweep}"], {}, "not UTF-8 text"),
+    ("", ["run", "{sweep}", "--out", "{out}"], {"SLURM_ARRAY_TASK_ID": "abc", "SLURM_ARRAY_TASK_COUNT": "2"},
+     "SLURM_ARRAY_TASK_ID: expected an integer, got 'abc'"),
+    ("", ["run", "{sweep}", "--out", "{out}", "--shard", "3/2"], {}, "--shard: need 0 <= K < N"),
+    ("", ["run", "{sweep}", "--out", "{out}", "--chunk-size", "0"], {}, "--chunk-size: expected a positive integer"),
+    ("", ["plan", "{sweep}", "--max-runs", "3"], {}, "= 4 runs, more than the 3"),
+    ("corrupt-manifest", ["run", "{sweep}", "--out", "{out}"], {}, "manifest.json: not a readable calibjax manifest"),
+    ("foreign-dir", ["run", "{sweep}", "--out", "{out}"], {}, "is not a calibjax results directory"),
+    ("foreign-dir", ["run", "{sweep}", "--out", "{out}", "--overwrite"], {}, "is not a calibjax results directory"),
+    ("", ["run", "{sweep}", "--out", "{out}"], {"CALIBJAX_CPU_DEVICES": "0"}, "expected a positive integer, got 0"),
+    ("corrupt-manifest", ["merge", "{out}"], {}, "manifest.json: not a readable calibjax manifest"),
+])
+def test_bad_input_outside_the_sweep_file_is_one_line_and_writes_nothing(tmp_path, setup, args, env, message):
+    sweep, out = tmp_path / "tiny.toml", tmp_path / "res"
+    sweep.write_bytes(b"name = \"caf\xe9\"\n" if setup == "non-utf8" else TINY.encode())
+    if setup:
+        out.mkdir()
+        (out / ("manifest.json" if setup == "corrupt-manifest" else "thesis.tex")).write_text("{ not json")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    r = calibjax(*[a.format(sweep=sweep, out=out) for a in args], cwd=tmp_path, env=env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, nothing deleted
+
+
+@pytest.mark.slow
+def test_overwrite_removes_only_what_calibjax_wrote(tmp_path):
+    sweep, out = tmp_path / "tiny.toml", tmp_path / "res"
+    sweep.write_text(TINY)
+    assert calibjax("run", sweep, "--out", out, "--quiet").returncode == 0
+    mine = [out / "notes.txt", out / "figures" / "draft.pdf", out / "chunks" / "README", out / "shards" / "old.txt"]
+    for p in mine:
+        p.parent.mkdir(exist_ok=True)
+        p.write_text("the user's")
+    sweep.write_text(TINY.replace("seeds = 2", "seeds = 3"))
+    r = calibjax("run", sweep, "--out", out, "--quiet", "--overwrite", "--no-figures")
+    assert r.returncode == 0, r.stderr
+    assert all(p.read_text() == "the user's" for p in mine)
+    assert len(pd.read_parquet(out / "runs.parquet")) == 6 and not list((out / "figures").glob("*.png"))
+
+
+@pytest.mark.slow
+def test_three_processes_on_one_directory_cooperate(tmp_path):
+    """Started together on one --out: every chunk is trained once, all three exit 0, and the tables
+    are bit-identical to one process's."""
+    sweep = tmp_path / "resume.toml"
+    sweep.write_text(RESUME)
+    out = tmp_path / "shared"
+    env = {**os.environ, "CALIBJAX_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-m", "calibjax", "run", sweep, "--out", out, "--quiet",
+                               "--chunk-size", "2", "--no-figures"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    wall = time.perf_counter() - t0
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    trained = [int(o.split(" runs trained")[0].rsplit(" ", 1)[-1]) for o, _ in outputs]
+    assert sum(trained) == 16, trained  # 8 chunks of 2 runs, each trained by exactly one process
+    assert not list(out.rglob(".tmp-*")) and not list(out.rglob(".lock-*"))
+    ref = tmp_path / "ref"
+    assert calibjax("run", sweep, "--out", ref, "--quiet", "--no-figures").returncode == 0
+    for name in ("runs", "metrics", "density", "calibration", "curves", "summary"):
+        assert pd.read_parquet(out / f"{name}.parquet").equals(pd.read_parquet(ref / f"{name}.parquet")), name
+    print(f"three processes: {trained} runs each, {wall:.1f} s wall")

@@ -7,6 +7,7 @@ import pytest
 
 from calibjax import sweep
 
+from conftest import sweep_doc, to_toml
 from conftest import sweep_text as _text
 
 BASE = _text(name="t", model=None, eval=None, train={"steps": 100, "checkpoints": [10, 100], "n_data": None})
@@ -106,7 +107,7 @@ def test_every_validator_accepts_good_values_and_rejects_bad_ones_with_its_messa
         "checkpoints": ([0, 10], [0, 10], [10, 10]), "edges": ([-1, 0], [-1.0, 0.0], [0, -1]),
         "range": ([0, 1], [0.0, 1.0], [1, 0]), "priors": ([0.25, 0.75], [0.25, 0.75], [0.5, 0.6]),
         "class_weights": ([1, [1, 3]], None, [1, [-1, 3]]), "class_array": ([0, [1, 2]], None, [0]),
-        "sigmas": ([1, 2], None, [1, -2]),
+        "sigmas": ([1, 2], None, [1, -2]), "means": ([0, [1, 2]], None, [0, 1e300]),
     }
     assert set(cases) == set(sweep.VALIDATORS), "every registered kind is tested"
     for kind, (good, normal, bad) in cases.items():
@@ -141,3 +142,94 @@ def test_defaults_are_the_dataclasses_own():
     assert sweep.SETTINGS["hidden"].default == list(train.Static(steps=1, checkpoints=(1,)).hidden)
     assert sweep.SETTINGS["points"].default == metrics.EvalSpec().points
     assert sweep.SETTINGS["n_data"].default == train.ONLINE
+
+
+# ---------------------------------------------------------------- every bad input, as a table
+
+def _bad_inputs():
+    """(id, sweep document, words the one-line error must contain): at least 100 cases."""
+    nan, inf = float("nan"), float("inf")
+    cases = []
+
+    def case(what, words, **changes):
+        cases.append((what, sweep_doc(**changes), words))
+
+    for key, section in (("steps", "train"), ("batch_size", "train"), ("n_data", "train"), ("points", "eval"),
+                         ("calibration_samples", "eval"), ("calibration_bins", "eval"), ("curve_points", "eval"),
+                         ("width", "model")):
+        for v in (nan, inf, -inf, 0, -1, 2.5, "x", True, [1]):
+            case(f"{key}={v!r}", [f"[{section}] {key}", "expected"], **{section: {key: v}})
+    for v in (nan, inf, -1, 1.5, "x"):
+        case(f"depth={v!r}", ["[model] depth", "expected"], model={"depth": v})
+    for key, section, bads in (("lr", "train", (nan, inf, 0.0, -1.0, "x", True)),
+                               ("weight_decay", "train", (nan, inf, -1.0, "x")),
+                               ("momentum", "train", (nan, 1.0, -0.5, "x")),
+                               ("hdr_mass", "eval", (nan, 0.0, 1.0, "x")),
+                               ("dense_mass", "eval", (nan, 1.5, "x")),
+                               ("sparse_mass", "eval", (inf, 0.0, "x"))):
+        for v in bads:
+            case(f"{key}={v!r}", [f"[{section}] {key}", "expected"], **{section: {key: v}})
+    for key, section, bads in (("hidden", "model", ([64, nan], [0], [1.5], "x", [inf])),
+                               ("checkpoints", "train", ([], [0, nan], [10, 5], [10], [0], [10, 40])),
+                               ("density_edges", "eval", ([nan], [1.0, 0.0], [], [-inf, 0.0])),
+                               ("curve_range", "eval", ([0.0, inf], [nan, 1.0], [1.0, 0.0], [0.0])),
+                               ("plot_steps", "eval", ([15], [nan]))):
+        for v in bads:
+            case(f"{key}={v!r}", [f"{key}"], **{section: {key: v}})
+    for v in ([0.0, nan], [0.0, inf], [0.0, 1e300], [0.0, "x"], [0.0]):
+        case(f"means={v!r}", ["[task] means"], task={"means": v})
+    for v in ([1.0, 0.0], [1.0, -1.0], [1.0, 1e-300], [1.0, 1e300], [1.0, nan], [1.0, [1.0, 1.0]]):
+        case(f"sigmas={v!r}", ["sigmas"], task={"sigmas": v})
+    for v in ([nan, 0.5], [0.5, 0.6], [1e-12, 1 - 1e-12], [0.5], "x"):
+        case(f"priors={v!r}", ["[task] priors"], task={"priors": v})
+    for v in ([1.0, nan], [1.0, inf], [1.0, -1.0], [1.0, [nan, 1.0]]):
+        case(f"weights={v!r}", ["[task] weights"], task={"weights": v})
+    for key, section in (("activation", "model"), ("init", "model"), ("optimizer", "train"),
+                         ("matmul_precision", "train")):
+        for v in ("nope", 1):
+            case(f"{key}={v!r}", [f"[{section}] {key}", "expected one of"], **{section: {key: v}})
+    for v in (0, nan, inf, -1, [1, 1], [-1], 10**12, "x"):
+        case(f"seeds={v!r}", ["seeds"], seeds=v)
+    for v in ("..", ".", "a/b", "", ".hidden"):
+        case(f"name={v!r}", ["name"], name=v)
+    for axis, words in (({"num": nan, "linspace": [0.0, 1.0]}, ["lr.num"]),
+                        ({"num": 10**9, "linspace": [0.1, 1.0]}, ["lr.num", "--max-runs"]),
+                        ({"range": [0.1, 1.0], "step": 0.0}, ["lr.step"]),
+                        ({"range": [0.1, 1.0], "step": nan}, ["lr.step"]),
+                        ({"range": [0.0, 1e12], "step": 1e-3}, ["lr.range", "--max-runs"]),
+                        ({"linspace": [0.0, inf], "num": 3}, ["lr.linspace"]),
+                        ({"logspace": [0.0, 1.0], "num": 3}, ["lr.logspace"]),
+                        ({"linspace": [0.1, 1.0], "num": 3, "int": "yes"}, ["lr.int"]),
+                        ([], ["lr"]), ([nan], ["lr"]), ("fast", ["lr"])):
+        case(f"grid lr={axis!r}", words, grid={"lr": axis})
+    case("a grid of 1e12 runs", ["runs, more than", "--max-runs"],
+         grid={"mu2": {"linspace": [0.0, 1.0], "num": 10**4}, "lr": {"linspace": [0.1, 1.0], "num": 10**4},
+               "sigma1": {"linspace": [0.5, 1.0], "num": 10**4}})
+    case("steps x batch_size >= 2^31", ["steps x batch_size"], train={"steps": 2**30, "checkpoints": [2**30]},
+         model={"hidden": [8]})
+    for key, v in (("mu2", nan), ("mu2", 1e300), ("sigma1", 0.0), ("sigma1", 1e300), ("prior1", 1.0),
+                   ("prior1", nan), ("mu9", 1.0), ("weight1_k1", -1.0), ("bogus", 1.0)):
+        case(f"case {key}={v!r}", [key], cases={"c": {key: v}})
+    return cases
+
+
+BAD_INPUTS = _bad_inputs()
+
+
+def test_there_are_at_least_100_bad_inputs():
+    assert len(BAD_INPUTS) >= 100, len(BAD_INPUTS)
+
+
+@pytest.mark.parametrize("what,doc,words", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_every_bad_input_is_one_clear_error_before_anything_runs(what, doc, words):
+    import time
+
+    text = to_toml(doc)
+    t0 = time.perf_counter()
+    with pytest.raises(sweep.SweepError) as e:
+        sweep.parse(tomllib.loads(text), "s.toml", text)
+    message = str(e.value)
+    assert time.perf_counter() - t0 < 1.0  # refused before expanding anything
+    assert message.startswith("s.toml:") and "\n" not in message, message
+    for w in words:
+        assert w in message, (what, message)

@@ -1,0 +1,68 @@
+"""Files on disk: writer identity, locks, unfinished and damaged chunks."""
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from calibjax import store
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_debris_of_dead_local_writers_goes_and_everything_else_stays(tmp_path):
+    chunks = tmp_path / "chunks"
+    chunks.mkdir()
+    dead = chunks / f".tmp-{store.HOST}-{dead_pid()}-abc"
+    live = chunks / f".tmp-{store.HOST}-{os.getpid()}-def"
+    remote = chunks / ".tmp-otherhost-1-ghi"
+    users = tmp_path / ".tmp-notes"
+    for p in (dead, live, remote):
+        p.mkdir()
+    users.write_text("mine")
+    stale_lock = chunks / ".lock-g000-r0000000-n2"
+    stale_lock.write_text(f"{store.HOST}-{dead_pid()}\n")
+    store.clean_debris(tmp_path)
+    assert not dead.exists() and not stale_lock.exists()
+    assert live.exists() and remote.exists() and users.read_text() == "mine"
+
+
+def test_a_chunk_lock_is_held_once_and_taken_over_from_a_dead_holder(tmp_path):
+    a, b = store.ChunkLock(tmp_path, "g000-r0000000-n2"), store.ChunkLock(tmp_path, "g000-r0000000-n2")
+    assert a.acquire() and not b.acquire() and b.held_elsewhere()
+    a.release()
+    assert b.acquire()
+    b.release()
+    a.path.write_text(f"{store.HOST}-{dead_pid()}\n")  # a holder killed with -9
+    assert b.acquire()
+    b.release()
+    assert not a.path.exists()
+
+
+def _chunk(out, run_ids=(0, 1)):
+    df = pd.DataFrame({"run_id": list(run_ids), "status": "ok", "bayes_loss": 0.5})
+    return store.write_chunk(out, "g000-r0000000-n2", {"status": df, "metrics": df[["run_id"]]}, run_ids)
+
+
+def test_an_unfinished_chunk_is_not_finished_and_is_replaced_not_deleted(tmp_path):
+    assert _chunk(tmp_path) and store.finished_run_ids(tmp_path) == {0, 1}
+    assert not _chunk(tmp_path)  # finished already (say, by another process): nothing written
+    d = tmp_path / "chunks" / "g000-r0000000-n2"
+    (d / "metrics.parquet").unlink()
+    assert store.finished_run_ids(tmp_path) == set()  # a table missing: unfinished, so retrained
+    assert _chunk(tmp_path) and store.finished_run_ids(tmp_path) == {0, 1}
+    broken = list((tmp_path / "chunks").glob(".broken-g000-r0000000-n2-*"))
+    assert len(broken) == 1 and (broken[0] / "status.parquet").exists()  # moved aside, kept
+
+
+def test_a_damaged_table_is_named_with_the_way_out(tmp_path):
+    _chunk(tmp_path)
+    (tmp_path / "chunks" / "g000-r0000000-n2" / "status.parquet").write_bytes(b"not parquet")
+    with pytest.raises(store.CorruptResults, match="status.parquet: cannot read.*move that chunk directory away"):
+        store.read_chunk_tables(tmp_path, ["status"])
