@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -25,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default from SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT when set)")
         q.add_argument("--max-runs", type=int, default=None, help="refuse sweeps with more runs than this "
                        "(default 10,000,000), before expanding them")
+        q.add_argument("--chunk-minutes", type=float, default=5.0, help="most work per chunk at a nominal rate "
+                       "(default 5): an interruption loses at most about this much")
     run.add_argument("--overwrite", action="store_true", help="replace results of a different sweep file")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--no-figures", action="store_true", help="write tables only")
@@ -86,9 +89,55 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return k, n
 
 
+SIGNALS = {signal.SIGINT: ("SIGINT", 130), signal.SIGTERM: ("SIGTERM", 143)}
+_received: list[int] = []  # signals seen, even if a library swallowed the exception raised for one
+
+
+class Interrupted(KeyboardInterrupt):
+    pass
+
+
+def _on_signal(signum, frame):
+    _received.append(signum)
+    raise Interrupted(signum)
+
+
+def _quiet_unraisable(hook):
+    """Python prints an exception raised where it cannot propagate (a gc callback of JAX's, say) and
+    goes on; for our own Interrupted that print is noise: the flag in _received still stops us."""
+    def unraisable(u):
+        if not isinstance(u.exc_value, Interrupted):
+            hook(u)
+    return unraisable
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line. SIGINT and SIGTERM stop it within a second or so, keep finished chunks,
+    print one line and exit 130 or 143."""
+    for s in SIGNALS:
+        signal.signal(s, _on_signal)
+    sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+    try:
+        code = _main(argv)
+    except KeyboardInterrupt:
+        code = None
+    if _received or code is None:
+        name, code = SIGNALS.get(_received[0] if _received else signal.SIGINT)
+        print(f"calibjax: interrupted by {name}; finished chunks are kept: {_progress}; run the same command "
+              "again to resume", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # at once: a chunk abandoned in its worker thread must not hold the exit
+    return code
+
+
+_progress = "nothing started"
+
+
+def _main(argv: list[str] | None = None) -> int:
+    global _progress
     args = build_parser().parse_args(argv)
-    for name in ("chunk_size", "inner_batch", "max_runs"):
+    for name in ("chunk_size", "inner_batch", "max_runs", "chunk_minutes"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             return fail(f"--{name.replace('_', '-')}: expected a positive integer, got {v}")
@@ -105,10 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else Path("results") / sw.name
         from calibjax import engine, planning
 
-        layout = planning.default_layout(args.chunk_size, args.inner_batch)
+        layout = planning.default_layout(args.chunk_size, args.inner_batch, max_chunk_s=60 * args.chunk_minutes)
         if args.command == "plan":
             return print_plan(sw, out, layout, shard)
-        report = engine.run_sweep(sw, out, layout=layout, shard=shard, overwrite=args.overwrite, quiet=args.quiet)
+        _progress = f"see {out}"
+        report = engine.run_sweep(sw, out, layout=layout, shard=shard, overwrite=args.overwrite, quiet=args.quiet,
+                                  stop=lambda: bool(_received))
         if report.complete:
             finish(out, figures=not args.no_figures)
     except (sweep.SweepError, UsageError, runtime.SetupError, store.CorruptResults) as e:
@@ -116,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk, a read-only or vanished directory: say which file, no traceback
         return fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
     except KeyboardInterrupt:
-        return fail("interrupted; finished chunks are kept: run the same command again to resume", code=130)
+        if "sw" in locals() and "out" in locals():
+            _progress = f"{len(store.finished_run_ids(out))} of {len(sw.runs)} runs done in {out}"
+        raise
     where = f"{out}/shards/{shard[0]}-of-{shard[1]}" if shard else str(out)
     print(f"{sw.name}: {report.trained} runs trained ({report.runs} in the sweep) in {report.wall_s:.1f} s; "
           f"{report.steps_per_s:,.0f} model-steps/s; {report.compiles} compiles, {report.compile_s:.1f} s "

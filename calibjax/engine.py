@@ -8,6 +8,7 @@ summaries and figures are the caller's (the command line chains them).
 
 from __future__ import annotations
 
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -48,12 +49,33 @@ class Trainer:
         return self._compiled[key]
 
     def __call__(self, static: train.Static, dyns: list[train.Dynamic], size: int,
-                 on_compile=None) -> train.RunResult:
-        """Train the runs ``dyns`` (padded to ``size`` with copies of the last); numpy results."""
+                 on_compile=None, stop=lambda: False) -> train.RunResult:
+        """Train the runs ``dyns`` (padded to ``size`` with copies of the last); numpy results.
+
+        Compiling and training run in a worker thread while this (main) thread waits in short
+        slices, so a SIGINT or SIGTERM handler runs within a fraction of a second, never after
+        the chunk: the caller can then stop at once (the work in flight is abandoned).
+        """
         n = len(dyns)
         padded = train.stack_dynamic(dyns + [dyns[-1]] * (size - n))
-        out = self.executable(static, size, on_compile)(padded)
-        return jax.tree.map(lambda v: np.asarray(v)[:n], out)
+        box: dict = {}
+
+        def work():
+            try:
+                out = self.executable(static, size, on_compile)(padded)
+                box["out"] = jax.tree.map(lambda v: np.asarray(v)[:n], out)
+            except BaseException as e:  # handed to the caller below
+                box["error"] = e
+
+        worker = threading.Thread(target=work, daemon=True, name="calibjax-chunk")
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.1)
+            if stop():
+                raise KeyboardInterrupt
+        if "error" in box:
+            raise box["error"]
+        return box["out"]
 
 
 @dataclass
@@ -75,11 +97,13 @@ class Report:
 
 
 def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout | None = None,
-              shard: tuple[int, int] | None = None, overwrite: bool = False, quiet: bool = False) -> Report:
+              shard: tuple[int, int] | None = None, overwrite: bool = False, quiet: bool = False,
+              stop=lambda: False) -> Report:
     """Train every unfinished run of a sweep (or of one shard of it) into ``out``.
 
     Without a shard, the final tables are written once every run has finished. Shard k of n
-    writes its chunks to ``out/shards/k-of-n`` and leaves joining to ``results.merge``.
+    writes its chunks to ``out/shards/k-of-n`` and leaves joining to ``results.merge``. ``stop()``
+    is asked between chunks; when it says yes, KeyboardInterrupt is raised (finished chunks stay).
     """
     t_start = time.perf_counter()
     out = Path(out)
@@ -108,7 +132,7 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout |
         try:
             compile_before = trainer.compile_s
             t0 = time.perf_counter()
-            result = trainer(chunk.static, dyns, chunk.size, on_compile)
+            result = trainer(chunk.static, dyns, chunk.size, on_compile, stop)
             report.train_s += time.perf_counter() - t0 - (trainer.compile_s - compile_before)
             written = results.write_chunk(part, chunk.chunk_id, chunk.static, chunk.run_ids, result)
         except Exception as e:  # a broken chunk must not stop the others
@@ -131,6 +155,8 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout |
     while pending:
         waiting = []
         for chunk in pending:
+            if stop():
+                raise KeyboardInterrupt
             lock = store.ChunkLock(part, chunk.chunk_id)
             if store.chunk_complete(part / "chunks" / chunk.chunk_id):
                 bar.update(len(chunk.run_ids))  # finished by another process

@@ -40,6 +40,11 @@ GPU_INNER_BATCH = 1024
 CPU_MAX_CHUNK = 1024    # most runs per call: bounds lost work on a kill and keeps progress moving
 GPU_MAX_CHUNK = 16384
 MEMORY_FRACTION = 0.5   # of device (or, on CPU, host) memory a chunk may plan to use
+# A chunk is the work an interruption can lose: at most this long by a nominal rate per device.
+# The rate is a fixed constant, not measured, so that chunk boundaries (and names) depend only on
+# the sweep and the layout, and processes sharing a directory plan the same chunks.
+MAX_CHUNK_SECONDS = 300.0
+NOMINAL_FLOPS_PER_DEVICE = {"cpu": 2.5e10, "gpu": 1e13}  # ~15k model-steps/s per CPU core
 F32, F64 = 4, 8
 # Fraction of the matmul rate that training and evaluation reach, for plan's time estimate:
 # CPU 0.35 (calibjax 0.2.0 here: benchmarks/throughput.py 0.36-0.40 with one evaluation per run;
@@ -87,6 +92,7 @@ class Layout:
     inner_batch: int    # runs vmapped together on one device, always (lax.map over such batches)
     max_chunk: int      # most runs per compiled call
     memory: int         # bytes per device a chunk may plan to use
+    max_chunk_s: float = MAX_CHUNK_SECONDS  # most nominal seconds of work per chunk
 
     @property
     def backend(self) -> str:
@@ -95,7 +101,8 @@ class Layout:
     def chunk_size(self, n_runs: int, static: train.Static) -> tuple[int, int]:
         """(runs per chunk, padded runs per call) for a group of n_runs.
 
-        Runs per chunk is bounded by max_chunk and the memory budget; the call size is that
+        Runs per chunk is bounded by max_chunk, the memory budget and max_chunk_s of work at the
+        nominal rate (but is at least one batch per device); the call size is that
         rounded up to whole batches on every device (a multiple of devices x inner batch), so
         every chunk of the group (the last one padded with copies) reuses one compiled program
         and every run is computed in a batch of exactly ``inner_batch`` runs.
@@ -103,23 +110,25 @@ class Layout:
         n_dev = len(self.devices)
         working, held = memory_per_run(static)
         by_memory = max(1, (self.memory - self.inner_batch * working) // held) * n_dev
-        runs = max(1, min(n_runs, self.max_chunk, by_memory))
         per_call = n_dev * self.inner_batch
+        rate = NOMINAL_FLOPS_PER_DEVICE.get(self.backend, NOMINAL_FLOPS_PER_DEVICE["gpu"]) * n_dev
+        by_time = max(per_call, int(self.max_chunk_s * rate / static.flops_per_run) // per_call * per_call)
+        runs = max(1, min(n_runs, self.max_chunk, by_memory, by_time))
         return runs, math.ceil(runs / per_call) * per_call
 
     def describe(self) -> dict:
         return {"devices": len(self.devices), "backend": self.backend, "inner_batch": self.inner_batch,
-                "max_chunk": self.max_chunk, "memory_per_device": self.memory}
+                "max_chunk": self.max_chunk, "memory_per_device": self.memory, "max_chunk_s": self.max_chunk_s}
 
 
 def default_layout(chunk_size: int | None = None, inner_batch: int | None = None,
-                   devices=None) -> Layout:
+                   devices=None, max_chunk_s: float = MAX_CHUNK_SECONDS) -> Layout:
     """The fastest layout measured for the hardware at hand (benchmarks/throughput.py --explore)."""
     devices = tuple(devices if devices is not None else jax.local_devices())
     cpu = devices[0].platform == "cpu"
     inner = inner_batch or (CPU_INNER_BATCH if cpu else GPU_INNER_BATCH)
     max_chunk = chunk_size or (CPU_MAX_CHUNK if cpu else GPU_MAX_CHUNK)
-    return Layout(devices, inner, max_chunk, int(device_memory(devices[0]) * MEMORY_FRACTION))
+    return Layout(devices, inner, max_chunk, int(device_memory(devices[0]) * MEMORY_FRACTION), max_chunk_s)
 
 
 @dataclass

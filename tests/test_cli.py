@@ -104,12 +104,12 @@ def test_sigkill_mid_sweep_then_resume_equals_an_uninterrupted_run(tmp_path):
     chunks = out / "chunks"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if chunks.exists() and len([p for p in chunks.iterdir() if not p.name.startswith(".tmp-")]) >= 2:
+        if len([p for p in chunks.glob("g*") if (p / "chunk.json").exists()]) >= 2:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    finished = [p for p in chunks.iterdir() if not p.name.startswith(".tmp-")]
+    finished = [p for p in chunks.glob("g*") if (p / "chunk.json").exists()]
     assert 2 <= len(finished) < 8, "the kill should land before the last of 8 chunks"
     assert not (out / "metrics.parquet").exists()
 
@@ -228,3 +228,34 @@ def test_three_processes_on_one_directory_cooperate(tmp_path):
     for name in ("runs", "metrics", "density", "calibration", "curves", "summary"):
         assert pd.read_parquet(out / f"{name}.parquet").equals(pd.read_parquet(ref / f"{name}.parquet")), name
     print(f"three processes: {trained} runs each, {wall:.1f} s wall")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code,when", [(signal.SIGTERM, 143, "chunks"), (signal.SIGINT, 130, "start-up"),
+                                           (signal.SIGTERM, 143, "start-up")])
+def test_a_signal_stops_within_seconds_keeps_finished_chunks_and_says_so(tmp_path, sig, code, when):
+    sweep = tmp_path / "resume.toml"
+    sweep.write_text(RESUME)
+    out = tmp_path / "res"
+    env = {**os.environ, "CALIBJAX_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "calibjax", "run", sweep, "--out", out, "--quiet",
+                             "--chunk-size", "2", "--no-figures"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    if when == "chunks":  # once a chunk is written, during the next one's training
+        while time.time() < deadline and not any((out / "chunks").glob("g*")):
+            time.sleep(0.05)
+    else:  # while Python and JAX are still starting
+        time.sleep(1.5)
+    t0 = time.perf_counter()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    stopped = time.perf_counter() - t0
+    assert proc.returncode == code, err
+    assert stopped < 5.0, stopped
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"interrupted by {sig.name}" in lines[0] and "run the same command" in lines[0], err
+    if when == "chunks":
+        assert "runs done" in lines[0]
+        assert calibjax("run", sweep, "--out", out, "--quiet", "--chunk-size", "2", "--no-figures").returncode == 0
+        assert len(pd.read_parquet(out / "runs.parquet")) == 16
