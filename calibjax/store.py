@@ -11,9 +11,12 @@ Layout of a results directory (the tables' columns are in ``calibjax.tables``)::
     shards/K-of-N/         a shard's manifest and chunks
     figures/*.png
 
-A chunk is written into a temporary directory and renamed into place, so it
-exists completely or not at all; every other file is written to a temporary
-name and renamed. A killed run leaves only ``.tmp-*`` debris, which is ignored.
+A chunk is written into a temporary directory and renamed into place; it counts
+as finished only when its ``chunk.json`` (its run_ids and tables, written last)
+lists tables that are all there. Every other file is written to a temporary
+name and renamed. Temporary names and lock files (``chunks/.lock-<id>``, one per
+chunk being trained) carry their writer's host and pid: only debris of dead
+writers of this host is removed, so processes sharing a directory cooperate.
 """
 
 from __future__ import annotations

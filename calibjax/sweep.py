@@ -17,6 +17,7 @@ import functools
 import hashlib
 import inspect
 import itertools
+import json
 import math
 import re
 import tomllib
@@ -116,7 +117,13 @@ class Sweep:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()
+        """Hash of the sweep's content: the parsed document, so comments, spacing and key order
+        within a table do not count (an edited comment is the same sweep)."""
+        try:
+            doc = tomllib.loads(self.text)
+        except tomllib.TOMLDecodeError:
+            doc = self.text
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
     @functools.cached_property
     def groups(self) -> tuple[list[train.Static], list[int]]:

@@ -233,3 +233,10 @@ def test_every_bad_input_is_one_clear_error_before_anything_runs(what, doc, word
     assert message.startswith("s.toml:") and "\n" not in message, message
     for w in words:
         assert w in message, (what, message)
+
+
+def test_comments_and_spacing_do_not_change_the_sweep_but_a_value_does():
+    a = parse(BASE)
+    b = parse("# a note\n" + BASE.replace(" = ", " =  ") + "\n# the end\n")
+    c = parse(BASE.replace("steps = 100", "steps = 101").replace("100]", "101]"))
+    assert a.sha256 == b.sha256 != c.sha256
