@@ -264,9 +264,17 @@ def plot_one(args, out: Path) -> Path:
 
 
 def print_plan(sw, out: Path, layout, shard) -> int:
-    from calibjax import planning, store
+    from calibjax import planning, results, store
 
-    done = store.finished_run_ids(out) if store.read_manifest(out) else set()
+    manifest, done = store.read_manifest(out), set()
+    if manifest is not None:
+        try:  # what run would do: reuse these results only if run would accept them
+            results.check_same_numbers(manifest, out, sw.sha256,
+                                       results.numbers_identity(layout.backend, layout.inner_batch),
+                                       "run would refuse them; with --overwrite it would train every run")
+            done = store.finished_run_ids(out)
+        except results.ResultsExist as e:
+            print(f"note: {e}")
     table = planning.plan(sw, layout, shard, done)
     print(f"{sw.name}: {len(sw.runs)} runs, {len(sw.groups[0])} groups (one compile each); "
           f"{len(done)} already finished in {out}; {len(layout.devices)} {layout.backend} device(s)")

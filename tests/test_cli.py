@@ -58,8 +58,13 @@ def test_run_writes_every_table_manifest_and_figure(tmp_path):
     # A second call finds nothing left to do; a changed sweep file is refused unless --overwrite.
     again = calibjax("run", sweep, "--out", out, "--quiet")
     assert again.returncode == 0 and "0 runs trained" in again.stdout
+    sweep.write_text("# a comment changes nothing\n" + TINY)
+    same = calibjax("run", sweep, "--out", out, "--quiet")
+    assert same.returncode == 0 and "0 runs trained" in same.stdout, same.stderr
     sweep.write_text(TINY.replace("seeds = 2", "seeds = 3"))
     assert "seeds = 3" in sweep.read_text()
+    plan = calibjax("plan", sweep, "--out", out)  # plan says what run will do: refuse, not "4 finished"
+    assert plan.returncode == 0 and "different sweep file" in plan.stdout and "0 already finished" in plan.stdout
     refused = calibjax("run", sweep, "--out", out, "--quiet")
     assert refused.returncode == 2 and "different sweep file" in refused.stderr and "--overwrite" in refused.stderr
     assert "Traceback" not in refused.stderr
