@@ -12,6 +12,10 @@ timeout 150 python3 benchmarks/throughput.py --runs 1 64 256 1024 4096 16384 --s
     --json "$OUT/bench_gpu.json" > "$OUT/bench_gpu.txt" 2>&1
 timeout 40 python3 benchmarks/throughput.py --runs 16384 --steps 500 --precision tensorfloat32 \
     --single-runs 1 --torch-steps 0 > "$OUT/bench_gpu_tf32.txt" 2>&1
+# the vectorisation width is part of a run's bits and fixed per backend (1024 on GPU, unmeasured so far)
+timeout 90 python3 benchmarks/throughput.py --widths 4096 1024 256 --runs 4096 --steps 500 \
+    > "$OUT/widths_gpu.txt" 2>&1
+timeout 120 python3 benchmarks/layout_bits.py > "$OUT/layout_bits_gpu.txt" 2>&1
 for s in blog atlas dataset_size imbalance multiclass2d grid_2000; do
   /usr/bin/time -f "$s wall %e s" timeout 60 python3 -m calibjax run sweeps/$s.toml --out /tmp/res/$s --quiet \
       >> "$OUT/sweeps_gpu.txt" 2>&1
