@@ -168,7 +168,9 @@ def _main(argv: list[str] | None = None) -> int:
         return fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
     except KeyboardInterrupt:
         if "sw" in locals() and "out" in locals():
-            _progress = f"{len(store.finished_run_ids(out))} of {len(sw.runs)} runs done in {out}"
+            from calibjax import results
+
+            _progress = f"{len(results.finished_run_ids(out, sw))} of {len(sw.runs)} runs done in {out}"
         raise
     where = f"{out}/shards/{shard[0]}-of-{shard[1]}" if shard else str(out)
     print(f"{sw.name}: {report.trained} runs trained ({report.runs} in the sweep) in {report.wall_s:.1f} s; "
@@ -269,10 +271,10 @@ def print_plan(sw, out: Path, layout, shard) -> int:
     manifest, done = store.read_manifest(out), set()
     if manifest is not None:
         try:  # what run would do: reuse these results only if run would accept them
-            results.check_same_numbers(manifest, out, sw.sha256,
+            results.check_same_numbers(manifest, out, sw.name,
                                        results.numbers_identity(layout.backend, layout.inner_batch),
                                        "run would refuse them; with --overwrite it would train every run")
-            done = store.finished_run_ids(out)
+            done = results.finished_run_ids(out, sw)
         except results.ResultsExist as e:
             print(f"note: {e}")
     table = planning.plan(sw, layout, shard, done)

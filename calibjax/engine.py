@@ -111,12 +111,13 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout |
     identity = results.numbers_identity(layout.backend, layout.inner_batch)
     results.prepare_output(sw, out, identity, overwrite)
     manifest = {**results.sweep_manifest(sw), **runtime.environment(), **identity, "layout": layout.describe()}
-    if store.read_manifest(out) is None:
-        store.write_json(out / "manifest.json", {**manifest, "complete": False})
+    previous = store.read_manifest(out)
+    if previous is None or previous.get("sweep_sha256") != sw.sha256:  # new, or an edited sweep file
+        store.write_json(out / "manifest.json", {**(previous or {}), **manifest, "complete": False})
     part = out / "shards" / f"{shard[0]}-of-{shard[1]}" if shard else out
 
     chunks = planning.plan_chunks(sw, layout, planning.shard_run_ids(len(sw.runs), shard),
-                                  done=store.finished_run_ids(out))
+                                  done=results.finished_run_ids(out, sw))
     report = Report(runs=len(sw.runs), chunks=len(chunks))
     trainer = Trainer(layout)
     bar = tqdm(total=sum(len(c.run_ids) for c in chunks), unit="run", disable=quiet, dynamic_ncols=True,
@@ -134,7 +135,7 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout |
             t0 = time.perf_counter()
             result = trainer(chunk.static, dyns, chunk.size, on_compile, stop)
             report.train_s += time.perf_counter() - t0 - (trainer.compile_s - compile_before)
-            written = results.write_chunk(part, chunk.chunk_id, chunk.static, chunk.run_ids, result)
+            written = results.write_chunk(part, chunk.chunk_id, chunk.static, chunk.run_ids, chunk.hashes, result)
         except Exception as e:  # a broken chunk must not stop the others
             report.failed.append(chunk.chunk_id)
             bar.write(f"chunk {chunk.chunk_id} failed: {type(e).__name__}: {e}")

@@ -17,6 +17,7 @@ directory records its width and accepts no results of another.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import math
 import os
@@ -137,10 +138,14 @@ class Chunk:
     static: train.Static
     run_ids: list[int]
     size: int    # padded number of runs per call (the same for every chunk of a group)
+    hashes: tuple[str, ...] = ()  # the runs' identities (sweep.Sweep.hashes)
 
     @property
     def chunk_id(self) -> str:
-        return f"g{self.group:03d}-r{self.run_ids[0]:07d}-n{len(self.run_ids)}"
+        """Names the chunk's place and, by a hash of its runs' identities, its content: a chunk of
+        another version of the sweep never takes the name of a different set of runs."""
+        content = hashlib.sha256(" ".join(self.hashes).encode()).hexdigest()[:8]
+        return f"g{self.group:03d}-r{self.run_ids[0]:07d}-n{len(self.run_ids)}-{content}"
 
 
 def shard_run_ids(n_runs: int, shard: tuple[int, int] | None) -> list[int]:
@@ -169,7 +174,7 @@ def plan_chunks(sw: sweep_mod.Sweep, layout: Layout, run_ids=None, done=frozense
             for start in range(0, len(ids), runs):
                 todo = [i for i in ids[start:start + runs] if i not in done]
                 if todo:
-                    chunks.append(Chunk(g, static, todo, size))
+                    chunks.append(Chunk(g, static, todo, size, tuple(sw.hashes[i] for i in todo)))
     return chunks
 
 

@@ -1,9 +1,13 @@
 """Results of a sweep on disk: the manifest, which results belong together, final tables, merge.
 
-A results directory holds one sweep file's results. Its manifest records the sweep text and
-hash, the settings the figures need (``plot_steps``) and the ``numbers_version`` of the calibjax
-that wrote it; chunks and shard parts are joined only with a manifest that matches. Final tables
-are rebuilt from the finished chunks, sorted by each table's keys (``tables.TABLES``).
+A results directory holds one sweep's results (by its name). Its manifest records the current
+sweep text, the settings the figures need (``plot_steps``) and what fixes the bits of a run
+besides its settings (``numbers_identity``); chunks and shard parts are joined only with a
+manifest that matches. Runs are known by their identity (``sweep.Sweep.hashes``), not their
+run_id: after an edit of the sweep file (more seeds, more grid points, a comment) every run whose
+settings are unchanged is reused, under its new run_id, and only new runs are trained. Final
+tables are rebuilt from exactly the current sweep's finished runs, sorted by each table's keys
+(``tables.TABLES``).
 """
 
 from __future__ import annotations
@@ -34,12 +38,12 @@ def sweep_manifest(sw: sweep_mod.Sweep) -> dict:
             "plot_steps": {r.case: r.settings["plot_steps"] for r in sw.runs}}
 
 
-def check_same_numbers(manifest: dict, where: Path, sha256: str, identity: dict, hint: str) -> None:
-    """Refuse to join results of a different sweep file, or results whose runs give other bits:
+def check_same_numbers(manifest: dict, where: Path, name: str, identity: dict, hint: str) -> None:
+    """Refuse to join results of another sweep (by name), or results whose runs give other bits:
     another calibjax numbers version, backend or vectorisation width (``numbers_identity``)."""
-    if manifest.get("sweep_sha256") != sha256:
-        raise ResultsExist(f"{where}: holds results of a different sweep file (sha256 "
-                           f"{manifest.get('sweep_sha256', '?')[:12]} != {sha256[:12]}); {hint}")
+    if manifest.get("sweep_name") != name:
+        raise ResultsExist(f"{where}: holds results of a different sweep ({manifest.get('sweep_name')!r}, "
+                           f"not {name!r}); {hint}")
     theirs = manifest.get("numbers_version", 1)
     if theirs != identity["numbers_version"]:
         raise ResultsExist(f"{where}: holds results of calibjax {manifest.get('versions', {}).get('calibjax', '?')}, "
@@ -60,7 +64,7 @@ def prepare_output(sw: sweep_mod.Sweep, out: Path, identity: dict, overwrite: bo
         raise ResultsExist(f"{out}: exists and is not a calibjax results directory (no manifest.json); calibjax "
                            "writes only into a new or empty directory or its own: choose another --out")
     if manifest is not None and not overwrite:
-        check_same_numbers(manifest, out, sw.sha256, identity,
+        check_same_numbers(manifest, out, sw.name, identity,
                            "use --overwrite to replace them or --out to write elsewhere")
     if overwrite and manifest is not None:
         store.remove_results(out)
@@ -68,9 +72,16 @@ def prepare_output(sw: sweep_mod.Sweep, out: Path, identity: dict, overwrite: bo
     store.clean_debris(out)
 
 
-def write_chunk(part: Path, chunk_id: str, static: train.Static, run_ids, result: train.RunResult) -> bool:
+def write_chunk(part: Path, chunk_id: str, static: train.Static, run_ids, run_hashes,
+                result: train.RunResult) -> bool:
     """One finished chunk's tables, written as a unit (False: another process wrote it first)."""
-    return store.write_chunk(part, chunk_id, tables.chunk_tables(static, run_ids, result), run_ids)
+    return store.write_chunk(part, chunk_id, tables.chunk_tables(static, run_ids, result), run_ids, run_hashes)
+
+
+def finished_run_ids(out: Path, sw: sweep_mod.Sweep) -> set[int]:
+    """run_ids of the sweep whose runs (by identity) are finished in ``out``."""
+    done = store.finished_hashes(out)
+    return {i for i, h in enumerate(sw.hashes) if h in done}
 
 
 def finalize(out: Path, runs: pd.DataFrame) -> list[int]:
@@ -79,15 +90,23 @@ def finalize(out: Path, runs: pd.DataFrame) -> list[int]:
     Runs not finished yet appear in runs.parquet with status "missing".
     """
     found = store.read_chunk_tables(out, tables.TABLES)
+    ids = runs[["run_hash", "run_id"]]
+
+    def current(df: pd.DataFrame) -> pd.DataFrame:
+        """Rows under the current sweep's run_ids (by identity); runs no longer in it are left out."""
+        columns = list(df.columns.drop("run_hash"))
+        return df.drop(columns="run_id").merge(ids, on="run_hash")[columns]
+
     status = found.pop("status")
-    table = runs.merge(status if status is not None else tables.empty_status(), on="run_id", how="left")
+    status = current(status) if status is not None else tables.empty_status()
+    table = runs.merge(status, on="run_id", how="left")
     table["status"] = table["status"].fillna("missing")
     store.write_parquet(out / "runs.parquet", table)
     for name, df in found.items():
         if df is not None:
             keys = list(tables.TABLES[name].keys)
             store.write_parquet(out / f"{name}.parquet",
-                                df.sort_values(keys, kind="stable").reset_index(drop=True))
+                                current(df).sort_values(keys, kind="stable").reset_index(drop=True))
     return table.loc[table["status"] == "missing", "run_id"].tolist()
 
 
@@ -101,12 +120,12 @@ def merge(out: str | Path) -> list[int]:
     if manifest is None:
         raise sweep_mod.SweepError(f"{out}: no manifest.json here; is it a calibjax results directory?")
     identity = numbers_identity(manifest.get("backend"), manifest.get("vector_width"))
-    check_same_numbers(manifest, out, manifest["sweep_sha256"], identity, "rerun the sweep with this calibjax "
-                       "(calibjax run SWEEP --overwrite)")
+    check_same_numbers(manifest, out, manifest.get("sweep_name"), identity, "rerun the sweep with this "
+                       "calibjax (calibjax run SWEEP --overwrite)")
     for part in sorted(out.glob("shards/*")):
         m = store.read_manifest(part)
         if m is not None:
-            check_same_numbers(m, part, manifest["sweep_sha256"], identity,
+            check_same_numbers(m, part, manifest.get("sweep_name"), identity,
                                f"it does not belong with {out}/manifest.json")
     sw = sweep_mod.parse(tomllib.loads(manifest["sweep_text"]), manifest["sweep_file"], manifest["sweep_text"])
     missing = finalize(out, sweep_mod.runs_table(sw))

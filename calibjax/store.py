@@ -34,7 +34,7 @@ from pathlib import Path
 import pandas as pd
 
 HOST = socket.gethostname()
-CHUNK_ID = re.compile(r"^g\d{3}-r\d{7}-n\d+$")   # planning.Chunk.chunk_id
+CHUNK_ID = re.compile(r"^g\d{3}-r\d{7}-n\d+-[0-9a-f]{8}$")   # planning.Chunk.chunk_id
 SHARD_PART = re.compile(r"^\d+-of-\d+$")
 LOCK_STALE_S = 120.0   # a lock whose holder has not touched it for this long is abandoned
 HEARTBEAT_S = 20.0
@@ -112,7 +112,7 @@ def chunk_complete(d: Path) -> bool:
         return False
 
 
-def write_chunk(out: Path, chunk_id: str, tables: dict[str, pd.DataFrame], run_ids) -> bool:
+def write_chunk(out: Path, chunk_id: str, tables: dict[str, pd.DataFrame], run_ids, run_hashes) -> bool:
     """Write one finished chunk's tables as a unit: temp directory, then rename.
 
     Returns False (and writes nothing) if another process finished the same chunk first. An
@@ -126,7 +126,7 @@ def write_chunk(out: Path, chunk_id: str, tables: dict[str, pd.DataFrame], run_i
         for name, df in tables.items():
             df.to_parquet(tmp / f"{name}.parquet", index=False)
         (tmp / "chunk.json").write_text(json.dumps({"tables": sorted(tables), "run_ids": [int(i) for i in run_ids],
-                                                    "writer": _writer()}) + "\n")
+                                                    "run_hashes": list(run_hashes), "writer": _writer()}) + "\n")
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
         target = chunks / chunk_id
         if target.exists():
@@ -203,36 +203,40 @@ def chunk_dirs(out: Path) -> list[Path]:
                   key=lambda p: (p.name, str(p)))
 
 
-def _owners(out: Path) -> dict[Path, list[int]]:
-    """run_ids each chunk owns; a run finished twice (say, by two shard layouts) counts once."""
+def _owners(out: Path) -> dict[Path, dict[int, str]]:
+    """Per finished chunk, the runs it owns (the run_id it was written with -> the run's hash); a
+    run finished twice (say, by two shard layouts) counts once."""
     owners, seen = {}, set()
     for d in chunk_dirs(out):
-        ids = [i for i in json.loads((d / "chunk.json").read_text())["run_ids"] if i not in seen]
-        seen.update(ids)
-        owners[d] = ids
+        info = json.loads((d / "chunk.json").read_text())
+        owned = {int(i): h for i, h in zip(info["run_ids"], info.get("run_hashes", ()), strict=True) if h not in seen}
+        seen.update(owned.values())
+        owners[d] = owned
     return owners
 
 
-def finished_run_ids(out: Path) -> set[int]:
-    return {i for ids in _owners(out).values() for i in ids}
+def finished_hashes(out: Path) -> set[str]:
+    """Identities (sweep.Sweep.hashes) of the runs finished in a results directory."""
+    return {h for owned in _owners(out).values() for h in owned.values()}
 
 
 def read_chunk_tables(out: Path, names) -> dict[str, pd.DataFrame | None]:
-    """Each named table joined over all finished chunks, each run once, in chunk order; None if
-    no chunk has it."""
+    """Each named table joined over all finished chunks, each run once, in chunk order, with a
+    ``run_hash`` column (the run_id is the one the chunk was written with); None if no chunk has it."""
     owners = _owners(out)  # read once for all tables
     tables = {}
     for name in names:
         parts = []
-        for d, ids in owners.items():
+        for d, owned in owners.items():
             p = d / f"{name}.parquet"
-            if ids and p.exists():
+            if owned and p.exists():
                 try:
                     df = pd.read_parquet(p)
                 except Exception as e:  # pyarrow raises several kinds for a damaged file
                     raise CorruptResults(f"{p}: cannot read ({type(e).__name__}); move that chunk directory "
                                          "away and rerun the same command to train its runs again") from None
-                parts.append(df[df["run_id"].isin(ids)])
+                df = df[df["run_id"].isin(owned)]
+                parts.append(df.assign(run_hash=df["run_id"].map(owned)))
         parts = [p for p in parts if len(p)]
         tables[name] = pd.concat(parts, ignore_index=True) if parts else None
     return tables

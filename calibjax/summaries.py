@@ -25,7 +25,7 @@ from calibjax import store
 
 DEFAULT_EPS = (1e-2, 1e-3)
 FINAL = ("kl", "tv", "max_err", "err_dense", "err_sparse", "true_ece", "ece")
-ID_COLUMNS = {"run_id", "seed", "group", "status", "bayes_loss"}
+ID_COLUMNS = {"run_id", "seed", "group", "status", "bayes_loss", "run_hash"}
 _SENTINEL = 1e300  # stands in for inf inside quantiles; anything above _INF_FROM maps back to inf
 _INF_FROM = 1e280
 

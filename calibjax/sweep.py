@@ -126,6 +126,13 @@ class Sweep:
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
     @functools.cached_property
+    def hashes(self) -> list[str]:
+        """Each run's identity: a hash of its resolved settings (everything that fixes its numbers
+        besides the numbers identity a results directory checks). Runs of two sweep files with the
+        same hash are the same run, whatever their run_id, case name or the files' comments."""
+        return [run_hash(r) for r in self.runs]
+
+    @functools.cached_property
     def groups(self) -> tuple[list[train.Static], list[int]]:
         """Distinct static settings (one compile each) in order of first appearance, and each
         run's group index; computed once per sweep."""
@@ -672,6 +679,14 @@ def static_of(run: Run) -> train.Static:
         curve_points=s["curve_points"] if s["curves"] else 0)
 
 
+def run_hash(run: Run) -> str:
+    s = run.settings
+    content = {"static": dataclasses.asdict(static_of(run)),
+               "task": {k: np.asarray(v, float).tolist() for k, v in sorted(run.task.items())},
+               "seed": run.seed, **{k: s[k] for k in ("lr", "weight_decay", "momentum", "n_data", "curve_range")}}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
 def dynamic_of(run: Run) -> train.Dynamic:
     s, t = run.settings, run.task
     task = tasks.make_task(t["prior"], t["mean"], t["sigma"], t["weight"])
@@ -733,4 +748,5 @@ def runs_table(sw: Sweep) -> pd.DataFrame:
     """One row per run: identity, task entries, training settings and its group (compiled program)."""
     df = pd.DataFrame([run_row(i, r) for i, r in enumerate(sw.runs)])
     df["group"] = sw.groups[1]
+    df["run_hash"] = sw.hashes
     return df

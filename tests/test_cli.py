@@ -61,16 +61,27 @@ def test_run_writes_every_table_manifest_and_figure(tmp_path):
     sweep.write_text("# a comment changes nothing\n" + TINY)
     same = calibjax("run", sweep, "--out", out, "--quiet")
     assert same.returncode == 0 and "0 runs trained" in same.stdout, same.stderr
+
+    # The sweep grows: a third seed. Runs are known by their settings, so only the 2 new runs train
+    # (run_ids shift: seed 2 of case a is run 2 now), and plan says so first.
     sweep.write_text(TINY.replace("seeds = 2", "seeds = 3"))
-    assert "seeds = 3" in sweep.read_text()
-    plan = calibjax("plan", sweep, "--out", out)  # plan says what run will do: refuse, not "4 finished"
-    assert plan.returncode == 0 and "different sweep file" in plan.stdout and "0 already finished" in plan.stdout
+    plan = calibjax("plan", sweep, "--out", out)
+    assert plan.returncode == 0 and "4 already finished" in plan.stdout and "total: 2 runs" in plan.stdout, plan.stdout
+    grown = calibjax("run", sweep, "--out", out, "--quiet", "--no-figures")
+    assert grown.returncode == 0 and "2 runs trained (6 in the sweep)" in grown.stdout, grown.stderr
+    fresh = tmp_path / "fresh"
+    assert calibjax("run", sweep, "--out", fresh, "--quiet", "--no-figures").returncode == 0
+    for name in ("runs", "metrics", "density", "calibration", "curves", "summary"):
+        assert pd.read_parquet(out / f"{name}.parquet").equals(pd.read_parquet(fresh / f"{name}.parquet")), name
+
+    # Another sweep (by name) is refused unless --overwrite.
+    sweep.write_text(TINY.replace('name = "tiny"', 'name = "other"'))
     refused = calibjax("run", sweep, "--out", out, "--quiet")
-    assert refused.returncode == 2 and "different sweep file" in refused.stderr and "--overwrite" in refused.stderr
-    assert "Traceback" not in refused.stderr
+    assert refused.returncode == 2 and "different sweep ('tiny', not 'other')" in refused.stderr
+    assert "--overwrite" in refused.stderr and "Traceback" not in refused.stderr
     replaced = calibjax("run", sweep, "--out", out, "--quiet", "--overwrite", "--no-figures")
-    assert replaced.returncode == 0, replaced.stderr
-    assert len(pd.read_parquet(out / "runs.parquet")) == 6
+    assert replaced.returncode == 0 and "4 runs trained" in replaced.stdout, replaced.stderr
+    assert len(pd.read_parquet(out / "runs.parquet")) == 4
 
 
 @pytest.mark.parametrize("text,message", [BAD[i] for i in (0, 1, 3, 5, 6, 9, 10)])

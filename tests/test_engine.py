@@ -195,6 +195,11 @@ def test_results_of_a_calibjax_with_other_numbers_are_not_mixed(tmp_path):
     store.write_json(part, old)
     with pytest.raises(results.ResultsExist, match="calibjax 0.1.0.*numbers_version 1"):
         results.merge(tmp_path)
+    store.write_json(part, {**old, "numbers_version": store.read_manifest(tmp_path)["numbers_version"],
+                            "sweep_name": "another"})  # a part copied from another sweep
+    with pytest.raises(results.ResultsExist, match="0-of-2: holds results of a different sweep .'another'"):
+        results.merge(tmp_path)
+    store.write_json(part, old)
     top = {k: v for k, v in store.read_manifest(tmp_path).items() if k != "numbers_version"}  # written before the key
     store.write_json(tmp_path / "manifest.json", top)
     with pytest.raises(results.ResultsExist, match="numbers_version 1"):

@@ -26,7 +26,7 @@ def test_debris_of_dead_local_writers_goes_and_everything_else_stays(tmp_path):
     for p in (dead, live, remote):
         p.mkdir()
     users.write_text("mine")
-    stale_lock = chunks / ".lock-g000-r0000000-n2"
+    stale_lock = chunks / f".lock-{CHUNK}"
     stale_lock.write_text(f"{store.HOST}-{dead_pid()}\n")
     store.clean_debris(tmp_path)
     assert not dead.exists() and not stale_lock.exists()
@@ -34,7 +34,7 @@ def test_debris_of_dead_local_writers_goes_and_everything_else_stays(tmp_path):
 
 
 def test_a_chunk_lock_is_held_once_and_taken_over_from_a_dead_holder(tmp_path):
-    a, b = store.ChunkLock(tmp_path, "g000-r0000000-n2"), store.ChunkLock(tmp_path, "g000-r0000000-n2")
+    a, b = store.ChunkLock(tmp_path, CHUNK), store.ChunkLock(tmp_path, CHUNK)
     assert a.acquire() and not b.acquire() and b.held_elsewhere()
     a.release()
     assert b.acquire()
@@ -45,24 +45,28 @@ def test_a_chunk_lock_is_held_once_and_taken_over_from_a_dead_holder(tmp_path):
     assert not a.path.exists()
 
 
+CHUNK = "g000-r0000000-n2-0123abcd"
+
+
 def _chunk(out, run_ids=(0, 1)):
     df = pd.DataFrame({"run_id": list(run_ids), "status": "ok", "bayes_loss": 0.5})
-    return store.write_chunk(out, "g000-r0000000-n2", {"status": df, "metrics": df[["run_id"]]}, run_ids)
+    return store.write_chunk(out, CHUNK, {"status": df, "metrics": df[["run_id"]]}, run_ids,
+                             [f"hash{i}" for i in run_ids])
 
 
 def test_an_unfinished_chunk_is_not_finished_and_is_replaced_not_deleted(tmp_path):
-    assert _chunk(tmp_path) and store.finished_run_ids(tmp_path) == {0, 1}
+    assert _chunk(tmp_path) and store.finished_hashes(tmp_path) == {"hash0", "hash1"}
     assert not _chunk(tmp_path)  # finished already (say, by another process): nothing written
-    d = tmp_path / "chunks" / "g000-r0000000-n2"
+    d = tmp_path / "chunks" / CHUNK
     (d / "metrics.parquet").unlink()
-    assert store.finished_run_ids(tmp_path) == set()  # a table missing: unfinished, so retrained
-    assert _chunk(tmp_path) and store.finished_run_ids(tmp_path) == {0, 1}
-    broken = list((tmp_path / "chunks").glob(".broken-g000-r0000000-n2-*"))
+    assert store.finished_hashes(tmp_path) == set()  # a table missing: unfinished, so retrained
+    assert _chunk(tmp_path) and store.finished_hashes(tmp_path) == {"hash0", "hash1"}
+    broken = list((tmp_path / "chunks").glob(f".broken-{CHUNK}-*"))
     assert len(broken) == 1 and (broken[0] / "status.parquet").exists()  # moved aside, kept
 
 
 def test_a_damaged_table_is_named_with_the_way_out(tmp_path):
     _chunk(tmp_path)
-    (tmp_path / "chunks" / "g000-r0000000-n2" / "status.parquet").write_bytes(b"not parquet")
+    (tmp_path / "chunks" / CHUNK / "status.parquet").write_bytes(b"not parquet")
     with pytest.raises(store.CorruptResults, match="status.parquet: cannot read.*move that chunk directory away"):
         store.read_chunk_tables(tmp_path, ["status"])
