@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default 10,000,000), before expanding them")
         q.add_argument("--chunk-minutes", type=float, default=5.0, help="most work per chunk at a nominal rate "
                        "(default 5): an interruption loses at most about this much")
-    run.add_argument("--overwrite", action="store_true", help="replace results of a different sweep file")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the results of another sweep (or of other numbers) in --out")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--no-figures", action="store_true", help="write tables only")
     merge = sub.add_parser("merge", help="join the shard parts of a results directory; report missing runs")

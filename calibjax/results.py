@@ -22,7 +22,7 @@ from calibjax import sweep as sweep_mod
 
 
 class ResultsExist(sweep_mod.SweepError):
-    """The output directory holds results of a different sweep file or calibjax numbers."""
+    """The output directory holds results of another sweep, or runs that give other bits."""
 
 
 def numbers_identity(backend: str, vector_width: int) -> dict:
@@ -113,7 +113,7 @@ def finalize(out: Path, runs: pd.DataFrame) -> list[int]:
 def merge(out: str | Path) -> list[int]:
     """Join shard parts (and any unsharded chunks) of ``out`` into its final tables.
 
-    Refuses parts written from a different sweep file. Returns the run_ids still missing.
+    Refuses parts of another sweep or other numbers; joins runs by identity. Returns the run_ids still missing.
     """
     out = Path(out)
     manifest = store.read_manifest(out)
