@@ -51,11 +51,11 @@ def _writer() -> str:
 
 def _pid_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # a PermissionError also means the process exists
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
@@ -103,13 +103,17 @@ def write_json(path: Path, obj) -> None:
 
 # ---------------------------------------------------------------- chunks
 
-def chunk_complete(d: Path) -> bool:
-    """A chunk is finished when its chunk.json (written last) lists tables that are all there."""
+def chunk_info(d: Path) -> dict | None:
+    """A finished chunk's chunk.json (written last), or None unless it lists tables that are all there."""
     try:
         info = json.loads((d / "chunk.json").read_text())
-        return all((d / f"{name}.parquet").is_file() for name in info["tables"])
+        return info if all((d / f"{name}.parquet").is_file() for name in info["tables"]) else None
     except (OSError, ValueError, KeyError, TypeError):
-        return False
+        return None
+
+
+def chunk_complete(d: Path) -> bool:
+    return chunk_info(d) is not None
 
 
 def write_chunk(out: Path, chunk_id: str, tables: dict[str, pd.DataFrame], run_ids, run_hashes) -> bool:
@@ -195,20 +199,17 @@ class ChunkLock:
         return self.path.exists() and not self._stale()
 
 
-def chunk_dirs(out: Path) -> list[Path]:
-    """Finished chunks of a results directory: its own and those of its shard parts."""
-    out = Path(out)
-    dirs = [*out.glob("chunks/*"), *out.glob("shards/*/chunks/*")]
-    return sorted((p for p in dirs if p.is_dir() and CHUNK_ID.match(p.name) and chunk_complete(p)),
-                  key=lambda p: (p.name, str(p)))
-
-
 def _owners(out: Path) -> dict[Path, dict[int, str]]:
-    """Per finished chunk, the runs it owns (the run_id it was written with -> the run's hash); a
-    run finished twice (say, by two shard layouts) counts once."""
+    """Per finished chunk (its own and its shard parts'), the runs it owns (the run_id it was
+    written with -> the run's hash); a run finished twice (say, by two shard layouts) counts once."""
+    out = Path(out)
+    dirs = sorted((p for p in [*out.glob("chunks/*"), *out.glob("shards/*/chunks/*")]
+                   if p.is_dir() and CHUNK_ID.match(p.name)), key=lambda p: (p.name, str(p)))
     owners, seen = {}, set()
-    for d in chunk_dirs(out):
-        info = json.loads((d / "chunk.json").read_text())
+    for d in dirs:
+        info = chunk_info(d)
+        if info is None:
+            continue
         owned = {int(i): h for i, h in zip(info["run_ids"], info.get("run_hashes", ()), strict=True) if h not in seen}
         seen.update(owned.values())
         owners[d] = owned

@@ -130,7 +130,8 @@ class Sweep:
         """Each run's identity: a hash of its resolved settings (everything that fixes its numbers
         besides the numbers identity a results directory checks). Runs of two sweep files with the
         same hash are the same run, whatever their run_id, case name or the files' comments."""
-        return [run_hash(r) for r in self.runs]
+        statics, group_of = self.groups
+        return [run_hash(r, statics[g]) for r, g in zip(self.runs, group_of, strict=True)]
 
     @functools.cached_property
     def groups(self) -> tuple[list[train.Static], list[int]]:
@@ -679,9 +680,11 @@ def static_of(run: Run) -> train.Static:
         curve_points=s["curve_points"] if s["curves"] else 0)
 
 
-def run_hash(run: Run) -> str:
+def run_hash(run: Run, static: train.Static) -> str:
+    """sha256 (32 hex digits) of a run's resolved settings: its static settings and every number
+    that enters its Dynamic."""
     s = run.settings
-    content = {"static": dataclasses.asdict(static_of(run)),
+    content = {"static": dataclasses.asdict(static),
                "task": {k: np.asarray(v, float).tolist() for k, v in sorted(run.task.items())},
                "seed": run.seed, **{k: s[k] for k in ("lr", "weight_decay", "momentum", "n_data", "curve_range")}}
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:32]
