@@ -124,19 +124,28 @@ def main(argv: list[str] | None = None) -> int:
         code = None
     if _received or code is None:
         name, code = SIGNALS.get(_received[0] if _received else signal.SIGINT)
-        print(f"calibjax: interrupted by {name}; finished chunks are kept: {_progress}; run the same command "
-              "again to resume", file=sys.stderr)
+        print(f"calibjax: interrupted by {name}; finished chunks are kept: {_progress()}; run the same "
+              "command again to resume", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)  # at once: a chunk abandoned in its worker thread must not hold the exit
     return code
 
 
-_progress = "nothing started"
+_running: tuple = ()  # (sweep, out) once a sweep starts training: what an interruption reports
+
+
+def _progress() -> str:
+    if not _running:
+        return "nothing trained yet"
+    from calibjax import results
+
+    sw, out = _running
+    return f"{len(results.finished_run_ids(out, sw))} of {len(sw.runs)} runs done in {out}"
 
 
 def _main(argv: list[str] | None = None) -> int:
-    global _progress
+    global _running
     args = build_parser().parse_args(argv)
     for name in ("chunk_size", "inner_batch", "max_runs", "chunk_minutes"):
         v = getattr(args, name, None)
@@ -158,7 +167,7 @@ def _main(argv: list[str] | None = None) -> int:
         layout = planning.default_layout(args.chunk_size, args.inner_batch, max_chunk_s=60 * args.chunk_minutes)
         if args.command == "plan":
             return print_plan(sw, out, layout, shard)
-        _progress = f"see {out}"
+        _running = (sw, out)
         report = engine.run_sweep(sw, out, layout=layout, shard=shard, overwrite=args.overwrite, quiet=args.quiet,
                                   stop=lambda: bool(_received))
         if report.complete:
@@ -167,12 +176,6 @@ def _main(argv: list[str] | None = None) -> int:
         return fail(str(e))
     except OSError as e:  # a full disk, a read-only or vanished directory: say which file, no traceback
         return fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
-    except KeyboardInterrupt:
-        if "sw" in locals() and "out" in locals():
-            from calibjax import results
-
-            _progress = f"{len(results.finished_run_ids(out, sw))} of {len(sw.runs)} runs done in {out}"
-        raise
     where = f"{out}/shards/{shard[0]}-of-{shard[1]}" if shard else str(out)
     print(f"{sw.name}: {report.trained} runs trained ({report.runs} in the sweep) in {report.wall_s:.1f} s; "
           f"{report.steps_per_s:,.0f} model-steps/s; {report.compiles} compiles, {report.compile_s:.1f} s "
