@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     summ = sub.add_parser("summarize", help="write summary.parquet (per run) and summary_by_setting.parquet")
     summ.add_argument("dir", help="results directory")
     summ.add_argument("--eps", type=float, nargs="+", default=[1e-2, 1e-3],
-                      help="kl thresholds for steps_to_kl_<eps> (default 0.01 0.001)")
+                      help="kl thresholds (nats) for steps_to_kl_<eps> and sustained_kl_<eps> (default 0.01 0.001)")
+    summ.add_argument("--rel-eps", type=float, nargs="+", default=[0.1, 0.01],
+                      help="kl_rel thresholds (share of I(C;X) still missing) for steps_to_kl_rel_<eps> and "
+                      "sustained_kl_rel_<eps> (default 0.1 0.01)")
     plot = sub.add_parser("plot", help="draw figures from a results directory's tables (no training)",
                           description="kinds: standard (the default set), heatmap (--x --y --value "
                           "[--facet]), density (error by density bin x steps), reliability (--step)")
@@ -46,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("kind", nargs="?", default="standard", choices=["standard", "heatmap", "density", "reliability"])
     plot.add_argument("--x", help="heatmap: swept setting on the x axis (a runs.parquet column)")
     plot.add_argument("--y", help="heatmap: swept setting on the y axis")
-    plot.add_argument("--value", help="heatmap: a summary, e.g. steps_to_kl_0.01, final_kl, kl_auc; "
-                      "density: max_err or kl")
+    plot.add_argument("--value", help="heatmap: a summary, e.g. steps_to_kl_rel_0.1, sustained_kl_0.01, final_kl, "
+                      "kl_auc; density: max_err, kl_mean or kl_contribution")
     plot.add_argument("--facet", help="heatmap: one panel per value of this setting")
     plot.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                       help="density, reliability: runs with this setting (repeatable); seeds are pooled")
@@ -220,7 +223,7 @@ def analyse(args) -> int:
     if not (out / "runs.parquet").exists() or not (out / "metrics.parquet").exists():
         raise UsageError(f"{out}: no runs.parquet and metrics.parquet here; run or merge a sweep first")
     if args.command == "summarize":
-        summary, agg = summaries.write_summaries(out, args.eps)
+        summary, agg = summaries.write_summaries(out, args.eps, args.rel_eps)
         print(f"{out}: summary.parquet ({len(summary)} runs), summary_by_setting.parquet ({len(agg)} settings)")
         return 0
     try:

@@ -5,8 +5,13 @@ in 1-D a midpoint quadrature on a uniform grid covering every component's
 mean +- ``grid_sigmas`` sigma (mass outside is below 1e-15 at 8 sigma), with
 weights p(x_i) dx renormalised to sum to one; for D > 1 a fixed Monte-Carlo
 sample from p(x) (the same sample for every run of a task, whatever its seed)
-with weights 1/S. The set depends only on the task, so it is built once per
-run, outside the step loop.
+with weights 1/S. These points depend only on the task. The labelled sample of the estimated
+calibration metrics is the run's own (drawn from its seed, as a user's held-out test set would be).
+The set is built once per run, outside the step loop.
+
+In D > 1 every expectation carries Monte-Carlo error: with the default 2048 points, about 1e-2
+relative on kl and 2e-3 absolute on accuracies; the true calibration error records its standard
+error (``true_ece_se``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from calibjax import tasks
 
 LOG10_E = 1.0 / math.log(10.0)
 EVAL_SEED = 20250428  # the fixed Monte-Carlo evaluation sample (D > 1) comes from this key
+CALIBRATION_STREAM = 0x5CA1  # a run's labelled test sample: fold_in(key(seed), this); training uses split(key(seed))
 
 
 @dataclass(frozen=True)
@@ -34,10 +40,10 @@ class EvalSpec:
     hdr_mass: float = 0.999            # max_err is taken over the densest region holding this mass
     density_edges: tuple[float, ...] = (-6.0, -5.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0)
     dense_mass: float = 0.9            # err_dense: max error over the densest region holding this mass
-    sparse_mass: float = 0.01          # err_sparse: ... over the sparsest this much of the hdr region
-    calibration_samples: int = 5000    # labelled test sample for the usual (estimated) calibration metrics
+    sparse_mass: float = 0.01          # err_sparse: ... over the least dense this much of the hdr region
+    calibration_samples: int = 5000    # labelled test sample (per run) for the estimated calibration metrics
     calibration_bins: int = 15         # equal-width / equal-mass bins of ECE and the reliability table
-    true_bins: int = 200               # confidence bins of the true calibration error and its split
+    true_levels: int = 256             # 1-D: levels of -log(1 - conf) where the true calibration curve is solved
 
     @property
     def num_bins(self) -> int:
@@ -53,18 +59,21 @@ class Scalars(NamedTuple):
     """One run at one checkpoint: a row of metrics.parquet, in column order (float32 scalars)."""
 
     kl: jax.Array              # E_x KL(P(C|x) || q(C|x)), nats
+    kl_rel: jax.Array          # kl / I(C;X): the share of the learnable information still missing
     tv: jax.Array              # E_x total variation
     max_err: jax.Array         # max_x max_c |P - q| over the hdr region
-    accuracy: jax.Array        # E_x P(argmax q | x), exact
+    accuracy: jax.Array        # E_x P(argmax q | x) (quadrature in 1-D, Monte Carlo in D > 1)
     bayes_accuracy: jax.Array  # E_x max_c P(c | x)
     loss: jax.Array            # mean training loss since the previous checkpoint (nan if none)
-    err_dense: jax.Array       # max error over the densest dense_mass
-    err_sparse: jax.Array      # max error over the sparsest sparse_mass of the hdr region
+    err_dense: jax.Array       # max error over the densest region holding dense_mass
+    err_sparse: jax.Array      # max error over the hdr region's least dense sparse_mass (by default the
+                               # points whose density quantile lies in 98.9-99.9 %: the tail edge of the hdr)
     ece: jax.Array             # estimated from the labelled sample: equal-width ECE
     ece_mass: jax.Array        # ... equal-mass ECE
     brier: jax.Array           # ... Brier score
     nll: jax.Array             # ... negative log-likelihood
-    true_ece: jax.Array        # against the exact posterior: E |m(conf) - conf|
+    true_ece: jax.Array        # against the exact posterior: E |m(conf) - conf|, m(c) = E[P_top | conf = c]
+    true_ece_se: jax.Array     # its Monte-Carlo standard error (D > 1); 0 in 1-D (deterministic quadrature)
     excess_brier: jax.Array    # E sum_c (q_c - P_c)^2
     cal_term: jax.Array        # E (conf - m)^2
     grouping_term: jax.Array   # E (m - P_top)^2
@@ -73,9 +82,10 @@ class Scalars(NamedTuple):
 class DensityBins(NamedTuple):
     """One run at one checkpoint, per log10-density bin: (NB,) each; rows of density.parquet."""
 
-    mass: jax.Array     # probability mass of the bin
-    kl: jax.Array       # the bin's contribution to kl (the bins sum to kl)
-    max_err: jax.Array  # max error in the bin; nan for an empty bin
+    mass: jax.Array             # probability mass of the bin
+    kl_mean: jax.Array          # mean KL(P || q) within the bin, E[KL | bin]; nan for an empty bin
+    kl_contribution: jax.Array  # the bin's share of kl: mass x kl_mean (the bins sum to kl)
+    max_err: jax.Array          # max error in the bin; nan for an empty bin
 
 
 class ReliabilityBins(NamedTuple):
@@ -111,8 +121,9 @@ class EvalSet(NamedTuple):
     in_dense: jax.Array       # (G,) bool, inside the densest region holding dense_mass
     in_sparse: jax.Array      # (G,) bool, the sparsest sparse_mass of the hdr region
     bins: jax.Array           # (G, NB) float32 one-hot of the log10-density bin
-    cal_x: jax.Array          # (S, D) labelled test sample, fixed per task (EVAL_SEED)
+    cal_x: jax.Array          # (S, D) labelled test sample, the run's own (drawn from its seed)
     cal_y: jax.Array          # (S,) int32 its labels
+    entropy: jax.Array        # () H(C) in nats, from the priors
 
 
 def eval_points(task: tasks.GaussianTask, spec: EvalSpec) -> tuple[jax.Array, jax.Array]:
@@ -133,7 +144,13 @@ def draw(task: tasks.GaussianTask, n: int, stream: int) -> tuple[jax.Array, jax.
     return tasks.draw(task, key, jnp.arange(n, dtype=jnp.uint32))
 
 
-def make_eval_set(task: tasks.GaussianTask, spec: EvalSpec) -> EvalSet:
+def calibration_key(seed: jax.Array) -> jax.Array:
+    """The key of a run's labelled test sample: independent of its initialisation and data streams."""
+    return jax.random.fold_in(jax.random.key(seed), CALIBRATION_STREAM)
+
+
+def make_eval_set(task: tasks.GaussianTask, spec: EvalSpec, seed: jax.Array | int = 0) -> EvalSet:
+    """The evaluation set of a run of ``task`` with this seed (only the labelled sample depends on it)."""
     x, w = eval_points(task, spec)
     weight = w / jnp.sum(w)
     log_post = jax.vmap(tasks.log_posterior, (None, 0))(task, x)
@@ -147,8 +164,11 @@ def make_eval_set(task: tasks.GaussianTask, spec: EvalSpec) -> EvalSet:
     edges = jnp.asarray(spec.density_edges, jnp.float32)
     bin_index = jnp.searchsorted(edges, log10_density, side="left")  # bin i = (edge[i-1], edge[i]]
     bins = jax.nn.one_hot(bin_index, spec.num_bins, dtype=jnp.float32)
-    cal_x, cal_y = draw(task, spec.calibration_samples, 1)
-    return EvalSet(x, weight, log_post, log10_density, in_hdr, in_dense, in_sparse, bins, cal_x, cal_y)
+    cal_x, cal_y = tasks.draw(task, calibration_key(jnp.asarray(seed, jnp.uint32)),
+                              jnp.arange(spec.calibration_samples, dtype=jnp.uint32))
+    prior = jnp.exp(task.log_prior)
+    entropy = -jnp.sum(jnp.where(prior > 0, prior * task.log_prior, 0.0))
+    return EvalSet(x, weight, log_post, log10_density, in_hdr, in_dense, in_sparse, bins, cal_x, cal_y, entropy)
 
 
 def pointwise_kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
@@ -161,6 +181,11 @@ def conditional_entropy(ev: EvalSet) -> jax.Array:
     """H(C | X) in nats: the Bayes cross-entropy, the floor of the expected training loss."""
     p = jnp.exp(ev.log_post)
     return -jnp.sum(ev.weight * jnp.sum(jnp.where(p > 0, p * ev.log_post, 0.0), axis=-1))
+
+
+def mutual_information(ev: EvalSet) -> jax.Array:
+    """I(C; X) = H(C) - H(C | X) in nats: the kl of a classifier that ignores x and outputs the priors."""
+    return ev.entropy - conditional_entropy(ev)
 
 
 def _bin_sums(index: jax.Array, num: int, *values: jax.Array) -> list[jax.Array]:
@@ -217,31 +242,38 @@ def estimated_calibration(log_q: jax.Array, y: jax.Array, spec: EvalSpec) -> dic
 
 
 def true_calibration(ev: EvalSet, log_q: jax.Array, spec: EvalSpec) -> dict[str, jax.Array]:
-    """Calibration against the exact posterior, under p(x), with no sampling noise.
+    """Calibration against the exact posterior, under p(x), with no sampling noise (1-D).
 
     Top-label: conf = max_c q_c, and P_top = P(argmax q | x) is the true probability that the
-    prediction is right. The true calibration curve m = E[P_top | conf] is taken as
-    conf + E[P_top - conf | conf bin] over fine bins with exact weights: averaging the residual,
-    not P_top, makes m = conf exactly for the exact posterior and for any calibrated q that is
-    constant on its level sets, whatever the bin width. Then
-      true_ece      = E |m - conf|
+    prediction is right. The true calibration curve is m(c) = E[P_top | conf = c], an average over
+    the level set {x : conf(x) = c}; then
+      true_ece      = E |m(conf) - conf|
       cal_term      = E (conf - m)^2        grouping_term = E (m - P_top)^2
-    and cal_term + grouping_term = E (conf - P_top)^2 exactly (the cross term cancels per bin).
-    excess_brier = E sum_c (q_c - P_c)^2 is the Brier score above the Bayes classifier's; the
-    excess NLL above Bayes is exactly kl.
+    (cal_term + grouping_term = E (conf - P_top)^2, the cross term vanishing because m is the
+    conditional mean). excess_brier = E sum_c (q_c - P_c)^2 is the Brier score above the Bayes
+    classifier's; the excess NLL above Bayes is exactly kl.
+
+    m is solved, not binned: in 1-D (``level_set_curve``) from the level sets of conf on the
+    quadrature grid; in D > 1 (``sample_curve``) from equal-mass groups of the Monte-Carlo
+    points, with a standard error. The reliability table bins the same points into
+    ``calibration_bins`` equal-width confidence bins.
     """
     w = ev.weight
     p = jnp.exp(ev.log_post)
     conf, pred = top_label(log_q)
     p_top = jnp.take_along_axis(p, pred[:, None], axis=-1)[:, 0]
-    fine = confidence_bin(conf, spec.true_bins)
-    mass, sum_r = _bin_sums(fine, spec.true_bins, w, w * (p_top - conf))
-    m = conf + (sum_r / jnp.maximum(mass, 1e-30))[fine]  # E[P_top | conf] at each point
+    if ev.x.shape[-1] == 1:
+        residual = level_set_curve(log_q, p, w, spec.true_levels)
+        se = jnp.float32(0.0)
+    else:
+        residual, se = sample_curve(conf, p_top)
+    m = conf + residual
     coarse = confidence_bin(conf, spec.calibration_bins)
     rel_mass, rel_conf, rel_acc = _bin_sums(coarse, spec.calibration_bins, w, w * conf, w * p_top)
     return {
-        "true_ece": jnp.sum(w * jnp.abs(m - conf)),
-        "cal_term": jnp.sum(w * (conf - m) ** 2),
+        "true_ece": jnp.sum(w * jnp.abs(residual)),
+        "true_ece_se": se,
+        "cal_term": jnp.sum(w * residual ** 2),
         "grouping_term": jnp.sum(w * (m - p_top) ** 2),
         "excess_brier": jnp.sum(w * jnp.sum((jnp.exp(log_q) - p) ** 2, axis=-1)),
         "true_mass": rel_mass,
@@ -250,11 +282,109 @@ def true_calibration(ev: EvalSet, log_q: jax.Array, spec: EvalSpec) -> dict[str,
     }
 
 
+FLAT = 1e-6     # level differences below this count as a flat segment (a point mass at its level)
+LEVEL_CAP = 30.0  # levels -log(1 - conf) above this (1 - conf < 1e-13) are one level: float32 saturation
+
+
+def confidence_level(log_q: jax.Array) -> jax.Array:
+    """-log(1 - conf), from log q without rounding 1 - conf: the coordinate in which the true
+    calibration curve is solved. It resolves confidences near 1, where most of the mass of a
+    well-separated task sits and where m(c) - c changes fastest (e.g. like sqrt(1 - c) for an
+    overconfident model)."""
+    return jnp.minimum(-jnp.log(-jnp.expm1(jnp.max(log_q, axis=-1))), LEVEL_CAP)
+
+
+def solve_levels(level: jax.Array, w: jax.Array, levels: int) -> jax.Array:
+    """Where m is solved (sorted): half equally spaced from the least to the largest level, half at
+    equal steps of probability mass (quantiles of the level under p(x)), so a near-flat stretch of
+    conf that holds much mass (around an extremum of a smooth q) gets many levels."""
+    order = jnp.argsort(level)
+    sorted_level, cum = level[order], jnp.cumsum(w[order])
+    quantiles = (jnp.arange(levels - levels // 2) + 0.5) / (levels - levels // 2) * cum[-1]
+    at_mass = sorted_level[jnp.minimum(jnp.searchsorted(cum, quantiles), level.shape[0] - 1)]
+    spaced = jnp.linspace(sorted_level[0], sorted_level[-1], levels // 2)
+    return jnp.sort(jnp.concatenate([spaced, at_mass]))
+
+
+def level_set_curve(log_q: jax.Array, p: jax.Array, w: jax.Array, levels: int) -> jax.Array:
+    """m(conf_i) - conf_i at each point of a 1-D grid (G,), from the level sets of the confidence.
+
+    Levels are u = -log(1 - conf) (``confidence_level``), whose level sets are those of conf.
+    Between neighbouring grid points log q and P are taken as linear in x. A segment whose two
+    ends predict different classes is split where the prediction changes (there P_top jumps from
+    one class's probability to the other's), any other segment at its middle, so each half carries
+    one predicted class. A half crosses each level u between its ends once, with density (its
+    mass) / |change of u over it| per unit of u: the coarea formula p(x) / |u'(x)| at the
+    crossing. m(u) is the density-weighted mean of P_top over every crossing of u, so the branches
+    on both sides of a level set enter with their true weights, whatever the grid spacing. It is
+    solved at ``levels`` levels (``solve_levels``; every half against every level: 2 x levels x G
+    work) and m - conf is interpolated linearly in between. A flat half (a constant q, or float32 saturation) is a point mass at its level, which
+    outweighs the crossings there, as in the continuum.
+    """
+    top = jnp.max(log_q, axis=-1)
+    pred = jnp.argmax(log_q, axis=-1)
+    level = confidence_level(log_q)
+    p_top = jnp.take_along_axis(p, pred[:, None], axis=-1)[:, 0]
+    pick = lambda v, k: jnp.take_along_axis(v, k[:, None], axis=-1)[:, 0]  # noqa: E731
+    pa, pb = pred[:-1], pred[1:]
+    # Where the prediction changes: the log-odds of class pa against pb, linear in x, crosses 0.
+    da = top[:-1] - pick(log_q[:-1], pb)
+    db = pick(log_q[1:], pa) - top[1:]
+    switch = pa != pb
+    t = jnp.where(switch, da / jnp.where(switch, da - db, 1.0), 0.5)
+    lq_mid = (1 - t) * top[:-1] + t * pick(log_q[1:], pa)
+    mid_level = jnp.where(switch, jnp.minimum(-jnp.log(-jnp.expm1(lq_mid)), LEVEL_CAP),
+                          0.5 * (level[:-1] + level[1:]))
+    p_left = (1 - t) * p_top[:-1] + t * pick(p[1:], pa)   # P of class pa at the split
+    p_right = (1 - t) * pick(p[:-1], pb) + t * p_top[1:]  # P of class pb at the split
+    mass = 0.5 * (w[:-1] + w[1:])
+    start = jnp.concatenate([level[:-1], mid_level])
+    end = jnp.concatenate([mid_level, level[1:]])
+    p_start = jnp.concatenate([p_top[:-1], p_right])
+    p_end = jnp.concatenate([p_left, p_top[1:]])
+    half_mass = jnp.concatenate([t * mass, (1 - t) * mass])
+    start, end, p_start, p_end = start[None, :], end[None, :], p_start[None, :], p_end[None, :]
+    lo, hi = jnp.minimum(start, end), jnp.maximum(start, end)
+    span = end - start
+    flat = jnp.abs(span) <= FLAT
+    density = half_mass[None, :] / jnp.where(flat, 2 * FLAT, jnp.abs(span))
+    u = solve_levels(level, w, levels)[:, None]
+    # A level at a half's end counts half: the neighbouring half counts the other half.
+    share = jnp.where(flat, (jnp.abs(u - start) <= FLAT).astype(jnp.float32),
+                      jnp.where((u > lo) & (u < hi), 1.0, jnp.where((u == lo) | (u == hi), 0.5, 0.0)))
+    f = jnp.where(flat, 0.5, jnp.clip((u - start) / jnp.where(flat, 1.0, span), 0.0, 1.0))
+    crossing = share * density  # (levels, 2 (G - 1))
+    u = u[:, 0]
+    m = jnp.sum(crossing * (p_start + f * (p_end - p_start)), axis=1) / jnp.maximum(jnp.sum(crossing, axis=1), 1e-30)
+    return jnp.interp(level, u, m + jnp.expm1(-u))  # m - conf, conf = 1 - exp(-u)
+
+
+def sample_curve(conf: jax.Array, p_top: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """m(conf_i) - conf_i on an equally weighted Monte-Carlo sample (S,) (D > 1), and the standard
+    error of true_ece.
+
+    Level sets have no finite sample, so the residual P_top - conf is averaged within
+    round(sqrt(S)) groups of consecutive confidences (equal mass; sqrt balances the bias of wide
+    groups against the noise of small ones). The standard error comes from the residuals' spread
+    within each group: sqrt(sum_g n_g var_g) / S (delta method, the groups' masses being fixed).
+    """
+    s = conf.shape[0]
+    groups = max(1, round(math.sqrt(s)))
+    order = jnp.argsort(conf)
+    r = (p_top - conf)[order]
+    g = (jnp.arange(s) * groups) // s
+    n, total, square = _bin_sums(g, groups, jnp.ones_like(r), r, r * r)
+    mean = total / n
+    var = jnp.maximum(square - n * mean ** 2, 0.0) / jnp.maximum(n - 1, 1.0)
+    residual = jnp.zeros_like(r).at[order].set(mean[g])
+    return residual, jnp.sqrt(jnp.sum(n * var)) / s
+
+
 def errors(ev: EvalSet, log_q: jax.Array) -> tuple[dict[str, jax.Array], DensityBins]:
     """Errors of a model's log q(c | x_i) (G, M) against the exact posterior.
 
-    Scalars by name: kl, tv, max_err (over the hdr region), err_dense, err_sparse, accuracy,
-    bayes_accuracy; and the same errors per log10-density bin.
+    Scalars by name: kl, kl_rel, tv, max_err (over the hdr region), err_dense, err_sparse,
+    accuracy, bayes_accuracy; and kl and max_err per log10-density bin.
     """
     p = jnp.exp(ev.log_post)
     q = jnp.exp(log_q)
@@ -266,8 +396,10 @@ def errors(ev: EvalSet, log_q: jax.Array) -> tuple[dict[str, jax.Array], Density
     in_bin = ev.bins > 0
     bin_max = jnp.max(jnp.where(in_bin, err_i[:, None], -jnp.inf), axis=0)
     region_max = lambda mask: jnp.max(jnp.where(mask, err_i, 0.0))  # noqa: E731  (nan propagates)
+    kl = jnp.sum(ev.weight * kl_i)
     scalars = {
-        "kl": jnp.sum(ev.weight * kl_i),
+        "kl": kl,
+        "kl_rel": kl / mutual_information(ev),
         "tv": jnp.sum(ev.weight * 0.5 * jnp.sum(abs_err, axis=-1)),
         "max_err": region_max(ev.in_hdr),
         "err_dense": region_max(ev.in_dense),
@@ -275,7 +407,10 @@ def errors(ev: EvalSet, log_q: jax.Array) -> tuple[dict[str, jax.Array], Density
         "accuracy": jnp.sum(ev.weight * p_chosen),
         "bayes_accuracy": jnp.sum(ev.weight * jnp.max(p, axis=-1)),
     }
-    density = DensityBins(mass=ev.weight @ ev.bins, kl=(ev.weight * kl_i) @ ev.bins,
+    mass, kl_contribution = ev.weight @ ev.bins, (ev.weight * kl_i) @ ev.bins
+    density = DensityBins(mass=mass, kl_mean=jnp.where(mass > 0, kl_contribution / jnp.where(mass > 0, mass, 1.0),
+                                                       jnp.nan),
+                          kl_contribution=kl_contribution,
                           max_err=jnp.where(jnp.any(in_bin, axis=0), bin_max, jnp.nan))
     return scalars, density
 

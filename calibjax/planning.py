@@ -71,7 +71,7 @@ def memory_per_run(static: train.Static) -> tuple[int, int]:
     s, p = static.eval.calibration_samples, static.curve_points ** static.dim
     working = F32 * (4 * n_params + 3 * static.batch_size * units
                      + (g + s) * (static.dim + 2 * m + nb + 5) + 2 * (g + s) * units + p * (units + m)
-                     + g * static.eval.true_bins)
+                     + 2 * g * static.eval.true_levels)
     table_bytes = sum(rows * cols * F64 for rows, cols in tables.row_counts(static).values())
     return working, tables.output_bytes(static) + table_bytes
 

@@ -7,6 +7,7 @@ drawing them changes no global matplotlib state (no pyplot, no backend switch).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import jax
@@ -188,12 +189,28 @@ def standard_figures(out: str | Path) -> list[Path]:
                                              x=axes[0]))
         if len(axes) >= 2:
             facet = axes[2] if len(axes) > 2 and agg[axes[2]].nunique() <= MAX_PANELS else None
-            for value in [c for c in agg.columns if c.startswith("steps_to_kl_") and "_q" not in c] + ["final_kl"]:
+            # Where the task varies, so does its learnable information I(C;X): thresholds on kl_rel
+            # compare like with like; otherwise kl in nats.
+            metric = "kl_rel" if any(TASK_COLUMN.match(c) for c in axes[:2]) else "kl"
+            timing = [c for c in agg.columns for prefix in summaries.TIMING_PREFIXES
+                      if c.startswith(f"{prefix}{metric}_") and _is_number(c[len(f"{prefix}{metric}_"):])]
+            for value in timing + [f"final_{metric}"]:
                 figs.append(heatmap(agg, axes[0], axes[1], value, fig_dir / f"heatmap_{value}.png", facet))
     return figs
 
 
 # ---------------------------------------------------------------- learnability maps
+
+TASK_COLUMN = re.compile(r"^(?:(?:mu|sigma)\d+(?:_k\d+)?(?:_d\d+)?|prior\d+|weight\d+_k\d+|num_classes|num_components|dim)$")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
 
 class PlotError(ValueError):
     """A plot request that the tables cannot answer (unknown column, setting not swept)."""

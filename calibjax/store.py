@@ -3,7 +3,7 @@
 Layout of a results directory (the tables' columns are in ``calibjax.tables``)::
 
     manifest.json          sweep text and hash, plot settings, versions, devices, timings
-    runs.parquet           one row per run (settings, status, bayes_loss)
+    runs.parquet           one row per run (settings, status, bayes_loss, mutual_info)
     metrics.parquet        run x checkpoint           density.parquet    ... x log10-density bin
     calibration.parquet    ... x confidence bin       curves.parquet     ... x point x class
     summary.parquet, summary_by_setting.parquet

@@ -1,16 +1,24 @@
 """Learnability summaries from the result tables: per run, then over seeds per grid point.
 
-Per run (``summarize``):
-- ``steps_to_kl_<eps>``: the first step at which kl <= eps, interpolated linearly in
-  (log step, log kl) between the two checkpoints around the crossing; the first checkpoint if kl
-  is already below eps there. ``inf`` when never reached ("never"), ``nan`` for diverged runs;
-  ``reached_kl_<eps>`` says which.
-- ``final_<metric>``: the value at the last checkpoint (kl, tv, max_err, err_dense, err_sparse,
-  true_ece, ece, accuracy_gap = bayes_accuracy - accuracy).
+Per run (``summarize``), for kl (thresholds ``eps``, nats) and kl_rel = kl / I(C;X) (thresholds
+``rel_eps``, a share of the learnable information):
+- ``steps_to_<metric>_<eps>``: the first step at which the metric is <= eps, interpolated
+  linearly in (log step, log metric) between the two checkpoints around the crossing; the first
+  checkpoint if it is already below eps there. ``inf`` when never reached ("never"), ``nan`` for
+  diverged runs; ``reached_<metric>_<eps>`` says which.
+- ``sustained_<metric>_<eps>``: the same, for the last crossing: the step after which the metric
+  stays <= eps at every later checkpoint (``inf`` if it is above eps at the last one). With a
+  constant learning rate the error jumps between checkpoints; a first crossing can sit inside that
+  noise band, the sustained one cannot.
+- ``final_<metric>``: the median over the checkpoints in the last FINAL_WINDOW (10 %) of training
+  (kl, kl_rel, tv, max_err, err_dense, err_sparse, true_ece, cal_term, ece, accuracy_gap =
+  bayes_accuracy - accuracy). Default checkpoints put three there (0.9, 0.95 x steps and steps);
+  with hand-set checkpoints it may be the last one alone. ``n_final_checkpoints`` says how many.
 - ``kl_auc``: area under kl against log10(step) over the checkpoints (step > 0), divided by the
   log10 range: the mean kl on a log-step axis, lower is learned sooner.
 Over seeds (``aggregate``): median, 25 % and 75 % quantiles of each summary per grid point, with
-n_runs, n_diverged and n_never_<eps>. "never" stays infinite through the quantiles.
+n_runs, n_diverged and n_never_<...> for each steps_to_ and sustained_ column. "never" stays
+infinite through the quantiles.
 """
 
 from __future__ import annotations
@@ -24,8 +32,11 @@ import pandas as pd
 from calibjax import store
 
 DEFAULT_EPS = (1e-2, 1e-3)
-FINAL = ("kl", "tv", "max_err", "err_dense", "err_sparse", "true_ece", "ece")
-ID_COLUMNS = {"run_id", "seed", "group", "status", "bayes_loss", "run_hash"}
+DEFAULT_REL_EPS = (0.1, 0.01)
+FINAL_WINDOW = 0.1
+FINAL = ("kl", "kl_rel", "tv", "max_err", "err_dense", "err_sparse", "true_ece", "cal_term", "ece")
+ID_COLUMNS = {"run_id", "seed", "group", "status", "bayes_loss", "mutual_info", "run_hash", "n_final_checkpoints"}
+TIMING_PREFIXES = ("steps_to_", "sustained_")
 _SENTINEL = 1e300  # stands in for inf inside quantiles; anything above _INF_FROM maps back to inf
 _INF_FROM = 1e280
 
@@ -34,37 +45,62 @@ def eps_name(eps: float) -> str:
     return f"{eps:g}"
 
 
-def steps_to_reach(steps: np.ndarray, kl: np.ndarray, eps: float) -> float:
-    """First step with kl <= eps, interpolated on log-log axes; inf if never; nan if kl is nan first."""
-    for i, (s, v) in enumerate(zip(steps, kl, strict=True)):
+def _crossing(steps: np.ndarray, values: np.ndarray, i: int, eps: float) -> float:
+    """The step where values fall to eps between checkpoints i - 1 and i, on log-log axes."""
+    if i == 0:
+        return float(steps[0])
+    s0, s1, v0, v1 = steps[i - 1], steps[i], values[i - 1], values[i]
+    lv0, lv1 = math.log(max(v0, 1e-30)), math.log(max(v1, 1e-30))
+    t = (math.log(eps) - lv0) / (lv1 - lv0) if lv1 != lv0 else 1.0
+    return float(math.exp(math.log(s0) + t * (math.log(s1) - math.log(s0))))
+
+
+def steps_to_reach(steps: np.ndarray, values: np.ndarray, eps: float) -> float:
+    """First step with value <= eps, interpolated on log-log axes; inf if never; nan if the value
+    is nan first."""
+    for i, v in enumerate(values):
         if np.isnan(v):
             return math.nan
         if v <= eps:
-            if i == 0:
-                return float(s)
-            s0, v0 = steps[i - 1], kl[i - 1]
-            lv0, lv1 = math.log(max(v0, 1e-30)), math.log(max(v, 1e-30))
-            t = (math.log(eps) - lv0) / (lv1 - lv0) if lv1 != lv0 else 1.0
-            return float(math.exp(math.log(s0) + t * (math.log(s) - math.log(s0))))
+            return _crossing(steps, values, i, eps)
     return math.inf
 
 
-def summarize(metrics: pd.DataFrame, runs: pd.DataFrame, eps=DEFAULT_EPS) -> pd.DataFrame:
+def steps_to_stay(steps: np.ndarray, values: np.ndarray, eps: float) -> float:
+    """The step after which value <= eps at every later checkpoint (the last crossing), interpolated
+    as steps_to_reach; inf if the last value is above eps; nan if any value is nan."""
+    if np.isnan(values).any():
+        return math.nan
+    above = np.flatnonzero(values > eps)
+    if len(above) == 0:
+        return float(steps[0])
+    i = int(above[-1]) + 1
+    return math.inf if i == len(values) else _crossing(steps, values, i, eps)
+
+
+def summarize(metrics: pd.DataFrame, runs: pd.DataFrame, eps=DEFAULT_EPS, rel_eps=DEFAULT_REL_EPS) -> pd.DataFrame:
     """One row per run: learnability summaries (see the module docstring), joined to the settings."""
     rows = []
     status = runs.set_index("run_id")["status"]
+    thresholds = [("kl", e) for e in eps] + [("kl_rel", e) for e in rel_eps]
     for run_id, m in metrics[metrics["step"] > 0].sort_values(["run_id", "step"]).groupby("run_id"):
-        steps, kl = m["step"].to_numpy(float), m["kl"].to_numpy(float)
+        steps = m["step"].to_numpy(float)
         diverged = status.get(run_id) == "diverged"
         row = {"run_id": run_id}
-        for e in eps:
-            reach = math.nan if diverged else steps_to_reach(steps, kl, e)
-            row[f"steps_to_kl_{eps_name(e)}"] = reach
-            row[f"reached_kl_{eps_name(e)}"] = bool(np.isfinite(reach))
-        last = m.iloc[-1]
+        for metric, e in thresholds:
+            values = m[metric].to_numpy(float)
+            name = f"{metric}_{eps_name(e)}"
+            reach = math.nan if diverged else steps_to_reach(steps, values, e)
+            row[f"steps_to_{name}"] = reach
+            row[f"reached_{name}"] = bool(np.isfinite(reach))
+            row[f"sustained_{name}"] = math.nan if diverged else steps_to_stay(steps, values, e)
+        window = m[m["step"] >= (1 - FINAL_WINDOW) * steps[-1]]
+        row["n_final_checkpoints"] = len(window)
         for k in FINAL:
-            row[f"final_{k}"] = math.nan if diverged else float(last[k]) if k in m else math.nan
-        row["final_accuracy_gap"] = math.nan if diverged else float(last["bayes_accuracy"] - last["accuracy"])
+            row[f"final_{k}"] = math.nan if diverged or k not in m else float(window[k].median())
+        gap = window["bayes_accuracy"] - window["accuracy"]
+        row["final_accuracy_gap"] = math.nan if diverged else float(gap.median())
+        kl = m["kl"].to_numpy(float)
         logs = np.log10(steps)
         row["kl_auc"] = (math.nan if diverged or len(steps) < 2 else
                          float(np.trapezoid(kl, logs) / (logs[-1] - logs[0])))
@@ -79,7 +115,7 @@ def swept_columns(runs: pd.DataFrame) -> list[str]:
     """
     cols = []
     for c in runs.columns:
-        if c in ID_COLUMNS or c == "case" or c.startswith(("reached_", "steps_to_", "final_")) or c == "kl_auc":
+        if c in ID_COLUMNS or c == "case" or c in value_columns(runs) or c.startswith("reached_"):
             continue
         if runs.groupby("case")[c].nunique(dropna=False).max() > 1:
             cols.append(c)
@@ -96,7 +132,7 @@ def _quantile(values: pd.Series, q: float) -> float:
 
 
 def value_columns(summary: pd.DataFrame) -> list[str]:
-    return [c for c in summary.columns if c.startswith(("steps_to_kl_", "final_")) or c == "kl_auc"]
+    return [c for c in summary.columns if c.startswith((*TIMING_PREFIXES, "final_")) or c == "kl_auc"]
 
 
 def aggregate(summary: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
@@ -111,19 +147,19 @@ def aggregate(summary: pd.DataFrame, by: list[str] | None = None) -> pd.DataFram
         for c in value_columns(summary):
             for name, q in (("median", 0.5), ("q25", 0.25), ("q75", 0.75)):
                 row[f"{c}_{name}" if name != "median" else c] = _quantile(g[c], q)
-            if c.startswith("steps_to_kl_"):
-                row[f"n_never_{c[len('steps_to_kl_'):]}"] = int(np.isinf(g[c]).sum())
+            if c.startswith(TIMING_PREFIXES):
+                row[f"n_never_{c}"] = int(np.isinf(g[c]).sum())
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def write_summaries(out: str | Path, eps=DEFAULT_EPS) -> tuple[pd.DataFrame, pd.DataFrame]:
+def write_summaries(out: str | Path, eps=DEFAULT_EPS, rel_eps=DEFAULT_REL_EPS) -> tuple[pd.DataFrame, pd.DataFrame]:
     """summary.parquet (per run) and summary_by_setting.parquet (over seeds) in a results directory."""
     out = Path(out)
     t = store.load_results(out)
     if "metrics" not in t:
         raise FileNotFoundError(f"{out}: no metrics.parquet; run (or merge) the sweep first")
-    summary = summarize(t["metrics"], t["runs"], eps)
+    summary = summarize(t["metrics"], t["runs"], eps, rel_eps)
     agg = aggregate(summary)
     store.write_parquet(out / "summary.parquet", summary)
     store.write_parquet(out / "summary_by_setting.parquet", agg)

@@ -72,13 +72,18 @@ SETTINGS: dict[str, Setting] = {name: Setting(*spec) for name, spec in {
     "init": ("model", _static("init"), "init"),
     "optimizer": ("train", _static("optimizer"), "optimizer"),
     "lr": ("train", _dynamic("lr"), "pos_float"),
+    "lr_schedule": ("train", _dynamic("lr_schedule"), "lr_schedule"),
+    "warmup_steps": ("train", _dynamic("warmup_steps"), "nonneg_int"),
+    "final_lr_ratio": ("train", _dynamic("final_lr_ratio"), "unit_float"),
+    "ema_decay": ("train", _dynamic("ema_decay"), "decay"),
+    "proposal_scale": ("train", _dynamic("proposal_scale"), "proposal_scale"),
     "weight_decay": ("train", _dynamic("weight_decay"), "nonneg_float"),
     "momentum": ("train", _dynamic("momentum"), "momentum"),
     "batch_size": ("train", _static("batch_size"), "pos_int"),
     "n_data": ("train", _dynamic("n_data"), "n_data"),
     "matmul_precision": ("train", _static("matmul_precision"), "precision"),
     "steps": ("train", REQUIRED, "pos_int"),
-    "checkpoints": ("train", None, "checkpoints"),  # None: 10, 20, 50, ... below steps, then steps
+    "checkpoints": ("train", None, "checkpoints"),  # None: 10, 20, 50, ..., then 0.9, 0.95 x steps and steps
     "points": ("eval", _eval("points"), "pos_int"),
     "hdr_mass": ("eval", _eval("hdr_mass"), "fraction"),
     "density_edges": ("eval", list(_eval("density_edges")), "edges"),
@@ -86,6 +91,7 @@ SETTINGS: dict[str, Setting] = {name: Setting(*spec) for name, spec in {
     "sparse_mass": ("eval", _eval("sparse_mass"), "fraction"),
     "calibration_samples": ("eval", _eval("calibration_samples"), "pos_int"),
     "calibration_bins": ("eval", _eval("calibration_bins"), "pos_int"),
+    "true_levels": ("eval", _eval("true_levels"), "levels"),
     "curves": ("eval", False, "bool"),
     "curve_points": ("eval", 201, "pos_int"),      # per axis, when curves = true
     "curve_range": ("eval", None, "range"),        # None: every component's mean +- 4 sigma
@@ -199,10 +205,33 @@ def _fraction(v):
     return float(v)
 
 
-@validator("momentum")
+@validator("momentum", "decay")
 def _momentum(v):
     _expect(_is_finite(v) and 0 <= v < 1, "expected a number in [0, 1)")
     return float(v)
+
+
+@validator("unit_float")
+def _unit_float(v):
+    _expect(_is_finite(v) and 0 <= v <= 1, "expected a number in [0, 1]")
+    return float(v)
+
+
+PROPOSAL_MAX = 100.0
+
+
+@validator("proposal_scale")
+def _proposal_scale(v):
+    _expect(_is_finite(v) and 1 <= v <= PROPOSAL_MAX,
+            f"expected a number in [1, {PROPOSAL_MAX:g}] (a proposal narrower than the task would give importance "
+            "weights of unbounded variance)")
+    return float(v)
+
+
+@validator("levels")
+def _levels(v):
+    _expect(_is_int(v, 4), "expected an integer >= 4")
+    return int(v)
 
 
 @validator("pos_int")
@@ -247,7 +276,8 @@ def _choice(options: list[str]):
 
 
 for _kind, _options in {"activation": sorted(model.ACTIVATIONS), "init": list(model.INITS),
-                        "optimizer": list(train.OPTIMIZERS), "precision": list(train.PRECISIONS)}.items():
+                        "optimizer": list(train.OPTIMIZERS), "precision": list(train.PRECISIONS),
+                        "lr_schedule": list(train.LR_SCHEDULES)}.items():
     VALIDATORS[_kind] = _choice(_options)
 
 
@@ -626,9 +656,11 @@ def apply_addresses(settings: dict, origin: dict, task: dict[str, np.ndarray]) -
 
 
 def default_checkpoints(steps: int) -> list[int]:
-    """10, 20, 50, 100, ... below steps, then steps."""
+    """10, 20, 50, 100, ... below 0.9 x steps, then 0.9 and 0.95 x steps and steps: three in the
+    last tenth of training, over which the final values are medians (summaries.FINAL_WINDOW)."""
     series = [m * 10**e for e in range(1, 10) for m in (1, 2, 5)]
-    return [c for c in series if c < steps] + [steps]
+    tail = sorted({round(0.9 * steps), round(0.95 * steps), steps})
+    return [c for c in series if c < tail[0]] + [c for c in tail if c > 0]
 
 
 def resolve_checkpoints(settings: dict, origin: dict) -> None:
@@ -647,6 +679,9 @@ def resolve_checkpoints(settings: dict, origin: dict) -> None:
     if settings["checkpoints"][-1] != steps:
         raise SweepError(f"{where} checkpoints: the last checkpoint must be steps = {steps} (training stops at "
                          f"the last checkpoint), got {settings['checkpoints']}")
+    if settings["warmup_steps"] > steps:
+        where = origin["warmup_steps"] if origin["warmup_steps"] != origin["steps"] else origin["steps"]
+        raise SweepError(f"{where} warmup_steps: {settings['warmup_steps']} is beyond steps = {steps}")
     if settings["plot_steps"] is None:
         ck = settings["checkpoints"]
         settings["plot_steps"] = sorted({ck[0], ck[len(ck) // 2], ck[-1]})
@@ -676,7 +711,7 @@ def static_of(run: Run) -> train.Static:
         eval=metrics.EvalSpec(points=s["points"], hdr_mass=s["hdr_mass"],
                               density_edges=tuple(s["density_edges"]), dense_mass=s["dense_mass"],
                               sparse_mass=s["sparse_mass"], calibration_samples=s["calibration_samples"],
-                              calibration_bins=s["calibration_bins"]),
+                              calibration_bins=s["calibration_bins"], true_levels=s["true_levels"]),
         curve_points=s["curve_points"] if s["curves"] else 0)
 
 
@@ -686,15 +721,19 @@ def run_hash(run: Run, static: train.Static) -> str:
     s = run.settings
     content = {"static": dataclasses.asdict(static),
                "task": {k: np.asarray(v, float).tolist() for k, v in sorted(run.task.items())},
-               "seed": run.seed, **{k: s[k] for k in ("lr", "weight_decay", "momentum", "n_data", "curve_range")}}
+               "seed": run.seed, **{k: s[k] for k in DYNAMIC_SETTINGS}}
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+# The settings that enter a run's Dynamic besides its task and seed (train.make_dynamic's arguments).
+DYNAMIC_SETTINGS = ("lr", "weight_decay", "momentum", "n_data", "curve_range", "lr_schedule", "warmup_steps",
+                    "final_lr_ratio", "ema_decay", "proposal_scale")
 
 
 def dynamic_of(run: Run) -> train.Dynamic:
     s, t = run.settings, run.task
     task = tasks.make_task(t["prior"], t["mean"], t["sigma"], t["weight"])
-    return train.make_dynamic(task, s["lr"], s["weight_decay"], s["momentum"], s["n_data"], run.seed,
-                              s["curve_range"])
+    return train.make_dynamic(task, seed=run.seed, **{k: s[k] for k in DYNAMIC_SETTINGS})
 
 
 def task_columns(task: dict[str, np.ndarray]) -> dict[str, float]:
@@ -740,7 +779,9 @@ def run_row(run_id: int, run: Run) -> dict[str, Any]:
         "hidden": "-".join(map(str, s["hidden"])), "depth": len(s["hidden"]),
         "width": s["hidden"][0] if s["hidden"] else 0,
         "activation": s["activation"], "init": s["init"], "optimizer": s["optimizer"],
-        "lr": s["lr"], "weight_decay": s["weight_decay"], "momentum": s["momentum"],
+        "lr": s["lr"], "lr_schedule": s["lr_schedule"], "warmup_steps": s["warmup_steps"],
+        "final_lr_ratio": s["final_lr_ratio"], "weight_decay": s["weight_decay"], "momentum": s["momentum"],
+        "ema_decay": s["ema_decay"], "proposal_scale": s["proposal_scale"],
         "batch_size": s["batch_size"], "matmul_precision": s["matmul_precision"],
         "n_data": float(s["n_data"]),  # inf: online
         "steps": s["steps"],

@@ -8,7 +8,7 @@ field order. So a new field of a record is a new column here, with no other chan
 =============  ===========================================  ==============================================
 table          rows                                         columns after the keys
 =============  ===========================================  ==============================================
-status         run                                          status, bayes_loss
+status         run                                          status, bayes_loss, mutual_info
 metrics        run x checkpoint                             metrics.Scalars
 density        run x checkpoint x log10-density bin         metrics.DensityBins
 calibration    run x checkpoint x confidence bin            metrics.ReliabilityBins
@@ -40,7 +40,7 @@ class TableSpec:
 
 # Curves of 2-D tasks have an x2 column after x; they sort by x then x2 (stable).
 TABLES = {t.name: t for t in (
-    TableSpec("status", ("run_id",), ("status", "bayes_loss"), "run"),
+    TableSpec("status", ("run_id",), ("status", "bayes_loss", "mutual_info"), "run"),
     TableSpec("metrics", ("run_id", "step"), metrics.Scalars._fields, "run x checkpoint"),
     TableSpec("density", ("run_id", "step", "log10_density_lo"), ("log10_density_hi", *metrics.DensityBins._fields),
               "run x checkpoint x log10-density bin"),
@@ -92,7 +92,8 @@ def chunk_tables(static: train.Static, run_ids, result: train.RunResult) -> dict
     per_ckpt = {"run_id": ids[:, None], "step": steps[None, :]}
     tables = {
         "status": pd.DataFrame({"run_id": ids, "status": np.where(dead[:, -1], "diverged", "ok"),
-                                "bayes_loss": np.asarray(result.bayes_loss, np.float64)}),
+                                "bayes_loss": np.asarray(result.bayes_loss, np.float64),
+                                "mutual_info": np.asarray(result.mutual_info, np.float64)}),
         "metrics": _long((r, c), per_ckpt | _f64(ev.scalars, dead)),
     }
     lo, hi = static.eval.bin_bounds()
@@ -120,7 +121,7 @@ def row_counts(static: train.Static) -> dict[str, tuple[int, int]]:
     shapes = train.output_shapes(static)
     c = len(static.checkpoints)
     ev = shapes.checkpoints
-    counts = {"status": (1, 3),
+    counts = {"status": (1, len(TABLES["status"].keys + TABLES["status"].values)),
               "metrics": (c, 2 + len(ev.scalars)),
               "density": (math.prod(ev.density.mass.shape), 4 + len(ev.density)),
               "calibration": (math.prod(ev.reliability.est_count.shape), 4 + len(ev.reliability))}
@@ -136,4 +137,5 @@ def output_bytes(static: train.Static) -> int:
 
 def empty_status() -> pd.DataFrame:
     return pd.DataFrame({"run_id": pd.Series([], dtype=np.int64), "status": pd.Series([], dtype=str),
-                         "bayes_loss": pd.Series([], dtype=np.float64)})
+                         "bayes_loss": pd.Series([], dtype=np.float64),
+                         "mutual_info": pd.Series([], dtype=np.float64)})

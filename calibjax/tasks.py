@@ -88,7 +88,12 @@ def sample(task: GaussianTask, u: jax.Array) -> tuple[jax.Array, jax.Array]:
     """
     task = jax.tree.map(jnp.asarray, task)  # numpy leaves cannot be indexed by traced c, k
     c = jnp.sum(u[0] > jnp.cumsum(jnp.exp(task.log_prior))[:-1]).astype(jnp.int32)
-    k = jnp.sum(u[1] > jnp.cumsum(jnp.exp(task.log_weight[c]))[:-1])
+    weight = jnp.exp(task.log_weight[c])
+    k = jnp.sum(u[1] > jnp.cumsum(weight)[:-1])
+    # float32 cumulative weights can end just below 1; the leftover goes to the last real
+    # component, never to a zero-weight (padding) one.
+    last = weight.shape[0] - 1 - jnp.argmax((weight > 0)[::-1])
+    k = jnp.minimum(k, last)
     x = task.mean[c, k] + task.sigma[c, k] * jax.scipy.special.ndtri(u[2:])
     return x, c
 

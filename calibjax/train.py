@@ -30,9 +30,11 @@ from calibjax.model import MLP
 # Bumped whenever a change alters the numbers a run gives (data streams, initialisation, metrics),
 # so that resume and merge refuse to join results of two such versions. 2: calibjax.rng streams.
 # 3: a fixed vectorisation width (small chunks were narrowed before, which changed their bits).
-NUMBERS_VERSION = 3
+# 4: true calibration from level sets, per-run labelled samples, kl_rel, schedules, EMA, proposals.
+NUMBERS_VERSION = 4
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine", "linear")  # the decay after warm-up; index = Dynamic.lr_schedule
 # float32 by default: on GPUs JAX otherwise runs float32 matmuls in TF32 (10-bit mantissa), which
 # adds noise of about 1e-3 to every logit, the size of the errors this tool measures.
 PRECISIONS = ("float32", "tensorfloat32", "bfloat16", "default")
@@ -84,12 +86,19 @@ class Dynamic(NamedTuple):
     """Per-run numbers; batched runs carry a leading run axis on every leaf."""
 
     task: tasks.GaussianTask
-    lr: jax.Array            # () float32
+    lr: jax.Array            # () float32, the peak learning rate
+    lr_schedule: jax.Array   # () int32, index into LR_SCHEDULES: decay from lr after warm-up
+    warmup_steps: jax.Array  # () int32, linear warm-up from lr / warmup_steps to lr; 0: none
+    final_lr_ratio: jax.Array  # () float32, cosine and linear decay end at lr x this at the last step
     weight_decay: jax.Array  # () float32; L2 for adam/sgd, decoupled for adamw
     momentum: jax.Array      # () float32; sgd only
     n_data: jax.Array        # () int32; dataset size; 0 inside the program stands for ONLINE
     seed: jax.Array          # () uint32
     curve_range: jax.Array   # (2,) float32 x range of the posterior curves; nan: mean +- 4 sigma
+    ema_decay: jax.Array     # () float32; > 0: checkpoints evaluate an exponential moving average of
+                             # the weights (bias-corrected, as Adam's moments), not the weights
+    proposal_scale: jax.Array  # () float32; training inputs drawn with every sigma x this, importance-
+                               # weighted by p(x|c) / r(x|c), so the expected loss is unchanged; 1: plain
 
 
 class Curves(NamedTuple):
@@ -105,31 +114,52 @@ class RunResult(NamedTuple):
 
     checkpoints: metrics.Evaluation  # every leaf has a leading checkpoint axis (C, ...)
     bayes_loss: jax.Array            # () float32, H(C | X): the floor of the expected loss
+    mutual_info: jax.Array           # () float32, I(C; X) = H(C) - H(C | X): kl of the priors-only classifier
     curves: Curves | None            # None unless static.curve_points
 
 
 class TrainState(NamedTuple):
     params: dict
+    ema: dict            # moving average of params (zero-initialised; debiased when read)
     opt_state: optax.OptState
     step: jax.Array      # () int32, updates done so far
     loss_sum: jax.Array  # () float32, training loss summed since the last checkpoint
 
 
-def make_optimizer(name: str, dyn: Dynamic) -> optax.GradientTransformation:
+def learning_rate(dyn: Dynamic, steps: int, count: jax.Array) -> jax.Array:
+    """The learning rate of update ``count`` (0-based): warm-up, then the schedule's decay.
+
+    Warm-up: lr x (count + 1) / warmup_steps for the first warmup_steps updates. Decay over the
+    remaining updates, progress p from 0 to 1: constant 1; cosine r + (1 - r)(1 + cos(pi p)) / 2;
+    linear 1 - (1 - r) p, with r = final_lr_ratio. A constant schedule without warm-up is exactly
+    lr (the factors are exactly 1), so it trains the same bits as a plain lr.
+    """
+    t = count.astype(jnp.float32)
+    warmup = dyn.warmup_steps.astype(jnp.float32)
+    warm = jnp.where(dyn.warmup_steps > 0, jnp.minimum(1.0, (t + 1.0) / jnp.maximum(warmup, 1.0)), 1.0)
+    progress = jnp.clip((t - warmup) / jnp.maximum(steps - warmup, 1.0), 0.0, 1.0)
+    r = dyn.final_lr_ratio
+    decay = jnp.select([dyn.lr_schedule == 1, dyn.lr_schedule == 2],
+                       [r + (1.0 - r) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress)), 1.0 - (1.0 - r) * progress], 1.0)
+    return dyn.lr * warm * decay
+
+
+def make_optimizer(name: str, dyn: Dynamic, steps: int) -> optax.GradientTransformation:
     """Optimisers built from traced hyper-parameters, so lr etc. can be vmapped."""
+    lr = functools.partial(learning_rate, dyn, steps)
+    descend = optax.scale_by_schedule(lambda count: -lr(count))
     if name == "adam":  # PyTorch Adam: weight decay added to the gradient
-        return optax.chain(optax.add_decayed_weights(dyn.weight_decay), optax.scale_by_adam(),
-                           optax.scale(-dyn.lr))
+        return optax.chain(optax.add_decayed_weights(dyn.weight_decay), optax.scale_by_adam(), descend)
     if name == "adamw":
-        return optax.adamw(dyn.lr, weight_decay=dyn.weight_decay)
+        return optax.adamw(lr, weight_decay=dyn.weight_decay)
     if name == "sgd":
-        return optax.chain(optax.add_decayed_weights(dyn.weight_decay),
-                           optax.trace(decay=dyn.momentum), optax.scale(-dyn.lr))
+        return optax.chain(optax.add_decayed_weights(dyn.weight_decay), optax.trace(decay=dyn.momentum), descend)
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 
 
-def draw_batch(static: Static, dyn: Dynamic, data_key, batch_key, step) -> tuple[jax.Array, jax.Array]:
-    """The mini-batch for update ``step``: examples are regenerated from their index.
+def draw_batch(static: Static, dyn: Dynamic, data_key, batch_key, step) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The mini-batch for update ``step`` (x, c and importance weights): examples are regenerated
+    from their index.
 
     Example i of the run's dataset is ``tasks.draw(task, data_key, i)``, so a dataset of any size
     N costs no memory and N is a dynamic setting. Finite data draws indices uniformly in [0, N)
@@ -142,7 +172,16 @@ def draw_batch(static: Static, dyn: Dynamic, data_key, batch_key, step) -> tuple
     finite_index = rng.below(rng.words(batch_key, step[None], b)[0], jnp.maximum(dyn.n_data, 1))
     online_index = (step * np.uint32(b) + jnp.arange(b, dtype=jnp.uint32)).astype(jnp.int32)
     index = jnp.where(dyn.n_data > 0, finite_index, online_index)
-    return tasks.draw(dyn.task, data_key, index)
+    proposal = proposal_task(dyn)
+    x, c = tasks.draw(proposal, data_key, index)
+    log_ratio = jax.vmap(lambda x, c: tasks.log_joint(dyn.task, x)[c] - tasks.log_joint(proposal, x)[c])(x, c)
+    return x, c, jnp.exp(log_ratio)
+
+
+def proposal_task(dyn: Dynamic) -> tasks.GaussianTask:
+    """The distribution training inputs are drawn from: the task with every sigma x proposal_scale
+    (the task itself at 1: then every importance weight is exactly 1)."""
+    return dyn.task.replace(sigma=dyn.task.sigma * dyn.proposal_scale)
 
 
 def curve_grid(static: Static, dyn: Dynamic) -> jax.Array:
@@ -168,38 +207,48 @@ def _train_run(static: Static, dyn: Dynamic) -> RunResult:
     model = static.model
     init_key, data_key, batch_key = jax.random.split(jax.random.key(dyn.seed), 3)
     params = model.init(init_key, jnp.zeros((static.dim,), jnp.float32))
-    optimizer = make_optimizer(static.optimizer, dyn)
-    ev = metrics.make_eval_set(dyn.task, static.eval)
+    optimizer = make_optimizer(static.optimizer, dyn, static.steps)
+    ev = metrics.make_eval_set(dyn.task, static.eval, dyn.seed)
     curve_x = curve_grid(static, dyn) if static.curve_points else None
 
-    def loss_fn(params, x, c):
+    def loss_fn(params, x, c, weight):
         logits = model.apply(params, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, c).mean()
+        return (weight * optax.softmax_cross_entropy_with_integer_labels(logits, c)).mean()
 
     def update(_, state: TrainState) -> TrainState:
-        x, c = draw_batch(static, dyn, data_key, batch_key, state.step)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, x, c)
+        x, c, weight = draw_batch(static, dyn, data_key, batch_key, state.step)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, x, c, weight)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        return TrainState(optax.apply_updates(state.params, updates), opt_state,
-                          state.step + 1, state.loss_sum + loss)
+        params = optax.apply_updates(state.params, updates)
+        ema = jax.tree.map(lambda e, p: dyn.ema_decay * e + (1.0 - dyn.ema_decay) * p, state.ema, params)
+        return TrainState(params, ema, opt_state, state.step + 1, state.loss_sum + loss)
+
+    def evaluated_params(state: TrainState) -> dict:
+        """The weights a checkpoint evaluates: the debiased moving average when ema_decay > 0."""
+        use_ema = (dyn.ema_decay > 0) & (state.step > 0)
+        debias = 1.0 - dyn.ema_decay ** state.step.astype(jnp.float32)
+        return jax.tree.map(lambda e, p: jnp.where(use_ema, e / jnp.where(use_ema, debias, 1.0), p),
+                            state.ema, state.params)
 
     def segment(state: TrainState, length):
         state = jax.lax.fori_loop(0, length, update, state)
-        log_q = jax.nn.log_softmax(model.apply(state.params, ev.x))
-        log_q_cal = jax.nn.log_softmax(model.apply(state.params, ev.cal_x))
+        params = evaluated_params(state)
+        log_q = jax.nn.log_softmax(model.apply(params, ev.x))
+        log_q_cal = jax.nn.log_softmax(model.apply(params, ev.cal_x))
         loss = jnp.where(length > 0, state.loss_sum / jnp.maximum(length, 1), jnp.nan)
         evaluation = metrics.evaluate(ev, log_q, log_q_cal, static.eval, loss)
-        curve = jax.nn.softmax(model.apply(state.params, curve_x)) if curve_x is not None else None
+        curve = jax.nn.softmax(model.apply(params, curve_x)) if curve_x is not None else None
         return state._replace(loss_sum=jnp.zeros_like(state.loss_sum)), (evaluation, curve)
 
     lengths = np.diff(np.asarray((0, *static.checkpoints))).astype(np.int32)
-    state = TrainState(params, optimizer.init(params), jnp.int32(0), jnp.float32(0.0))
+    state = TrainState(params, jax.tree.map(jnp.zeros_like, params), optimizer.init(params), jnp.int32(0),
+                       jnp.float32(0.0))
     _, (evaluations, curve_model) = jax.lax.scan(segment, state, jnp.asarray(lengths))
     curves = None
     if curve_x is not None:
         true_prob = jnp.exp(jax.vmap(tasks.log_posterior, (None, 0))(dyn.task, curve_x))
         curves = Curves(curve_x, true_prob, curve_model)
-    return RunResult(evaluations, metrics.conditional_entropy(ev), curves)
+    return RunResult(evaluations, metrics.conditional_entropy(ev), metrics.mutual_information(ev), curves)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -248,11 +297,16 @@ def output_shapes(static: Static) -> RunResult:
 
 
 def make_dynamic(task: tasks.GaussianTask, lr=1e-3, weight_decay=0.0, momentum=0.0,
-                 n_data=ONLINE, seed=0, curve_range=None) -> Dynamic:
+                 n_data=ONLINE, seed=0, curve_range=None, lr_schedule="constant", warmup_steps=0,
+                 final_lr_ratio=0.0, ema_decay=0.0, proposal_scale=1.0) -> Dynamic:
     """One run's dynamic settings as numpy scalars; n_data is a count or ONLINE (inf)."""
     n = 0 if n_data == ONLINE else int(n_data)
     if n < 1 and n_data != ONLINE:
         raise ValueError(f"n_data must be a positive count or train.ONLINE, got {n_data!r}")
-    return Dynamic(jax.tree.map(np.asarray, task), np.float32(lr), np.float32(weight_decay),
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose from {LR_SCHEDULES}")
+    return Dynamic(jax.tree.map(np.asarray, task), np.float32(lr), np.int32(LR_SCHEDULES.index(lr_schedule)),
+                   np.int32(warmup_steps), np.float32(final_lr_ratio), np.float32(weight_decay),
                    np.float32(momentum), np.int32(n), np.uint32(seed),
-                   np.asarray(curve_range if curve_range is not None else (np.nan, np.nan), np.float32))
+                   np.asarray(curve_range if curve_range is not None else (np.nan, np.nan), np.float32),
+                   np.float32(ema_decay), np.float32(proposal_scale))

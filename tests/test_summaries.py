@@ -34,14 +34,15 @@ def synthetic_results(root):
                              "status": "diverged" if diverged else "ok", "bayes_loss": 0.2})
                 for s in steps:
                     kl = np.nan if diverged and s == 1000 else 1.0 / (mu2 * s) * (1 if sigma1 == 0.5 else 1e3)
-                    metrics.append({"run_id": run_id, "step": s, "kl": kl, "tv": kl, "max_err": kl,
+                    metrics.append({"run_id": run_id, "step": s, "kl": kl, "kl_rel": kl / 0.5, "tv": kl, "max_err": kl,
                                     "accuracy": 0.9, "bayes_accuracy": 0.91, "loss": 0.3, "err_dense": kl,
                                     "err_sparse": 2 * kl, "ece": 0.02, "ece_mass": 0.02, "brier": 0.1,
                                     "nll": 0.3, "true_ece": 0.01, "excess_brier": kl, "cal_term": kl / 2,
                                     "grouping_term": kl / 2})
                     for lo, hi, mass in ((-np.inf, -2.0, 0.05), (-2.0, 0.0, 0.95)):
                         density.append({"run_id": run_id, "step": s, "log10_density_lo": lo,
-                                        "log10_density_hi": hi, "mass": mass, "kl": kl * mass,
+                                        "log10_density_hi": hi, "mass": mass, "kl_mean": kl,
+                                        "kl_contribution": kl * mass,
                                         "max_err": kl * (10 if lo < -2 else 1)})
                     for lo in np.linspace(0, 1, 5, endpoint=False):
                         calib.append({"run_id": run_id, "step": s, "conf_lo": lo, "conf_hi": lo + 0.2,
@@ -69,6 +70,28 @@ def test_summary_per_run_against_hand_computed_values(tmp_path):
     # kl_auc: trapezoid of kl over log10 steps (1, 2, 3), divided by 2.
     assert s.loc[0, "kl_auc"] == pytest.approx(((0.1 + 0.01) / 2 + (0.01 + 0.001) / 2) / 2)
     assert s.loc[0, "final_accuracy_gap"] == pytest.approx(0.01)
+    # kl_rel = 2 kl here: run 0 reaches kl_rel <= 0.1 where kl = 0.05, at step 20.
+    assert s.loc[0, "steps_to_kl_rel_0.1"] == pytest.approx(20.0)
+    assert s.loc[0, "sustained_kl_0.01"] == pytest.approx(100.0) and s.loc[2, "sustained_kl_0.01"] == math.inf
+
+
+def test_sustained_crossing_and_final_median_ride_out_noise():
+    steps = np.array([10, 100, 200, 900, 950, 1000.0])
+    kl = np.array([1.0, 0.005, 0.02, 0.004, 0.03, 0.002])  # dips below 0.01 twice before it stays
+    assert summaries.steps_to_reach(steps, kl, 0.01) == pytest.approx(10 * 10 ** (math.log(100) / math.log(200)))
+    # stays below only from the last checkpoint: crossing between 950 (0.03) and 1000 (0.002)
+    t = (math.log(0.01) - math.log(0.03)) / (math.log(0.002) - math.log(0.03))
+    assert summaries.steps_to_stay(steps, kl, 0.01) == pytest.approx(950 * (1000 / 950) ** t)
+    assert summaries.steps_to_stay(steps, kl, 0.001) == math.inf
+    assert summaries.steps_to_stay(steps, kl, 2.0) == 10
+    assert math.isnan(summaries.steps_to_stay(steps, np.array([1, np.nan, 0, 0, 0, 0.0]), 0.01))
+    metrics = pd.DataFrame({"run_id": 0, "step": steps, "kl": kl, "kl_rel": kl, "accuracy": 0.9,
+                            "bayes_accuracy": 0.92})
+    runs = pd.DataFrame({"run_id": [0], "case": "c", "status": "ok"})
+    s = summaries.summarize(metrics, runs).iloc[0]
+    # the last 10 % of training holds 900, 950 and 1000: their median, not the last value
+    assert s["final_kl"] == pytest.approx(0.004) and s["n_final_checkpoints"] == 3
+    assert s["final_accuracy_gap"] == pytest.approx(0.02)
 
 
 def test_aggregation_over_seeds_keeps_never_infinite_and_counts():
@@ -77,7 +100,7 @@ def test_aggregation_over_seeds_keeps_never_infinite_and_counts():
                        "steps_to_kl_0.01": [100, 200, np.inf, np.inf, 100, 200, 300, np.nan],
                        "final_kl": [1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, np.nan]})
     agg = summaries.aggregate(df).set_index("mu2")
-    assert agg.loc[1.0, "steps_to_kl_0.01"] == math.inf and agg.loc[1.0, "n_never_0.01"] == 2
+    assert agg.loc[1.0, "steps_to_kl_0.01"] == math.inf and agg.loc[1.0, "n_never_steps_to_kl_0.01"] == 2
     assert agg.loc[1.0, "steps_to_kl_0.01_q25"] == pytest.approx(175.0)
     assert agg.loc[2.0, "steps_to_kl_0.01"] == 200 and agg.loc[2.0, "n_diverged"] == 1
     assert agg.loc[1.0, "final_kl"] == 2.5 and agg.loc[1.0, "final_kl_q75"] == pytest.approx(3.25)

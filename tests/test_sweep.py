@@ -100,7 +100,9 @@ def test_bad_input_names_file_key_and_problem(text, message):
 def test_every_validator_accepts_good_values_and_rejects_bad_ones_with_its_message():
     cases = {  # kind: (good value, normalised, bad value)
         "pos_float": (2, 2.0, 0.0), "nonneg_float": (0, 0.0, float("nan")), "fraction": (0.5, 0.5, 1.0),
-        "momentum": (0.0, 0.0, 1.0), "pos_int": (3.0, 3, 2.5), "nonneg_int": (0, 0, -1), "bool": (True, True, 1),
+        "momentum": (0.0, 0.0, 1.0), "decay": (0.99, 0.99, 1.0), "unit_float": (1, 1.0, 1.5),
+        "proposal_scale": (2, 2.0, 0.5), "levels": (16, 16, 3), "lr_schedule": ("cosine", "cosine", "step"),
+        "pos_int": (3.0, 3, 2.5), "nonneg_int": (0, 0, -1), "bool": (True, True, 1),
         "n_data": ("online", float("inf"), 0), "widths": ([8, 8.0], [8, 8], [8, 0]),
         "activation": ("tanh", "tanh", "swish2"), "init": ("lecun", "lecun", "he"),
         "optimizer": ("sgd", "sgd", "lion"), "precision": ("float32", "float32", "fp8"),
@@ -130,7 +132,7 @@ def test_resolver_steps_alone():
     assert "mu2_k2" not in settings and task["mean"][1, :, 0].tolist() == [-1.0, 5.0]
     np.testing.assert_allclose(task["prior"], [0.8, 0.2])
     sweep.resolve_checkpoints(settings, origin)
-    assert settings["checkpoints"] == [10, 20, 50, 100, 200, 300] and settings["plot_steps"] == [10, 100, 300]
+    assert settings["checkpoints"] == [10, 20, 50, 100, 200, 270, 285, 300] and settings["plot_steps"] == [10, 200, 300]
     settings |= {"width": 16, "depth": 3}
     sweep.resolve_hidden(settings)
     assert settings["hidden"] == [16, 16, 16]
