@@ -92,3 +92,23 @@ def test_class_conditionals_pass_ks_and_a_wrong_distribution_fails():
     # The same test has the power to reject a slightly wrong distribution at this sample size.
     assert stats.kstest(x[c == 0], stats.norm(0.1, 2.0).cdf).pvalue < 1e-3
     assert stats.kstest(x[c == 1], lambda v: cdf2(v - 0.1)).pvalue < 1e-3
+
+
+def test_a_zero_weight_padding_component_is_never_drawn():
+    """Weights whose float32 cumulative sum ends below the largest uniform: that uniform's leftover
+    belongs to the last real component, not the zero-weight padding after it."""
+    top = 1.0 - 2.0**-24  # the largest uniform open_uniform gives
+    gen = np.random.default_rng(0)
+    for _ in range(2000):  # about one random vector of 8 weights in 60 has such a sum
+        w = np.append(gen.dirichlet(np.ones(8)), 0.0)
+        log_w = tasks.make_task([0.5, 0.5], np.zeros((2, 9, 1)), np.ones((2, 9, 1)), [w, w]).log_weight
+        if float(jnp.cumsum(jnp.exp(jnp.asarray(log_w[0])))[7]) < top:
+            break
+    else:
+        pytest.fail("no float32 weight vector with a short cumulative sum found")
+    mean = np.arange(18, dtype=np.float32).reshape(2, 9, 1)
+    mean[:, 8] = 1e3  # the padding's mean: an example drawn from it would stand out
+    task = tasks.make_task([0.5, 0.5], mean, np.ones_like(mean), [w, w])
+    for c_u in (0.25, 0.75):
+        x, c = tasks.sample(task, jnp.asarray([c_u, top, 0.5], jnp.float32))
+        assert float(x[0]) == float(mean[int(c), 7, 0]), (float(x[0]), int(c))

@@ -15,7 +15,7 @@ def fields(r: train.RunResult) -> dict:
     """The numbers compared between runs: scalars, density bins and curves."""
     sc, d = r.checkpoints.scalars, r.checkpoints.density
     return {"kl": sc.kl, "tv": sc.tv, "max_err": sc.max_err, "accuracy": sc.accuracy, "loss": sc.loss,
-            "bin_kl": d.kl, "curve_model": r.curves.model_prob, "true_ece": sc.true_ece}
+            "bin_kl": d.kl_contribution, "curve_model": r.curves.model_prob, "true_ece": sc.true_ece}
 
 
 def run(r: train.RunResult, i: int) -> train.RunResult:
@@ -102,7 +102,8 @@ def test_dynamic_settings_do_not_retrace(monkeypatch):
     fn(train.stack_dynamic([dyn(1), dyn(2)]))
     varied = [train.make_dynamic(example(3), lr=5e-2, weight_decay=0.1, momentum=0.5, n_data=train.ONLINE, seed=99),
               train.make_dynamic(example(2).replace(log_prior=np.log(np.array([0.9, 0.1], np.float32))),
-                                 lr=1e-4, n_data=7, seed=3)]
+                                 lr=1e-4, n_data=7, seed=3, lr_schedule="cosine", warmup_steps=10,
+                                 final_lr_ratio=0.1, ema_decay=0.9, proposal_scale=2.0)]
     fn(train.stack_dynamic(varied))
     assert len(traces) == 1
 
@@ -114,3 +115,53 @@ def test_every_optimizer_reduces_the_error(name):
     out = train.train_single(static, dyn(1, lr=1e-2 if name != "sgd" else 0.3, momentum=0.9))
     kl = np.asarray(out.checkpoints.scalars.kl)
     assert kl[-1] < 0.5 * kl[0], kl
+
+
+def test_learning_rate_schedules_match_their_closed_forms():
+    steps, lr = 1000, 1e-3
+    count = jax.numpy.arange(steps)
+    rate = lambda **kw: np.asarray(train.learning_rate(jax.tree.map(jax.numpy.asarray, dyn(lr=lr, **kw)),  # noqa: E731
+                                                       steps, count), np.float64)
+    # constant, and any schedule that cannot decay, is exactly lr: the same bits as a plain lr
+    assert (rate() == np.float32(lr)).all()
+    assert (rate(lr_schedule="cosine", final_lr_ratio=1.0) == np.float32(lr)).all()
+    t = np.arange(steps)
+    np.testing.assert_allclose(rate(lr_schedule="cosine"), lr * 0.5 * (1 + np.cos(np.pi * t / steps)), atol=1e-9)
+    np.testing.assert_allclose(rate(lr_schedule="linear", final_lr_ratio=0.1), lr * (1 - 0.9 * t / steps), rtol=1e-5)
+    warm = rate(lr_schedule="cosine", warmup_steps=100, final_lr_ratio=0.0)
+    np.testing.assert_allclose(warm[:100], lr * (t[:100] + 1) / 100, rtol=1e-5)
+    progress = (t[100:] - 100) / 900
+    np.testing.assert_allclose(warm[100:], lr * 0.5 * (1 + np.cos(np.pi * progress)), atol=1e-9)
+    np.testing.assert_allclose(rate(warmup_steps=10)[:12], lr * np.minimum(1, (t[:12] + 1) / 10), rtol=1e-6)
+
+
+def test_proposal_draws_wider_inputs_whose_weights_keep_the_expected_loss():
+    static = train.Static(steps=1, checkpoints=(1,), batch_size=4096)
+    d = jax.tree.map(jax.numpy.asarray, dyn(3, n_data=train.ONLINE, proposal_scale=2.0))
+    data_key, batch_key = jax.random.split(jax.random.key(3))
+    x, c, w = (np.asarray(v) for v in jax.jit(lambda: train.draw_batch(static, d, data_key, batch_key,
+                                                                          jax.numpy.int32(0)))())
+    x = x[:, 0].astype(np.float64)
+    # example 3: class 0 ~ N(0, 2), class 1 ~ N(3, 1); drawn with sigmas x 2
+    assert abs(x[c == 0].std() - 4.0) < 0.2 and abs(x[c == 1].std() - 2.0) < 0.1
+    # importance weights: p(x|c) / r(x|c), whose mean under r is 1, and weighted moments are the task's
+    ratio = lambda v, s: 2.0 * np.exp(-0.5 * v**2 / s**2 + 0.5 * v**2 / (2 * s) ** 2)  # noqa: E731
+    np.testing.assert_allclose(w[c == 0], ratio(x[c == 0], 2.0), rtol=1e-4)
+    np.testing.assert_allclose(w[c == 1], ratio(x[c == 1] - 3.0, 1.0), rtol=1e-4)
+    for k, mu, s in ((0, 0.0, 2.0), (1, 3.0, 1.0)):
+        assert abs(np.mean(w[c == k]) - 1) < 0.05
+        assert abs(np.mean(w[c == k] * (x[c == k] - mu) ** 2) - s**2) < 0.1 * s**2
+
+
+@pytest.mark.slow
+def test_ema_evaluates_the_debiased_average_of_the_weights():
+    """After one update the debiased average is that update's weights (the numbers equal a plain
+    run's); later it lags them (the numbers differ)."""
+    static = dataclasses.replace(SMALL, steps=20, checkpoints=(1, 20), curve_points=0)
+    plain = train.train_single(static, dyn(1, lr=1e-2))
+    ema = train.train_single(static, dyn(1, lr=1e-2, ema_decay=0.9))
+    kl_plain, kl_ema = np.asarray(plain.checkpoints.scalars.kl), np.asarray(ema.checkpoints.scalars.kl)
+    np.testing.assert_allclose(kl_ema[0], kl_plain[0], rtol=1e-5)
+    assert abs(kl_ema[1] - kl_plain[1]) > 1e-3 * kl_plain[1]
+    # training itself is untouched: the same losses
+    np.testing.assert_array_equal(np.asarray(plain.checkpoints.scalars.loss), np.asarray(ema.checkpoints.scalars.loss))
