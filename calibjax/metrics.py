@@ -318,8 +318,9 @@ def level_set_curve(log_q: jax.Array, p: jax.Array, w: jax.Array, levels: int) -
     crossing. m(u) is the density-weighted mean of P_top over every crossing of u, so the branches
     on both sides of a level set enter with their true weights, whatever the grid spacing. It is
     solved at ``levels`` levels (``solve_levels``; every half against every level: 2 x levels x G
-    work) and m - conf is interpolated linearly in between. A flat half (a constant q, or float32 saturation) is a point mass at its level, which
-    outweighs the crossings there, as in the continuum.
+    work) and m - conf is interpolated linearly in between. A flat half (a constant q, or float32
+    saturation) is a point mass at its level, which outweighs the crossings there, as in the
+    continuum.
     """
     top = jnp.max(log_q, axis=-1)
     pred = jnp.argmax(log_q, axis=-1)

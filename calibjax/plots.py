@@ -201,7 +201,8 @@ def standard_figures(out: str | Path) -> list[Path]:
 
 # ---------------------------------------------------------------- learnability maps
 
-TASK_COLUMN = re.compile(r"^(?:(?:mu|sigma)\d+(?:_k\d+)?(?:_d\d+)?|prior\d+|weight\d+_k\d+|num_classes|num_components|dim)$")
+TASK_COLUMN = re.compile(r"^(?:(?:mu|sigma)\d+(?:_k\d+)?(?:_d\d+)?|prior\d+|weight\d+_k\d+"
+                         r"|num_classes|num_components|dim)$")
 
 
 def _is_number(text: str) -> bool:

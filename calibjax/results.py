@@ -60,7 +60,10 @@ def prepare_output(sw: sweep_mod.Sweep, out: Path, identity: dict, overwrite: bo
     """Create or reuse the output directory; refuse to mix results of other sweep files or numbers,
     and refuse (even with overwrite) a non-empty directory that calibjax did not write."""
     manifest = store.read_manifest(out)
-    if manifest is None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+    # Another process starting the same directory may be between creating it and renaming its
+    # manifest into place: its temporary file alone does not make the directory foreign.
+    if manifest is None and out.exists() and (not out.is_dir() or not all(store.in_flight(p.name)
+                                                                           for p in out.iterdir())):
         raise ResultsExist(f"{out}: exists and is not a calibjax results directory (no manifest.json); calibjax "
                            "writes only into a new or empty directory or its own: choose another --out")
     if manifest is not None and not overwrite:

@@ -68,6 +68,12 @@ def _dead_local_writer(tag: str) -> bool:
     return pid.isdigit() and not _pid_alive(int(pid))
 
 
+def in_flight(name: str) -> bool:
+    """True for the name of a temporary file of a live calibjax writer on this host (``.tmp-<host>-<pid>-``)."""
+    return name.startswith(".tmp-") and not _dead_local_writer(name[len(".tmp-"):]) \
+        and name.startswith(f".tmp-{HOST}-") and name[len(f".tmp-{HOST}-"):].split("-")[0].isdigit()
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

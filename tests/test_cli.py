@@ -30,7 +30,8 @@ def test_run_writes_every_table_manifest_and_figure(tmp_path):
     assert list(runs["run_id"]) == [0, 1, 2, 3] and set(runs["status"]) == {"ok"}
     assert list(runs.loc[runs["case"] == "b", "mu2"]) == [1.0, 1.0]
     m = pd.read_parquet(out / "metrics.parquet")
-    assert list(m.columns[:8]) == ["run_id", "step", "kl", "tv", "max_err", "accuracy", "bayes_accuracy", "loss"]
+    assert list(m.columns[:9]) == ["run_id", "step", "kl", "kl_rel", "tv", "max_err", "accuracy", "bayes_accuracy",
+                                   "loss"]
     assert {"err_dense", "err_sparse", "ece", "true_ece", "cal_term", "grouping_term"} <= set(m.columns)
     cal = pd.read_parquet(out / "calibration.parquet")
     np.testing.assert_allclose(cal.groupby(["run_id", "step"])["true_mass"].sum(), 1.0, atol=1e-4)
@@ -39,9 +40,10 @@ def test_run_writes_every_table_manifest_and_figure(tmp_path):
     assert set(pd.read_parquet(out / "summary_by_setting.parquet")["case"]) == {"a", "b"}
     assert len(m) == 4 * 2 and np.isfinite(m[["kl", "tv", "loss"]].to_numpy()).all()
     d = pd.read_parquet(out / "density.parquet")
-    assert list(d.columns) == ["run_id", "step", "log10_density_lo", "log10_density_hi", "mass", "kl", "max_err"]
+    assert list(d.columns) == ["run_id", "step", "log10_density_lo", "log10_density_hi", "mass", "kl_mean",
+                               "kl_contribution", "max_err"]
     np.testing.assert_allclose(d.groupby(["run_id", "step"])["mass"].sum(), 1.0, atol=1e-4)
-    np.testing.assert_allclose(d.groupby(["run_id", "step"])["kl"].sum().to_numpy(),
+    np.testing.assert_allclose(d.groupby(["run_id", "step"])["kl_contribution"].sum().to_numpy(),
                                m.set_index(["run_id", "step"])["kl"].to_numpy(), rtol=1e-4, atol=1e-7)
     c = pd.read_parquet(out / "curves.parquet")
     assert list(c.columns) == ["run_id", "step", "x", "class", "model_prob", "true_prob"]

@@ -136,7 +136,8 @@ def test_calibrated_but_coarse_q_has_zero_calibration_term_and_positive_grouping
     for name, lo, hi in (("left", -30.0, 0.5), ("right", 0.5, 30.0)):
         mass = integrate.quad(dens, lo, hi, epsabs=1e-13, limit=200)[0]
         mean = integrate.quad(lambda x: dens(x) * post(x), lo, hi, epsabs=1e-13, limit=200)[0] / mass
-        var = integrate.quad(lambda x: dens(x) * (post(x) - mean) ** 2, lo, hi, epsabs=1e-13, limit=200)[0] / mass
+        var = integrate.quad(lambda x, mean=mean: dens(x) * (post(x) - mean) ** 2, lo, hi, epsabs=1e-13,
+                             limit=200)[0] / mass
         side[name] = (mass, mean, var)
 
     def coarse(ev, pts):
@@ -278,19 +279,21 @@ def test_labelled_sample_is_the_runs_own():
     assert abs(y.mean() - 0.5) < 0.03 and abs(x[y == 1].mean() - 3.0) < 0.06 and abs(x[y == 0].std() - 1) < 0.05
 
 
+def _h_given_x(x, prior, m1, s1, m2, s2):
+    """p(x) H(C | x) for two Gaussian classes."""
+    a, b = prior * stats.norm.pdf(x, m1, s1), (1 - prior) * stats.norm.pdf(x, m2, s2)
+    pa = a / (a + b)
+    return -(a + b) * sum(p * np.log(p) for p in (pa, 1 - pa) if p > 0)
+
+
 def test_mutual_information_and_kl_rel_of_the_priors_only_classifier():
     for n, prior in ((1, 0.5), (3, 0.9)):
         m1, s1, m2, s2 = STUDY[n]
         task = tasks.make_task([prior, 1 - prior], [[[m1]], [[m2]]], [[[s1]], [[s2]]])
         ev = metrics.make_eval_set(task, SPEC)
-        joint = lambda x: (prior * stats.norm.pdf(x, m1, s1), (1 - prior) * stats.norm.pdf(x, m2, s2))  # noqa: E731
-
-        def h_given_x(x):
-            a, b = joint(x)
-            pa = a / (a + b)
-            return -(a + b) * sum(p * np.log(p) for p in (pa, 1 - pa) if p > 0)
         entropy = -(prior * np.log(prior) + (1 - prior) * np.log(1 - prior))
-        info = entropy - integrate.quad(h_given_x, -30, 30, points=[m1, m2], limit=200)[0]
+        info = entropy - integrate.quad(_h_given_x, -30, 30, args=(prior, m1, s1, m2, s2), points=[m1, m2],
+                                        limit=200)[0]
         np.testing.assert_allclose(float(metrics.mutual_information(ev)), info, rtol=1e-4)
         priors_only = jnp.broadcast_to(task.log_prior, ev.log_post.shape)
         m = evaluate(ev, priors_only)

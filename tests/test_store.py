@@ -70,3 +70,20 @@ def test_a_damaged_table_is_named_with_the_way_out(tmp_path):
     (tmp_path / "chunks" / CHUNK / "status.parquet").write_bytes(b"not parquet")
     with pytest.raises(store.CorruptResults, match="status.parquet: cannot read.*move that chunk directory away"):
         store.read_chunk_tables(tmp_path, ["status"])
+
+
+def test_a_directory_another_process_is_starting_is_not_foreign(tmp_path):
+    """Between creating the directory and renaming manifest.json into place, a starting process
+    leaves only its temporary file: a second process joins; a user's look-alike file still refuses."""
+    from calibjax import results, sweep
+
+    from conftest import sweep_doc
+
+    sw = sweep.parse(sweep_doc())
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f".tmp-{store.HOST}-{os.getpid()}-manifest").write_text("{}")
+    results.prepare_output(sw, out, {}, overwrite=False)
+    (out / ".tmp-notes").write_text("mine")
+    with pytest.raises(results.ResultsExist, match="not a calibjax results directory"):
+        results.prepare_output(sw, out, {}, overwrite=False)
