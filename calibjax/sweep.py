@@ -712,7 +712,8 @@ def static_of(run: Run) -> train.Static:
                               density_edges=tuple(s["density_edges"]), dense_mass=s["dense_mass"],
                               sparse_mass=s["sparse_mass"], calibration_samples=s["calibration_samples"],
                               calibration_bins=s["calibration_bins"], true_levels=s["true_levels"]),
-        curve_points=s["curve_points"] if s["curves"] else 0)
+        curve_points=s["curve_points"] if s["curves"] else 0,
+        ema=s["ema_decay"] > 0, importance=s["proposal_scale"] != 1.0)
 
 
 def run_hash(run: Run, static: train.Static) -> str:

@@ -57,6 +57,10 @@ class Static:
     eval: metrics.EvalSpec = field(default_factory=metrics.EvalSpec)
     curve_points: int = 0  # 0: no posterior curves; else points per axis (1-D and 2-D tasks)
     matmul_precision: str = "float32"
+    # Features that cost every step, compiled in only for the runs that use them (each is a dynamic
+    # setting whose value is ignored when its flag is off; sweep.static_of sets the flags from it):
+    ema: bool = False         # keep a moving average of the weights (Dynamic.ema_decay > 0)
+    importance: bool = False  # draw from a widened proposal with importance weights (proposal_scale != 1)
 
     @property
     def model(self) -> MLP:
@@ -95,10 +99,10 @@ class Dynamic(NamedTuple):
     n_data: jax.Array        # () int32; dataset size; 0 inside the program stands for ONLINE
     seed: jax.Array          # () uint32
     curve_range: jax.Array   # (2,) float32 x range of the posterior curves; nan: mean +- 4 sigma
-    ema_decay: jax.Array     # () float32; > 0: checkpoints evaluate an exponential moving average of
-                             # the weights (bias-corrected, as Adam's moments), not the weights
-    proposal_scale: jax.Array  # () float32; training inputs drawn with every sigma x this, importance-
-                               # weighted by p(x|c) / r(x|c), so the expected loss is unchanged; 1: plain
+    ema_decay: jax.Array     # () float32; > 0 (with static.ema): checkpoints evaluate an exponential moving
+                             # average of the weights (bias-corrected, as Adam's moments), not the weights
+    proposal_scale: jax.Array  # () float32 (with static.importance): training inputs drawn with every sigma
+                               # x this, importance-weighted by p(x|c) / r(x|c), so the expected loss is unchanged
 
 
 class Curves(NamedTuple):
@@ -120,7 +124,7 @@ class RunResult(NamedTuple):
 
 class TrainState(NamedTuple):
     params: dict
-    ema: dict            # moving average of params (zero-initialised; debiased when read)
+    ema: dict | None     # moving average of params (zero-initialised; debiased when read); static.ema only
     opt_state: optax.OptState
     step: jax.Array      # () int32, updates done so far
     loss_sum: jax.Array  # () float32, training loss summed since the last checkpoint
@@ -158,8 +162,8 @@ def make_optimizer(name: str, dyn: Dynamic, steps: int) -> optax.GradientTransfo
 
 
 def draw_batch(static: Static, dyn: Dynamic, data_key, batch_key, step) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The mini-batch for update ``step`` (x, c and importance weights): examples are regenerated
-    from their index.
+    """The mini-batch for update ``step`` (x, c and importance weights, None unless
+    static.importance): examples are regenerated from their index.
 
     Example i of the run's dataset is ``tasks.draw(task, data_key, i)``, so a dataset of any size
     N costs no memory and N is a dynamic setting. Finite data draws indices uniformly in [0, N)
@@ -172,6 +176,9 @@ def draw_batch(static: Static, dyn: Dynamic, data_key, batch_key, step) -> tuple
     finite_index = rng.below(rng.words(batch_key, step[None], b)[0], jnp.maximum(dyn.n_data, 1))
     online_index = (step * np.uint32(b) + jnp.arange(b, dtype=jnp.uint32)).astype(jnp.int32)
     index = jnp.where(dyn.n_data > 0, finite_index, online_index)
+    if not static.importance:
+        x, c = tasks.draw(dyn.task, data_key, index)
+        return x, c, None
     proposal = proposal_task(dyn)
     x, c = tasks.draw(proposal, data_key, index)
     log_ratio = jax.vmap(lambda x, c: tasks.log_joint(dyn.task, x)[c] - tasks.log_joint(proposal, x)[c])(x, c)
@@ -212,19 +219,22 @@ def _train_run(static: Static, dyn: Dynamic) -> RunResult:
     curve_x = curve_grid(static, dyn) if static.curve_points else None
 
     def loss_fn(params, x, c, weight):
-        logits = model.apply(params, x)
-        return (weight * optax.softmax_cross_entropy_with_integer_labels(logits, c)).mean()
+        loss = optax.softmax_cross_entropy_with_integer_labels(model.apply(params, x), c)
+        return (loss if weight is None else weight * loss).mean()
 
     def update(_, state: TrainState) -> TrainState:
         x, c, weight = draw_batch(static, dyn, data_key, batch_key, state.step)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, x, c, weight)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = jax.tree.map(lambda e, p: dyn.ema_decay * e + (1.0 - dyn.ema_decay) * p, state.ema, params)
+        ema = (jax.tree.map(lambda e, p: dyn.ema_decay * e + (1.0 - dyn.ema_decay) * p, state.ema, params)
+               if static.ema else None)
         return TrainState(params, ema, opt_state, state.step + 1, state.loss_sum + loss)
 
     def evaluated_params(state: TrainState) -> dict:
         """The weights a checkpoint evaluates: the debiased moving average when ema_decay > 0."""
+        if not static.ema:
+            return state.params
         use_ema = (dyn.ema_decay > 0) & (state.step > 0)
         debias = 1.0 - dyn.ema_decay ** state.step.astype(jnp.float32)
         return jax.tree.map(lambda e, p: jnp.where(use_ema, e / jnp.where(use_ema, debias, 1.0), p),
@@ -241,8 +251,8 @@ def _train_run(static: Static, dyn: Dynamic) -> RunResult:
         return state._replace(loss_sum=jnp.zeros_like(state.loss_sum)), (evaluation, curve)
 
     lengths = np.diff(np.asarray((0, *static.checkpoints))).astype(np.int32)
-    state = TrainState(params, jax.tree.map(jnp.zeros_like, params), optimizer.init(params), jnp.int32(0),
-                       jnp.float32(0.0))
+    state = TrainState(params, jax.tree.map(jnp.zeros_like, params) if static.ema else None, optimizer.init(params),
+                       jnp.int32(0), jnp.float32(0.0))
     _, (evaluations, curve_model) = jax.lax.scan(segment, state, jnp.asarray(lengths))
     curves = None
     if curve_x is not None:

@@ -242,3 +242,11 @@ def test_comments_and_spacing_do_not_change_the_sweep_but_a_value_does():
     b = parse("# a note\n" + BASE.replace(" = ", " =  ") + "\n# the end\n")
     c = parse(BASE.replace("steps = 100", "steps = 101").replace("100]", "101]"))
     assert a.sha256 == b.sha256 != c.sha256
+
+
+def test_per_step_features_are_compiled_in_only_for_the_runs_that_use_them():
+    sw = sweep.parse(sweep_doc(grid={"ema_decay": [0.0, 0.99], "proposal_scale": [1.0, 2.0]}))
+    for r in sw.runs:
+        s = sweep.static_of(r)
+        assert (s.ema, s.importance) == (r.settings["ema_decay"] > 0, r.settings["proposal_scale"] > 1)
+    assert {(s.ema, s.importance) for s in sw.groups[0]} == {(a, b) for a in (False, True) for b in (False, True)}

@@ -106,6 +106,11 @@ def test_dynamic_settings_do_not_retrace(monkeypatch):
                                  final_lr_ratio=0.1, ema_decay=0.9, proposal_scale=2.0)]
     fn(train.stack_dynamic(varied))
     assert len(traces) == 1
+    # with the per-step features compiled in, their values are dynamic too
+    featured = train.batched_train_fn(dataclasses.replace(SMALL, ema=True, importance=True), inner_batch=2)
+    featured(train.stack_dynamic(varied))
+    featured(train.stack_dynamic([dyn(1, ema_decay=0.5, proposal_scale=3.0), dyn(2, ema_decay=0.99)]))
+    assert len(traces) == 2
 
 
 @pytest.mark.slow
@@ -136,7 +141,7 @@ def test_learning_rate_schedules_match_their_closed_forms():
 
 
 def test_proposal_draws_wider_inputs_whose_weights_keep_the_expected_loss():
-    static = train.Static(steps=1, checkpoints=(1,), batch_size=4096)
+    static = train.Static(steps=1, checkpoints=(1,), batch_size=4096, importance=True)
     d = jax.tree.map(jax.numpy.asarray, dyn(3, n_data=train.ONLINE, proposal_scale=2.0))
     data_key, batch_key = jax.random.split(jax.random.key(3))
     x, c, w = (np.asarray(v) for v in jax.jit(lambda: train.draw_batch(static, d, data_key, batch_key,
@@ -151,6 +156,14 @@ def test_proposal_draws_wider_inputs_whose_weights_keep_the_expected_loss():
     for k, mu, s in ((0, 0.0, 2.0), (1, 3.0, 1.0)):
         assert abs(np.mean(w[c == k]) - 1) < 0.05
         assert abs(np.mean(w[c == k] * (x[c == k] - mu) ** 2) - s**2) < 0.1 * s**2
+    # at scale 1 the proposal is the task: the same examples as without it, weights exactly 1
+    same = jax.tree.map(jax.numpy.asarray, dyn(3, n_data=train.ONLINE))
+    x1, c1, w1 = jax.jit(lambda: train.draw_batch(static, same, data_key, batch_key, jax.numpy.int32(0)))()
+    plain = dataclasses.replace(static, importance=False)
+    x0, c0, w0 = jax.jit(lambda: train.draw_batch(plain, same, data_key, batch_key, jax.numpy.int32(0)))()
+    assert w0 is None and (np.asarray(w1) == 1.0).all()
+    np.testing.assert_array_equal(np.asarray(x1), np.asarray(x0))
+    np.testing.assert_array_equal(np.asarray(c1), np.asarray(c0))
 
 
 @pytest.mark.slow
@@ -159,7 +172,7 @@ def test_ema_evaluates_the_debiased_average_of_the_weights():
     run's); later it lags them (the numbers differ)."""
     static = dataclasses.replace(SMALL, steps=20, checkpoints=(1, 20), curve_points=0)
     plain = train.train_single(static, dyn(1, lr=1e-2))
-    ema = train.train_single(static, dyn(1, lr=1e-2, ema_decay=0.9))
+    ema = train.train_single(dataclasses.replace(static, ema=True), dyn(1, lr=1e-2, ema_decay=0.9))
     kl_plain, kl_ema = np.asarray(plain.checkpoints.scalars.kl), np.asarray(ema.checkpoints.scalars.kl)
     np.testing.assert_allclose(kl_ema[0], kl_plain[0], rtol=1e-5)
     assert abs(kl_ema[1] - kl_plain[1]) > 1e-3 * kl_plain[1]
