@@ -9,9 +9,8 @@ with weights 1/S. These points depend only on the task. The labelled sample of t
 calibration metrics is the run's own (drawn from its seed, as a user's held-out test set would be).
 The set is built once per run, outside the step loop.
 
-In D > 1 every expectation carries Monte-Carlo error: with the default 2048 points, about 1e-2
-relative on kl and 2e-3 absolute on accuracies; the true calibration error records its standard
-error (``true_ece_se``).
+In D > 1 every expectation carries Monte-Carlo error (about 2e-3 absolute on accuracies with the
+default 2048 points); the true calibration error records its standard error (``true_ece_se``).
 """
 
 from __future__ import annotations
@@ -119,7 +118,7 @@ class EvalSet(NamedTuple):
     log10_density: jax.Array  # (G,) log10 p(x)
     in_hdr: jax.Array         # (G,) bool, inside the densest region holding hdr_mass
     in_dense: jax.Array       # (G,) bool, inside the densest region holding dense_mass
-    in_sparse: jax.Array      # (G,) bool, the sparsest sparse_mass of the hdr region
+    in_sparse: jax.Array      # (G,) bool, the hdr region's least dense sparse_mass
     bins: jax.Array           # (G, NB) float32 one-hot of the log10-density bin
     cal_x: jax.Array          # (S, D) labelled test sample, the run's own (drawn from its seed)
     cal_y: jax.Array          # (S,) int32 its labels

@@ -131,8 +131,12 @@ def _quantile(values: pd.Series, q: float) -> float:
     return math.copysign(math.inf, r) if abs(r) >= _INF_FROM else r
 
 
+FINAL_COLUMNS = frozenset({f"final_{k}" for k in (*FINAL, "accuracy_gap")})
+
+
 def value_columns(summary: pd.DataFrame) -> list[str]:
-    return [c for c in summary.columns if c.startswith((*TIMING_PREFIXES, "final_")) or c == "kl_auc"]
+    """The summaries (not settings: a setting may start with final_, like final_lr_ratio)."""
+    return [c for c in summary.columns if c.startswith(TIMING_PREFIXES) or c in FINAL_COLUMNS or c == "kl_auc"]
 
 
 def aggregate(summary: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:

@@ -146,3 +146,14 @@ def test_bad_plot_arguments_are_clear_errors(tmp_path):
     assert r.returncode == 0 and (tmp_path / "figures" / "density_mu2-2_sigma1-0.5.png").exists(), r.stderr
     r = cli("plot", tmp_path / "nowhere")
     assert r.returncode == 2 and "run or merge a sweep first" in r.stderr
+
+
+def test_settings_named_like_summaries_stay_settings(tmp_path):
+    """final_lr_ratio (a setting) must not be aggregated as a summary, and is a grid axis when swept."""
+    runs, metrics = synthetic_results(tmp_path)
+    runs["final_lr_ratio"] = np.where(runs["run_id"] % 4 < 2, 0.0, 0.1)
+    summary = summaries.summarize(metrics, runs)
+    assert "final_lr_ratio" not in summaries.value_columns(summary)
+    assert "final_lr_ratio" in summaries.swept_columns(runs)
+    agg = summaries.aggregate(summary)
+    assert "final_lr_ratio_q25" not in agg.columns and set(agg["final_lr_ratio"]) == {0.0, 0.1}
