@@ -241,7 +241,7 @@ def estimated_calibration(log_q: jax.Array, y: jax.Array, spec: EvalSpec) -> dic
 
 
 def true_calibration(ev: EvalSet, log_q: jax.Array, spec: EvalSpec) -> dict[str, jax.Array]:
-    """Calibration against the exact posterior, under p(x), with no sampling noise (1-D).
+    """Calibration against the exact posterior, under p(x) (without sampling noise in 1-D).
 
     Top-label: conf = max_c q_c, and P_top = P(argmax q | x) is the true probability that the
     prediction is right. The true calibration curve is m(c) = E[P_top | conf = c], an average over
@@ -291,7 +291,11 @@ def confidence_level(log_q: jax.Array) -> jax.Array:
     calibration curve is solved. It resolves confidences near 1, where most of the mass of a
     well-separated task sits and where m(c) - c changes fastest (e.g. like sqrt(1 - c) for an
     overconfident model)."""
-    return jnp.minimum(-jnp.log(-jnp.expm1(jnp.max(log_q, axis=-1))), LEVEL_CAP)
+    return _level(jnp.max(log_q, axis=-1))
+
+
+def _level(log_conf: jax.Array) -> jax.Array:
+    return jnp.minimum(-jnp.log(-jnp.expm1(log_conf)), LEVEL_CAP)
 
 
 def solve_levels(level: jax.Array, w: jax.Array, levels: int) -> jax.Array:
@@ -334,8 +338,7 @@ def level_set_curve(log_q: jax.Array, p: jax.Array, w: jax.Array, levels: int) -
     switch = pa != pb
     t = jnp.where(switch, da / jnp.where(switch, da - db, 1.0), 0.5)
     lq_mid = (1 - t) * top[:-1] + t * pick(log_q[1:], pa)
-    mid_level = jnp.where(switch, jnp.minimum(-jnp.log(-jnp.expm1(lq_mid)), LEVEL_CAP),
-                          0.5 * (level[:-1] + level[1:]))
+    mid_level = jnp.where(switch, _level(lq_mid), 0.5 * (level[:-1] + level[1:]))
     p_left = (1 - t) * p_top[:-1] + t * pick(p[1:], pa)   # P of class pa at the split
     p_right = (1 - t) * pick(p[:-1], pb) + t * p_top[1:]  # P of class pb at the split
     mass = 0.5 * (w[:-1] + w[1:])

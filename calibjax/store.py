@@ -70,8 +70,9 @@ def _dead_local_writer(tag: str) -> bool:
 
 def in_flight(name: str) -> bool:
     """True for the name of a temporary file of a live calibjax writer on this host (``.tmp-<host>-<pid>-``)."""
-    return name.startswith(".tmp-") and not _dead_local_writer(name[len(".tmp-"):]) \
-        and name.startswith(f".tmp-{HOST}-") and name[len(f".tmp-{HOST}-"):].split("-")[0].isdigit()
+    prefix = f".tmp-{HOST}-"
+    pid = name[len(prefix):].split("-")[0] if name.startswith(prefix) else ""
+    return pid.isdigit() and _pid_alive(int(pid))
 
 
 def _umask() -> int:

@@ -161,7 +161,8 @@ def make_optimizer(name: str, dyn: Dynamic, steps: int) -> optax.GradientTransfo
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 
 
-def draw_batch(static: Static, dyn: Dynamic, data_key, batch_key, step) -> tuple[jax.Array, jax.Array, jax.Array]:
+def draw_batch(static: Static, dyn: Dynamic, data_key, batch_key, step) -> tuple[jax.Array, jax.Array,
+                                                                                jax.Array | None]:
     """The mini-batch for update ``step`` (x, c and importance weights, None unless
     static.importance): examples are regenerated from their index.
 
@@ -309,7 +310,11 @@ def output_shapes(static: Static) -> RunResult:
 def make_dynamic(task: tasks.GaussianTask, lr=1e-3, weight_decay=0.0, momentum=0.0,
                  n_data=ONLINE, seed=0, curve_range=None, lr_schedule="constant", warmup_steps=0,
                  final_lr_ratio=0.0, ema_decay=0.0, proposal_scale=1.0) -> Dynamic:
-    """One run's dynamic settings as numpy scalars; n_data is a count or ONLINE (inf)."""
+    """One run's dynamic settings as numpy scalars; n_data is a count or ONLINE (inf).
+
+    ema_decay and proposal_scale act only in a program compiled with Static(ema=True) and
+    Static(importance=True) respectively (sweep.static_of sets both from these values).
+    """
     n = 0 if n_data == ONLINE else int(n_data)
     if n < 1 and n_data != ONLINE:
         raise ValueError(f"n_data must be a positive count or train.ONLINE, got {n_data!r}")
