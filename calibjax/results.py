@@ -56,16 +56,22 @@ def check_same_numbers(manifest: dict, where: Path, name: str, identity: dict, h
                                f"the two; {hint}")
 
 
+def _foreign(out: Path) -> bool:
+    """out exists with something in it besides the temporary files of live calibjax writers."""
+    return out.exists() and (not out.is_dir() or not all(store.in_flight(p.name) for p in out.iterdir()))
+
+
 def prepare_output(sw: sweep_mod.Sweep, out: Path, identity: dict, overwrite: bool) -> None:
     """Create or reuse the output directory; refuse to mix results of other sweep files or numbers,
     and refuse (even with overwrite) a non-empty directory that calibjax did not write."""
     manifest = store.read_manifest(out)
-    # Another process starting the same directory may be between creating it and renaming its
-    # manifest into place: its temporary file alone does not make the directory foreign.
-    if manifest is None and out.exists() and (not out.is_dir() or not all(store.in_flight(p.name)
-                                                                           for p in out.iterdir())):
-        raise ResultsExist(f"{out}: exists and is not a calibjax results directory (no manifest.json); calibjax "
-                           "writes only into a new or empty directory or its own: choose another --out")
+    if manifest is None and _foreign(out):
+        # Another process starting this directory renames its manifest into place after writing it
+        # to a temporary file: read again, in case it did so since the first look.
+        manifest = store.read_manifest(out)
+        if manifest is None:
+            raise ResultsExist(f"{out}: exists and is not a calibjax results directory (no manifest.json); "
+                               "calibjax writes only into a new or empty directory or its own: choose another --out")
     if manifest is not None and not overwrite:
         check_same_numbers(manifest, out, sw.name, identity,
                            "use --overwrite to replace them or --out to write elsewhere")

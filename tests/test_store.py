@@ -87,3 +87,26 @@ def test_a_directory_another_process_is_starting_is_not_foreign(tmp_path):
     (out / ".tmp-notes").write_text("mine")
     with pytest.raises(results.ResultsExist, match="not a calibjax results directory"):
         results.prepare_output(sw, out, {}, overwrite=False)
+
+
+def test_a_manifest_renamed_into_place_between_two_looks_is_seen(tmp_path, monkeypatch):
+    """The other process renames its manifest after this one found none but before it lists the
+    directory: the directory is the other process's, not foreign."""
+    from calibjax import results, sweep
+
+    from conftest import sweep_doc
+
+    sw = sweep.parse(sweep_doc())
+    out = tmp_path / "out"
+    out.mkdir()
+    identity = results.numbers_identity("cpu", 8)
+    store.write_json(out / "manifest.json", {**results.sweep_manifest(sw), **identity})
+    real, looks = store.read_manifest, []
+
+    def read_manifest(d):  # the first look comes just before the rename
+        looks.append(d)
+        return None if len(looks) == 1 else real(d)
+
+    monkeypatch.setattr(store, "read_manifest", read_manifest)
+    results.prepare_output(sw, out, identity, overwrite=False)
+    assert len(looks) == 2

@@ -21,6 +21,11 @@ def _log_normal(x, mu, s):
 
 def true_calibration(prior, mu, sigma, a: float, b: float) -> dict[str, float]:
     """true_ece, cal_term, grouping_term of q1 = sigmoid(a z + b) on the task (prior, mu, sigma) (2 each)."""
+    with np.errstate(invalid="ignore", divide="ignore"):  # levels without real roots give nan, masked below
+        return _true_calibration(prior, mu, sigma, a, b)
+
+
+def _true_calibration(prior, mu, sigma, a, b):
     (p1, p2), (m1, m2), (s1, s2) = prior, mu, sigma
     lo = min(m1 - 12 * s1, m2 - 12 * s2)
     hi = max(m1 + 12 * s1, m2 + 12 * s2)
