@@ -122,7 +122,8 @@ class EvalSet(NamedTuple):
     bins: jax.Array           # (G, NB) float32 one-hot of the log10-density bin
     cal_x: jax.Array          # (S, D) labelled test sample, the run's own (drawn from its seed)
     cal_y: jax.Array          # (S,) int32 its labels
-    entropy: jax.Array        # () H(C) in nats, from the priors
+    mutual_info: jax.Array    # () I(C; X) = H(C) - H(C | X) in nats: the kl of a classifier that ignores x
+                              # and outputs the priors (computed once per run, not per checkpoint)
 
 
 def eval_points(task: tasks.GaussianTask, spec: EvalSpec) -> tuple[jax.Array, jax.Array]:
@@ -166,8 +167,8 @@ def make_eval_set(task: tasks.GaussianTask, spec: EvalSpec, seed: jax.Array | in
     cal_x, cal_y = tasks.draw(task, calibration_key(jnp.asarray(seed, jnp.uint32)),
                               jnp.arange(spec.calibration_samples, dtype=jnp.uint32))
     prior = jnp.exp(task.log_prior)
-    entropy = -jnp.sum(jnp.where(prior > 0, prior * task.log_prior, 0.0))
-    return EvalSet(x, weight, log_post, log10_density, in_hdr, in_dense, in_sparse, bins, cal_x, cal_y, entropy)
+    mutual_info = -jnp.sum(jnp.where(prior > 0, prior * task.log_prior, 0.0)) - _conditional_entropy(weight, log_post)
+    return EvalSet(x, weight, log_post, log10_density, in_hdr, in_dense, in_sparse, bins, cal_x, cal_y, mutual_info)
 
 
 def pointwise_kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
@@ -178,13 +179,12 @@ def pointwise_kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
 
 def conditional_entropy(ev: EvalSet) -> jax.Array:
     """H(C | X) in nats: the Bayes cross-entropy, the floor of the expected training loss."""
-    p = jnp.exp(ev.log_post)
-    return -jnp.sum(ev.weight * jnp.sum(jnp.where(p > 0, p * ev.log_post, 0.0), axis=-1))
+    return _conditional_entropy(ev.weight, ev.log_post)
 
 
-def mutual_information(ev: EvalSet) -> jax.Array:
-    """I(C; X) = H(C) - H(C | X) in nats: the kl of a classifier that ignores x and outputs the priors."""
-    return ev.entropy - conditional_entropy(ev)
+def _conditional_entropy(weight: jax.Array, log_post: jax.Array) -> jax.Array:
+    p = jnp.exp(log_post)
+    return -jnp.sum(weight * jnp.sum(jnp.where(p > 0, p * log_post, 0.0), axis=-1))
 
 
 def _bin_sums(index: jax.Array, num: int, *values: jax.Array) -> list[jax.Array]:
@@ -411,7 +411,7 @@ def errors(ev: EvalSet, log_q: jax.Array) -> tuple[dict[str, jax.Array], Density
     kl = jnp.sum(ev.weight * kl_i)
     scalars = {
         "kl": kl,
-        "kl_rel": kl / mutual_information(ev),
+        "kl_rel": kl / ev.mutual_info,
         "tv": jnp.sum(ev.weight * 0.5 * jnp.sum(abs_err, axis=-1)),
         "max_err": region_max(ev.in_hdr),
         "err_dense": region_max(ev.in_dense),

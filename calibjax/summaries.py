@@ -113,9 +113,9 @@ def swept_columns(runs: pd.DataFrame) -> list[str]:
 
     Settings fixed by the case are left out: the case name stands for them.
     """
-    cols = []
+    cols, summaries = [], set(value_columns(runs))
     for c in runs.columns:
-        if c in ID_COLUMNS or c == "case" or c in value_columns(runs) or c.startswith("reached_"):
+        if c in ID_COLUMNS or c == "case" or c in summaries or c.startswith("reached_"):
             continue
         if runs.groupby("case")[c].nunique(dropna=False).max() > 1:
             cols.append(c)

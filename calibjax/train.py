@@ -259,7 +259,7 @@ def _train_run(static: Static, dyn: Dynamic) -> RunResult:
     if curve_x is not None:
         true_prob = jnp.exp(jax.vmap(tasks.log_posterior, (None, 0))(dyn.task, curve_x))
         curves = Curves(curve_x, true_prob, curve_model)
-    return RunResult(evaluations, metrics.conditional_entropy(ev), metrics.mutual_information(ev), curves)
+    return RunResult(evaluations, metrics.conditional_entropy(ev), ev.mutual_info, curves)
 
 
 @functools.partial(jax.jit, static_argnums=0)
