@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,10 @@ class EvalSpec:
     calibration_samples: int = 5000    # labelled test sample (per run) for the estimated calibration metrics
     calibration_bins: int = 15         # equal-width / equal-mass bins of ECE and the reliability table
     true_levels: int = 256             # 1-D: levels of -log(1 - conf) where the true calibration curve is solved
+    # The calibration-estimator benchmark (calibjax.estimators), off unless sizes are given:
+    estimator_sizes: tuple[int, ...] = ()  # labelled-sample sizes each estimator is computed at
+    estimator_draws: int = 16              # independent samples of each size, per run and checkpoint
+    estimator_bootstrap: int = 200         # bootstrap replicates of the interval estimators (0: no intervals)
 
     @property
     def num_bins(self) -> int:
@@ -104,6 +108,7 @@ class Evaluation(NamedTuple):
     scalars: Scalars
     density: DensityBins
     reliability: ReliabilityBins
+    estimators: Any = None  # calibjax.estimators.Estimates when eval.estimator_sizes is set
 
 
 def _pick(record: type, values: dict[str, jax.Array]):
@@ -342,11 +347,29 @@ def level_set_curve(log_q: jax.Array, p: jax.Array, w: jax.Array, levels: int) -
     p_left = (1 - t) * p_top[:-1] + t * pick(p[1:], pa)   # P of class pa at the split
     p_right = (1 - t) * pick(p[:-1], pb) + t * p_top[1:]  # P of class pb at the split
     mass = 0.5 * (w[:-1] + w[1:])
-    start = jnp.concatenate([level[:-1], mid_level])
-    end = jnp.concatenate([mid_level, level[1:]])
-    p_start = jnp.concatenate([p_top[:-1], p_right])
-    p_end = jnp.concatenate([p_left, p_top[1:]])
-    half_mass = jnp.concatenate([t * mass, (1 - t) * mass])
+    u, m = _curve_at_levels(jnp.concatenate([level[:-1], mid_level]), jnp.concatenate([mid_level, level[1:]]),
+                            jnp.concatenate([p_top[:-1], p_right]), jnp.concatenate([p_left, p_top[1:]]),
+                            jnp.concatenate([t * mass, (1 - t) * mass]), solve_levels(level, w, levels))
+    return jnp.interp(level, u, m + jnp.expm1(-u))  # m - conf, conf = 1 - exp(-u)
+
+
+def score_curve(log_s: jax.Array, p: jax.Array, w: jax.Array, levels: int) -> jax.Array:
+    """m(s_i) - s_i for one class's score s = q_c on a 1-D grid (G,), m(s) = E[P_c | q_c = s]: the
+    class-wise calibration curve, from the level sets of q_c as in ``level_set_curve`` (levels in
+    logit q_c, computed from log q_c; no split, as a single class's score has no prediction to flip)."""
+    level = jnp.clip(log_s - jnp.log(-jnp.expm1(jnp.minimum(log_s, -1e-30))), -LEVEL_CAP, LEVEL_CAP)
+    mid, p_mid = 0.5 * (level[:-1] + level[1:]), 0.5 * (p[:-1] + p[1:])
+    half = 0.25 * (w[:-1] + w[1:])
+    u, m = _curve_at_levels(jnp.concatenate([level[:-1], mid]), jnp.concatenate([mid, level[1:]]),
+                            jnp.concatenate([p[:-1], p_mid]), jnp.concatenate([p_mid, p[1:]]),
+                            jnp.concatenate([half, half]), solve_levels(level, w, levels))
+    return jnp.interp(level, u, m - jax.nn.sigmoid(u))
+
+
+def _curve_at_levels(start, end, p_start, p_end, half_mass, u) -> tuple[jax.Array, jax.Array]:
+    """(u, m(u)): the mean of the target over the level set {level = u} at each of the sorted levels
+    u, from pieces ("halves") on which the level runs linearly from ``start`` to ``end`` and the
+    target from ``p_start`` to ``p_end``, each carrying ``half_mass`` (see ``level_set_curve``)."""
     span = end - start
     flat = jnp.abs(span) <= FLAT
     # A flat half is widened to +-FLAT around its level, so it counts at that level alone.
@@ -360,15 +383,13 @@ def level_set_curve(log_q: jax.Array, p: jax.Array, w: jax.Array, levels: int) -
     sloped = jnp.abs(span) > STEEP
     slope = jnp.where(sloped, (p_end - p_start) / jnp.where(sloped, span, 1.0), 0.0)
     q0 = 0.5 * (p_start + p_end) - 0.5 * (start + end) * slope
-    u = solve_levels(level, w, levels)
     columns = (density * q0, density * slope, density)
     uu = u[:, None]
     # A level at a half's end counts half: the neighbouring half counts the other half.
     inside = 0.5 * ((uu >= lo[None, :]).astype(jnp.float32) + (uu > lo[None, :]) - (uu >= hi[None, :])
                     - (uu > hi[None, :]))
     weighted = [jnp.sum(inside * c[None, :], axis=1) for c in columns]
-    m = (weighted[0] + u * weighted[1]) / jnp.maximum(weighted[2], 1e-30)
-    return jnp.interp(level, u, m + jnp.expm1(-u))  # m - conf, conf = 1 - exp(-u)
+    return u, (weighted[0] + u * weighted[1]) / jnp.maximum(weighted[2], 1e-30)
 
 
 def sample_curve(conf: jax.Array, p_top: jax.Array) -> tuple[jax.Array, jax.Array]:

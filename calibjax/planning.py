@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import jax
 import pandas as pd
 
+from calibjax import estimators, tables, train
 from calibjax import sweep as sweep_mod
-from calibjax import tables, train
 
 # Runs vmapped together per device (the vectorisation width). CPU: 8, since chunks are padded to
 # whole batches on every device, a narrow width wastes least on small sweeps, and at scale the width
@@ -55,6 +55,15 @@ EFFICIENCY = {"cpu": 0.35, "gpu": 0.05}
 COMPILE_S = 10.0  # typical compile time of one group here (CPU); plan adds it per group
 
 
+def _estimator_working(static: train.Static, units: int) -> int:
+    """Words the estimator benchmark holds per run (0 when off): one draw's sample, its model outputs
+    and sorted copies, and the forward pass of one block."""
+    n = max(static.eval.estimator_sizes, default=0)
+    if not n:
+        return 0
+    return n * (static.dim + 3 * static.num_classes + 16) + 2 * min(estimators.FORWARD_BLOCK, n) * units
+
+
 @functools.lru_cache(maxsize=256)
 def memory_per_run(static: train.Static) -> tuple[int, int]:
     """Estimated bytes per run: (working set while it trains, results held until the chunk ends).
@@ -71,7 +80,8 @@ def memory_per_run(static: train.Static) -> tuple[int, int]:
     s, p = static.eval.calibration_samples, static.curve_points ** static.dim
     working = F32 * (4 * n_params + 3 * static.batch_size * units
                      + (g + s) * (static.dim + 2 * m + nb + 5) + 2 * (g + s) * units + p * (units + m)
-                     + 2 * g * static.eval.true_levels)
+                     + 2 * g * static.eval.true_levels
+                     + _estimator_working(static, units))
     table_bytes = sum(rows * cols * F64 for rows, cols in tables.row_counts(static).values())
     return working, tables.output_bytes(static) + table_bytes
 

@@ -178,6 +178,8 @@ def standard_figures(out: str | Path) -> list[Path]:
         for case in runs.loc[runs["run_id"].isin(t["curves"]["run_id"].unique()), "case"].unique():
             draw = posterior_curves if dims[case] == 1 else posterior_map
             figs.append(draw(t["curves"], runs, case, plot_steps.get(case, spread), fig_dir / f"posterior_{case}.png"))
+    if "estimator_benchmark" in t:
+        figs.append(estimator_benchmark(t["estimator_benchmark"], fig_dir / "estimator_benchmark.png"))
     if "summary_by_setting" in t:
         agg = t["summary_by_setting"]
         axes = [c for c in axes if c in agg.columns and agg[c].nunique() > 1]
@@ -400,4 +402,41 @@ def summary_lines(agg: pd.DataFrame, x: str, value: str, path: Path, hue: str = 
     ax.set(yscale="log", xlabel=x, ylabel=value + " (median, IQR over seeds)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- the estimator benchmark
+
+ESTIMATOR_STYLE = {"ece_width": ("C0", "o"), "ece_mass": ("C1", "s"), "ece_sweep": ("C2", "^"),
+                   "ece_l2_debiased": ("C3", "v"), "smece": ("C4", "D"), "ece_classwise": ("C5", "x")}
+
+
+def estimator_benchmark(bench: pd.DataFrame, path: Path, steps=None) -> Path:
+    """Relative bias (top) and relative RMSE (bottom) of each calibration estimator against the exact
+    target, over labelled-sample size; one column per checkpoint (training stage). Every run and
+    independent sample of the sweep at that checkpoint is pooled (``summaries.estimator_benchmark``)."""
+    all_steps = sorted(bench["step"].unique())
+    steps = list(steps) if steps is not None else (
+        all_steps if len(all_steps) <= 4 else [all_steps[0], all_steps[len(all_steps) // 3],
+                                                all_steps[2 * len(all_steps) // 3], all_steps[-1]])
+    fig = Figure(figsize=(3.3 * len(steps) + 1.6, 6.2))
+    axes = fig.subplots(2, len(steps), squeeze=False, sharex=True, sharey="row")
+    for j, step in enumerate(steps):
+        at = bench[bench["step"] == step]
+        for name, d in at.groupby("estimator", sort=False):
+            d = d.sort_values("n")
+            color, marker = ESTIMATOR_STYLE.get(name, ("k", "."))
+            axes[0, j].plot(d["n"], d["rel_bias"], color=color, marker=marker, ms=4, label=name)
+            axes[1, j].plot(d["n"], d["rel_rmse"], color=color, marker=marker, ms=4, label=name)
+        axes[0, j].set_title(f"step {step}: exact target {at['target'].median():.2g} (median)", fontsize=9)
+        axes[0, j].axhline(0.0, color="k", lw=0.6)
+        axes[1, j].set_xlabel("labelled examples n")
+    for ax in axes.ravel():
+        ax.set_xscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0, 0].set_yscale("symlog", linthresh=0.1)
+    axes[1, 0].set_yscale("log")
+    axes[0, 0].set_ylabel("bias / exact value\n(mean over runs and samples)")
+    axes[1, 0].set_ylabel("RMSE / exact value")
+    axes[1, -1].legend(fontsize=7, loc="upper right")
     return _save(fig, path)

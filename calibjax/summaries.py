@@ -157,8 +157,42 @@ def aggregate(summary: pd.DataFrame, by: list[str] | None = None) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
+BENCHMARK_KEYS = ("estimator", "n", "step")
+
+
+def estimator_benchmark(estimates: pd.DataFrame, runs: pd.DataFrame | None = None,
+                        by: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The calibration-estimator benchmark: per estimator x sample size x checkpoint (and ``by``,
+    run columns such as ``case``), over every run and independent sample there:
+
+    - ``target``: mean exact value estimated; ``bias``: mean of estimate - target; ``sd``: the
+      estimate's spread for a fixed model (root mean over runs of the variance over draws);
+      ``rmse``: root mean square of estimate - target;
+    - ``rel_bias``, ``rel_rmse``: the same relative to each run's target (mean of (estimate -
+      target) / target; its root mean square);
+    - ``coverage``: share of intervals [lo, hi] holding the target (nominal 0.9; nan without
+      intervals), ``width``: their mean width; ``samples``: estimates pooled (diverged runs left out).
+    """
+    df = estimates[np.isfinite(estimates["value"]) & np.isfinite(estimates["target"])]
+    if by:
+        df = df.merge(runs[["run_id", *by]], on="run_id")
+    keys = [*BENCHMARK_KEYS, *by]
+    err = df["value"] - df["target"]
+    df = df.assign(err=err, sq=err ** 2, rel=err / df["target"], rel_sq=(err / df["target"]) ** 2,
+                   covered=((df["lo"] <= df["target"]) & (df["target"] <= df["hi"])).where(df["lo"].notna()),
+                   width=df["hi"] - df["lo"])
+    spread = df.groupby([*keys, "run_id"], sort=True)["value"].var(ddof=1).groupby(keys).mean()
+    g = df.groupby(keys, sort=True)
+    out = pd.DataFrame({"target": g["target"].mean(), "bias": g["err"].mean(), "sd": np.sqrt(spread),
+                        "rmse": np.sqrt(g["sq"].mean()), "rel_bias": g["rel"].mean(),
+                        "rel_rmse": np.sqrt(g["rel_sq"].mean()), "coverage": g["covered"].mean(),
+                        "width": g["width"].mean(), "samples": g.size()})
+    return out.reset_index()
+
+
 def write_summaries(out: str | Path, eps=DEFAULT_EPS, rel_eps=DEFAULT_REL_EPS) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """summary.parquet (per run) and summary_by_setting.parquet (over seeds) in a results directory."""
+    """summary.parquet (per run) and summary_by_setting.parquet (over seeds) in a results directory;
+    estimator_benchmark.parquet too where the sweep ran the estimator benchmark."""
     out = Path(out)
     t = store.load_results(out)
     if "metrics" not in t:
@@ -167,4 +201,6 @@ def write_summaries(out: str | Path, eps=DEFAULT_EPS, rel_eps=DEFAULT_REL_EPS) -
     agg = aggregate(summary)
     store.write_parquet(out / "summary.parquet", summary)
     store.write_parquet(out / "summary_by_setting.parquet", agg)
+    if "estimators" in t:
+        store.write_parquet(out / "estimator_benchmark.parquet", estimator_benchmark(t["estimators"]))
     return summary, agg

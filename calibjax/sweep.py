@@ -58,6 +58,7 @@ class Setting:
     kind: str      # which validator checks a value (VALIDATORS)
 
 
+MAX_SAMPLE = 1_000_000  # largest labelled sample of the estimator benchmark (its memory grows with it)
 MAX_RUNS = 10_000_000  # a sweep with more runs is refused before it is expanded (--max-runs raises it)
 REQUIRED = object()
 SETTINGS: dict[str, Setting] = {name: Setting(*spec) for name, spec in {
@@ -92,6 +93,9 @@ SETTINGS: dict[str, Setting] = {name: Setting(*spec) for name, spec in {
     "calibration_samples": ("eval", _eval("calibration_samples"), "pos_int"),
     "calibration_bins": ("eval", _eval("calibration_bins"), "pos_int"),
     "true_levels": ("eval", _eval("true_levels"), "levels"),
+    "estimator_sizes": ("eval", list(_eval("estimator_sizes")), "sizes"),
+    "estimator_draws": ("eval", _eval("estimator_draws"), "pos_int"),
+    "estimator_bootstrap": ("eval", _eval("estimator_bootstrap"), "nonneg_int"),
     "curves": ("eval", False, "bool"),
     "curve_points": ("eval", 201, "pos_int"),      # per axis, when curves = true
     "curve_range": ("eval", None, "range"),        # None: every component's mean +- 4 sigma
@@ -232,6 +236,14 @@ def _proposal_scale(v):
 def _levels(v):
     _expect(_is_int(v, 4), "expected an integer >= 4")
     return int(v)
+
+
+@validator("sizes")
+def _sizes(v):
+    _expect(isinstance(v, list) and all(_is_int(n, 2) and n <= MAX_SAMPLE for n in v)
+            and _increasing(v),
+            f"expected a list of increasing sample sizes, each from 2 to {MAX_SAMPLE:,}")
+    return [int(n) for n in v]
 
 
 @validator("pos_int")
@@ -711,7 +723,9 @@ def static_of(run: Run) -> train.Static:
         eval=metrics.EvalSpec(points=s["points"], hdr_mass=s["hdr_mass"],
                               density_edges=tuple(s["density_edges"]), dense_mass=s["dense_mass"],
                               sparse_mass=s["sparse_mass"], calibration_samples=s["calibration_samples"],
-                              calibration_bins=s["calibration_bins"], true_levels=s["true_levels"]),
+                              calibration_bins=s["calibration_bins"], true_levels=s["true_levels"],
+                              estimator_sizes=tuple(s["estimator_sizes"]), estimator_draws=s["estimator_draws"],
+                              estimator_bootstrap=s["estimator_bootstrap"]),
         curve_points=s["curve_points"] if s["curves"] else 0,
         ema=s["ema_decay"] > 0, importance=s["proposal_scale"] != 1.0)
 

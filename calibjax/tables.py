@@ -13,6 +13,8 @@ metrics        run x checkpoint                             metrics.Scalars
 density        run x checkpoint x log10-density bin         metrics.DensityBins
 calibration    run x checkpoint x confidence bin            metrics.ReliabilityBins
 curves         run x checkpoint x point x class (optional)  model_prob, true_prob (train.Curves)
+estimators     run x checkpoint x estimator x n x draw      value, lo, hi, target (estimators.Estimates)
+               (optional: eval.estimator_sizes)
 =============  ===========================================  ==============================================
 """
 
@@ -25,7 +27,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from calibjax import metrics, train
+from calibjax import estimators, metrics, train
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ TABLES = {t.name: t for t in (
               "run x checkpoint x confidence bin"),
     TableSpec("curves", ("run_id", "step", "class", "x"), ("model_prob", "true_prob"),
               "run x checkpoint x curve point x class"),
+    TableSpec("estimators", ("run_id", "step", "estimator", "n", "draw"), estimators.Estimates._fields,
+              "run x checkpoint x calibration estimator x sample size x independent sample"),
 )}
 CHUNK_TABLES = ("status", "metrics", "density", "calibration")  # every chunk has these; curves if asked
 
@@ -113,6 +117,15 @@ def chunk_tables(static: train.Static, run_ids, result: train.RunResult) -> dict
             "class": np.arange(1, m + 1)[None, None, None, :],
             "model_prob": np.where(dead[:, :, None, None], np.nan, np.asarray(cv.model_prob, np.float64)),
             "true_prob": np.asarray(cv.true_prob, np.float64)[:, None]})
+    if ev.estimators is not None:
+        est, spec = _f64(ev.estimators, dead), static.eval
+        z, d, e = len(spec.estimator_sizes), spec.estimator_draws, len(estimators.ESTIMATORS)
+        tables["estimators"] = _long((r, c, z, d, e), {
+            "run_id": ids[:, None, None, None, None], "step": steps[None, :, None, None, None],
+            "estimator": np.asarray(estimators.ESTIMATORS)[None, None, None, None, :],
+            "n": np.asarray(spec.estimator_sizes, np.int64)[None, None, :, None, None],
+            "draw": np.arange(d)[None, None, None, :, None],
+            **{k: est[k] for k in ("value", "lo", "hi")}, "target": est["target"][:, :, None, None, :]})
     return tables
 
 
@@ -127,6 +140,8 @@ def row_counts(static: train.Static) -> dict[str, tuple[int, int]]:
               "calibration": (math.prod(ev.reliability.est_count.shape), 4 + len(ev.reliability))}
     if shapes.curves is not None:
         counts["curves"] = (math.prod(shapes.curves.model_prob.shape), 4 + static.dim + 1)
+    if ev.estimators is not None:
+        counts["estimators"] = (math.prod(ev.estimators.value.shape), len(TABLES["estimators"].keys) + 4)
     return counts
 
 

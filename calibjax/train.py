@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from calibjax import metrics, rng, tasks
+from calibjax import estimators, metrics, rng, tasks
 from calibjax.model import MLP
 
 # Bumped whenever a change alters the numbers a run gives (data streams, initialisation, metrics),
@@ -79,7 +79,8 @@ class Static:
     @property
     def flops_per_run(self) -> float:
         """Training plus the forward passes of every checkpoint's evaluation."""
-        points = self.eval.points + self.eval.calibration_samples + self.curve_points ** self.dim
+        points = (self.eval.points + self.eval.calibration_samples + self.curve_points ** self.dim
+                  + self.eval.estimator_draws * max(self.eval.estimator_sizes, default=0))
         return self.steps * self.flops_per_step + len(self.checkpoints) * 2.0 * self.macs_per_example * points
 
 
@@ -248,6 +249,11 @@ def _train_run(static: Static, dyn: Dynamic) -> RunResult:
         log_q_cal = jax.nn.log_softmax(model.apply(params, ev.cal_x))
         loss = jnp.where(length > 0, state.loss_sum / jnp.maximum(length, 1), jnp.nan)
         evaluation = metrics.evaluate(ev, log_q, log_q_cal, static.eval, loss)
+        if static.eval.estimator_sizes:
+            target = estimators.targets(ev, log_q, evaluation.scalars, static.eval.true_levels)
+            forward = lambda x: jax.nn.log_softmax(model.apply(params, x))  # noqa: E731
+            evaluation = evaluation._replace(
+                estimators=estimators.benchmark(dyn.task, dyn.seed, forward, target, static.eval))
         curve = jax.nn.softmax(model.apply(params, curve_x)) if curve_x is not None else None
         return state._replace(loss_sum=jnp.zeros_like(state.loss_sum)), (evaluation, curve)
 

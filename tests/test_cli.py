@@ -237,7 +237,9 @@ def test_three_processes_on_one_directory_cooperate(tmp_path):
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
     outputs = [p.communicate(timeout=600) for p in procs]
     wall = time.perf_counter() - t0
-    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    failed = "\n".join(f"process {i} exited {p.returncode}\nstdout: {o}\nstderr: {e[-4000:]}"
+                       for i, (p, (o, e)) in enumerate(zip(procs, outputs, strict=True)) if p.returncode)
+    assert not failed, failed  # the whole stderr of each failing process (a rare failure was cut off before)
     trained = [int(o.split(" runs trained")[0].rsplit(" ", 1)[-1]) for o, _ in outputs]
     assert sum(trained) == 16, trained  # 8 chunks of 2 runs, each trained by exactly one process
     assert not list(out.rglob(".tmp-*")) and not list(out.rglob(".lock-*"))
