@@ -110,6 +110,7 @@ def test_every_validator_accepts_good_values_and_rejects_bad_ones_with_its_messa
         "range": ([0, 1], [0.0, 1.0], [1, 0]), "priors": ([0.25, 0.75], [0.25, 0.75], [0.5, 0.6]),
         "class_weights": ([1, [1, 3]], None, [1, [-1, 3]]), "class_array": ([0, [1, 2]], None, [0]),
         "sigmas": ([1, 2], None, [1, -2]), "means": ([0, [1, 2]], None, [0, 1e300]),
+        "sizes": ([100, 1000.0], [100, 1000], [1000, 100]),
     }
     assert set(cases) == set(sweep.VALIDATORS), "every registered kind is tested"
     for kind, (good, normal, bad) in cases.items():
@@ -158,7 +159,7 @@ def _bad_inputs():
 
     for key, section in (("steps", "train"), ("batch_size", "train"), ("n_data", "train"), ("points", "eval"),
                          ("calibration_samples", "eval"), ("calibration_bins", "eval"), ("curve_points", "eval"),
-                         ("width", "model")):
+                         ("estimator_draws", "eval"), ("width", "model")):
         for v in (nan, inf, -inf, 0, -1, 2.5, "x", True, [1]):
             case(f"{key}={v!r}", [f"[{section}] {key}", "expected"], **{section: {key: v}})
     for v in (nan, inf, -1, 1.5, "x"):
@@ -175,7 +176,9 @@ def _bad_inputs():
                                ("checkpoints", "train", ([], [0, nan], [10, 5], [10], [0], [10, 40])),
                                ("density_edges", "eval", ([nan], [1.0, 0.0], [], [-inf, 0.0])),
                                ("curve_range", "eval", ([0.0, inf], [nan, 1.0], [1.0, 0.0], [0.0])),
-                               ("plot_steps", "eval", ([15], [nan]))):
+                               ("plot_steps", "eval", ([15], [nan])),
+                               ("estimator_sizes", "eval", ([1000, 100], [1, 10], [100, 2_000_000], [100, 100.5],
+                                                            [100, 100], "x"))):
         for v in bads:
             case(f"{key}={v!r}", [f"{key}"], **{section: {key: v}})
     for v in ([0.0, nan], [0.0, inf], [0.0, 1e300], [0.0, "x"], [0.0]):
