@@ -412,9 +412,10 @@ ESTIMATOR_STYLE = {"ece_width": ("C0", "o"), "ece_mass": ("C1", "s"), "ece_sweep
 
 
 def estimator_benchmark(bench: pd.DataFrame, path: Path, steps=None) -> Path:
-    """Relative bias (top) and relative RMSE (bottom) of each calibration estimator against the exact
-    target, over labelled-sample size; one column per checkpoint (training stage). Every run and
-    independent sample of the sweep at that checkpoint is pooled (``summaries.estimator_benchmark``)."""
+    """Bias (top) and RMSE (bottom) of each calibration estimator against its exact target, over
+    labelled-sample size; one column per checkpoint (training stage), up to four. Every run and
+    independent sample of the sweep at that checkpoint is pooled (``summaries.estimator_benchmark``);
+    the dashed line is the median true ECE there: an RMSE above it is larger than what it measures."""
     all_steps = sorted(bench["step"].unique())
     steps = list(steps) if steps is not None else (
         all_steps if len(all_steps) <= 4 else [all_steps[0], all_steps[len(all_steps) // 3],
@@ -426,17 +427,19 @@ def estimator_benchmark(bench: pd.DataFrame, path: Path, steps=None) -> Path:
         for name, d in at.groupby("estimator", sort=False):
             d = d.sort_values("n")
             color, marker = ESTIMATOR_STYLE.get(name, ("k", "."))
-            axes[0, j].plot(d["n"], d["rel_bias"], color=color, marker=marker, ms=4, label=name)
-            axes[1, j].plot(d["n"], d["rel_rmse"], color=color, marker=marker, ms=4, label=name)
-        axes[0, j].set_title(f"step {step}: exact target {at['target'].median():.2g} (median)", fontsize=9)
+            axes[0, j].plot(d["n"], d["bias"], color=color, marker=marker, ms=4, label=name)
+            axes[1, j].plot(d["n"], d["rmse"], color=color, marker=marker, ms=4, label=name)
+        truth = at.loc[at["estimator"].isin(["ece_width", "ece_mass", "ece_sweep"]), "target"].median()
+        axes[0, j].set_title(f"step {step}: true ECE {truth:.2g}", fontsize=9)
         axes[0, j].axhline(0.0, color="k", lw=0.6)
+        axes[1, j].axhline(truth, color="k", lw=0.8, ls="--")
         axes[1, j].set_xlabel("labelled examples n")
     for ax in axes.ravel():
         ax.set_xscale("log")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0, 0].set_yscale("symlog", linthresh=0.1)
+    axes[0, 0].set_yscale("symlog", linthresh=1e-3)
     axes[1, 0].set_yscale("log")
-    axes[0, 0].set_ylabel("bias / exact value\n(mean over runs and samples)")
-    axes[1, 0].set_ylabel("RMSE / exact value")
+    axes[0, 0].set_ylabel("bias: mean(estimate - exact)\n(over runs and samples)")
+    axes[1, 0].set_ylabel("RMSE (dashed: true ECE)")
     axes[1, -1].legend(fontsize=7, loc="upper right")
     return _save(fig, path)
