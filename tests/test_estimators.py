@@ -12,6 +12,7 @@ import pytest
 from scipy import integrate
 
 from calibjax import cli, engine, estimators, metrics, planning, store, summaries, sweep, tasks
+from calibjax import tables as tables_mod
 
 from conftest import example, sweep_doc, to_toml
 
@@ -252,6 +253,8 @@ def test_a_sweep_benchmarks_the_estimators_with_the_same_bits_under_any_layout(t
         assert a[name].equals(b[name]), name
     est, m, runs = a["estimators"], a["metrics"], a["runs"]
     assert len(est) == 6 * 2 * len(estimators.ESTIMATORS) * 2 * 3
+    static = sweep.static_of(sw.runs[0])
+    assert tables_mod.row_counts(static)["estimators"] == (len(est) // 6, len(est.columns))  # the memory model's
     assert list(est.columns) == ["run_id", "step", "estimator", "n", "draw", "value", "lo", "hi", "target"]
     wild = runs.loc[runs["case"] == "wild", "run_id"]
     dead = est["run_id"].isin(wild) & (est["step"] == 1000)
