@@ -47,6 +47,7 @@ class EvalSpec:
     estimator_sizes: tuple[int, ...] = ()  # labelled-sample sizes each estimator is computed at
     estimator_draws: int = 16              # independent samples of each size, per run and checkpoint
     estimator_bootstrap: int = 200         # bootstrap replicates of the interval estimators (0: no intervals)
+    temperature_scaling: bool = False      # also measure each checkpoint after post-hoc temperature scaling
 
     @property
     def num_bins(self) -> int:
@@ -63,6 +64,10 @@ class Scalars(NamedTuple):
 
     kl: jax.Array              # E_x KL(P(C|x) || q(C|x)), nats
     kl_rel: jax.Array          # kl / I(C;X): the share of the learnable information still missing
+    kl_optimum: jax.Array      # E_x KL(P || q*), q* the training loss's population optimum: the kl a
+                               # perfectly trained network would keep (0 for proper losses; calibjax.losses)
+    kl_to_optimum: jax.Array   # E_x KL(q* || q): how far the network is from its own loss's optimum
+    err_to_optimum: jax.Array  # max_x max_c |q* - q| over the hdr region
     tv: jax.Array              # E_x total variation
     max_err: jax.Array         # max_x max_c |P - q| over the hdr region
     accuracy: jax.Array        # E_x P(argmax q | x) (quadrature in 1-D, Monte Carlo in D > 1)
@@ -109,6 +114,21 @@ class Evaluation(NamedTuple):
     density: DensityBins
     reliability: ReliabilityBins
     estimators: Any = None  # calibjax.estimators.Estimates when eval.estimator_sizes is set
+    recalibrated: Any = None  # Recalibrated when eval.temperature_scaling is set
+
+
+class Recalibrated(NamedTuple):
+    """One run at one checkpoint after post-hoc temperature scaling (q_T = softmax(log q / T), T
+    fitted by NLL on the run's labelled sample): a row of recalibrated.parquet."""
+
+    temperature: jax.Array    # the fitted T (> 1: the network was overconfident)
+    kl: jax.Array             # the metrics of Scalars, of q_T
+    max_err: jax.Array
+    err_dense: jax.Array
+    err_sparse: jax.Array
+    true_ece: jax.Array
+    cal_term: jax.Array
+    grouping_term: jax.Array
 
 
 def _pick(record: type, values: dict[str, jax.Array]):
@@ -129,6 +149,7 @@ class EvalSet(NamedTuple):
     cal_y: jax.Array          # (S,) int32 its labels
     mutual_info: jax.Array    # () I(C; X) = H(C) - H(C | X) in nats: the kl of a classifier that ignores x
                               # and outputs the priors (computed once per run, not per checkpoint)
+    log_opt: jax.Array        # (G, M) log q*: the training loss's population optimum (log_post for proper losses)
 
 
 def eval_points(task: tasks.GaussianTask, spec: EvalSpec) -> tuple[jax.Array, jax.Array]:
@@ -154,8 +175,9 @@ def calibration_key(seed: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), CALIBRATION_STREAM)
 
 
-def make_eval_set(task: tasks.GaussianTask, spec: EvalSpec, seed: jax.Array | int = 0) -> EvalSet:
-    """The evaluation set of a run of ``task`` with this seed (only the labelled sample depends on it)."""
+def make_eval_set(task: tasks.GaussianTask, spec: EvalSpec, seed: jax.Array | int = 0, optimum=None) -> EvalSet:
+    """The evaluation set of a run of ``task`` with this seed (only the labelled sample depends on it);
+    ``optimum`` maps log P to the training loss's population optimum log q* (default: P itself)."""
     x, w = eval_points(task, spec)
     weight = w / jnp.sum(w)
     log_post = jax.vmap(tasks.log_posterior, (None, 0))(task, x)
@@ -173,7 +195,9 @@ def make_eval_set(task: tasks.GaussianTask, spec: EvalSpec, seed: jax.Array | in
                               jnp.arange(spec.calibration_samples, dtype=jnp.uint32))
     prior = jnp.exp(task.log_prior)
     mutual_info = -jnp.sum(jnp.where(prior > 0, prior * task.log_prior, 0.0)) - _conditional_entropy(weight, log_post)
-    return EvalSet(x, weight, log_post, log10_density, in_hdr, in_dense, in_sparse, bins, cal_x, cal_y, mutual_info)
+    log_opt = optimum(log_post) if optimum is not None else log_post
+    return EvalSet(x, weight, log_post, log10_density, in_hdr, in_dense, in_sparse, bins, cal_x, cal_y, mutual_info,
+                   log_opt)
 
 
 def pointwise_kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
@@ -416,8 +440,8 @@ def sample_curve(conf: jax.Array, p_top: jax.Array) -> tuple[jax.Array, jax.Arra
 def errors(ev: EvalSet, log_q: jax.Array) -> tuple[dict[str, jax.Array], DensityBins]:
     """Errors of a model's log q(c | x_i) (G, M) against the exact posterior.
 
-    Scalars by name: kl, kl_rel, tv, max_err (over the hdr region), err_dense, err_sparse,
-    accuracy, bayes_accuracy; and kl and max_err per log10-density bin.
+    Scalars by name: kl, kl_rel, kl_optimum, kl_to_optimum, err_to_optimum, tv, max_err (over the hdr
+    region), err_dense, err_sparse, accuracy, bayes_accuracy; and kl and max_err per log10-density bin.
     """
     p = jnp.exp(ev.log_post)
     q = jnp.exp(log_q)
@@ -433,6 +457,9 @@ def errors(ev: EvalSet, log_q: jax.Array) -> tuple[dict[str, jax.Array], Density
     scalars = {
         "kl": kl,
         "kl_rel": kl / ev.mutual_info,
+        "kl_optimum": jnp.sum(ev.weight * pointwise_kl(ev.log_post, ev.log_opt)),
+        "kl_to_optimum": jnp.sum(ev.weight * pointwise_kl(ev.log_opt, log_q)),
+        "err_to_optimum": jnp.max(jnp.where(ev.in_hdr, jnp.max(jnp.abs(jnp.exp(ev.log_opt) - q), axis=-1), 0.0)),
         "tv": jnp.sum(ev.weight * 0.5 * jnp.sum(abs_err, axis=-1)),
         "max_err": region_max(ev.in_hdr),
         "err_dense": region_max(ev.in_dense),
@@ -461,3 +488,34 @@ def evaluate(ev: EvalSet, log_q: jax.Array, log_q_cal: jax.Array, spec: EvalSpec
     values = (scalars | estimated_calibration(log_q_cal, ev.cal_y, spec) | true_calibration(ev, log_q, spec)
               | {"loss": jnp.asarray(loss, jnp.float32)})
     return Evaluation(_pick(Scalars, values), density, _pick(ReliabilityBins, values))
+
+
+def fit_temperature(log_q: jax.Array, y: jax.Array, iterations: int = 40) -> jax.Array:
+    """T minimising the NLL of softmax(log q / T) on a labelled sample (S, M), (S,).
+
+    The NLL is convex in b = 1/T (a log-sum-exp of a linear function of b minus a linear one), so its
+    derivative mean(E_{q_b}[log q] - log q_y) is increasing in b: its zero is found by bisection on
+    log b in [-7, 7] (T from 1e-3 to 1e3; the bounds where it has none, e.g. a sample the model
+    separates perfectly)."""
+    z_y = jnp.take_along_axis(log_q, y[:, None], axis=-1)[:, 0]
+
+    def slope(log_b):
+        q = jax.nn.softmax(jnp.exp(log_b) * log_q)
+        return jnp.mean(jnp.sum(q * log_q, axis=-1) - z_y)
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        below = slope(mid) < 0
+        return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, iterations, step, (jnp.float32(-7.0), jnp.float32(7.0)))
+    return jnp.exp(-0.5 * (lo + hi))
+
+
+def recalibrate(ev: EvalSet, log_q: jax.Array, log_q_cal: jax.Array, spec: EvalSpec) -> Recalibrated:
+    """The checkpoint's errors after temperature scaling fitted on the run's labelled sample."""
+    t = fit_temperature(log_q_cal, ev.cal_y)
+    scaled = jax.nn.log_softmax(log_q / t)
+    scalars, _ = errors(ev, scaled)
+    return _pick(Recalibrated, scalars | true_calibration(ev, scaled, spec) | {"temperature": t})

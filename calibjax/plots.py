@@ -190,7 +190,9 @@ def standard_figures(out: str | Path) -> list[Path]:
                 figs.append(error_by_density(t["density"], runs, fig_dir / f"error_by_density_vs_{axes[0]}.png",
                                              x=axes[0]))
         if len(axes) >= 2:
-            facet = axes[2] if len(axes) > 2 and agg[axes[2]].nunique() <= MAX_PANELS else None
+            # a third axis, else the cases, side by side (a map pooled over unlike tasks would mislead)
+            facet = (axes[2] if len(axes) > 2 and agg[axes[2]].nunique() <= MAX_PANELS else
+                     "case" if len(axes) == 2 and 1 < len(cases) <= MAX_PANELS else None)
             # Where the task varies, so does its learnable information I(C;X): thresholds on kl_rel
             # compare like with like; otherwise kl in nats.
             metric = "kl_rel" if any(TASK_COLUMN.match(c) for c in axes[:2]) else "kl"

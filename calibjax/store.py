@@ -269,8 +269,8 @@ def _read(p: Path) -> str:
         return ""
 
 
-FINAL_FILES = ("runs", "metrics", "density", "calibration", "curves", "estimators", "summary", "summary_by_setting",
-               "estimator_benchmark")
+FINAL_FILES = ("runs", "metrics", "density", "calibration", "curves", "estimators", "recalibrated", "summary",
+               "summary_by_setting", "estimator_benchmark")
 
 
 def remove_results(out: Path) -> None:

@@ -11,7 +11,7 @@ Per run (``summarize``), for kl (thresholds ``eps``, nats) and kl_rel = kl / I(C
   constant learning rate the error jumps between checkpoints; a first crossing can sit inside that
   noise band, the sustained one cannot.
 - ``final_<metric>``: the median over the checkpoints in the last FINAL_WINDOW (10 %) of training
-  (kl, kl_rel, tv, max_err, err_dense, err_sparse, true_ece, cal_term, ece, accuracy_gap =
+  (kl, kl_rel, kl_to_optimum, tv, max_err, err_dense, err_sparse, true_ece, cal_term, ece, accuracy_gap =
   bayes_accuracy - accuracy). Default checkpoints put three there (0.9, 0.95 x steps and steps);
   with hand-set checkpoints it may be the last one alone. ``n_final_checkpoints`` says how many.
 - ``kl_auc``: area under kl against log10(step) over the checkpoints (step > 0), divided by the
@@ -34,7 +34,7 @@ from calibjax import store
 DEFAULT_EPS = (1e-2, 1e-3)
 DEFAULT_REL_EPS = (0.1, 0.01)
 FINAL_WINDOW = 0.1
-FINAL = ("kl", "kl_rel", "tv", "max_err", "err_dense", "err_sparse", "true_ece", "cal_term", "ece")
+FINAL = ("kl", "kl_rel", "kl_to_optimum", "tv", "max_err", "err_dense", "err_sparse", "true_ece", "cal_term", "ece")
 ID_COLUMNS = {"run_id", "seed", "group", "status", "bayes_loss", "mutual_info", "run_hash", "n_final_checkpoints"}
 TIMING_PREFIXES = ("steps_to_", "sustained_")
 _SENTINEL = 1e300  # stands in for inf inside quantiles; anything above _INF_FROM maps back to inf

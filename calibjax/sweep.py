@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from calibjax import metrics, model, tasks, train
+from calibjax import losses, metrics, model, tasks, train
 
 
 class SweepError(ValueError):
@@ -72,6 +72,9 @@ SETTINGS: dict[str, Setting] = {name: Setting(*spec) for name, spec in {
     "activation": ("model", _static("activation"), "activation"),
     "init": ("model", _static("init"), "init"),
     "optimizer": ("train", _static("optimizer"), "optimizer"),
+    "loss": ("train", _static("loss"), "loss"),
+    "label_smoothing": ("train", _dynamic("label_smoothing"), "smoothing"),
+    "focal_gamma": ("train", _dynamic("focal_gamma"), "focal_gamma"),
     "lr": ("train", _dynamic("lr"), "pos_float"),
     "lr_schedule": ("train", _dynamic("lr_schedule"), "lr_schedule"),
     "warmup_steps": ("train", _dynamic("warmup_steps"), "nonneg_int"),
@@ -96,6 +99,7 @@ SETTINGS: dict[str, Setting] = {name: Setting(*spec) for name, spec in {
     "estimator_sizes": ("eval", list(_eval("estimator_sizes")), "sizes"),
     "estimator_draws": ("eval", _eval("estimator_draws"), "pos_int"),
     "estimator_bootstrap": ("eval", _eval("estimator_bootstrap"), "nonneg_int"),
+    "temperature_scaling": ("eval", _eval("temperature_scaling"), "bool"),
     "curves": ("eval", False, "bool"),
     "curve_points": ("eval", 201, "pos_int"),      # per axis, when curves = true
     "curve_range": ("eval", None, "range"),        # None: every component's mean +- 4 sigma
@@ -215,6 +219,19 @@ def _momentum(v):
     return float(v)
 
 
+@validator("smoothing")
+def _smoothing(v):
+    _expect(_is_finite(v) and 0 <= v < 1, "expected a number in [0, 1)")
+    return float(v)
+
+
+@validator("focal_gamma")
+def _focal_gamma(v):
+    _expect(_is_finite(v) and 0 <= v <= losses.FOCAL_MAX_GAMMA,
+            f"expected a number in [0, {losses.FOCAL_MAX_GAMMA:g}]")
+    return float(v)
+
+
 @validator("unit_float")
 def _unit_float(v):
     _expect(_is_finite(v) and 0 <= v <= 1, "expected a number in [0, 1]")
@@ -289,7 +306,7 @@ def _choice(options: list[str]):
 
 for _kind, _options in {"activation": sorted(model.ACTIVATIONS), "init": list(model.INITS),
                         "optimizer": list(train.OPTIMIZERS), "precision": list(train.PRECISIONS),
-                        "lr_schedule": list(train.LR_SCHEDULES)}.items():
+                        "lr_schedule": list(train.LR_SCHEDULES), "loss": list(losses.LOSSES)}.items():
     VALIDATORS[_kind] = _choice(_options)
 
 
@@ -691,6 +708,10 @@ def resolve_checkpoints(settings: dict, origin: dict) -> None:
     if settings["checkpoints"][-1] != steps:
         raise SweepError(f"{where} checkpoints: the last checkpoint must be steps = {steps} (training stops at "
                          f"the last checkpoint), got {settings['checkpoints']}")
+    for name, loss in (("label_smoothing", "label_smoothing"), ("focal_gamma", "focal")):
+        if settings[name] and settings["loss"] != loss:
+            raise SweepError(f"{origin[name]} {name}: {settings[name]:g} is used only with loss = \"{loss}\", "
+                             f"and this run's loss is \"{settings['loss']}\" ({origin['loss']})")
     if settings["warmup_steps"] > steps:
         where = origin["warmup_steps"] if origin["warmup_steps"] != origin["steps"] else origin["steps"]
         raise SweepError(f"{where} warmup_steps: {settings['warmup_steps']} is beyond steps = {steps}")
@@ -718,14 +739,15 @@ def static_of(run: Run) -> train.Static:
     m, k, d = run.task["mean"].shape
     return train.Static(
         steps=s["steps"], checkpoints=tuple(s["checkpoints"]), num_classes=m, num_components=k, dim=d,
-        hidden=tuple(s["hidden"]), activation=s["activation"], init=s["init"], optimizer=s["optimizer"],
+        hidden=tuple(s["hidden"]), activation=s["activation"], init=s["init"], optimizer=s["optimizer"], loss=s["loss"],
         batch_size=s["batch_size"], matmul_precision=s["matmul_precision"],
         eval=metrics.EvalSpec(points=s["points"], hdr_mass=s["hdr_mass"],
                               density_edges=tuple(s["density_edges"]), dense_mass=s["dense_mass"],
                               sparse_mass=s["sparse_mass"], calibration_samples=s["calibration_samples"],
                               calibration_bins=s["calibration_bins"], true_levels=s["true_levels"],
                               estimator_sizes=tuple(s["estimator_sizes"]), estimator_draws=s["estimator_draws"],
-                              estimator_bootstrap=s["estimator_bootstrap"]),
+                              estimator_bootstrap=s["estimator_bootstrap"],
+                              temperature_scaling=s["temperature_scaling"]),
         curve_points=s["curve_points"] if s["curves"] else 0,
         ema=s["ema_decay"] > 0, importance=s["proposal_scale"] != 1.0)
 
@@ -742,7 +764,7 @@ def run_hash(run: Run, static: train.Static) -> str:
 
 # The settings that enter a run's Dynamic besides its task and seed (train.make_dynamic's arguments).
 DYNAMIC_SETTINGS = ("lr", "weight_decay", "momentum", "n_data", "curve_range", "lr_schedule", "warmup_steps",
-                    "final_lr_ratio", "ema_decay", "proposal_scale")
+                    "final_lr_ratio", "ema_decay", "proposal_scale", "label_smoothing", "focal_gamma")
 
 
 def dynamic_of(run: Run) -> train.Dynamic:
@@ -793,7 +815,8 @@ def run_row(run_id: int, run: Run) -> dict[str, Any]:
         **task_columns(run.task),
         "hidden": "-".join(map(str, s["hidden"])), "depth": len(s["hidden"]),
         "width": s["hidden"][0] if s["hidden"] else 0,
-        "activation": s["activation"], "init": s["init"], "optimizer": s["optimizer"],
+        "activation": s["activation"], "init": s["init"], "optimizer": s["optimizer"], "loss": s["loss"],
+        "label_smoothing": s["label_smoothing"], "focal_gamma": s["focal_gamma"],
         "lr": s["lr"], "lr_schedule": s["lr_schedule"], "warmup_steps": s["warmup_steps"],
         "final_lr_ratio": s["final_lr_ratio"], "weight_decay": s["weight_decay"], "momentum": s["momentum"],
         "ema_decay": s["ema_decay"], "proposal_scale": s["proposal_scale"],

@@ -15,6 +15,8 @@ calibration    run x checkpoint x confidence bin            metrics.ReliabilityB
 curves         run x checkpoint x point x class (optional)  model_prob, true_prob (train.Curves)
 estimators     run x checkpoint x estimator x n x draw      value, lo, hi, target (estimators.Estimates)
                (optional: eval.estimator_sizes)
+recalibrated   run x checkpoint (optional:                  metrics.Recalibrated
+               eval.temperature_scaling)
 =============  ===========================================  ==============================================
 """
 
@@ -52,6 +54,8 @@ TABLES = {t.name: t for t in (
               "run x checkpoint x curve point x class"),
     TableSpec("estimators", ("run_id", "step", "estimator", "n", "draw"), estimators.Estimates._fields,
               "run x checkpoint x calibration estimator x sample size x independent sample"),
+    TableSpec("recalibrated", ("run_id", "step"), metrics.Recalibrated._fields,
+              "run x checkpoint, after post-hoc temperature scaling"),
 )}
 CHUNK_TABLES = ("status", "metrics", "density", "calibration")  # every chunk has these; curves if asked
 
@@ -62,7 +66,7 @@ def _long(shape: tuple[int, ...], columns: dict[str, np.ndarray]) -> pd.DataFram
 
 
 # Columns that describe the task, not the model: they stay when a run diverges.
-TRUTH_COLUMNS = frozenset({"bayes_accuracy", "mass", "true_prob"})
+TRUTH_COLUMNS = frozenset({"bayes_accuracy", "kl_optimum", "mass", "true_prob"})
 
 
 def diverged(static: train.Static, result: train.RunResult) -> np.ndarray:
@@ -117,6 +121,8 @@ def chunk_tables(static: train.Static, run_ids, result: train.RunResult) -> dict
             "class": np.arange(1, m + 1)[None, None, None, :],
             "model_prob": np.where(dead[:, :, None, None], np.nan, np.asarray(cv.model_prob, np.float64)),
             "true_prob": np.asarray(cv.true_prob, np.float64)[:, None]})
+    if ev.recalibrated is not None:
+        tables["recalibrated"] = _long((r, c), per_ckpt | _f64(ev.recalibrated, dead))
     if ev.estimators is not None:
         est, spec = _f64(ev.estimators, dead), static.eval
         z, d, e = len(spec.estimator_sizes), spec.estimator_draws, len(estimators.ESTIMATORS)
@@ -140,6 +146,8 @@ def row_counts(static: train.Static) -> dict[str, tuple[int, int]]:
               "calibration": (math.prod(ev.reliability.est_count.shape), 4 + len(ev.reliability))}
     if shapes.curves is not None:
         counts["curves"] = (math.prod(shapes.curves.model_prob.shape), 4 + static.dim + 1)
+    if ev.recalibrated is not None:
+        counts["recalibrated"] = (c, 2 + len(ev.recalibrated))
     if ev.estimators is not None:
         counts["estimators"] = (math.prod(ev.estimators.value.shape), len(TABLES["estimators"].keys) + 4)
     return counts

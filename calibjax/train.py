@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from calibjax import estimators, metrics, rng, tasks
+from calibjax import estimators, losses, metrics, rng, tasks
 from calibjax.model import MLP
 
 # Bumped whenever a change alters the numbers a run gives (data streams, initialisation, metrics),
@@ -53,6 +53,7 @@ class Static:
     activation: str = "relu"
     init: str = "torch"
     optimizer: str = "adam"
+    loss: str = "cross_entropy"  # losses.LOSSES; its parameters are dynamic (label_smoothing, focal_gamma)
     batch_size: int = 64
     eval: metrics.EvalSpec = field(default_factory=metrics.EvalSpec)
     curve_points: int = 0  # 0: no posterior curves; else points per axis (1-D and 2-D tasks)
@@ -104,6 +105,8 @@ class Dynamic(NamedTuple):
                              # average of the weights (bias-corrected, as Adam's moments), not the weights
     proposal_scale: jax.Array  # () float32 (with static.importance): training inputs drawn with every sigma
                                # x this, importance-weighted by p(x|c) / r(x|c), so the expected loss is unchanged
+    label_smoothing: jax.Array  # () float32, alpha of loss = "label_smoothing"
+    focal_gamma: jax.Array      # () float32, gamma of loss = "focal"
 
 
 class Curves(NamedTuple):
@@ -217,11 +220,13 @@ def _train_run(static: Static, dyn: Dynamic) -> RunResult:
     init_key, data_key, batch_key = jax.random.split(jax.random.key(dyn.seed), 3)
     params = model.init(init_key, jnp.zeros((static.dim,), jnp.float32))
     optimizer = make_optimizer(static.optimizer, dyn, static.steps)
-    ev = metrics.make_eval_set(dyn.task, static.eval, dyn.seed)
+    optimum = functools.partial(losses.log_optimum, static.loss, label_smoothing=dyn.label_smoothing,
+                                focal_gamma=dyn.focal_gamma)
+    ev = metrics.make_eval_set(dyn.task, static.eval, dyn.seed, optimum)
     curve_x = curve_grid(static, dyn) if static.curve_points else None
 
     def loss_fn(params, x, c, weight):
-        loss = optax.softmax_cross_entropy_with_integer_labels(model.apply(params, x), c)
+        loss = losses.loss_values(static.loss, model.apply(params, x), c, dyn.label_smoothing, dyn.focal_gamma)
         return (loss if weight is None else weight * loss).mean()
 
     def update(_, state: TrainState) -> TrainState:
@@ -249,6 +254,8 @@ def _train_run(static: Static, dyn: Dynamic) -> RunResult:
         log_q_cal = jax.nn.log_softmax(model.apply(params, ev.cal_x))
         loss = jnp.where(length > 0, state.loss_sum / jnp.maximum(length, 1), jnp.nan)
         evaluation = metrics.evaluate(ev, log_q, log_q_cal, static.eval, loss)
+        if static.eval.temperature_scaling:
+            evaluation = evaluation._replace(recalibrated=metrics.recalibrate(ev, log_q, log_q_cal, static.eval))
         if static.eval.estimator_sizes:
             target = estimators.targets(ev, log_q, evaluation.scalars, static.eval.true_levels)
             forward = lambda x: jax.nn.log_softmax(model.apply(params, x))  # noqa: E731
@@ -315,7 +322,8 @@ def output_shapes(static: Static) -> RunResult:
 
 def make_dynamic(task: tasks.GaussianTask, lr=1e-3, weight_decay=0.0, momentum=0.0,
                  n_data=ONLINE, seed=0, curve_range=None, lr_schedule="constant", warmup_steps=0,
-                 final_lr_ratio=0.0, ema_decay=0.0, proposal_scale=1.0) -> Dynamic:
+                 final_lr_ratio=0.0, ema_decay=0.0, proposal_scale=1.0, label_smoothing=0.0,
+                 focal_gamma=0.0) -> Dynamic:
     """One run's dynamic settings as numpy scalars; n_data is a count or ONLINE (inf).
 
     ema_decay and proposal_scale act only in a program compiled with Static(ema=True) and
@@ -330,4 +338,5 @@ def make_dynamic(task: tasks.GaussianTask, lr=1e-3, weight_decay=0.0, momentum=0
                    np.int32(warmup_steps), np.float32(final_lr_ratio), np.float32(weight_decay),
                    np.float32(momentum), np.int32(n), np.uint32(seed),
                    np.asarray(curve_range if curve_range is not None else (np.nan, np.nan), np.float32),
-                   np.float32(ema_decay), np.float32(proposal_scale))
+                   np.float32(ema_decay), np.float32(proposal_scale), np.float32(label_smoothing),
+                   np.float32(focal_gamma))

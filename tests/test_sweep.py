@@ -110,7 +110,8 @@ def test_every_validator_accepts_good_values_and_rejects_bad_ones_with_its_messa
         "range": ([0, 1], [0.0, 1.0], [1, 0]), "priors": ([0.25, 0.75], [0.25, 0.75], [0.5, 0.6]),
         "class_weights": ([1, [1, 3]], None, [1, [-1, 3]]), "class_array": ([0, [1, 2]], None, [0]),
         "sigmas": ([1, 2], None, [1, -2]), "means": ([0, [1, 2]], None, [0, 1e300]),
-        "sizes": ([100, 1000.0], [100, 1000], [1000, 100]),
+        "sizes": ([100, 1000.0], [100, 1000], [1000, 100]), "loss": ("focal", "focal", "hinge"),
+        "smoothing": (0.1, 0.1, 1.0), "focal_gamma": (2, 2.0, 11.0),
     }
     assert set(cases) == set(sweep.VALIDATORS), "every registered kind is tested"
     for kind, (good, normal, bad) in cases.items():
@@ -164,7 +165,9 @@ def _bad_inputs():
             case(f"{key}={v!r}", [f"[{section}] {key}", "expected"], **{section: {key: v}})
     for v in (nan, inf, -1, 1.5, "x"):
         case(f"depth={v!r}", ["[model] depth", "expected"], model={"depth": v})
-    for key, section, bads in (("lr", "train", (nan, inf, 0.0, -1.0, "x", True)),
+    for key, section, bads in (("label_smoothing", "train", (nan, -0.1, 1.0, "x")),
+                               ("focal_gamma", "train", (nan, -1.0, 10.5, inf)),
+                               ("lr", "train", (nan, inf, 0.0, -1.0, "x", True)),
                                ("weight_decay", "train", (nan, inf, -1.0, "x")),
                                ("momentum", "train", (nan, 1.0, -0.5, "x")),
                                ("hdr_mass", "eval", (nan, 0.0, 1.0, "x")),
@@ -190,7 +193,7 @@ def _bad_inputs():
     for v in ([1.0, nan], [1.0, inf], [1.0, -1.0], [1.0, [nan, 1.0]]):
         case(f"weights={v!r}", ["[task] weights"], task={"weights": v})
     for key, section in (("activation", "model"), ("init", "model"), ("optimizer", "train"),
-                         ("matmul_precision", "train")):
+                         ("matmul_precision", "train"), ("loss", "train")):
         for v in ("nope", 1):
             case(f"{key}={v!r}", [f"[{section}] {key}", "expected one of"], **{section: {key: v}})
     for v in (0, nan, inf, -1, [1, 1], [-1], 10**12, "x"):
@@ -215,6 +218,10 @@ def _bad_inputs():
     for key, v in (("mu2", nan), ("mu2", 1e300), ("sigma1", 0.0), ("sigma1", 1e300), ("prior1", 1.0),
                    ("prior1", nan), ("mu9", 1.0), ("weight1_k1", -1.0), ("bogus", 1.0)):
         case(f"case {key}={v!r}", [key], cases={"c": {key: v}})
+    case("label_smoothing without its loss", ["label_smoothing", "used only with loss", "cross_entropy"],
+         train={"label_smoothing": 0.1})
+    case("focal_gamma with another loss", ["focal_gamma", "used only with loss", "brier"],
+         train={"loss": "brier"}, cases={"c": {"focal_gamma": 2.0}})
     return cases
 
 
