@@ -178,6 +178,8 @@ def standard_figures(out: str | Path) -> list[Path]:
         for case in runs.loc[runs["run_id"].isin(t["curves"]["run_id"].unique()), "case"].unique():
             draw = posterior_curves if dims[case] == 1 else posterior_map
             figs.append(draw(t["curves"], runs, case, plot_steps.get(case, spread), fig_dir / f"posterior_{case}.png"))
+    if "summary" in t and "loss" in runs and runs["loss"].nunique() > 1:
+        figs.append(loss_comparison(t["summary"], fig_dir / "losses.png"))
     if "estimator_benchmark" in t:
         figs.append(estimator_benchmark(t["estimator_benchmark"], fig_dir / "estimator_benchmark.png"))
     if "summary_by_setting" in t:
@@ -444,4 +446,37 @@ def estimator_benchmark(bench: pd.DataFrame, path: Path, steps=None) -> Path:
     axes[0, 0].set_ylabel("bias: mean(estimate - exact)\n(over runs and samples)")
     axes[1, 0].set_ylabel("RMSE (dashed: true ECE)")
     axes[1, -1].legend(fontsize=7, loc="upper right")
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- losses
+
+def loss_comparison(summary: pd.DataFrame, path: Path, by: str = "case") -> Path:
+    """Per training-loss variant (``by``, one row of markers each): the final kl to the posterior
+    (measured), the kl of the loss's own population optimum (predicted: a perfectly trained network
+    keeps it) and, where measured, the final kl after temperature scaling; medians over seeds, one
+    panel per task (grid point of the task entries)."""
+    tasks_cols = [c for c in summaries.swept_columns(summary) if TASK_COLUMN.match(c)]
+    panels = list(summary.groupby(tasks_cols, sort=True)) if tasks_cols else [((), summary)]
+    fig, axes = _subplots(len(panels), (3.0 * len(panels) + 1.5, 0.32 * summary[by].nunique() + 2.2),
+                          squeeze=False, sharey=True, sharex=True)
+    labels = list(dict.fromkeys(summary[by]))
+    floor = 1e-6  # kl_optimum is 0 for proper losses: drawn at the axis floor
+    for ax, (key, d) in zip(axes[0], panels, strict=True):
+        med = d.groupby(by)[[c for c in ("final_kl", "final_kl_optimum", "final_kl_ts") if c in d]].median()
+        y = np.arange(len(labels))
+        med = med.reindex(labels)
+        ax.scatter(np.maximum(med["final_kl_optimum"], floor), y, marker="|", s=160, color="k",
+                   label="predicted: kl of the loss's optimum (0, a proper loss, at the left edge)")
+        ax.scatter(med["final_kl"], y, marker="o", color="C0", label="trained")
+        if "final_kl_ts" in med:
+            ax.scatter(med["final_kl_ts"], y, marker="x", color="C3", label="trained, temperature-scaled")
+        ax.set(xscale="log", yticks=y, yticklabels=labels, xlabel="final kl to P(C|x)  [nats]")
+        ax.invert_yaxis()
+        key = key if isinstance(key, tuple) else (key,)
+        ax.set_title(", ".join(f"{c}={v:g}" for c, v in zip(tasks_cols, key, strict=True)) or "all runs", fontsize=9)
+        ax.grid(True, which="both", axis="x", alpha=0.3)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=8, loc="lower center", ncol=3, bbox_to_anchor=(0.5, -0.08))
+    fig.suptitle("final kl (median over seeds and the last 10 % of training)", fontsize=10)
     return _save(fig, path)

@@ -11,8 +11,9 @@ Per run (``summarize``), for kl (thresholds ``eps``, nats) and kl_rel = kl / I(C
   constant learning rate the error jumps between checkpoints; a first crossing can sit inside that
   noise band, the sustained one cannot.
 - ``final_<metric>``: the median over the checkpoints in the last FINAL_WINDOW (10 %) of training
-  (kl, kl_rel, kl_to_optimum, tv, max_err, err_dense, err_sparse, true_ece, cal_term, ece, accuracy_gap =
-  bayes_accuracy - accuracy). Default checkpoints put three there (0.9, 0.95 x steps and steps);
+  (kl, kl_rel, kl_optimum, kl_to_optimum, tv, max_err, err_dense, err_sparse, true_ece, cal_term, ece,
+  accuracy_gap = bayes_accuracy - accuracy; with temperature scaling also temperature, kl, err_sparse,
+  true_ece, cal_term and grouping_term after it, as final_<metric>_ts). Default checkpoints put three there (0.9, 0.95 x steps and steps);
   with hand-set checkpoints it may be the last one alone. ``n_final_checkpoints`` says how many.
 - ``kl_auc``: area under kl against log10(step) over the checkpoints (step > 0), divided by the
   log10 range: the mean kl on a log-step axis, lower is learned sooner.
@@ -34,7 +35,10 @@ from calibjax import store
 DEFAULT_EPS = (1e-2, 1e-3)
 DEFAULT_REL_EPS = (0.1, 0.01)
 FINAL_WINDOW = 0.1
-FINAL = ("kl", "kl_rel", "kl_to_optimum", "tv", "max_err", "err_dense", "err_sparse", "true_ece", "cal_term", "ece")
+FINAL = ("kl", "kl_rel", "kl_optimum", "kl_to_optimum", "tv", "max_err", "err_dense", "err_sparse", "true_ece",
+         "cal_term", "ece")
+# After temperature scaling (recalibrated.parquet), as final_<metric>_ts, where the sweep measured it:
+FINAL_SCALED = ("temperature", "kl", "err_sparse", "true_ece", "cal_term", "grouping_term")
 ID_COLUMNS = {"run_id", "seed", "group", "status", "bayes_loss", "mutual_info", "run_hash", "n_final_checkpoints"}
 TIMING_PREFIXES = ("steps_to_", "sustained_")
 _SENTINEL = 1e300  # stands in for inf inside quantiles; anything above _INF_FROM maps back to inf
@@ -78,8 +82,16 @@ def steps_to_stay(steps: np.ndarray, values: np.ndarray, eps: float) -> float:
     return math.inf if i == len(values) else _crossing(steps, values, i, eps)
 
 
-def summarize(metrics: pd.DataFrame, runs: pd.DataFrame, eps=DEFAULT_EPS, rel_eps=DEFAULT_REL_EPS) -> pd.DataFrame:
-    """One row per run: learnability summaries (see the module docstring), joined to the settings."""
+def summarize(metrics: pd.DataFrame, runs: pd.DataFrame, eps=DEFAULT_EPS, rel_eps=DEFAULT_REL_EPS,
+              recalibrated: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per run: learnability summaries (see the module docstring), joined to the settings;
+    with ``recalibrated`` (temperature scaling), final_<m>_ts of its FINAL_SCALED columns too."""
+    finals = list(FINAL)
+    if recalibrated is not None:
+        scaled = {k: f"{k}_ts" for k in FINAL_SCALED}
+        metrics = metrics.merge(recalibrated[["run_id", "step", *scaled]].rename(columns=scaled),
+                                on=["run_id", "step"], how="left")
+        finals += list(scaled.values())
     rows = []
     status = runs.set_index("run_id")["status"]
     thresholds = [("kl", e) for e in eps] + [("kl_rel", e) for e in rel_eps]
@@ -96,7 +108,7 @@ def summarize(metrics: pd.DataFrame, runs: pd.DataFrame, eps=DEFAULT_EPS, rel_ep
             row[f"sustained_{name}"] = math.nan if diverged else steps_to_stay(steps, values, e)
         window = m[m["step"] >= (1 - FINAL_WINDOW) * steps[-1]]
         row["n_final_checkpoints"] = len(window)
-        for k in FINAL:
+        for k in finals:
             row[f"final_{k}"] = math.nan if diverged or k not in m else float(window[k].median())
         gap = window["bayes_accuracy"] - window["accuracy"]
         row["final_accuracy_gap"] = math.nan if diverged else float(gap.median())
@@ -197,7 +209,7 @@ def write_summaries(out: str | Path, eps=DEFAULT_EPS, rel_eps=DEFAULT_REL_EPS) -
     t = store.load_results(out)
     if "metrics" not in t:
         raise FileNotFoundError(f"{out}: no metrics.parquet; run (or merge) the sweep first")
-    summary = summarize(t["metrics"], t["runs"], eps, rel_eps)
+    summary = summarize(t["metrics"], t["runs"], eps, rel_eps, t.get("recalibrated"))
     agg = aggregate(summary)
     store.write_parquet(out / "summary.parquet", summary)
     store.write_parquet(out / "summary_by_setting.parquet", agg)

@@ -157,3 +157,19 @@ def test_settings_named_like_summaries_stay_settings(tmp_path):
     assert "final_lr_ratio" in summaries.swept_columns(runs)
     agg = summaries.aggregate(summary)
     assert "final_lr_ratio_q25" not in agg.columns and set(agg["final_lr_ratio"]) == {0.0, 0.1}
+
+
+def test_finals_after_temperature_scaling_and_the_loss_figure(tmp_path):
+    """With a recalibrated table, summaries gain final_<m>_ts (medians over the final window, as
+    final_<m>); the loss figure draws one row per loss variant and one panel per task."""
+    runs, metrics = synthetic_results(tmp_path)
+    runs = runs.assign(case=np.where(runs["run_id"] % 4 < 2, "cross_entropy", "focal_2"))
+    metrics = metrics.assign(kl_optimum=np.where(metrics["run_id"] % 4 < 2, 0.0, 0.09))
+    rec = metrics[["run_id", "step"]].assign(temperature=0.5, kl=metrics["kl"] / 10, err_sparse=0.1,
+                                               true_ece=0.01, cal_term=1e-4, grouping_term=1e-3)
+    summary = summaries.summarize(metrics, runs, recalibrated=rec).set_index("run_id")
+    np.testing.assert_allclose(summary["final_kl_ts"], summary["final_kl"] / 10)
+    assert (summary.loc[summary["status"] == "ok", "final_temperature_ts"] == 0.5).all()
+    assert "final_kl_ts" not in summaries.summarize(metrics, runs)
+    path = plots.loss_comparison(summary.reset_index(), tmp_path / "losses.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
