@@ -191,17 +191,26 @@ def standard_figures(out: str | Path) -> list[Path]:
             if len(cases) <= MAX_PANELS:
                 figs.append(error_by_density(t["density"], runs, fig_dir / f"error_by_density_vs_{axes[0]}.png",
                                              x=axes[0]))
+        axes = [c for c in axes if pd.api.types.is_numeric_dtype(agg[c])]  # a map needs numbers
         if len(axes) >= 2:
-            # a third axis, else the cases, side by side (a map pooled over unlike tasks would mislead)
-            facet = (axes[2] if len(axes) > 2 and agg[axes[2]].nunique() <= MAX_PANELS else
-                     "case" if len(axes) == 2 and 1 < len(cases) <= MAX_PANELS else None)
+            # A map pooled over unlike tasks would mislead: with two axes the cases sit side by
+            # side; with a third axis (its values side by side) each case gets its own file.
+            facet = axes[2] if len(axes) > 2 and agg[axes[2]].nunique() <= MAX_PANELS else None
+            per_case = [(None, agg)]
+            if len(cases) > 1 and facet is None and len(cases) <= MAX_PANELS:
+                facet = "case"
+            elif len(cases) > 1:
+                per_case = [(case, agg[agg["case"] == case]) for case in cases]
             # Where the task varies, so does its learnable information I(C;X): thresholds on kl_rel
             # compare like with like; otherwise kl in nats.
             metric = "kl_rel" if any(TASK_COLUMN.match(c) for c in axes[:2]) else "kl"
             timing = [c for c in agg.columns for prefix in summaries.TIMING_PREFIXES
                       if c.startswith(f"{prefix}{metric}_") and _is_number(c[len(f"{prefix}{metric}_"):])]
             for value in timing + [f"final_{metric}"]:
-                figs.append(heatmap(agg, axes[0], axes[1], value, fig_dir / f"heatmap_{value}.png", facet))
+                for case, d in per_case:
+                    name = f"heatmap_{value}.png" if case is None else f"heatmap_{value}_{case}.png"
+                    figs.append(heatmap(d, axes[0], axes[1], value, fig_dir / name, facet,
+                                        title=None if case is None else f"{case}: {value}, median over seeds"))
     return figs
 
 

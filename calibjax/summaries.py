@@ -13,8 +13,9 @@ Per run (``summarize``), for kl (thresholds ``eps``, nats) and kl_rel = kl / I(C
 - ``final_<metric>``: the median over the checkpoints in the last FINAL_WINDOW (10 %) of training
   (kl, kl_rel, kl_optimum, kl_to_optimum, tv, max_err, err_dense, err_sparse, true_ece, cal_term, ece,
   accuracy_gap = bayes_accuracy - accuracy; with temperature scaling also temperature, kl, err_sparse,
-  true_ece, cal_term and grouping_term after it, as final_<metric>_ts). Default checkpoints put three there (0.9, 0.95 x steps and steps);
-  with hand-set checkpoints it may be the last one alone. ``n_final_checkpoints`` says how many.
+  true_ece, cal_term and grouping_term after it, as final_<metric>_ts). Default checkpoints put
+  three there (0.9, 0.95 x steps and steps); with hand-set checkpoints it may be the last one
+  alone. ``n_final_checkpoints`` says how many.
 - ``kl_auc``: area under kl against log10(step) over the checkpoints (step > 0), divided by the
   log10 range: the mean kl on a log-step axis, lower is learned sooner.
 Over seeds (``aggregate``): median, 25 % and 75 % quantiles of each summary per grid point, with
@@ -123,7 +124,8 @@ def summarize(metrics: pd.DataFrame, runs: pd.DataFrame, eps=DEFAULT_EPS, rel_ep
 def swept_columns(runs: pd.DataFrame) -> list[str]:
     """Settings that vary within a case (besides seed): the grid axes of a sweep.
 
-    Settings fixed by the case are left out: the case name stands for them.
+    Settings fixed by the case are left out: the case name stands for them; so is ``hidden`` where
+    ``width`` and ``depth`` determine it (a grid over them).
     """
     cols, summaries = [], set(value_columns(runs))
     for c in runs.columns:
@@ -131,6 +133,9 @@ def swept_columns(runs: pd.DataFrame) -> list[str]:
             continue
         if runs.groupby("case")[c].nunique(dropna=False).max() > 1:
             cols.append(c)
+    if "hidden" in cols and {"width", "depth"} & set(cols) and \
+            runs.groupby(["width", "depth"])["hidden"].nunique().max() == 1:
+        cols.remove("hidden")
     return cols
 
 
