@@ -16,7 +16,7 @@ timeout 40 python3 benchmarks/throughput.py --runs 16384 --steps 500 --precision
 timeout 90 python3 benchmarks/throughput.py --widths 4096 1024 256 --runs 4096 --steps 500 \
     > "$OUT/widths_gpu.txt" 2>&1
 timeout 120 python3 benchmarks/layout_bits.py > "$OUT/layout_bits_gpu.txt" 2>&1
-for s in blog atlas dataset_size imbalance multiclass2d noise_floor tail_oversampling estimators grid_2000; do
+for s in blog atlas dataset_size imbalance multiclass2d noise_floor tail_oversampling estimators losses grid_2000; do
   /usr/bin/time -f "$s wall %e s" timeout 60 python3 -m calibjax run sweeps/$s.toml --out /tmp/res/$s --quiet \
       >> "$OUT/sweeps_gpu.txt" 2>&1
 done
@@ -24,6 +24,6 @@ python3 benchmarks/blog_numbers.py /tmp/res/blog > "$OUT/blog_numbers.txt" 2>&1 
 # true calibration on the GPU path (one-hot bin sums, sorts) against the float64 reference
 timeout 60 python3 benchmarks/true_calibration_accuracy.py > "$OUT/true_calibration_gpu.txt" 2>&1
 JAX_PLATFORMS=cuda timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_train.py tests/test_engine.py \
-    tests/test_rng.py tests/test_metrics.py tests/test_estimators.py \
+    tests/test_rng.py tests/test_metrics.py tests/test_estimators.py tests/test_losses.py \
     > "$OUT/tests_gpu.txt" 2>&1
 echo "tests exit $?" >> "$OUT/tests_gpu.txt"
