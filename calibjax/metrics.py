@@ -64,10 +64,6 @@ class Scalars(NamedTuple):
 
     kl: jax.Array              # E_x KL(P(C|x) || q(C|x)), nats
     kl_rel: jax.Array          # kl / I(C;X): the share of the learnable information still missing
-    kl_optimum: jax.Array      # E_x KL(P || q*), q* the training loss's population optimum: the kl a
-                               # perfectly trained network would keep (0 for proper losses; calibjax.losses)
-    kl_to_optimum: jax.Array   # E_x KL(q* || q): how far the network is from its own loss's optimum
-    err_to_optimum: jax.Array  # max_x max_c |q* - q| over the hdr region
     tv: jax.Array              # E_x total variation
     max_err: jax.Array         # max_x max_c |P - q| over the hdr region
     accuracy: jax.Array        # E_x P(argmax q | x) (quadrature in 1-D, Monte Carlo in D > 1)
@@ -85,6 +81,10 @@ class Scalars(NamedTuple):
     excess_brier: jax.Array    # E sum_c (q_c - P_c)^2
     cal_term: jax.Array        # E (conf - m)^2
     grouping_term: jax.Array   # E (m - P_top)^2
+    kl_optimum: jax.Array      # E_x KL(P || q*), q* the training loss's population optimum: the kl a
+                               # perfectly trained network would keep (0 for proper losses; calibjax.losses)
+    kl_to_optimum: jax.Array   # E_x KL(q* || q): how far the network is from its own loss's optimum
+    err_to_optimum: jax.Array  # max_x max_c |q* - q| over the hdr region
 
 
 class DensityBins(NamedTuple):
@@ -94,6 +94,7 @@ class DensityBins(NamedTuple):
     kl_mean: jax.Array          # mean KL(P || q) within the bin, E[KL | bin]; nan for an empty bin
     kl_contribution: jax.Array  # the bin's share of kl: mass x kl_mean (the bins sum to kl)
     max_err: jax.Array          # max error in the bin; nan for an empty bin
+    kl_optimum_mean: jax.Array  # E[KL(P || q*) | bin]: where the training loss's own optimum departs from P
 
 
 class ReliabilityBins(NamedTuple):
@@ -454,10 +455,11 @@ def errors(ev: EvalSet, log_q: jax.Array) -> tuple[dict[str, jax.Array], Density
     bin_max = jnp.max(jnp.where(in_bin, err_i[:, None], -jnp.inf), axis=0)
     region_max = lambda mask: jnp.max(jnp.where(mask, err_i, 0.0))  # noqa: E731  (nan propagates)
     kl = jnp.sum(ev.weight * kl_i)
+    kl_opt_i = pointwise_kl(ev.log_post, ev.log_opt)
     scalars = {
         "kl": kl,
         "kl_rel": kl / ev.mutual_info,
-        "kl_optimum": jnp.sum(ev.weight * pointwise_kl(ev.log_post, ev.log_opt)),
+        "kl_optimum": jnp.sum(ev.weight * kl_opt_i),
         "kl_to_optimum": jnp.sum(ev.weight * pointwise_kl(ev.log_opt, log_q)),
         "err_to_optimum": jnp.max(jnp.where(ev.in_hdr, jnp.max(jnp.abs(jnp.exp(ev.log_opt) - q), axis=-1), 0.0)),
         "tv": jnp.sum(ev.weight * 0.5 * jnp.sum(abs_err, axis=-1)),
@@ -468,10 +470,10 @@ def errors(ev: EvalSet, log_q: jax.Array) -> tuple[dict[str, jax.Array], Density
         "bayes_accuracy": jnp.sum(ev.weight * jnp.max(p, axis=-1)),
     }
     mass, kl_contribution = ev.weight @ ev.bins, (ev.weight * kl_i) @ ev.bins
-    density = DensityBins(mass=mass, kl_mean=jnp.where(mass > 0, kl_contribution / jnp.where(mass > 0, mass, 1.0),
-                                                       jnp.nan),
-                          kl_contribution=kl_contribution,
-                          max_err=jnp.where(jnp.any(in_bin, axis=0), bin_max, jnp.nan))
+    per_mass = lambda total: jnp.where(mass > 0, total / jnp.where(mass > 0, mass, 1.0), jnp.nan)  # noqa: E731
+    density = DensityBins(mass=mass, kl_mean=per_mass(kl_contribution), kl_contribution=kl_contribution,
+                          max_err=jnp.where(jnp.any(in_bin, axis=0), bin_max, jnp.nan),
+                          kl_optimum_mean=per_mass((ev.weight * kl_opt_i) @ ev.bins))
     return scalars, density
 
 

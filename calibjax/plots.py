@@ -191,8 +191,11 @@ def standard_figures(out: str | Path) -> list[Path]:
             if len(cases) <= MAX_PANELS:
                 figs.append(error_by_density(t["density"], runs, fig_dir / f"error_by_density_vs_{axes[0]}.png",
                                              x=axes[0]))
-        axes = [c for c in axes if pd.api.types.is_numeric_dtype(agg[c])]  # a map needs numbers
-        if len(axes) >= 2:
+        # A map's x and y must be numbers; a third axis (a number or a name, such as activation)
+        # is drawn side by side.
+        numeric = [c for c in axes if pd.api.types.is_numeric_dtype(agg[c])]
+        axes = numeric + [c for c in axes if c not in numeric]
+        if len(numeric) >= 2:
             # A map pooled over unlike tasks would mislead: with two axes the cases sit side by
             # side; with a third axis (its values side by side) each case gets its own file.
             facet = axes[2] if len(axes) > 2 and agg[axes[2]].nunique() <= MAX_PANELS else None

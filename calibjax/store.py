@@ -6,7 +6,8 @@ Layout of a results directory (the tables' columns are in ``calibjax.tables``)::
     runs.parquet           one row per run (settings, status, bayes_loss, mutual_info)
     metrics.parquet        run x checkpoint           density.parquet    ... x log10-density bin
     calibration.parquet    ... x confidence bin       curves.parquet     ... x point x class
-    summary.parquet, summary_by_setting.parquet
+    estimators.parquet     ... x estimator x n x draw recalibrated.parquet  run x checkpoint (optional)
+    summary.parquet, summary_by_setting.parquet, estimator_benchmark.parquet
     chunks/<id>/*.parquet  the same tables for each finished chunk (what resume reads)
     shards/K-of-N/         a shard's manifest and chunks
     figures/*.png

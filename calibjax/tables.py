@@ -57,7 +57,7 @@ TABLES = {t.name: t for t in (
     TableSpec("recalibrated", ("run_id", "step"), metrics.Recalibrated._fields,
               "run x checkpoint, after post-hoc temperature scaling"),
 )}
-CHUNK_TABLES = ("status", "metrics", "density", "calibration")  # every chunk has these; curves if asked
+CHUNK_TABLES = ("status", "metrics", "density", "calibration")  # every chunk has these; the others if asked
 
 
 def _long(shape: tuple[int, ...], columns: dict[str, np.ndarray]) -> pd.DataFrame:
@@ -66,7 +66,7 @@ def _long(shape: tuple[int, ...], columns: dict[str, np.ndarray]) -> pd.DataFram
 
 
 # Columns that describe the task, not the model: they stay when a run diverges.
-TRUTH_COLUMNS = frozenset({"bayes_accuracy", "kl_optimum", "mass", "true_prob"})
+TRUTH_COLUMNS = frozenset({"bayes_accuracy", "kl_optimum", "kl_optimum_mean", "mass", "true_prob"})
 
 
 def diverged(static: train.Static, result: train.RunResult) -> np.ndarray:

@@ -41,7 +41,8 @@ def test_run_writes_every_table_manifest_and_figure(tmp_path):
     assert len(m) == 4 * 2 and np.isfinite(m[["kl", "tv", "loss"]].to_numpy()).all()
     d = pd.read_parquet(out / "density.parquet")
     assert list(d.columns) == ["run_id", "step", "log10_density_lo", "log10_density_hi", "mass", "kl_mean",
-                               "kl_contribution", "max_err"]
+                               "kl_contribution", "max_err", "kl_optimum_mean"]
+    assert (d["kl_optimum_mean"].dropna() == 0).all()  # cross-entropy: its optimum is P everywhere
     np.testing.assert_allclose(d.groupby(["run_id", "step"])["mass"].sum(), 1.0, atol=1e-4)
     np.testing.assert_allclose(d.groupby(["run_id", "step"])["kl_contribution"].sum().to_numpy(),
                                m.set_index(["run_id", "step"])["kl"].to_numpy(), rtol=1e-4, atol=1e-7)

@@ -173,3 +173,22 @@ def test_finals_after_temperature_scaling_and_the_loss_figure(tmp_path):
     assert "final_kl_ts" not in summaries.summarize(metrics, runs)
     path = plots.loss_comparison(summary.reset_index(), tmp_path / "losses.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_standard_heatmaps_never_pool_cases_or_a_named_third_axis(tmp_path):
+    """Two numeric axes (mu2 x sigma1), a named third (activation) and two cases: the maps put
+    activation side by side, one file per case; with the cases alone, one file with a panel each."""
+    runs, metrics = synthetic_results(tmp_path)
+    runs = runs.assign(case=np.where(runs["seed"] == 0, "a", "b"), dim=1,
+                       activation=np.where(runs["run_id"] % 4 < 2, "relu", "tanh"))
+    runs.to_parquet(tmp_path / "runs.parquet", index=False)
+    summaries.write_summaries(tmp_path)
+    names = {p.name for p in plots.standard_figures(tmp_path)}
+    assert {"heatmap_final_kl_rel_a.png", "heatmap_final_kl_rel_b.png"} <= names  # mu2 is a task entry: kl_rel
+    assert "heatmap_final_kl_rel.png" not in names
+    two = tmp_path / "two"
+    runs, metrics = synthetic_results(two)
+    runs.assign(case=np.where(runs["seed"] == 0, "a", "b"), dim=1).to_parquet(two / "runs.parquet", index=False)
+    summaries.write_summaries(two)
+    names = {p.name for p in plots.standard_figures(two)}
+    assert "heatmap_final_kl_rel.png" in names and not any(n.startswith("heatmap_final_kl_rel_") for n in names)
