@@ -22,6 +22,7 @@ writers of this host is removed, so processes sharing a directory cooperate.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -319,6 +320,23 @@ def read_manifest(out: Path) -> dict | None:
 
 def load_results(out: str | Path) -> dict[str, pd.DataFrame]:
     """The final tables of a results directory, by name (runs, metrics, density, calibration, curves,
-    summary, summary_by_setting)."""
+    estimators, recalibrated, summary, summary_by_setting, estimator_benchmark): those present.
+
+    Only calibjax's own table names are read, never another writer's temporary file (``.tmp-*``,
+    still being written while processes share the directory) or a file of the user's; each is read
+    from one snapshot of its bytes, so a concurrent atomic replace cannot mix two versions.
+    """
     out = Path(out)
-    return {p.stem: pd.read_parquet(p) for p in sorted(out.glob("*.parquet"))}
+    found = {}
+    for name in FINAL_FILES:
+        p = out / f"{name}.parquet"
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            continue
+        try:
+            found[name] = pd.read_parquet(io.BytesIO(data))
+        except Exception as e:  # pyarrow raises several kinds for a damaged file
+            raise CorruptResults(f"{p}: cannot read ({type(e).__name__}); rerun the sweep's command (or "
+                                 f"calibjax merge {out}) to write it again") from None
+    return found

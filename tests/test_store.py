@@ -110,3 +110,18 @@ def test_a_manifest_renamed_into_place_between_two_looks_is_seen(tmp_path, monke
     monkeypatch.setattr(store, "read_manifest", read_manifest)
     results.prepare_output(sw, out, identity, overwrite=False)
     assert len(looks) == 2
+
+
+def test_load_results_reads_only_calibjax_tables_never_a_writers_temporary_file(tmp_path):
+    """Three processes sharing a directory: one read the final tables while another's temporary
+    parquet file (empty, being written) lay beside them, and failed with a traceback. Only
+    calibjax's table names are read; a damaged table is a CorruptResults naming it."""
+    store.write_parquet(tmp_path / "metrics.parquet", pd.DataFrame({"run_id": [0], "step": [10], "kl": [0.1]}))
+    store.write_parquet(tmp_path / "runs.parquet", pd.DataFrame({"run_id": [0]}))
+    (tmp_path / ".tmp-otherhost-12345-abcd.parquet").write_bytes(b"")  # another writer, mid-write
+    pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "mine.parquet")     # the user's own file
+    t = store.load_results(tmp_path)
+    assert set(t) == {"metrics", "runs"} and t["metrics"]["kl"].tolist() == [0.1]
+    (tmp_path / "metrics.parquet").write_bytes(b"PAR1 damaged")
+    with pytest.raises(store.CorruptResults, match="metrics.parquet: cannot read"):
+        store.load_results(tmp_path)
