@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(VENV)/bin/python -m ruff check .
 	$(VENV)/bin/python -m pytest -q
 
-# The edit loop: everything but the tests marked slow (under 90 s here).
+# The edit loop: everything but the tests marked slow (about 2 minutes here).
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 

@@ -102,6 +102,7 @@ def test_classwise_ece_matches_the_reference_marginal_ece_for_three_classes():
     np.testing.assert_allclose(got, want, rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_calibrated_scores_give_estimates_near_zero_and_a_known_curve_gives_its_value():
     n = 200_000
     _, correct, log_q = _binary_sample(n, lambda f: f, seed=1)
@@ -126,6 +127,7 @@ def test_calibrated_scores_give_estimates_near_zero_and_a_known_curve_gives_its_
     assert float(population) < l1
 
 
+@pytest.mark.slow
 def test_bootstrap_intervals_cover_a_known_value_at_their_nominal_rate():
     """conf = f, P(correct | f) = f - 0.15: every bin's accuracy is below its confidence (by 4 standard
     errors), so the ECE of any binning is exactly 0.15 and the estimate is a plain mean. Over 400
@@ -165,6 +167,7 @@ def _targets(ev, log_q, spec):
     return scalars, {estimators.TARGETS[e]: float(t[i]) for i, e in enumerate(estimators.ESTIMATORS)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("a,b", [(1.6, 0.0), (0.7, 0.4), (1.0, -0.8)])
 def test_classwise_target_is_the_mean_absolute_error_where_the_score_is_monotone(a, b):
     """Example 1 (equal sigmas): the log-odds are linear in x, so q_1 = sigmoid(a z + b) is monotone
@@ -180,6 +183,7 @@ def test_classwise_target_is_the_mean_absolute_error_where_the_score_is_monotone
     np.testing.assert_allclose(got["true_ece_l2"], math.sqrt(float(scalars.cal_term)), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_population_smooth_ece_is_the_large_sample_limit_of_the_estimate():
     """The exact target of smece (the kernel smoothing applied to p(x) and P_top - conf) against
     the estimator on 400,000 labelled examples of the same model (example 3, overconfident)."""

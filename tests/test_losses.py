@@ -100,6 +100,7 @@ def test_fit_temperature_recovers_the_temperature_of_the_labels():
     assert abs(got - t0) < 0.05
 
 
+@pytest.mark.slow
 def test_temperature_scaling_repairs_a_tempered_posterior_but_not_a_shape_error():
     """q = softmax(log P / 2) on example 1: its own run's labelled sample gives T about 1/2, after
     which kl and the calibration term are about 0; q tilted by a constant (a shape error temperature
