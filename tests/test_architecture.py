@@ -99,3 +99,12 @@ def test_readme_lists_every_column_of_every_table():
             row = next(line for line in readme.splitlines() if line.startswith(f"| `{spec.name}.parquet`"))
         words = set(re.findall(r"[A-Za-z_0-9]+", row))
         assert set(spec.keys + spec.values) <= words, (spec.name, set(spec.keys + spec.values) - words)
+
+
+def test_the_package_version_is_the_projects():
+    import tomllib
+
+    import calibjax
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert calibjax.__version__ == project["version"]
