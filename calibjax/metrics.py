@@ -151,6 +151,8 @@ class EvalSet(NamedTuple):
     mutual_info: jax.Array    # () I(C; X) = H(C) - H(C | X) in nats: the kl of a classifier that ignores x
                               # and outputs the priors (computed once per run, not per checkpoint)
     log_opt: jax.Array        # (G, M) log q*: the training loss's population optimum (log_post for proper losses)
+    kl_optimum: jax.Array       # () E KL(P || q*): the kl of the loss's optimum (task and loss only: once per run)
+    kl_optimum_bins: jax.Array  # (NB,) its weighted sum within each log10-density bin
 
 
 def eval_points(task: tasks.GaussianTask, spec: EvalSpec) -> tuple[jax.Array, jax.Array]:
@@ -197,8 +199,9 @@ def make_eval_set(task: tasks.GaussianTask, spec: EvalSpec, seed: jax.Array | in
     prior = jnp.exp(task.log_prior)
     mutual_info = -jnp.sum(jnp.where(prior > 0, prior * task.log_prior, 0.0)) - _conditional_entropy(weight, log_post)
     log_opt = optimum(log_post) if optimum is not None else log_post
+    kl_opt = weight * pointwise_kl(log_post, log_opt)
     return EvalSet(x, weight, log_post, log10_density, in_hdr, in_dense, in_sparse, bins, cal_x, cal_y, mutual_info,
-                   log_opt)
+                   log_opt, jnp.sum(kl_opt), kl_opt @ bins)
 
 
 def pointwise_kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
@@ -442,7 +445,8 @@ def errors(ev: EvalSet, log_q: jax.Array) -> tuple[dict[str, jax.Array], Density
     """Errors of a model's log q(c | x_i) (G, M) against the exact posterior.
 
     Scalars by name: kl, kl_rel, kl_optimum, kl_to_optimum, err_to_optimum, tv, max_err (over the hdr
-    region), err_dense, err_sparse, accuracy, bayes_accuracy; and kl and max_err per log10-density bin.
+    region), err_dense, err_sparse, accuracy, bayes_accuracy; and per log10-density bin the mass, kl,
+    max_err and the loss optimum's kl.
     """
     p = jnp.exp(ev.log_post)
     q = jnp.exp(log_q)
@@ -453,15 +457,14 @@ def errors(ev: EvalSet, log_q: jax.Array) -> tuple[dict[str, jax.Array], Density
     p_chosen = jnp.take_along_axis(p, jnp.argmax(log_q, axis=-1)[:, None], axis=-1)[:, 0]
     in_bin = ev.bins > 0
     bin_max = jnp.max(jnp.where(in_bin, err_i[:, None], -jnp.inf), axis=0)
-    region_max = lambda mask: jnp.max(jnp.where(mask, err_i, 0.0))  # noqa: E731  (nan propagates)
+    region_max = lambda mask, err=err_i: jnp.max(jnp.where(mask, err, 0.0))  # noqa: E731  (nan propagates)
     kl = jnp.sum(ev.weight * kl_i)
-    kl_opt_i = pointwise_kl(ev.log_post, ev.log_opt)
     scalars = {
         "kl": kl,
         "kl_rel": kl / ev.mutual_info,
-        "kl_optimum": jnp.sum(ev.weight * kl_opt_i),
+        "kl_optimum": ev.kl_optimum,
         "kl_to_optimum": jnp.sum(ev.weight * pointwise_kl(ev.log_opt, log_q)),
-        "err_to_optimum": jnp.max(jnp.where(ev.in_hdr, jnp.max(jnp.abs(jnp.exp(ev.log_opt) - q), axis=-1), 0.0)),
+        "err_to_optimum": region_max(ev.in_hdr, jnp.max(jnp.abs(jnp.exp(ev.log_opt) - q), axis=-1)),
         "tv": jnp.sum(ev.weight * 0.5 * jnp.sum(abs_err, axis=-1)),
         "max_err": region_max(ev.in_hdr),
         "err_dense": region_max(ev.in_dense),
@@ -473,7 +476,7 @@ def errors(ev: EvalSet, log_q: jax.Array) -> tuple[dict[str, jax.Array], Density
     per_mass = lambda total: jnp.where(mass > 0, total / jnp.where(mass > 0, mass, 1.0), jnp.nan)  # noqa: E731
     density = DensityBins(mass=mass, kl_mean=per_mass(kl_contribution), kl_contribution=kl_contribution,
                           max_err=jnp.where(jnp.any(in_bin, axis=0), bin_max, jnp.nan),
-                          kl_optimum_mean=per_mass((ev.weight * kl_opt_i) @ ev.bins))
+                          kl_optimum_mean=per_mass(ev.kl_optimum_bins))
     return scalars, density
 
 
