@@ -285,7 +285,7 @@ def print_plan(sw, out: Path, layout, shard) -> int:
         except results.ResultsExist as e:
             print(f"note: {e}")
     table = planning.plan(sw, layout, shard, done)
-    print(f"{sw.name}: {len(sw.runs)} runs, {len(sw.groups[0])} groups (one compile each); "
+    print(f"{sw.name}: {len(sw.runs)} runs, {len(sw.block_groups[0])} groups (one compile each); "
           f"{len(done)} already finished in {out}; {len(layout.devices)} {layout.backend} device(s)")
     if len(table):
         print(table.to_string(index=False, float_format=lambda v: f"{v:,.1f}"))

@@ -22,9 +22,10 @@ import itertools
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
+import numpy as np
 import pandas as pd
 
 from calibjax import estimators, tables, train
@@ -146,24 +147,30 @@ def default_layout(chunk_size: int | None = None, inner_batch: int | None = None
 class Chunk:
     group: int
     static: train.Static
-    run_ids: list[int]
+    run_ids: np.ndarray  # int64, ascending
     size: int    # padded number of runs per call (the same for every chunk of a group)
-    hashes: tuple[str, ...] = ()  # the runs' identities (sweep.Sweep.hashes)
+    sweep: sweep_mod.Sweep | None = field(default=None, repr=False)  # knows the runs' identities
+
+    @functools.cached_property
+    def hashes(self) -> tuple[str, ...]:
+        """The runs' identities (sweep.Sweep.hashes), computed when the chunk is named."""
+        return tuple(self.sweep.run_hashes(self.run_ids)) if self.sweep is not None else ()
 
     @property
     def chunk_id(self) -> str:
         """Names the chunk's place and, by a hash of its runs' identities, its content: a chunk of
         another version of the sweep never takes the name of a different set of runs."""
         content = hashlib.sha256(" ".join(self.hashes).encode()).hexdigest()[:8]
-        return f"g{self.group:03d}-r{self.run_ids[0]:07d}-n{len(self.run_ids)}-{content}"
+        return f"g{self.group:03d}-r{int(self.run_ids[0]):07d}-n{len(self.run_ids)}-{content}"
 
 
-def shard_run_ids(n_runs: int, shard: tuple[int, int] | None) -> list[int]:
-    """Shard k of n owns run_ids i with i % n == k: deterministic, and balanced over groups."""
+def shard_run_ids(n_runs: int, shard: tuple[int, int] | None) -> np.ndarray | None:
+    """Shard k of n owns run_ids i with i % n == k: deterministic, and balanced over groups (None:
+    no shard, every run)."""
     if shard is None:
-        return list(range(n_runs))
+        return None
     k, n = shard
-    return list(range(k, n_runs, n))
+    return np.arange(k, n_runs, n, dtype=np.int64)
 
 
 def plan_chunks(sw: sweep_mod.Sweep, layout: Layout, run_ids=None, done=frozenset()) -> list[Chunk]:
@@ -173,18 +180,17 @@ def plan_chunks(sw: sweep_mod.Sweep, layout: Layout, run_ids=None, done=frozense
     the sweep and the layout alone: processes sharing a directory plan the same chunks whenever
     they start. A chunk partly done (by another layout) keeps only its unfinished runs.
     """
-    statics, group_of = sw.groups
-    wanted = set(range(len(sw.runs)) if run_ids is None else run_ids)
-    done = set(done)
+    done = np.fromiter(done, np.int64, len(done))
     chunks = []
-    for g, static in enumerate(statics):
-        ids = [i for i, gi in enumerate(group_of) if gi == g and i in wanted]
-        if ids:
+    for g, static in enumerate(sw.block_groups[0]):
+        ids = sw.group_runs(g, run_ids)
+        if len(ids):
             runs, size = layout.chunk_size(len(ids), static)
             for start in range(0, len(ids), runs):
-                todo = [i for i in ids[start:start + runs] if i not in done]
-                if todo:
-                    chunks.append(Chunk(g, static, todo, size, tuple(sw.hashes[i] for i in todo)))
+                todo = ids[start:start + runs]
+                todo = todo[~np.isin(todo, done)] if len(done) else todo
+                if len(todo):
+                    chunks.append(Chunk(g, static, todo, size, sw))
     return chunks
 
 

@@ -35,7 +35,7 @@ def sweep_manifest(sw: sweep_mod.Sweep) -> dict:
     """What identifies a sweep's results, and what the figures need to know about it."""
     return {"sweep_name": sw.name, "sweep_file": sw.path, "sweep_sha256": sw.sha256, "sweep_text": sw.text,
             "runs": len(sw.runs), "groups": len(sw.groups[0]),
-            "plot_steps": {r.case: r.settings["plot_steps"] for r in sw.runs}}
+            "plot_steps": sw.plot_steps()}
 
 
 def check_same_numbers(manifest: dict, where: Path, name: str, identity: dict, hint: str) -> None:
@@ -90,7 +90,7 @@ def write_chunk(part: Path, chunk_id: str, static: train.Static, run_ids, run_ha
 def finished_run_ids(out: Path, sw: sweep_mod.Sweep) -> set[int]:
     """run_ids of the sweep whose runs (by identity) are finished in ``out``."""
     done = store.finished_hashes(out)
-    return {i for i, h in enumerate(sw.hashes) if h in done}
+    return {i for i, h in enumerate(sw.hashes) if h in done} if done else set()
 
 
 def finalize(out: Path, runs: pd.DataFrame) -> list[int]:

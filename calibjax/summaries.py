@@ -50,75 +50,109 @@ def eps_name(eps: float) -> str:
     return f"{eps:g}"
 
 
-def _crossing(steps: np.ndarray, values: np.ndarray, i: int, eps: float) -> float:
-    """The step where values fall to eps between checkpoints i - 1 and i, on log-log axes."""
-    if i == 0:
-        return float(steps[0])
-    s0, s1, v0, v1 = steps[i - 1], steps[i], values[i - 1], values[i]
-    lv0, lv1 = math.log(max(v0, 1e-30)), math.log(max(v1, 1e-30))
-    t = (math.log(eps) - lv0) / (lv1 - lv0) if lv1 != lv0 else 1.0
-    return float(math.exp(math.log(s0) + t * (math.log(s1) - math.log(s0))))
+def _crossing(steps: np.ndarray, values: np.ndarray, i: np.ndarray, eps: float) -> np.ndarray:
+    """Per row of (R, C) arrays: the step where values fall to eps between checkpoints i - 1 and i,
+    on log-log axes (the first checkpoint where i == 0)."""
+    r = np.arange(len(i))
+    j = np.maximum(i - 1, 0)
+    s0, s1, v0, v1 = steps[r, j], steps[r, i], values[r, j], values[r, i]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lv0, lv1 = np.log(np.maximum(v0, 1e-30)), np.log(np.maximum(v1, 1e-30))
+        t = np.where(lv1 != lv0, (np.log(eps) - lv0) / (lv1 - lv0), 1.0)
+        step = np.exp(np.log(s0) + t * (np.log(s1) - np.log(s0)))
+    return np.where(i == 0, steps[:, 0], step)
 
 
-def steps_to_reach(steps: np.ndarray, values: np.ndarray, eps: float) -> float:
+def _rows(fn):
+    """Let a function of (R, C) arrays also take one run's 1-D arrays (and return a float)."""
+    def wrapper(steps, values, eps):
+        steps, values = np.asarray(steps, float), np.asarray(values, float)
+        if values.ndim == 1:
+            return float(fn(steps[None], values[None], eps)[0])
+        return fn(np.broadcast_to(steps, values.shape), values, eps)
+    wrapper.__doc__, wrapper.__name__ = fn.__doc__, fn.__name__
+    return wrapper
+
+
+@_rows
+def steps_to_reach(steps: np.ndarray, values: np.ndarray, eps: float) -> np.ndarray:
     """First step with value <= eps, interpolated on log-log axes; inf if never; nan if the value
-    is nan first."""
-    for i, v in enumerate(values):
-        if np.isnan(v):
-            return math.nan
-        if v <= eps:
-            return _crossing(steps, values, i, eps)
-    return math.inf
+    is nan first. Per row of (R, C) arrays, or for one run's 1-D arrays."""
+    hit = np.isnan(values) | (values <= eps)
+    i = hit.argmax(axis=1)
+    first = values[np.arange(len(i)), i]
+    out = np.where(hit.any(axis=1), _crossing(steps, values, i, eps), math.inf)
+    return np.where(np.isnan(first) & hit.any(axis=1), math.nan, out)
 
 
-def steps_to_stay(steps: np.ndarray, values: np.ndarray, eps: float) -> float:
+@_rows
+def steps_to_stay(steps: np.ndarray, values: np.ndarray, eps: float) -> np.ndarray:
     """The step after which value <= eps at every later checkpoint (the last crossing), interpolated
     as steps_to_reach; inf if the last value is above eps; nan if any value is nan."""
-    if np.isnan(values).any():
-        return math.nan
-    above = np.flatnonzero(values > eps)
-    if len(above) == 0:
-        return float(steps[0])
-    i = int(above[-1]) + 1
-    return math.inf if i == len(values) else _crossing(steps, values, i, eps)
+    c = values.shape[1]
+    above = values > eps
+    i = np.where(above.any(axis=1), c - above[:, ::-1].argmax(axis=1), 0)  # just after the last one above
+    out = np.where(i == c, math.inf, _crossing(steps, values, np.minimum(i, c - 1), eps))
+    return np.where(np.isnan(values).any(axis=1), math.nan, out)
+
+
+def _median(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Per row: the median of the values where ``keep`` and not nan (pandas' Series.median), nan if none."""
+    v = np.sort(np.where(keep, values, math.nan), axis=1)  # nan last
+    n = (~np.isnan(v)).sum(axis=1)
+    r = np.arange(len(v))
+    lo, hi = v[r, np.maximum((n - 1) // 2, 0)], v[r, np.maximum(n // 2, 0)]
+    return np.where(n == 0, math.nan, np.where(n % 2 == 1, lo, (lo + hi) / 2))
 
 
 def summarize(metrics: pd.DataFrame, runs: pd.DataFrame, eps=DEFAULT_EPS, rel_eps=DEFAULT_REL_EPS,
               recalibrated: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per run: learnability summaries (see the module docstring), joined to the settings;
-    with ``recalibrated`` (temperature scaling), final_<m>_ts of its FINAL_SCALED columns too."""
+    with ``recalibrated`` (temperature scaling), final_<m>_ts of its FINAL_SCALED columns too.
+
+    Vectorised: the runs with the same number of checkpoints form one (runs x checkpoints) array
+    per metric, and every summary is an array operation over it.
+    """
     finals = list(FINAL)
     if recalibrated is not None:
         scaled = {k: f"{k}_ts" for k in FINAL_SCALED}
         metrics = metrics.merge(recalibrated[["run_id", "step", *scaled]].rename(columns=scaled),
                                 on=["run_id", "step"], how="left")
         finals += list(scaled.values())
-    rows = []
-    status = runs.set_index("run_id")["status"]
+    m = metrics[metrics["step"] > 0].sort_values(["run_id", "step"], kind="stable")
+    run_ids, starts, counts = np.unique(m["run_id"].to_numpy(), return_index=True, return_counts=True)
+    diverged_ids = runs.loc[runs["status"] == "diverged", "run_id"].to_numpy()
     thresholds = [("kl", e) for e in eps] + [("kl_rel", e) for e in rel_eps]
-    for run_id, m in metrics[metrics["step"] > 0].sort_values(["run_id", "step"]).groupby("run_id"):
-        steps = m["step"].to_numpy(float)
-        diverged = status.get(run_id) == "diverged"
-        row = {"run_id": run_id}
+    columns = {k: m[k].to_numpy(float) for k in ("step", "kl", "kl_rel", "accuracy", "bayes_accuracy", *finals)
+               if k in m}
+    parts = []
+    for c in np.unique(counts):  # runs with c checkpoints: one (R, c) array per column
+        sel = counts == c
+        rows = starts[sel][:, None] + np.arange(c)
+        col = {k: v[rows] for k, v in columns.items()}
+        steps = col["step"]
+        diverged = np.isin(run_ids[sel], diverged_ids)
+        out = {"run_id": run_ids[sel]}
         for metric, e in thresholds:
-            values = m[metric].to_numpy(float)
-            name = f"{metric}_{eps_name(e)}"
-            reach = math.nan if diverged else steps_to_reach(steps, values, e)
-            row[f"steps_to_{name}"] = reach
-            row[f"reached_{name}"] = bool(np.isfinite(reach))
-            row[f"sustained_{name}"] = math.nan if diverged else steps_to_stay(steps, values, e)
-        window = m[m["step"] >= (1 - FINAL_WINDOW) * steps[-1]]
-        row["n_final_checkpoints"] = len(window)
+            values, name = col[metric], f"{metric}_{eps_name(e)}"
+            reach = np.where(diverged, math.nan, steps_to_reach(steps, values, e))
+            out[f"steps_to_{name}"] = reach
+            out[f"reached_{name}"] = np.isfinite(reach)
+            out[f"sustained_{name}"] = np.where(diverged, math.nan, steps_to_stay(steps, values, e))
+        window = steps >= (1 - FINAL_WINDOW) * steps[:, -1:]
+        out["n_final_checkpoints"] = window.sum(axis=1)
         for k in finals:
-            row[f"final_{k}"] = math.nan if diverged or k not in m else float(window[k].median())
-        gap = window["bayes_accuracy"] - window["accuracy"]
-        row["final_accuracy_gap"] = math.nan if diverged else float(gap.median())
-        kl = m["kl"].to_numpy(float)
+            out[f"final_{k}"] = (np.full(len(steps), math.nan) if k not in m else
+                                 np.where(diverged, math.nan, _median(col[k], window)))
+        gap = col["bayes_accuracy"] - col["accuracy"]
+        out["final_accuracy_gap"] = np.where(diverged, math.nan, _median(gap, window))
         logs = np.log10(steps)
-        row["kl_auc"] = (math.nan if diverged or len(steps) < 2 else
-                         float(np.trapezoid(kl, logs) / (logs[-1] - logs[0])))
-        rows.append(row)
-    return runs.merge(pd.DataFrame(rows), on="run_id", how="right")
+        auc = (np.trapezoid(col["kl"], logs, axis=1) / (logs[:, -1] - logs[:, 0]) if c >= 2
+               else np.full(len(steps), math.nan))
+        out["kl_auc"] = np.where(diverged, math.nan, auc)
+        parts.append(pd.DataFrame(out))
+    per_run = pd.concat(parts).sort_values("run_id", kind="stable") if parts else pd.DataFrame({"run_id": []})
+    return runs.merge(per_run.reset_index(drop=True), on="run_id", how="right")
 
 
 def swept_columns(runs: pd.DataFrame) -> list[str]:
@@ -139,13 +173,31 @@ def swept_columns(runs: pd.DataFrame) -> list[str]:
     return cols
 
 
-def _quantile(values: pd.Series, q: float) -> float:
-    v = values.to_numpy(float)
-    v = v[~np.isnan(v)]
-    if not len(v):
-        return math.nan
-    r = float(np.quantile(np.where(np.isinf(v), np.sign(v) * _SENTINEL, v), q))
-    return math.copysign(math.inf, r) if abs(r) >= _INF_FROM else r
+def _group_quantiles(values: np.ndarray, group: np.ndarray, n_groups: int, qs) -> list[np.ndarray]:
+    """Per group: np.quantile (linear) of its non-nan values, one array per q, nan for a group with
+    none. inf stays inf: it is a finite sentinel while interpolating. One sort for every group; the
+    interpolation is numpy's own (``_lerp``), so each value equals np.quantile's bit for bit."""
+    ok = ~np.isnan(values)
+    v, g = values[ok], group[ok]
+    v = np.where(np.isinf(v), np.sign(v) * _SENTINEL, v)
+    order = np.lexsort((v, g))
+    v, g = v[order], g[order]
+    n = np.bincount(g, minlength=n_groups)
+    start = np.concatenate(([0], np.cumsum(n)[:-1]))
+    out = []
+    for q in qs:
+        virtual = n * q + (1 + q * (1 - 1 - 1)) - 1    # numpy's virtual index, method "linear"
+        prev = np.floor(virtual)
+        gamma = virtual - prev
+        top = virtual >= n - 1
+        i0 = np.where(top, n - 1, prev).astype(np.intp)
+        i1 = np.where(top, n - 1, prev + 1).astype(np.intp)
+        a, b = (v[np.clip(start + i, 0, len(v) - 1)] if len(v) else np.zeros(n_groups) for i in (i0, i1))
+        diff = b - a
+        r = np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
+        r = np.where(np.abs(r) >= _INF_FROM, np.copysign(math.inf, r), r)
+        out.append(np.where(n == 0, math.nan, r))
+    return out
 
 
 FINAL_COLUMNS = frozenset({f"final_{k}" for k in (*FINAL, "accuracy_gap")})
@@ -157,21 +209,24 @@ def value_columns(summary: pd.DataFrame) -> list[str]:
 
 
 def aggregate(summary: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:
-    """Median and interquartile range of every summary over seeds, per grid point."""
+    """Median and interquartile range of every summary over seeds, per grid point (vectorised:
+    one sort per summary column for every grid point at once)."""
     by = by if by is not None else ["case", *swept_columns(summary)]
     by = [c for c in by if c in summary.columns and not c.startswith("reached_")]
-    rows = []
-    for key, g in summary.groupby(by, sort=True, dropna=False):
-        row = dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True))
-        row["n_runs"] = len(g)
-        row["n_diverged"] = int((g["status"] == "diverged").sum())
-        for c in value_columns(summary):
-            for name, q in (("median", 0.5), ("q25", 0.25), ("q75", 0.75)):
-                row[f"{c}_{name}" if name != "median" else c] = _quantile(g[c], q)
-            if c.startswith(TIMING_PREFIXES):
-                row[f"n_never_{c}"] = int(np.isinf(g[c]).sum())
-        rows.append(row)
-    return pd.DataFrame(rows)
+    groups = summary.groupby(by, sort=True, dropna=False)
+    code = groups.ngroup().to_numpy()
+    sizes = groups.size()
+    out = sizes.index.to_frame(index=False) if len(by) else pd.DataFrame(index=range(len(sizes)))
+    n = len(sizes)
+    out["n_runs"] = sizes.to_numpy()
+    out["n_diverged"] = np.bincount(code, weights=(summary["status"] == "diverged").to_numpy(), minlength=n
+                                    ).astype(np.int64)
+    for c in value_columns(summary):
+        v = summary[c].to_numpy(float)
+        out[c], out[f"{c}_q25"], out[f"{c}_q75"] = _group_quantiles(v, code, n, (0.5, 0.25, 0.75))
+        if c.startswith(TIMING_PREFIXES):
+            out[f"n_never_{c}"] = np.bincount(code, weights=np.isinf(v), minlength=n).astype(np.int64)
+    return out
 
 
 BENCHMARK_KEYS = ("estimator", "n", "step")

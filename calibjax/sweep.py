@@ -19,9 +19,10 @@ import inspect
 import itertools
 import json
 import math
+import operator
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,12 +123,77 @@ class Run:
     task: dict[str, np.ndarray] = field(default_factory=dict)  # prior (M,), weight (M,K), mean/sigma (M,K,D)
 
 
+@dataclass(frozen=True)
+class Axis:
+    """One [grid] axis: its key, checked values and where it was set. An independent axis (a
+    setting in INDEPENDENT, or a task mean or sigma set by address) changes no static setting and
+    is checked value by value, so the runs along it are made by index arithmetic, not resolved one
+    by one."""
+
+    key: str
+    values: tuple
+    where: str
+    independent: bool
+
+
+# Grid axes over these settings, and over task entries mu*/sigma*, are independent (Axis): no
+# static setting and no check of another setting depends on their values.
+INDEPENDENT = frozenset({"lr", "weight_decay", "momentum", "final_lr_ratio", "lr_schedule", "n_data"})
+
+
+def is_independent(key: str) -> bool:
+    m = ADDRESS.match(key)
+    return key in INDEPENDENT or bool(m and m.group(1))
+
+
 @dataclass
+class Block:
+    """One case with one value of every coupled (not independent) grid axis, resolved with the
+    independent axes at their first values: what every point of the block shares."""
+
+    run: Run
+    base_task: dict[str, np.ndarray]             # task arrays before entries set by address
+    addresses: tuple[tuple[str, Any, str], ...]  # (address, value, where), in the order applied
+
+
+class Runs(Sequence):
+    """A sweep's runs, made on demand from their index (a million-run sweep is never held as objects)."""
+
+    def __init__(self, sw: Sweep):
+        self._sw = sw
+
+    def __len__(self) -> int:
+        return self._sw.n_runs
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._sw.run(j) for j in range(*i.indices(len(self)))]
+        i = operator.index(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"run {i} of {len(self)}")
+        return self._sw.run(i)
+
+
 class Sweep:
-    name: str
-    path: str
-    text: str
-    runs: list[Run]
+    """A parsed, checked sweep: cases x grid points x seeds, in file order (seeds innermost, the
+    last grid axis fastest). Nothing is expanded up front: a run is made from its index, and the
+    groups (compiled programs) and the runs table by index arithmetic over blocks (``Block``)."""
+
+    def __init__(self, name: str, path: str, text: str, base: dict, origin: dict,
+                 cases: list[tuple[str, dict]], axes: list[Axis], seeds: list[int]):
+        self.name, self.path, self.text = name, path, text
+        self.base, self.origin, self.cases, self.axes, self.seeds = base, origin, cases, axes, seeds
+        self.sizes = np.array([len(a.values) for a in axes], np.int64)
+        self.coupled = [a for a, ax in enumerate(axes) if not ax.independent]
+        self.independent = [a for a, ax in enumerate(axes) if ax.independent]
+        self.n_grid = math.prod(len(a.values) for a in axes)
+        self.n_points = len(cases) * self.n_grid
+        self.n_runs = self.n_points * len(seeds)
+        self.n_blocks = len(cases) * math.prod(len(axes[a].values) for a in self.coupled)
+        self.block = functools.lru_cache(maxsize=4096)(self._block)
+        self.runs = Runs(self)
 
     @property
     def sha256(self) -> str:
@@ -139,21 +205,122 @@ class Sweep:
             doc = self.text
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
+    # ------------------------------------------------------------ index arithmetic
+
+    def digits(self, points) -> tuple[np.ndarray, np.ndarray]:
+        """Case index and per-axis value index (one row per axis) of grid points (an int or an array)."""
+        p = np.asarray(points, np.int64)
+        case, rest = np.divmod(p, self.n_grid)
+        digits = np.zeros((len(self.axes),) + p.shape, np.int64)
+        for a in reversed(range(len(self.axes))):
+            rest, digits[a] = np.divmod(rest, self.sizes[a])
+        return case, digits
+
+    def block_of(self, points) -> np.ndarray:
+        """The blocks (case x coupled axis values, numbered in order of first appearance) of grid points."""
+        case, digits = self.digits(points)
+        b = case
+        for a in self.coupled:
+            b = b * self.sizes[a] + digits[a]
+        return b
+
+    def _settings(self, case: int, digits) -> tuple[str, dict, dict]:
+        """The unresolved settings of a case at grid value indices ``digits``: base, case, grid."""
+        name, overrides = self.cases[case]
+        settings, origin = dict(self.base), dict(self.origin)
+        for key, (v, where) in overrides.items():
+            settings[key], origin[key] = v, where
+        for ax, d in zip(self.axes, digits, strict=True):
+            settings[ax.key], origin[ax.key] = ax.values[int(d)], ax.where
+        return name, settings, origin
+
+    def _block(self, b: int) -> Block:
+        digits, rest = [0] * len(self.axes), int(b)
+        for a in reversed(self.coupled):
+            rest, digits[a] = divmod(rest, len(self.axes[a].values))
+        name, settings, origin = self._settings(rest, digits)
+        run, base_task, addresses = _resolve(settings, origin, self.path + ":")
+        run.case = name
+        return Block(run, base_task, addresses)
+
+    def point(self, p: int) -> Run:
+        """Grid point p (cases x grid, in file order), resolved; seed 0."""
+        blk = self.block(int(self.block_of(p)))
+        if not self.independent:
+            return blk.run
+        _, digits = self.digits(p)
+        settings, by_address = dict(blk.run.settings), {}
+        for a in self.independent:
+            ax = self.axes[a]
+            if ax.key in SETTINGS:
+                settings[ax.key] = ax.values[int(digits[a])]
+            else:
+                by_address[ax.key] = ax.values[int(digits[a])]
+        task = blk.run.task
+        if by_address:
+            task = {k: v.copy() for k, v in blk.base_task.items()}
+            apply_addresses({k: by_address.get(k, v) for k, v, _ in blk.addresses},
+                            {k: w for k, _, w in blk.addresses}, task)
+        return Run(blk.run.case, 0, settings, blk.run.origin, task)
+
+    def run(self, i: int) -> Run:
+        p, s = divmod(int(i), len(self.seeds))
+        r = self.point(p)
+        return Run(r.case, self.seeds[s], r.settings, r.origin, r.task)
+
+    # ------------------------------------------------------------ groups and identities
+
+    @functools.cached_property
+    def block_groups(self) -> tuple[list[train.Static], np.ndarray]:
+        """Distinct static settings (one compile each) in order of first appearance, and each
+        block's group index."""
+        statics: dict[train.Static, int] = {}
+        of_block = [statics.setdefault(static_of(self.block(b).run), len(statics)) for b in range(self.n_blocks)]
+        return list(statics), np.asarray(of_block, np.int64)
+
+    @property
+    def groups(self) -> tuple[list[train.Static], np.ndarray]:
+        """Distinct static settings in order of first appearance, and each run's group index."""
+        statics, of_block = self.block_groups
+        return statics, np.repeat(of_block[self.block_of(np.arange(self.n_points))], len(self.seeds))
+
+    def group_runs(self, g: int, run_ids=None) -> np.ndarray:
+        """The run_ids of group g (those among ``run_ids``, if given), ascending."""
+        of_block = self.block_groups[1]
+        if run_ids is None:
+            points = np.flatnonzero(of_block[self.block_of(np.arange(self.n_points))] == g)
+            return (points[:, None] * len(self.seeds) + np.arange(len(self.seeds))).reshape(-1)
+        ids = np.asarray(run_ids, np.int64)
+        return ids[of_block[self.block_of(ids // len(self.seeds))] == g]
+
+    def _hash_parts(self, p: int) -> tuple[str, str]:
+        statics, of_block = self.block_groups
+        return hash_parts(self.point(p), _static_json(statics[of_block[self.block_of(p)]]))
+
+    def run_hashes(self, run_ids) -> list[str]:
+        """The identities of some runs: from ``hashes`` if computed, else each point's parts once."""
+        if "hashes" in self.__dict__:
+            return [self.hashes[i] for i in run_ids]
+        parts = functools.lru_cache(maxsize=64)(self._hash_parts)
+        s = len(self.seeds)
+        return [_sha(*parts(int(i) // s), seed=self.seeds[int(i) % s]) for i in run_ids]
+
     @functools.cached_property
     def hashes(self) -> list[str]:
         """Each run's identity: a hash of its resolved settings (everything that fixes its numbers
         besides the numbers identity a results directory checks). Runs of two sweep files with the
         same hash are the same run, whatever their run_id, case name or the files' comments."""
-        statics, group_of = self.groups
-        return [run_hash(r, statics[g]) for r, g in zip(self.runs, group_of, strict=True)]
+        out = []
+        for p in range(self.n_points):
+            parts = self._hash_parts(p)
+            out.extend(_sha(*parts, seed=seed) for seed in self.seeds)
+        return out
 
-    @functools.cached_property
-    def groups(self) -> tuple[list[train.Static], list[int]]:
-        """Distinct static settings (one compile each) in order of first appearance, and each
-        run's group index; computed once per sweep."""
-        statics: dict[train.Static, int] = {}
-        group_of = [statics.setdefault(static_of(r), len(statics)) for r in self.runs]
-        return list(statics), group_of
+    def plot_steps(self) -> dict[str, list[int]]:
+        """Each case's plot_steps (those of its last block)."""
+        per_case = self.n_blocks // len(self.cases)
+        return {name: self.block((c + 1) * per_case - 1).run.settings["plot_steps"]
+                for c, (name, _) in enumerate(self.cases)}
 
 
 # ---------------------------------------------------------------- value checks
@@ -548,25 +715,29 @@ def parse(doc: dict, path: str = "<sweep>", text: str = "", default_name: str = 
     for key, spec in grid.items():
         where = f"{f} [grid]"
         values = _grid_values(key, spec, where, max_runs)
-        axes.append([(key, _check_setting(key, v, where), where) for v in values])
+        axes.append(Axis(key, tuple(_check_setting(key, v, where) for v in values), where, is_independent(key)))
 
-    n_runs = len(case_settings) * math.prod(len(a) for a in axes) * len(seeds)
+    n_runs = len(case_settings) * math.prod(len(a.values) for a in axes) * len(seeds)
     if n_runs > max_runs:
-        raise SweepError(f"{f} {len(case_settings)} case(s) x {' x '.join(str(len(a)) for a in axes) or '1'} grid "
+        raise SweepError(f"{f} {len(case_settings)} case(s) x "
+                         f"{' x '.join(str(len(a.values)) for a in axes) or '1'} grid "
                          f"point(s) x {len(seeds)} seed(s) = {n_runs:,} runs, more than the {max_runs:,} a sweep "
                          "may have; split it, or raise the limit with --max-runs")
-    runs = []
-    for cname, overrides in case_settings.items():
-        for point in itertools.product(*axes):
-            settings, where_from = dict(base), dict(origin)
-            for key, (v, where) in overrides.items():
-                settings[key], where_from[key] = v, where
-            for key, v, where in point:
-                settings[key], where_from[key] = v, where
-            resolved = _resolve(settings, where_from, f)
-            for seed in seeds:
-                runs.append(Run(cname, seed, resolved.settings, resolved.origin, resolved.task))
-    return Sweep(name, path, text, runs)
+    sw = Sweep(name, path, text, base, origin, list(case_settings.items()), axes, seeds)
+    _check_all(sw)
+    return sw
+
+
+def _check_all(sw: Sweep) -> None:
+    """Every run is checked before anything trains, without resolving every run: each block (case
+    x coupled grid values) is resolved, and each value of an independent axis once (in the first
+    block): the checks of an independent setting depend on nothing else."""
+    _ = sw.block_groups  # resolves every block
+    for a in sw.independent:
+        for d in range(1, len(sw.axes[a].values)):
+            digits = [0] * len(sw.axes)
+            digits[a] = d
+            _resolve(*sw._settings(0, digits)[1:], sw.path + ":")
 
 
 def _seeds(v, f: str, max_runs: int) -> list[int]:
@@ -580,17 +751,21 @@ def _seeds(v, f: str, max_runs: int) -> list[int]:
     raise SweepError(f"{f} seeds: expected a count >= 1 or a list of distinct integers >= 0, got {v!r}")
 
 
-def _resolve(settings: dict, origin: dict, f: str) -> Run:
-    """One grid point's settings, checked together: the resolver's steps in order."""
+def _resolve(settings: dict, origin: dict, f: str) -> tuple[Run, dict, tuple]:
+    """One grid point's settings, checked together: the resolver's steps in order. Returns the run
+    (case and seed unset), its task arrays before entries set by address, and those entries."""
     fill_defaults(settings, origin, f)
     task = task_arrays(settings, origin)
+    base_task = {k: v.copy() for k, v in task.items()}
+    addresses = tuple((k, settings[k], origin[k]) for k in settings if k not in SETTINGS)
     apply_addresses(settings, origin, task)
     resolve_checkpoints(settings, origin)
     resolve_hidden(settings)
     if settings["curves"] and task["mean"].shape[2] > 2:
         raise SweepError(f"{origin['curves']} curves: posterior curves need a 1-D or 2-D task "
                          f"(D = {task['mean'].shape[2]})")
-    return Run("", 0, settings, origin, task)
+    return Run("", 0, settings, origin, task), base_task, addresses
+
 
 
 def fill_defaults(settings: dict, origin: dict, f: str) -> None:
@@ -755,11 +930,28 @@ def static_of(run: Run) -> train.Static:
 def run_hash(run: Run, static: train.Static) -> str:
     """sha256 (32 hex digits) of a run's resolved settings: its static settings and every number
     that enters its Dynamic."""
+    return _sha(*hash_parts(run, _static_json(static)), seed=run.seed)
+
+
+@functools.lru_cache(maxsize=64)
+def _static_json(static: train.Static) -> str:
+    return json.dumps(dataclasses.asdict(static), sort_keys=True, default=str)
+
+
+def hash_parts(run: Run, static_json: str) -> tuple[str, str]:
+    """The text hashed for a run's identity (json.dumps of its settings, keys sorted), split
+    around the seed: every seed of a grid point shares the two parts."""
     s = run.settings
-    content = {"static": dataclasses.asdict(static),
-               "task": {k: np.asarray(v, float).tolist() for k, v in sorted(run.task.items())},
-               "seed": run.seed, **{k: s[k] for k in DYNAMIC_SETTINGS}}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    content = {"static": "@static@", "task": {k: np.asarray(v, float).tolist() for k, v in sorted(run.task.items())},
+               "seed": "@seed@", **{k: s[k] for k in DYNAMIC_SETTINGS}}
+    text = json.dumps(content, sort_keys=True, default=str).replace('"@static@"', static_json, 1)
+    prefix, suffix = text.split('"@seed@"')
+    return prefix, suffix
+
+
+def _sha(prefix: str, suffix: str, seed: int) -> str:
+    return hashlib.sha256(f"{prefix}{seed}{suffix}".encode()).hexdigest()[:32]
+
 
 
 # The settings that enter a run's Dynamic besides its task and seed (train.make_dynamic's arguments).
@@ -773,16 +965,21 @@ def dynamic_of(run: Run) -> train.Dynamic:
     return train.make_dynamic(task, seed=run.seed, **{k: s[k] for k in DYNAMIC_SETTINGS})
 
 
+def entry_suffixes(shape) -> list[tuple[tuple[int, int, int], str]]:
+    """Each (class, component, dimension) of a task of shape (M, K, D) and its column suffix:
+    _k<k> where K > 1, _d<d> where D > 1 (mu2, sigma1_k2, mu1_d2, ...)."""
+    _, k_max, dim = shape
+    return [((c, k, d), (f"_k{k + 1}" if k_max > 1 else "") + (f"_d{d + 1}" if dim > 1 else ""))
+            for c in range(shape[0]) for k in range(k_max) for d in range(dim)]
+
+
 def task_columns(task: dict[str, np.ndarray]) -> dict[str, float]:
     """Scalar columns named like the sweep addresses: mu2, sigma1_k2, prior1, weight3_k1 ..."""
-    n_classes, k_max, dim = task["mean"].shape
+    n_classes, k_max, _ = task["mean"].shape
     cols = {}
-    for c in range(n_classes):
-        for k in range(k_max):
-            for d in range(dim):
-                suffix = (f"_k{k + 1}" if k_max > 1 else "") + (f"_d{d + 1}" if dim > 1 else "")
-                cols[f"mu{c + 1}{suffix}"] = float(task["mean"][c, k, d])
-                cols[f"sigma{c + 1}{suffix}"] = float(task["sigma"][c, k, d])
+    for (c, k, d), suffix in entry_suffixes(task["mean"].shape):
+        cols[f"mu{c + 1}{suffix}"] = float(task["mean"][c, k, d])
+        cols[f"sigma{c + 1}{suffix}"] = float(task["sigma"][c, k, d])
     for c in range(n_classes):
         cols[f"prior{c + 1}"] = float(task["prior"][c])
     if k_max > 1:
@@ -795,10 +992,9 @@ def task_columns(task: dict[str, np.ndarray]) -> dict[str, float]:
 def task_from_row(row) -> tasks.GaussianTask:
     """Inverse of task_columns: the task of a runs-table row."""
     m, k, d = int(row["num_classes"]), int(row["num_components"]), int(row["dim"])
-    idx = [(c, j, e) for c in range(m) for j in range(k) for e in range(d)]
-    suffix = lambda j, e: (f"_k{j + 1}" if k > 1 else "") + (f"_d{e + 1}" if d > 1 else "")
-    mean = np.array([row[f"mu{c + 1}{suffix(j, e)}"] for c, j, e in idx]).reshape(m, k, d)
-    sigma = np.array([row[f"sigma{c + 1}{suffix(j, e)}"] for c, j, e in idx]).reshape(m, k, d)
+    entries = entry_suffixes((m, k, d))
+    mean = np.array([row[f"mu{c + 1}{suffix}"] for (c, _, _), suffix in entries]).reshape(m, k, d)
+    sigma = np.array([row[f"sigma{c + 1}{suffix}"] for (c, _, _), suffix in entries]).reshape(m, k, d)
     prior = np.array([row[f"prior{c + 1}"] for c in range(m)])
     weight = (np.array([[row[f"weight{c + 1}_k{j + 1}"] for j in range(k)] for c in range(m)])
               if k > 1 else np.ones((m, 1)))
@@ -826,9 +1022,49 @@ def run_row(run_id: int, run: Run) -> dict[str, Any]:
     }
 
 
-def runs_table(sw: Sweep) -> pd.DataFrame:
-    """One row per run: identity, task entries, training settings and its group (compiled program)."""
-    df = pd.DataFrame([run_row(i, r) for i, r in enumerate(sw.runs)])
+def runs_table(sw: Sweep, hashes: bool = True) -> pd.DataFrame:
+    """One row per run: identity, task entries, training settings and its group (compiled program);
+    its identity (``run_hash``) unless ``hashes`` is false.
+
+    Built by index arithmetic: one row per block, taken for each of its grid points, the
+    independent axes' values set column by column, then repeated over seeds.
+    """
+    points = np.arange(sw.n_points)
+    blocks = sw.block_of(points)
+    _, digits = sw.digits(points)
+    df = pd.DataFrame([run_row(0, sw.block(b).run) for b in range(sw.n_blocks)]).iloc[blocks].reset_index(drop=True)
+    values = {sw.axes[a].key: sw.axes[a].values for a in sw.independent}
+    for a in sw.independent:
+        key = sw.axes[a].key
+        if key in SETTINGS:
+            df[key] = np.asarray(values[key], object if key == "lr_schedule" else float)[digits[a]]
+    if any(k not in SETTINGS for k in values):  # task entries set by address: per block (shapes differ)
+        order = np.argsort(blocks, kind="stable")
+        keys, starts = np.unique(blocks[order], return_index=True)
+        for b, rows in zip(keys, np.split(order, starts[1:]), strict=True):
+            _set_entries(df, rows, sw.block(b), values, {sw.axes[a].key: digits[a][rows] for a in sw.independent})
+    df = df.iloc[np.repeat(np.arange(len(df)), len(sw.seeds))].reset_index(drop=True)
+    df["run_id"] = np.arange(sw.n_runs, dtype=np.int64)
+    df["seed"] = np.tile(np.asarray(sw.seeds, np.int64), sw.n_points)
     df["group"] = sw.groups[1]
-    df["run_hash"] = sw.hashes
+    if hashes:
+        df["run_hash"] = sw.hashes
     return df
+
+
+def _set_entries(df: pd.DataFrame, rows: np.ndarray, blk: Block, values: dict, digits: dict) -> None:
+    """The mean and sigma columns of one block's rows: its task entries set by address re-applied
+    in order (an independent axis's value per row, any other entry's fixed value)."""
+    arrays = {k: np.broadcast_to(blk.run.task[k], (len(rows),) + blk.run.task[k].shape).copy()
+              for k in ("mean", "sigma")}
+    for key, v, _ in blk.addresses:
+        m = ADDRESS.match(key)
+        if not m.group(1):
+            continue  # priors and weights: fixed within a block, already in its row
+        c, k, d = (int(g) if g else None for g in m.group(2, 3, 4))
+        v = np.asarray(values[key], float)[digits[key]] if key in values else np.full(len(rows), float(v))
+        arrays["mean" if m.group(1) == "mu" else "sigma"][:, c - 1, slice(k - 1, k) if k else slice(None),
+                                                         slice(d - 1, d) if d else slice(None)] = v[:, None, None]
+    for (c, j, e), suffix in entry_suffixes(blk.run.task["mean"].shape):
+        df.loc[rows, f"mu{c + 1}{suffix}"] = arrays["mean"][:, c, j, e]
+        df.loc[rows, f"sigma{c + 1}{suffix}"] = arrays["sigma"][:, c, j, e]
