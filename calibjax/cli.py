@@ -242,7 +242,7 @@ def analyse(args) -> int:
 def plot_one(args, out: Path) -> Path:
     from calibjax import plots, store, summaries
 
-    t = store.load_results(out)
+    t = store.Results(out)
     runs = t["runs"]
     fig = out / "figures"
     if args.kind == "heatmap":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from calibjax import store, tables, train
@@ -96,26 +97,26 @@ def finished_run_ids(out: Path, sw: sweep_mod.Sweep) -> set[int]:
 def finalize(out: Path, runs: pd.DataFrame) -> list[int]:
     """Join the finished chunks (own and shards') into the final tables; return missing run_ids.
 
-    Runs not finished yet appear in runs.parquet with status "missing".
+    Runs are matched by identity and take the current sweep's run_ids; runs no longer in it are
+    left out. Runs not finished yet appear in runs.parquet with status "missing". Each table is
+    streamed chunk by chunk into its file (``store.write_merged``), never held whole.
     """
-    found = store.read_chunk_tables(out, tables.TABLES)
-    ids = runs[["run_hash", "run_id"]]
-
-    def current(df: pd.DataFrame) -> pd.DataFrame:
-        """Rows under the current sweep's run_ids (by identity); runs no longer in it are left out."""
-        columns = list(df.columns.drop("run_hash"))
-        return df.drop(columns="run_id").merge(ids, on="run_hash")[columns]
-
-    status = found.pop("status")
-    status = current(status) if status is not None else tables.empty_status()
+    current = pd.Series(runs["run_id"].to_numpy(np.int64), index=runs["run_hash"].to_numpy())
+    parts = []
+    for d, owned in store.finished_chunks(out).items():
+        written = np.fromiter(owned, np.int64, len(owned))
+        now = current.reindex(list(owned.values())).to_numpy()
+        keep = np.flatnonzero(~np.isnan(now))
+        keep = keep[np.argsort(written[keep], kind="stable")]
+        parts.append((d, (written[keep], now[keep].astype(np.int64))))
+    status = [t for d, ids in parts if len(ids[0]) and (t := store.read_chunk_table(d, "status", ids)) is not None]
+    status = pd.concat(status, ignore_index=True) if status else tables.empty_status()
     table = runs.merge(status, on="run_id", how="left")
     table["status"] = table["status"].fillna("missing")
     store.write_parquet(out / "runs.parquet", table)
-    for name, df in found.items():
-        if df is not None:
-            keys = list(tables.TABLES[name].keys)
-            store.write_parquet(out / f"{name}.parquet",
-                                current(df).sort_values(keys, kind="stable").reset_index(drop=True))
+    for name, spec in tables.TABLES.items():
+        if name != "status" and not store.write_merged(out / f"{name}.parquet", parts, list(spec.keys)):
+            (out / f"{name}.parquet").unlink(missing_ok=True)  # an earlier version's, of runs no longer here
     return table.loc[table["status"] == "missing", "run_id"].tolist()
 
 

@@ -22,7 +22,6 @@ writers of this host is removed, so processes sharing a directory cooperate.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -31,9 +30,13 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 HOST = socket.gethostname()
 CHUNK_ID = re.compile(r"^g\d{3}-r\d{7}-n\d+-[0-9a-f]{8}$")   # planning.Chunk.chunk_id
@@ -208,7 +211,7 @@ class ChunkLock:
         return self.path.exists() and not self._stale()
 
 
-def _owners(out: Path) -> dict[Path, dict[int, str]]:
+def finished_chunks(out: Path) -> dict[Path, dict[int, str]]:
     """Per finished chunk (its own and its shard parts'), the runs it owns (the run_id it was
     written with -> the run's hash); a run finished twice (say, by two shard layouts) counts once."""
     out = Path(out)
@@ -227,29 +230,93 @@ def _owners(out: Path) -> dict[Path, dict[int, str]]:
 
 def finished_hashes(out: Path) -> set[str]:
     """Identities (sweep.Sweep.hashes) of the runs finished in a results directory."""
-    return {h for owned in _owners(out).values() for h in owned.values()}
+    return {h for owned in finished_chunks(out).values() for h in owned.values()}
 
 
-def read_chunk_tables(out: Path, names) -> dict[str, pd.DataFrame | None]:
-    """Each named table joined over all finished chunks, each run once, in chunk order, with a
-    ``run_hash`` column (the run_id is the one the chunk was written with); None if no chunk has it."""
-    owners = _owners(out)  # read once for all tables
-    tables = {}
-    for name in names:
-        parts = []
-        for d, owned in owners.items():
-            p = d / f"{name}.parquet"
-            if owned and p.exists():
-                try:
-                    df = pd.read_parquet(p)
-                except Exception as e:  # pyarrow raises several kinds for a damaged file
-                    raise CorruptResults(f"{p}: cannot read ({type(e).__name__}); move that chunk directory "
-                                         "away and rerun the same command to train its runs again") from None
-                df = df[df["run_id"].isin(owned)]
-                parts.append(df.assign(run_hash=df["run_id"].map(owned)))
-        parts = [p for p in parts if len(p)]
-        tables[name] = pd.concat(parts, ignore_index=True) if parts else None
-    return tables
+def read_parquet(p: Path, columns=None, filters=None, hint: str = "") -> pd.DataFrame:
+    """One table, read through a single open file (a concurrent atomic replace cannot mix two
+    versions); only ``columns`` and the rows that pass ``filters`` (pyarrow's form) are built. A
+    damaged file is a CorruptResults naming it (and ``hint``, the way out)."""
+    try:
+        with open(p, "rb") as f:
+            return pd.read_parquet(f, columns=columns, filters=filters)
+    except OSError:
+        raise
+    except Exception as e:  # pyarrow raises several kinds for a damaged file
+        raise CorruptResults(f"{p}: cannot read ({type(e).__name__}){'; ' + hint if hint else ''}") from None
+
+
+CHUNK_HINT = "move that chunk directory away and rerun the same command to train its runs again"
+
+
+def read_chunk_table(d: Path, name: str, ids: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame | None:
+    """A finished chunk's table (None if it has none), with only the runs in ``ids`` = (run_ids as
+    written, ascending; run_ids to give them), renumbered."""
+    p = d / f"{name}.parquet"
+    if not p.exists():
+        return None
+    df = read_parquet(p, hint=CHUNK_HINT)
+    if ids is None:
+        return df
+    written, current = ids
+    run = df["run_id"].to_numpy()
+    i = np.minimum(np.searchsorted(written, run), max(len(written) - 1, 0))
+    keep = (written[i] == run) if len(written) else np.zeros(len(run), bool)
+    return df[keep].assign(run_id=current[i[keep]]).reset_index(drop=True)
+
+
+def write_merged(path: Path, parts, keys: list[str], rows_per_group: int = 1 << 18) -> bool:
+    """Stream finished chunks' tables into one parquet file sorted by ``keys`` (run_id first),
+    holding only the chunks whose runs interleave, not the whole table.
+
+    ``parts``: (chunk directory, (written run_ids, current run_ids)) per chunk. Chunks are read in
+    order of their first current run_id; rows below the next chunk's first run_id are final and
+    written, in row groups of about ``rows_per_group`` rows. Equal keys occur only within a run,
+    so a stable sort gives what sorting the whole table (stably) would. Returns False (nothing
+    written) if no chunk has the table.
+    """
+    parts = sorted(((d, ids) for d, ids in parts if len(ids[1])), key=lambda p: int(p[1][1].min()))
+    present = [(d, ids) for d, ids in parts if (d / path.name).exists()]
+    if not present:
+        return False
+
+    def frames():
+        held = []  # sorted frames whose rows may still interleave with chunks to come
+        for k, (d, ids) in enumerate(present):
+            df = read_chunk_table(d, path.stem, ids)
+            held.append(df.sort_values(keys, kind="stable"))
+            bound = int(present[k + 1][1][1].min()) if k + 1 < len(present) else None
+            ready, keep = [], []
+            for h in held:
+                cut = len(h) if bound is None else int(np.searchsorted(h["run_id"].to_numpy(), bound))
+                ready.append(h.iloc[:cut])
+                if cut < len(h):
+                    keep.append(h.iloc[cut:])
+            held = keep
+            yield pd.concat(ready).sort_values(keys, kind="stable") if len(ready) > 1 else ready[0]
+
+    def write(tmp):
+        writer, batch, rows = None, [], 0
+        for df in frames():
+            batch.append(df)
+            rows += len(df)
+            if rows >= rows_per_group:
+                writer, batch, rows = _write_group(tmp, writer, batch), [], 0
+        if rows or writer is None:
+            writer = _write_group(tmp, writer, batch)
+        writer.close()
+
+    write_atomic(path, write)
+    return True
+
+
+def _write_group(tmp, writer: pq.ParquetWriter | None, batch: list[pd.DataFrame]) -> pq.ParquetWriter:
+    """Append the frames in ``batch`` as one row group, opening the file (with their schema) on first use."""
+    df = pd.concat(batch, ignore_index=True) if len(batch) > 1 else batch[0].reset_index(drop=True)
+    table = pa.Table.from_pandas(df, preserve_index=False, schema=writer.schema if writer else None)
+    writer = writer or pq.ParquetWriter(tmp, table.schema)
+    writer.write_table(table)
+    return writer
 
 
 def clean_debris(out: Path) -> None:
@@ -318,25 +385,65 @@ def read_manifest(out: Path) -> dict | None:
     return manifest
 
 
-def load_results(out: str | Path) -> dict[str, pd.DataFrame]:
+def load_results(out: str | Path, names=FINAL_FILES) -> dict[str, pd.DataFrame]:
     """The final tables of a results directory, by name (runs, metrics, density, calibration, curves,
-    estimators, recalibrated, summary, summary_by_setting, estimator_benchmark): those present.
+    estimators, recalibrated, summary, summary_by_setting, estimator_benchmark): those present
+    among ``names``. For a large sweep, ``read_table`` reads only the columns and rows asked for.
 
     Only calibjax's own table names are read, never another writer's temporary file (``.tmp-*``,
-    still being written while processes share the directory) or a file of the user's; each is read
-    from one snapshot of its bytes, so a concurrent atomic replace cannot mix two versions.
+    still being written while processes share the directory) or a file of the user's.
     """
-    out = Path(out)
     found = {}
-    for name in FINAL_FILES:
-        p = out / f"{name}.parquet"
+    for name in names:
         try:
-            data = p.read_bytes()
+            found[name] = read_table(out, name)
         except FileNotFoundError:
             continue
-        try:
-            found[name] = pd.read_parquet(io.BytesIO(data))
-        except Exception as e:  # pyarrow raises several kinds for a damaged file
-            raise CorruptResults(f"{p}: cannot read ({type(e).__name__}); rerun the sweep's command (or "
-                                 f"calibjax merge {out}) to write it again") from None
     return found
+
+
+def read_table(out: str | Path, name: str, columns=None, filters=None) -> pd.DataFrame:
+    """One final table of a results directory: only ``columns`` (default all), only the rows that
+    pass ``filters``, in pyarrow's form, e.g. ``[("step", "==", 1000)]`` or
+    ``[("run_id", "in", ids)]`` (row groups whose statistics rule them out are not read).
+    FileNotFoundError if the directory has no such table."""
+    if name not in FINAL_FILES:
+        raise ValueError(f"{name!r}: not a calibjax table; tables are {', '.join(FINAL_FILES)}")
+    out = Path(out)
+    return read_parquet(out / f"{name}.parquet", columns, filters,
+                        hint=f"rerun the sweep's command (or calibjax merge {out}) to write it again")
+
+
+def table_columns(out: str | Path, name: str) -> list[str]:
+    """The columns of a final table, read from its footer (no rows read)."""
+    with open(Path(out) / f"{name}.parquet", "rb") as f:
+        return pq.read_schema(f).names
+
+
+class Results(Mapping):
+    """A results directory's final tables by name, each read when first asked for (figures of a
+    large sweep then read only the tables they draw)."""
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self._read: dict[str, pd.DataFrame] = {}
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        if name not in self._read:
+            try:
+                self._read[name] = read_table(self.out, name)
+            except (FileNotFoundError, ValueError):
+                raise KeyError(name) from None
+        return self._read[name]
+
+    def __setitem__(self, name: str, df: pd.DataFrame) -> None:
+        self._read[name] = df
+
+    def __contains__(self, name) -> bool:
+        return name in self._read or (name in FINAL_FILES and (self.out / f"{name}.parquet").is_file())
+
+    def __iter__(self):
+        return (n for n in FINAL_FILES if n in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)

@@ -266,10 +266,12 @@ def write_summaries(out: str | Path, eps=DEFAULT_EPS, rel_eps=DEFAULT_REL_EPS) -
     """summary.parquet (per run) and summary_by_setting.parquet (over seeds) in a results directory;
     estimator_benchmark.parquet too where the sweep ran the estimator benchmark."""
     out = Path(out)
-    t = store.load_results(out)
-    if "metrics" not in t:
+    t = store.load_results(out, ("runs", "recalibrated", "estimators"))
+    if not (out / "metrics.parquet").exists():
         raise FileNotFoundError(f"{out}: no metrics.parquet; run (or merge) the sweep first")
-    summary = summarize(t["metrics"], t["runs"], eps, rel_eps, t.get("recalibrated"))
+    used = {"run_id", "step", "kl", "kl_rel", "accuracy", "bayes_accuracy", *FINAL}
+    metrics = store.read_table(out, "metrics", columns=[c for c in store.table_columns(out, "metrics") if c in used])
+    summary = summarize(metrics, t["runs"], eps, rel_eps, t.get("recalibrated"))
     agg = aggregate(summary)
     store.write_parquet(out / "summary.parquet", summary)
     store.write_parquet(out / "summary_by_setting.parquet", agg)

@@ -69,7 +69,7 @@ def test_a_damaged_table_is_named_with_the_way_out(tmp_path):
     _chunk(tmp_path)
     (tmp_path / "chunks" / CHUNK / "status.parquet").write_bytes(b"not parquet")
     with pytest.raises(store.CorruptResults, match="status.parquet: cannot read.*move that chunk directory away"):
-        store.read_chunk_tables(tmp_path, ["status"])
+        store.read_chunk_table(tmp_path / "chunks" / CHUNK, "status")
 
 
 def test_a_directory_another_process_is_starting_is_not_foreign(tmp_path):
