@@ -158,7 +158,7 @@ def main():
     print(head)
     rows = []
     for r in args.runs:
-        dyns = [train.make_dynamic(task, n_data=100_000, seed=s) for s in range(r)]
+        dyns = train.stack_dynamic([train.make_dynamic(task, n_data=100_000, seed=s) for s in range(r)])
         _, size = layout.chunk_size(r, static)
         trainer.executable(static, size)
         compile_s = trainer.compile_s
@@ -197,7 +197,7 @@ def fixed_cost(trainer, layout, task, steps, rows) -> dict | None:
         return None
     r = row["runs"]
     one = train.Static(steps=1, checkpoints=(1,))
-    dyns = [train.make_dynamic(task, n_data=100_000, seed=s) for s in range(r)]
+    dyns = train.stack_dynamic([train.make_dynamic(task, n_data=100_000, seed=s) for s in range(r)])
     _, size = layout.chunk_size(r, one)
     trainer(one, dyns, size)  # compile and warm up
     t0 = time.perf_counter()
@@ -220,7 +220,7 @@ def compare_widths(args, rounds: int = 4):
     r = max(args.runs)
     task = tasks.make_task([0.5, 0.5], [[[0.0]], [[3.0]]], [[[1.0]], [[1.0]]])
     static = train.Static(steps=args.steps, checkpoints=(args.steps,), matmul_precision=args.precision)
-    dyns = [train.make_dynamic(task, n_data=100_000, seed=s) for s in range(r)]
+    dyns = train.stack_dynamic([train.make_dynamic(task, n_data=100_000, seed=s) for s in range(r)])
     trainers = {}
     for w in args.widths:
         layout = planning.default_layout(inner_batch=w, chunk_size=r)

@@ -48,16 +48,16 @@ class Trainer:
             self.compiles += 1
         return self._compiled[key]
 
-    def __call__(self, static: train.Static, dyns: list[train.Dynamic], size: int,
+    def __call__(self, static: train.Static, dyn: train.Dynamic, size: int,
                  on_compile=None, stop=lambda: False) -> train.RunResult:
-        """Train the runs ``dyns`` (padded to ``size`` with copies of the last); numpy results.
+        """Train the runs of the stacked ``dyn`` (padded to ``size`` with copies of the last); numpy results.
 
         Compiling and training run in a worker thread while this (main) thread waits in short
         slices, so a SIGINT or SIGTERM handler runs within a fraction of a second, never after
         the chunk: the caller can then stop at once (the work in flight is abandoned).
         """
-        n = len(dyns)
-        padded = train.stack_dynamic(dyns + [dyns[-1]] * (size - n))
+        n = len(dyn.seed)
+        padded = train.take_dynamic(dyn, np.minimum(np.arange(size), n - 1))
         box: dict = {}
 
         def work():
@@ -129,11 +129,11 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout |
                       f"batch {static.batch_size}, {static.steps} steps; {size} runs per call")
 
     def train_chunk(chunk: planning.Chunk, lock: store.ChunkLock) -> None:
-        dyns = [sweep_mod.dynamic_of(sw.runs[i]) for i in chunk.run_ids]
+        dyn = sweep_mod.chunk_dynamic(sw, chunk.run_ids)
         try:
             compile_before = trainer.compile_s
             t0 = time.perf_counter()
-            result = trainer(chunk.static, dyns, chunk.size, on_compile, stop)
+            result = trainer(chunk.static, dyn, chunk.size, on_compile, stop)
             report.train_s += time.perf_counter() - t0 - (trainer.compile_s - compile_before)
             written = results.write_chunk(part, chunk.chunk_id, chunk.static, chunk.run_ids, chunk.hashes, result)
         except Exception as e:  # a broken chunk must not stop the others

@@ -216,6 +216,17 @@ class Sweep:
             rest, digits[a] = np.divmod(rest, self.sizes[a])
         return case, digits
 
+    def _point(self, p: int) -> tuple[int, list[int], int]:
+        """Case, per-axis value indices and block of one grid point (plain integers: no arrays)."""
+        case, rest = divmod(int(p), self.n_grid)
+        digits = [0] * len(self.axes)
+        for a in reversed(range(len(self.axes))):
+            rest, digits[a] = divmod(rest, len(self.axes[a].values))
+        b = case
+        for a in self.coupled:
+            b = b * len(self.axes[a].values) + digits[a]
+        return case, digits, b
+
     def block_of(self, points) -> np.ndarray:
         """The blocks (case x coupled axis values, numbered in order of first appearance) of grid points."""
         case, digits = self.digits(points)
@@ -245,17 +256,17 @@ class Sweep:
 
     def point(self, p: int) -> Run:
         """Grid point p (cases x grid, in file order), resolved; seed 0."""
-        blk = self.block(int(self.block_of(p)))
+        _, digits, b = self._point(p)
+        blk = self.block(b)
         if not self.independent:
             return blk.run
-        _, digits = self.digits(p)
         settings, by_address = dict(blk.run.settings), {}
         for a in self.independent:
             ax = self.axes[a]
             if ax.key in SETTINGS:
-                settings[ax.key] = ax.values[int(digits[a])]
+                settings[ax.key] = ax.values[digits[a]]
             else:
-                by_address[ax.key] = ax.values[int(digits[a])]
+                by_address[ax.key] = ax.values[digits[a]]
         task = blk.run.task
         if by_address:
             task = {k: v.copy() for k, v in blk.base_task.items()}
@@ -295,7 +306,7 @@ class Sweep:
 
     def _hash_parts(self, p: int) -> tuple[str, str]:
         statics, of_block = self.block_groups
-        return hash_parts(self.point(p), _static_json(statics[of_block[self.block_of(p)]]))
+        return hash_parts(self.point(p), _static_json(statics[of_block[self._point(p)[2]]]))
 
     def run_hashes(self, run_ids) -> list[str]:
         """The identities of some runs: from ``hashes`` if computed, else each point's parts once."""
@@ -957,6 +968,16 @@ def _sha(prefix: str, suffix: str, seed: int) -> str:
 # The settings that enter a run's Dynamic besides its task and seed (train.make_dynamic's arguments).
 DYNAMIC_SETTINGS = ("lr", "weight_decay", "momentum", "n_data", "curve_range", "lr_schedule", "warmup_steps",
                     "final_lr_ratio", "ema_decay", "proposal_scale", "label_smoothing", "focal_gamma")
+
+
+def chunk_dynamic(sw: Sweep, run_ids) -> train.Dynamic:
+    """The stacked Dynamic of some runs: each grid point's made once, then given its runs' seeds
+    (the seed is the only dynamic setting that differs between a point's runs)."""
+    ids = np.asarray(run_ids, np.int64)
+    s = len(sw.seeds)
+    points, inverse = np.unique(ids // s, return_inverse=True)
+    per_point = train.stack_dynamic([dynamic_of(sw.point(int(p))) for p in points])
+    return train.take_dynamic(per_point, inverse)._replace(seed=np.asarray(sw.seeds, np.uint32)[ids % s])
 
 
 def dynamic_of(run: Run) -> train.Dynamic:

@@ -307,6 +307,11 @@ def stack_dynamic(dyns: list[Dynamic]) -> Dynamic:
     return jax.tree.map(lambda *xs: np.stack(xs), *dyns)
 
 
+def take_dynamic(dyn: Dynamic, index) -> Dynamic:
+    """Runs ``index`` (an index array) of a stacked Dynamic."""
+    return jax.tree.map(lambda v: v[index], dyn)
+
+
 def placeholder_dynamic(static: Static) -> Dynamic:
     """A Dynamic of the shapes a group's runs have (for jax.eval_shape and lowering)."""
     m, k, d = static.num_classes, static.num_components, static.dim

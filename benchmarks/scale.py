@@ -1,0 +1,181 @@
+"""The host path at scale: everything calibjax does around training, for 10k to 1M runs.
+
+    python benchmarks/scale.py                       # 10k, 100k and 1M runs (about 15 minutes here)
+    python benchmarks/scale.py --runs 10000 --old    # with 0.5.0's code paths beside, where they exist
+
+Nothing trains: each chunk's result is synthetic (``calibjax.synthetic``), of the shapes the
+sweep's program returns. The sweep is sweeps/scale_10k.toml's (the study's model, 3 checkpoints)
+with its grid widened to the run count. Stages, each timed and its peak resident memory sampled
+(every 5 ms, from /proc/self/statm) in a fresh process per run count:
+
+- expand:   load and check the sweep, plan its chunks (what ``calibjax plan`` does besides JAX)
+- inputs:   every run's dynamic settings, stacked per chunk (what a chunk's call is given)
+- chunks:   chunk tables from the results, written atomically (``results.write_chunk``)
+- final:    the runs table (identities included) and the final tables (``results.finalize``)
+- summaries:``summaries.write_summaries`` (per run, over seeds)
+- figures:  ``plots.standard_figures`` (kl against steps, the summary heatmaps)
+
+``--old`` also times, in the same process, 0.5.0's summaries (tests/summaries_reference.py) and
+0.5.0's expansion (every run resolved, tests/test_scale.py's ``naive``) on the same sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+SWEEP = """
+name = "scale_{runs}"
+seeds = 16
+[task]
+means = [0.0, 3.0]
+sigmas = [1.0, 1.0]
+[train]
+lr = 1e-3
+batch_size = 64
+n_data = 100_000
+steps = 1000
+checkpoints = [10, 100, 1000]
+[grid]
+mu2 = {{linspace = [0.5, 5.0], num = {side}}}
+sigma1 = {{logspace = [0.5, 4.0], num = {side}}}
+"""
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class Peak:
+    """Peak resident memory while a stage runs, sampled from /proc/self/statm."""
+
+    def __enter__(self):
+        self.peak, self._stop = self._rss(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        self.t0 = time.perf_counter()
+        return self
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * PAGE
+
+    def _watch(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def one(runs: int, old: bool) -> list[dict]:
+    """All stages for one run count, in this process."""
+    import calibjax
+
+    calibjax.setup()
+    import tomllib
+
+    from calibjax import planning, plots, results, summaries, sweep, synthetic
+
+    side = round(math.sqrt(runs / 16))
+    text = SWEEP.format(runs=runs, side=side)
+    rows = []
+
+    def stage(name, fn, path="new"):
+        with Peak() as p:
+            value = fn()
+        rows.append({"runs": n, "stage": name, "path": path, "seconds": p.seconds,
+                     "us_per_run": 1e6 * p.seconds / n, "peak_mb": p.peak / 2**20})
+        print(f"{n:>9,} {name:<10} {path:<4} {p.seconds:8.2f} s {1e6 * p.seconds / n:8.1f} us/run "
+              f"peak {p.peak / 2**20:7.0f} MB", flush=True)
+        return value
+
+    layout = planning.default_layout()
+    n = side * side * 16
+    sw = stage("expand", lambda: _expand(sweep, planning, tomllib.loads(text), text, layout))
+    sw, chunks = sw
+    with tempfile.TemporaryDirectory(prefix="calibjax-scale-") as tmp:
+        out = Path(tmp) / "r"
+        synthetic.new_results(sw, out, layout)
+        fakes = {}
+
+        def inputs():
+            for c in chunks:
+                sweep.chunk_dynamic(sw, c.run_ids)
+
+        stage("inputs", inputs)
+        fake_s = time.perf_counter()
+        for c in chunks:  # the stand-in for training: not the host's work, not timed with it
+            fakes[c.chunk_id] = synthetic.fake_result(c.static, len(c.run_ids), int(c.run_ids[0]))
+        fake_s = time.perf_counter() - fake_s
+
+        def write():
+            for c in chunks:
+                results.write_chunk(out, c.chunk_id, c.static, c.run_ids, c.hashes, fakes.pop(c.chunk_id))
+
+        stage("chunks", write)
+        stage("final", lambda: results.finalize(out, sweep.runs_table(sw)))
+        stage("summaries", lambda: summaries.write_summaries(out))
+        stage("figures", lambda: plots.standard_figures(out))
+        if old:
+            import summaries_reference as ref
+            from test_scale import naive
+
+            from calibjax import store
+
+            t = store.load_results(out, ("runs", "metrics"))
+            summary = stage("summaries", lambda: ref.summarize(t["metrics"], t["runs"]), "old")
+            stage("aggregate", lambda: ref.aggregate(summary), "old")
+            stage("aggregate", lambda: summaries.aggregate(summary), "new")
+            stage("expand", lambda: naive(sw), "old")
+    print(f"(synthetic results made in {fake_s:.1f} s, not counted)")
+    return rows
+
+
+def _expand(sweep, planning, doc, text, layout):
+    sw = sweep.parse(doc, "scale.toml", text)
+    return sw, planning.plan_chunks(sw, layout)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--old", action="store_true", help="also time 0.5.0's code paths where they exist")
+    p.add_argument("--json", help="write the rows to this file")
+    p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the worker: one run count
+    args = p.parse_args()
+    if args.one:
+        print("ROWS " + json.dumps(one(args.one, args.old)))
+        return
+    rows = []
+    for runs in args.runs:  # a fresh process each, so peaks are the stage's own
+        cmd = [sys.executable, __file__, "--one", str(runs)] + (["--old"] if args.old else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        sys.stdout.write("".join(line + "\n" for line in proc.stdout.splitlines() if not line.startswith("ROWS ")))
+        if proc.returncode:
+            sys.exit(proc.stderr)
+        rows += json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("ROWS "))[5:])
+    print("\nhost overhead per run (all stages, new path):")
+    for runs in sorted({r["runs"] for r in rows}):
+        new = [r for r in rows if r["runs"] == runs and r["path"] == "new" and r["stage"] != "aggregate"]
+        print(f"  {runs:>9,} runs: {sum(r['us_per_run'] for r in new) / 1000:.3f} ms/run, "
+              f"peak {max(r['peak_mb'] for r in new):,.0f} MB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
