@@ -5,8 +5,8 @@
 
 Nothing trains: each chunk's result is synthetic (``calibjax.synthetic``), of the shapes the
 sweep's program returns. The sweep is sweeps/scale_10k.toml's (the study's model, 3 checkpoints)
-with its grid widened to the run count. Stages, each timed and its peak resident memory sampled
-(every 5 ms, from /proc/self/statm) in a fresh process per run count:
+with its grid widened to the run count. Stages, each in a fresh process (so its peak resident
+memory, sampled every 5 ms from /proc/self/statm, is its own; JAX and the sweep loaded first):
 
 - expand:   load and check the sweep, plan its chunks (what ``calibjax plan`` does besides JAX)
 - inputs:   every run's dynamic settings, stacked per chunk (what a chunk's call is given)
@@ -15,8 +15,8 @@ with its grid widened to the run count. Stages, each timed and its peak resident
 - summaries:``summaries.write_summaries`` (per run, over seeds)
 - figures:  ``plots.standard_figures`` (kl against steps, the summary heatmaps)
 
-``--old`` also times, in the same process, 0.5.0's summaries (tests/summaries_reference.py) and
-0.5.0's expansion (every run resolved, tests/test_scale.py's ``naive``) on the same sweep.
+``--old`` also times, in the same processes, 0.5.0's summaries (tests/summaries_reference.py)
+and 0.5.0's expansion (every run resolved, tests/test_scale.py's ``naive``) on the same sweep.
 """
 
 from __future__ import annotations
@@ -81,8 +81,12 @@ class Peak:
         self.peak = max(self.peak, self._rss())
 
 
-def one(runs: int, old: bool) -> list[dict]:
-    """All stages for one run count, in this process."""
+STAGES = ("expand", "inputs", "chunks", "final", "summaries", "figures")
+
+
+def one(runs: int, stage_name: str, out: Path, old: bool) -> list[dict]:
+    """One stage for one run count, in this (fresh) process: its peak memory is its own. The
+    stages before it left their files in ``out``; loading the sweep again is not timed."""
     import calibjax
 
     calibjax.setup()
@@ -92,47 +96,56 @@ def one(runs: int, old: bool) -> list[dict]:
 
     side = round(math.sqrt(runs / 16))
     text = SWEEP.format(runs=runs, side=side)
+    n = side * side * 16
     rows = []
 
     def stage(name, fn, path="new"):
         with Peak() as p:
             value = fn()
-        rows.append({"runs": n, "stage": name, "path": path, "seconds": p.seconds,
-                     "us_per_run": 1e6 * p.seconds / n, "peak_mb": p.peak / 2**20})
-        print(f"{n:>9,} {name:<10} {path:<4} {p.seconds:8.2f} s {1e6 * p.seconds / n:8.1f} us/run "
+        seconds = p.seconds
+        rows.append({"runs": n, "stage": name, "path": path, "seconds": seconds,
+                     "us_per_run": 1e6 * seconds / n, "peak_mb": p.peak / 2**20})
+        print(f"{n:>9,} {name:<10} {path:<4} {seconds:8.2f} s {1e6 * seconds / n:8.1f} us/run "
               f"peak {p.peak / 2**20:7.0f} MB", flush=True)
         return value
 
     layout = planning.default_layout()
-    n = side * side * 16
-    sw = stage("expand", lambda: _expand(sweep, planning, tomllib.loads(text), text, layout))
-    sw, chunks = sw
-    with tempfile.TemporaryDirectory(prefix="calibjax-scale-") as tmp:
-        out = Path(tmp) / "r"
+    parse = lambda: sweep.parse(tomllib.loads(text), "scale.toml", text)  # noqa: E731
+    if stage_name == "expand":
+        stage("expand", lambda: planning.plan_chunks(parse(), layout))
+        if old:
+            from test_scale import naive
+
+            stage("expand", lambda: naive(parse()), "old")
+        return rows
+    sw = parse()
+    chunks = planning.plan_chunks(sw, layout)
+    if stage_name == "inputs":
+        stage("inputs", lambda: [sweep.chunk_dynamic(sw, c.run_ids) for c in chunks])
+    elif stage_name == "chunks":
         synthetic.new_results(sw, out, layout)
-        fakes = {}
-
-        def inputs():
-            for c in chunks:
-                sweep.chunk_dynamic(sw, c.run_ids)
-
-        stage("inputs", inputs)
-        fake_s = time.perf_counter()
-        for c in chunks:  # the stand-in for training: not the host's work, not timed with it
-            fakes[c.chunk_id] = synthetic.fake_result(c.static, len(c.run_ids), int(c.run_ids[0]))
-        fake_s = time.perf_counter() - fake_s
+        made = [0.0]
 
         def write():
-            for c in chunks:
-                results.write_chunk(out, c.chunk_id, c.static, c.run_ids, c.hashes, fakes.pop(c.chunk_id))
+            for c in chunks:  # the stand-in for training is made here, one chunk at a time, not timed
+                t0 = time.perf_counter()
+                result = synthetic.fake_result(c.static, len(c.run_ids), int(c.run_ids[0]))
+                made[0] += time.perf_counter() - t0
+                results.write_chunk(out, c.chunk_id, c.static, c.run_ids, c.hashes, result)
 
-        stage("chunks", write)
+        with Peak() as p:
+            write()
+        seconds = p.seconds - made[0]
+        rows.append({"runs": n, "stage": "chunks", "path": "new", "seconds": seconds,
+                     "us_per_run": 1e6 * seconds / n, "peak_mb": p.peak / 2**20})
+        print(f"{n:>9,} {'chunks':<10} new  {seconds:8.2f} s {1e6 * seconds / n:8.1f} us/run "
+              f"peak {p.peak / 2**20:7.0f} MB (synthetic results: {made[0]:.1f} s, not counted)", flush=True)
+    elif stage_name == "final":
         stage("final", lambda: results.finalize(out, sweep.runs_table(sw)))
+    elif stage_name == "summaries":
         stage("summaries", lambda: summaries.write_summaries(out))
-        stage("figures", lambda: plots.standard_figures(out))
         if old:
             import summaries_reference as ref
-            from test_scale import naive
 
             from calibjax import store
 
@@ -140,14 +153,9 @@ def one(runs: int, old: bool) -> list[dict]:
             summary = stage("summaries", lambda: ref.summarize(t["metrics"], t["runs"]), "old")
             stage("aggregate", lambda: ref.aggregate(summary), "old")
             stage("aggregate", lambda: summaries.aggregate(summary), "new")
-            stage("expand", lambda: naive(sw), "old")
-    print(f"(synthetic results made in {fake_s:.1f} s, not counted)")
+    elif stage_name == "figures":
+        stage("figures", lambda: plots.standard_figures(out))
     return rows
-
-
-def _expand(sweep, planning, doc, text, layout):
-    sw = sweep.parse(doc, "scale.toml", text)
-    return sw, planning.plan_chunks(sw, layout)
 
 
 def main():
@@ -155,19 +163,24 @@ def main():
     p.add_argument("--runs", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--old", action="store_true", help="also time 0.5.0's code paths where they exist")
     p.add_argument("--json", help="write the rows to this file")
-    p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the worker: one run count
+    p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the worker: one run count,
+    p.add_argument("--stage", help=argparse.SUPPRESS)          # one stage,
+    p.add_argument("--dir", help=argparse.SUPPRESS)            # on this results directory
     args = p.parse_args()
     if args.one:
-        print("ROWS " + json.dumps(one(args.one, args.old)))
+        print("ROWS " + json.dumps(one(args.one, args.stage, Path(args.dir), args.old)))
         return
     rows = []
-    for runs in args.runs:  # a fresh process each, so peaks are the stage's own
-        cmd = [sys.executable, __file__, "--one", str(runs)] + (["--old"] if args.old else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        sys.stdout.write("".join(line + "\n" for line in proc.stdout.splitlines() if not line.startswith("ROWS ")))
-        if proc.returncode:
-            sys.exit(proc.stderr)
-        rows += json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("ROWS "))[5:])
+    for runs in args.runs:
+        with tempfile.TemporaryDirectory(prefix="calibjax-scale-") as tmp:
+            for stage in STAGES:  # a fresh process each, so a peak is the stage's own
+                cmd = [sys.executable, __file__, "--one", str(runs), "--stage", stage, "--dir", f"{tmp}/r"]
+                proc = subprocess.run(cmd + (["--old"] if args.old else []), capture_output=True, text=True)
+                sys.stdout.write("".join(f"{line}\n" for line in proc.stdout.splitlines()
+                                         if not line.startswith("ROWS ")))
+                if proc.returncode:
+                    sys.exit(proc.stderr)
+                rows += json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("ROWS "))[5:])
     print("\nhost overhead per run (all stages, new path):")
     for runs in sorted({r["runs"] for r in rows}):
         new = [r for r in rows if r["runs"] == runs and r["path"] == "new" and r["stage"] != "aggregate"]

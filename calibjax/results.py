@@ -35,7 +35,7 @@ def numbers_identity(backend: str, vector_width: int) -> dict:
 def sweep_manifest(sw: sweep_mod.Sweep) -> dict:
     """What identifies a sweep's results, and what the figures need to know about it."""
     return {"sweep_name": sw.name, "sweep_file": sw.path, "sweep_sha256": sw.sha256, "sweep_text": sw.text,
-            "runs": len(sw.runs), "groups": len(sw.groups[0]),
+            "runs": len(sw.runs), "groups": len(sw.block_groups[0]),
             "plot_steps": sw.plot_steps()}
 
 

@@ -8,7 +8,8 @@ Layout of a results directory (the tables' columns are in ``calibjax.tables``)::
     calibration.parquet    ... x confidence bin       curves.parquet     ... x point x class
     estimators.parquet     ... x estimator x n x draw recalibrated.parquet  run x checkpoint (optional)
     summary.parquet, summary_by_setting.parquet, estimator_benchmark.parquet
-    chunks/<id>/*.parquet  the same tables for each finished chunk (what resume reads)
+    chunks/<id>/*.parquet  the same tables for each finished chunk (what resume reads; the final
+                           tables are streamed from them chunk by chunk, never held whole)
     shards/K-of-N/         a shard's manifest and chunks
     figures/*.png
 

@@ -6,6 +6,13 @@ cartesian [grid] override any setting by its bare name, and single task
 entries by address (mu2, sigma1_k2_d1, prior1, weight3_k2). Cases x grid x
 seeds expand, in file order, into runs with sequential run_ids.
 
+Expansion is lazy, so a sweep of millions of runs costs what its distinct settings cost: a run
+is made from its run_id when needed. Grid axes over a task mean or sigma, lr, weight_decay,
+momentum, final_lr_ratio, lr_schedule or n_data are independent (``INDEPENDENT``): no static
+setting and no other check depends on them. The other axes, with the case, form blocks
+(``Block``), each resolved once; the groups (compiled programs), the runs table and the run
+identities follow from the blocks by index arithmetic.
+
 Every user mistake raises ``SweepError`` naming the file, the key and the
 problem, before anything is computed or written.
 """
