@@ -119,12 +119,15 @@ def summarize(metrics: pd.DataFrame, runs: pd.DataFrame, eps=DEFAULT_EPS, rel_ep
         metrics = metrics.merge(recalibrated[["run_id", "step", *scaled]].rename(columns=scaled),
                                 on=["run_id", "step"], how="left")
         finals += list(scaled.values())
-    m = metrics[metrics["step"] > 0].sort_values(["run_id", "step"], kind="stable")
-    run_ids, starts, counts = np.unique(m["run_id"].to_numpy(), return_index=True, return_counts=True)
+    step, run = metrics["step"].to_numpy(), metrics["run_id"].to_numpy()
+    rows = np.flatnonzero(step > 0)
+    rows = rows[np.lexsort((step[rows], run[rows]))]  # by run, then step
+    run_ids, starts, counts = np.unique(run[rows], return_index=True, return_counts=True)
     diverged_ids = runs.loc[runs["status"] == "diverged", "run_id"].to_numpy()
     thresholds = [("kl", e) for e in eps] + [("kl_rel", e) for e in rel_eps]
-    columns = {k: m[k].to_numpy(float) for k in ("step", "kl", "kl_rel", "accuracy", "bayes_accuracy", *finals)
-               if k in m}
+    columns = {k: metrics[k].to_numpy(float)[rows] for k in ("step", "kl", "kl_rel", "accuracy", "bayes_accuracy",
+                                                              *finals) if k in metrics}
+    del step, run, rows, metrics
     parts = []
     for c in np.unique(counts):  # runs with c checkpoints: one (R, c) array per column
         sel = counts == c
@@ -142,7 +145,7 @@ def summarize(metrics: pd.DataFrame, runs: pd.DataFrame, eps=DEFAULT_EPS, rel_ep
         window = steps >= (1 - FINAL_WINDOW) * steps[:, -1:]
         out["n_final_checkpoints"] = window.sum(axis=1)
         for k in finals:
-            out[f"final_{k}"] = (np.full(len(steps), math.nan) if k not in m else
+            out[f"final_{k}"] = (np.full(len(steps), math.nan) if k not in columns else
                                  np.where(diverged, math.nan, _median(col[k], window)))
         gap = col["bayes_accuracy"] - col["accuracy"]
         out["final_accuracy_gap"] = np.where(diverged, math.nan, _median(gap, window))

@@ -189,3 +189,18 @@ def test_vectorised_summaries_equal_the_loops_on_random_tables(seed):
     assert summaries.aggregate(got).equals(reference.aggregate(want))
     assert summaries.aggregate(got, by=["case"]).equals(reference.aggregate(want, by=["case"]))
     assert math.isinf(summaries.steps_to_reach(np.array([1.0, 2.0]), np.array([1.0, 1.0]), 0.5))
+
+
+def test_a_chunks_inputs_are_its_runs_own_made_once_per_grid_point():
+    import jax
+
+    from calibjax import train
+
+    sw = sweep.parse(tomllib.loads(MIXED), "mixed.toml", MIXED)
+    ids = np.arange(5, 400, 7)
+    got = sweep.chunk_dynamic(sw, ids)
+    want = train.stack_dynamic([sweep.dynamic_of(sw.runs[int(i)]) for i in ids])
+    same = jax.tree.map(lambda a, b: a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=True),
+                        got, want)
+    assert all(jax.tree.leaves(same))
+    assert len(set(got.seed.tolist())) == 3 and len(np.unique(got.lr)) == 2
