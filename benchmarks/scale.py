@@ -163,6 +163,9 @@ def main():
     p.add_argument("--runs", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--old", action="store_true", help="also time 0.5.0's code paths where they exist")
     p.add_argument("--json", help="write the rows to this file")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=STAGES,
+                   help="run these stages only (a stage reads what the ones before it wrote: with --keep)")
+    p.add_argument("--keep", help="results directory to write and keep (default: a temporary one)")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the worker: one run count,
     p.add_argument("--stage", help=argparse.SUPPRESS)          # one stage,
     p.add_argument("--dir", help=argparse.SUPPRESS)            # on this results directory
@@ -173,8 +176,9 @@ def main():
     rows = []
     for runs in args.runs:
         with tempfile.TemporaryDirectory(prefix="calibjax-scale-") as tmp:
-            for stage in STAGES:  # a fresh process each, so a peak is the stage's own
-                cmd = [sys.executable, __file__, "--one", str(runs), "--stage", stage, "--dir", f"{tmp}/r"]
+            for stage in args.stages:  # a fresh process each, so a peak is the stage's own
+                where = f"{args.keep}-{runs}" if args.keep else f"{tmp}/r"
+                cmd = [sys.executable, __file__, "--one", str(runs), "--stage", stage, "--dir", where]
                 proc = subprocess.run(cmd + (["--old"] if args.old else []), capture_output=True, text=True)
                 sys.stdout.write("".join(f"{line}\n" for line in proc.stdout.splitlines()
                                          if not line.startswith("ROWS ")))

@@ -121,8 +121,22 @@ def to_parquet(df: pd.DataFrame, path) -> None:
     df.to_parquet(path, index=False, **parquet_options(list(df.columns), floats))
 
 
-def write_parquet(path: Path, df: pd.DataFrame) -> None:
-    write_atomic(path, lambda tmp: to_parquet(df, tmp))
+def write_parquet(path: Path, df: pd.DataFrame, rows_per_group: int = 1 << 18) -> None:
+    """A table, atomically; a large one in row groups converted one at a time (arrow's copy of a
+    million-row summary would otherwise double its memory)."""
+    if len(df) <= rows_per_group:
+        write_atomic(path, lambda tmp: to_parquet(df, tmp))
+        return
+
+    def write(tmp):
+        writer = None
+        for start in range(0, len(df), rows_per_group):
+            part = pa.Table.from_pandas(df.iloc[start:start + rows_per_group], preserve_index=False,
+                                        schema=writer.schema if writer else None)
+            writer = _write_group(tmp, writer, [part])
+        writer.close()
+
+    write_atomic(path, write)
 
 
 def write_json(path: Path, obj) -> None:

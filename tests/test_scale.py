@@ -204,3 +204,17 @@ def test_a_chunks_inputs_are_its_runs_own_made_once_per_grid_point():
                         got, want)
     assert all(jax.tree.leaves(same))
     assert len(set(got.seed.tolist())) == 3 and len(np.unique(got.lr)) == 2
+
+
+def test_a_large_table_written_in_row_groups_reads_back_equal(tmp_path):
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"run_id": np.arange(1000), "case": rng.choice(["a", "bb"], 1000),
+                       "x": rng.random(1000), "never": np.where(rng.random(1000) < 0.3, np.inf, 1.0),
+                       "ok": rng.random(1000) < 0.5, "n": rng.integers(0, 5, 1000)})
+    df.loc[:600, "x"] = np.nan  # a first row group without a single value
+    store.write_parquet(tmp_path / "runs.parquet", df, rows_per_group=256)
+    import pyarrow.parquet as pq
+    assert pq.ParquetFile(tmp_path / "runs.parquet").num_row_groups == 4
+    assert store.read_table(tmp_path, "runs").equals(df)
+    store.write_parquet(tmp_path / "metrics.parquet", df)  # one piece
+    assert store.read_table(tmp_path, "metrics").equals(df)
