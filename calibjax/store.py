@@ -269,7 +269,9 @@ def read_parquet(p: Path, columns=None, filters=None, hint: str = "") -> pd.Data
     damaged file is a CorruptResults naming it (and ``hint``, the way out)."""
     try:
         with open(p, "rb") as f:
-            return pd.read_parquet(f, columns=columns, filters=filters)
+            table = pq.read_table(f, columns=columns, filters=filters)
+        # Arrow's buffers are freed column by column as pandas takes them: a large table is not held twice.
+        return table.to_pandas(split_blocks=True, self_destruct=True)
     except OSError:
         raise
     except Exception as e:  # pyarrow raises several kinds for a damaged file
