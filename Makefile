@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 SWEEP ?= sweeps/blog.toml
 
-.PHONY: run test test-fast lint bench clean
+.PHONY: run test test-fast lint bench bench-scale clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/throughput.py
+
+# The host path (expansion, chunk writes, final tables, summaries, figures) at 10k, 100k and 1M runs, no training.
+bench-scale: $(STAMP)
+	$(VENV)/bin/python benchmarks/scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

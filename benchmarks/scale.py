@@ -1,6 +1,6 @@
 """The host path at scale: everything calibjax does around training, for 10k to 1M runs.
 
-    python benchmarks/scale.py                       # 10k, 100k and 1M runs (about 15 minutes here)
+    python benchmarks/scale.py                       # 10k, 100k and 1M runs (make bench-scale; about 6 minutes here)
     python benchmarks/scale.py --runs 10000 --old    # with 0.5.0's code paths beside, where they exist
 
 Nothing trains: each chunk's result is synthetic (``calibjax.synthetic``), of the shapes the
