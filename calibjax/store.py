@@ -267,11 +267,14 @@ def read_parquet(p: Path, columns=None, filters=None, hint: str = "") -> pd.Data
     """One table, read through a single open file (a concurrent atomic replace cannot mix two
     versions); only ``columns`` and the rows that pass ``filters`` (pyarrow's form) are built. A
     damaged file is a CorruptResults naming it (and ``hint``, the way out)."""
+    # Arrow's buffers are freed column by column as pandas takes them: a large table is not held twice.
+    return _read_arrow(p, columns, filters, hint).to_pandas(split_blocks=True, self_destruct=True)
+
+
+def _read_arrow(p: Path, columns=None, filters=None, hint: str = "") -> pa.Table:
     try:
         with open(p, "rb") as f:
-            table = pq.read_table(f, columns=columns, filters=filters)
-        # Arrow's buffers are freed column by column as pandas takes them: a large table is not held twice.
-        return table.to_pandas(split_blocks=True, self_destruct=True)
+            return pq.read_table(f, columns=columns, filters=filters)
     except OSError:
         raise
     except Exception as e:  # pyarrow raises several kinds for a damaged file
@@ -304,14 +307,7 @@ def read_chunk_table(d: Path, name: str, ids: tuple[np.ndarray, np.ndarray] | No
 
 def _chunk_arrow(d: Path, name: str, ids, keys: list[str]) -> pa.Table:
     """read_chunk_table as an arrow table, sorted by ``keys`` (stably)."""
-    p = d / f"{name}.parquet"
-    try:
-        with open(p, "rb") as f:
-            table = pq.read_table(f)
-    except OSError:
-        raise
-    except Exception as e:  # pyarrow raises several kinds for a damaged file
-        raise CorruptResults(f"{p}: cannot read ({type(e).__name__}); {CHUNK_HINT}") from None
+    table = _read_arrow(d / f"{name}.parquet", hint=CHUNK_HINT)
     keep, run_ids = _renumber(table["run_id"].to_numpy(), ids)
     table = table.filter(pa.array(keep))
     table = table.set_column(table.schema.get_field_index("run_id"), "run_id", pa.array(run_ids, pa.int64()))
