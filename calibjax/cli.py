@@ -12,6 +12,9 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="calibjax", description="Measure how well classifiers learn the exact "
                                 "Bayesian posterior, over sweeps of thousands of runs.")
+    from calibjax import __version__
+
+    p.add_argument("--version", action="version", version=f"calibjax {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train every unfinished run of a sweep file; write tables and figures")
     plan = sub.add_parser("plan", help="print runs, groups (compiles), chunks, memory and time; train nothing")

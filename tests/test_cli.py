@@ -280,3 +280,10 @@ def test_a_signal_stops_within_seconds_keeps_finished_chunks_and_says_so(tmp_pat
         assert "runs done" in lines[0]
         assert calibjax("run", sweep, "--out", out, "--quiet", "--chunk-size", "2", "--no-figures").returncode == 0
         assert len(pd.read_parquet(out / "runs.parquet")) == 16
+
+
+def test_version_is_the_installed_package_version():
+    import calibjax as package
+
+    r = calibjax("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"calibjax {package.__version__}"
