@@ -137,14 +137,45 @@ def select_runs(runs: pd.DataFrame, where: dict | None = None, run_id: int | Non
         col = runs[key]
         if pd.api.types.is_numeric_dtype(col):
             try:
-                mask &= np.isclose(col.to_numpy(float), float(value), rtol=1e-6)
+                x = float(value)
             except ValueError:
-                raise PlotError(f"--where {key}={value}: expected a number") from None
+                raise PlotError(f"--where {key}={value}: expected a number; {_values_of(key, col)}") from None
+            match = nearest_value(col.to_numpy(float), x)
+            if match is None:
+                raise PlotError(f"--where {key}={value}: no run matches; {_values_of(key, col)}")
+            mask &= col.to_numpy(float) == match
         else:
+            if not (col.astype(str) == str(value)).any():
+                raise PlotError(f"--where {key}={value}: no run matches; {_values_of(key, col)}")
             mask &= (col.astype(str) == str(value)).to_numpy()
     if not mask.any():
-        raise PlotError(f"--where {where}: no run matches")
+        raise PlotError(f"--where {where}: no run matches all of these together")
     return runs.loc[mask, "run_id"]
+
+
+def nearest_value(values: np.ndarray, x: float) -> float | None:
+    """The existing value nearest x if x lies within half the spacing to its neighbours (a tick
+    label such as 2.3 for 2.3125 picks it), else None; infinite values match only themselves."""
+    v = np.unique(values[~np.isnan(values)])
+    if np.isinf(x) or not len(v):
+        return x if x in v else None
+    finite = v[np.isfinite(v)]
+    if not len(finite):
+        return None
+    i = int(np.argmin(np.abs(finite - x)))
+    if np.isclose(finite[i], x, rtol=1e-6, atol=0.0):
+        return float(finite[i])
+    gaps = np.diff(finite)
+    half = 0.5 * min([g for g in (gaps[i - 1] if i > 0 else None, gaps[i] if i < len(gaps) else None)
+                      if g is not None], default=0.0)
+    return float(finite[i]) if abs(finite[i] - x) < half else None
+
+
+def _values_of(key: str, col: pd.Series, shown: int = 20) -> str:
+    """'KEY takes v1, v2, ...': the values a runs column has (at most ``shown`` of them)."""
+    values = sorted(col.dropna().unique())
+    text = ", ".join(f"{v:g}" if isinstance(v, (int, float, np.number)) else str(v) for v in values[:shown])
+    return f"{key} takes {text}" + (f" ... ({len(values)} values)" if len(values) > shown else "")
 
 
 def standard_figures(out: str | Path) -> list[Path]:

@@ -192,3 +192,20 @@ def test_standard_heatmaps_never_pool_cases_or_a_named_third_axis(tmp_path):
     summaries.write_summaries(two)
     names = {p.name for p in plots.standard_figures(two)}
     assert "heatmap_final_kl_rel.png" in names and not any(n.startswith("heatmap_final_kl_rel_") for n in names)
+
+
+def test_where_picks_the_nearest_existing_value_and_lists_them_when_none_is_near():
+    runs = pd.DataFrame({"run_id": range(6), "case": ["a", "b"] * 3, "mu2": [0.5, 1.4375, 2.375] * 2,
+                         "n_data": [100.0, math.inf, 1000.0] * 2})
+    assert list(plots.select_runs(runs, {"mu2": "1.4"})) == [1, 4]      # a tick label of 1.4375
+    assert list(plots.select_runs(runs, {"mu2": "2.4"})) == [2, 5]
+    assert list(plots.select_runs(runs, {"mu2": "1.9"})) == [1, 4]      # nearer 1.4375, within half the gap
+    assert list(plots.select_runs(runs, {"n_data": "inf"})) == [1, 4]
+    with pytest.raises(plots.PlotError, match=r"mu2=3.0: no run matches; mu2 takes 0.5, 1.4375, 2.375$"):
+        plots.select_runs(runs, {"mu2": "3.0"})
+    with pytest.raises(plots.PlotError, match=r"case=c: no run matches; case takes a, b$"):
+        plots.select_runs(runs, {"case": "c"})
+    with pytest.raises(plots.PlotError, match="expected a number; n_data takes 100, 1000, inf"):
+        plots.select_runs(runs, {"n_data": "online"})
+    with pytest.raises(plots.PlotError, match="no run matches all of these together"):
+        plots.select_runs(runs, {"mu2": "0.5", "n_data": "inf"})
