@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "kl_auc; density: max_err, kl_mean or kl_contribution")
     plot.add_argument("--facet", help="heatmap: one panel per value of this setting")
     plot.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
-                      help="density, reliability: runs with this setting (repeatable); seeds are pooled")
+                      help="density, reliability: runs with this setting (repeatable; a number picks the nearest "
+                      "existing value within half the axis spacing); seeds are pooled")
     plot.add_argument("--run-id", type=int, help="density, reliability: one run")
     plot.add_argument("--step", type=int, help="reliability: checkpoint (default: the last)")
     plot.add_argument("--output", help="file to write (default DIR/figures/<kind>_....png)")
