@@ -99,14 +99,16 @@ def one(runs: int, stage_name: str, out: Path, old: bool) -> list[dict]:
     n = side * side * 16
     rows = []
 
-    def stage(name, fn, path="new"):
+    def stage(name, fn, path="new", untimed=lambda: 0.0):
+        """Time fn, less ``untimed()`` seconds of work inside it that is not the host's."""
         with Peak() as p:
             value = fn()
-        seconds = p.seconds
+        seconds = p.seconds - untimed()
         rows.append({"runs": n, "stage": name, "path": path, "seconds": seconds,
                      "us_per_run": 1e6 * seconds / n, "peak_mb": p.peak / 2**20})
+        note = f" ({untimed():.1f} s not counted)" if untimed() else ""
         print(f"{n:>9,} {name:<10} {path:<4} {seconds:8.2f} s {1e6 * seconds / n:8.1f} us/run "
-              f"peak {p.peak / 2**20:7.0f} MB", flush=True)
+              f"peak {p.peak / 2**20:7.0f} MB{note}", flush=True)
         return value
 
     layout = planning.default_layout()
@@ -133,13 +135,7 @@ def one(runs: int, stage_name: str, out: Path, old: bool) -> list[dict]:
                 made[0] += time.perf_counter() - t0
                 results.write_chunk(out, c.chunk_id, c.static, c.run_ids, c.hashes, result)
 
-        with Peak() as p:
-            write()
-        seconds = p.seconds - made[0]
-        rows.append({"runs": n, "stage": "chunks", "path": "new", "seconds": seconds,
-                     "us_per_run": 1e6 * seconds / n, "peak_mb": p.peak / 2**20})
-        print(f"{n:>9,} {'chunks':<10} new  {seconds:8.2f} s {1e6 * seconds / n:8.1f} us/run "
-              f"peak {p.peak / 2**20:7.0f} MB (synthetic results: {made[0]:.1f} s, not counted)", flush=True)
+        stage("chunks", write, untimed=lambda: made[0])
     elif stage_name == "final":
         stage("final", lambda: results.finalize(out, sweep.runs_table(sw)))
     elif stage_name == "summaries":

@@ -193,10 +193,10 @@ def standard_figures(out: str | Path) -> list[Path]:
         figs.append(densities(runs, fig_dir / "densities.png"))
     line_by = axes[0] if len(axes) == 1 and runs[axes[0]].nunique() <= 12 and len(cases) == 1 else "case"
     metrics = store.read_table(out, "metrics", columns=["run_id", "step", "kl"])
+    last = int(metrics["step"].max())
     figs.append(kl_vs_steps(metrics, runs, fig_dir / "kl_vs_steps.png", by=line_by))
     if small:
         figs.append(error_by_density(t["density"], runs, fig_dir / "error_by_density.png"))
-        last = int(metrics["step"].max())
         for case in cases:
             ids = runs.loc[runs["case"] == case, "run_id"]
             if "calibration" in t:
@@ -221,8 +221,9 @@ def standard_figures(out: str | Path) -> list[Path]:
             for value in ("final_kl", "final_err_dense", "final_err_sparse"):
                 figs.append(summary_lines(agg, axes[0], value, fig_dir / f"{value}_vs_{axes[0]}.png"))
             if len(cases) <= MAX_PANELS:
-                last = store.read_table(out, "density", filters=[("step", "==", int(metrics["step"].max()))])
-                figs.append(error_by_density(last, runs, fig_dir / f"error_by_density_vs_{axes[0]}.png", x=axes[0]))
+                density = store.read_table(out, "density", filters=[("step", "==", last)])
+                figs.append(error_by_density(density, runs, fig_dir / f"error_by_density_vs_{axes[0]}.png",
+                                             x=axes[0]))
         # A map's x and y must be numbers; a third axis (a number or a name, such as activation)
         # is drawn side by side.
         numeric = [c for c in axes if pd.api.types.is_numeric_dtype(agg[c])]

@@ -121,7 +121,10 @@ def to_parquet(df: pd.DataFrame, path) -> None:
     df.to_parquet(path, index=False, **parquet_options(list(df.columns), floats))
 
 
-def write_parquet(path: Path, df: pd.DataFrame, rows_per_group: int = 1 << 18) -> None:
+ROWS_PER_GROUP = 1 << 18  # rows per parquet row group of a large table (what a filter skips by)
+
+
+def write_parquet(path: Path, df: pd.DataFrame, rows_per_group: int = ROWS_PER_GROUP) -> None:
     """A table, atomically; a large one in row groups converted one at a time (arrow's copy of a
     million-row summary would otherwise double its memory)."""
     if len(df) <= rows_per_group:
@@ -327,7 +330,7 @@ def _sorted(table: pa.Table, keys: list[str]) -> pa.Table:
     return table.take(pc.sort_indices(table, sort_keys=[(k, "ascending") for k in keys]))
 
 
-def write_merged(path: Path, parts, keys: list[str], rows_per_group: int = 1 << 18) -> bool:
+def write_merged(path: Path, parts, keys: list[str], rows_per_group: int = ROWS_PER_GROUP) -> bool:
     """Stream finished chunks' tables into one parquet file sorted by ``keys`` (run_id first),
     holding only the chunks whose runs interleave, not the whole table.
 
@@ -494,9 +497,11 @@ class Results(Mapping):
 
     def __getitem__(self, name: str) -> pd.DataFrame:
         if name not in self._read:
+            if name not in FINAL_FILES:
+                raise KeyError(name)
             try:
                 self._read[name] = read_table(self.out, name)
-            except (FileNotFoundError, ValueError):
+            except FileNotFoundError:  # a damaged table is a CorruptResults, not a missing one
                 raise KeyError(name) from None
         return self._read[name]
 

@@ -40,6 +40,8 @@ FINAL = ("kl", "kl_rel", "kl_optimum", "kl_to_optimum", "tv", "max_err", "err_de
          "cal_term", "ece")
 # After temperature scaling (recalibrated.parquet), as final_<metric>_ts, where the sweep measured it:
 FINAL_SCALED = ("temperature", "kl", "err_sparse", "true_ece", "cal_term", "grouping_term")
+# The metrics columns the per-run summaries read.
+USED = ("run_id", "step", "kl", "kl_rel", "accuracy", "bayes_accuracy", *FINAL)
 ID_COLUMNS = {"run_id", "seed", "group", "status", "bayes_loss", "mutual_info", "run_hash", "n_final_checkpoints"}
 TIMING_PREFIXES = ("steps_to_", "sustained_")
 _SENTINEL = 1e300  # stands in for inf inside quantiles; anything above _INF_FROM maps back to inf
@@ -131,8 +133,7 @@ def per_run(metrics: pd.DataFrame, runs: pd.DataFrame, eps=DEFAULT_EPS, rel_eps=
     run_ids, starts, counts = np.unique(run[rows], return_index=True, return_counts=True)
     diverged_ids = runs.loc[runs["status"] == "diverged", "run_id"].to_numpy()
     thresholds = [("kl", e) for e in eps] + [("kl_rel", e) for e in rel_eps]
-    columns = {k: metrics[k].to_numpy(float)[rows] for k in ("step", "kl", "kl_rel", "accuracy", "bayes_accuracy",
-                                                              *finals) if k in metrics}
+    columns = {k: metrics[k].to_numpy(float)[rows] for k in (*USED, *finals) if k != "run_id" and k in metrics}
     del step, run, rows, metrics
     parts = []
     for c in np.unique(counts):  # runs with c checkpoints: one (R, c) array per column
@@ -278,8 +279,7 @@ def write_summaries(out: str | Path, eps=DEFAULT_EPS, rel_eps=DEFAULT_REL_EPS) -
     t = store.load_results(out, ("runs", "recalibrated", "estimators"))
     if not (out / "metrics.parquet").exists():
         raise FileNotFoundError(f"{out}: no metrics.parquet; run (or merge) the sweep first")
-    used = {"run_id", "step", "kl", "kl_rel", "accuracy", "bayes_accuracy", *FINAL}
-    columns = [c for c in store.table_columns(out, "metrics") if c in used]
+    columns = [c for c in store.table_columns(out, "metrics") if c in USED]
     # The metrics are read where they are used, and freed before the join (a million runs' worth is 0.3 GB).
     found = per_run(store.read_table(out, "metrics", columns=columns), t["runs"], eps, rel_eps,
                     t.get("recalibrated"))

@@ -234,9 +234,10 @@ class Sweep:
             b = b * len(self.axes[a].values) + digits[a]
         return case, digits, b
 
-    def block_of(self, points) -> np.ndarray:
-        """The blocks (case x coupled axis values, numbered in order of first appearance) of grid points."""
-        case, digits = self.digits(points)
+    def block_of(self, points, digits=None) -> np.ndarray:
+        """The blocks (case x coupled axis values, numbered in order of first appearance) of grid
+        points (``digits``: what ``digits(points)`` gives, if at hand)."""
+        case, digits = digits or self.digits(points)
         b = case
         for a in self.coupled:
             b = b * self.sizes[a] + digits[a]
@@ -296,20 +297,24 @@ class Sweep:
         of_block = [statics.setdefault(static_of(self.block(b).run), len(statics)) for b in range(self.n_blocks)]
         return list(statics), np.asarray(of_block, np.int64)
 
+    @functools.cached_property
+    def point_groups(self) -> np.ndarray:
+        """Each grid point's group index."""
+        return self.block_groups[1][self.block_of(np.arange(self.n_points))]
+
     @property
     def groups(self) -> tuple[list[train.Static], np.ndarray]:
         """Distinct static settings in order of first appearance, and each run's group index."""
-        statics, of_block = self.block_groups
-        return statics, np.repeat(of_block[self.block_of(np.arange(self.n_points))], len(self.seeds))
+        return self.block_groups[0], np.repeat(self.point_groups, len(self.seeds))
 
     def group_runs(self, g: int, run_ids=None) -> np.ndarray:
         """The run_ids of group g (those among ``run_ids``, if given), ascending."""
-        of_block = self.block_groups[1]
+        s = len(self.seeds)
         if run_ids is None:
-            points = np.flatnonzero(of_block[self.block_of(np.arange(self.n_points))] == g)
-            return (points[:, None] * len(self.seeds) + np.arange(len(self.seeds))).reshape(-1)
+            points = np.flatnonzero(self.point_groups == g)
+            return (points[:, None] * s + np.arange(s)).reshape(-1)
         ids = np.asarray(run_ids, np.int64)
-        return ids[of_block[self.block_of(ids // len(self.seeds))] == g]
+        return ids[self.point_groups[ids // s] == g]
 
     def _hash_parts(self, p: int) -> tuple[str, str]:
         statics, of_block = self.block_groups
@@ -844,21 +849,31 @@ def task_arrays(settings: dict, origin: dict) -> dict[str, np.ndarray]:
     return {"prior": prior, "weight": weight, "mean": mean, "sigma": sigma}
 
 
+def _entry(m: re.Match) -> tuple[str, tuple[int | None, int | None, int | None]]:
+    """A mean or sigma address: its array ("mean" or "sigma") and (class, component, dimension),
+    counted from 1; None: every component or dimension."""
+    return ("mean" if m.group(1) == "mu" else "sigma"), tuple(int(g) if g else None for g in m.group(2, 3, 4))
+
+
+def _entry_index(c: int, k: int | None, d: int | None) -> tuple:
+    """The (M, K, D) array index of entry (c, k, d) as ``_entry`` gives it."""
+    return c - 1, slice(k - 1, k) if k else slice(None), slice(d - 1, d) if d else slice(None)
+
+
 def apply_addresses(settings: dict, origin: dict, task: dict[str, np.ndarray]) -> None:
     """Task entries set by address (mu2, sigma1_k2_d1, prior1, weight2_k1) overwrite the arrays
     in place, and leave ``settings``."""
-    mean, sigma, weight, prior = task["mean"], task["sigma"], task["weight"], task["prior"]
-    n_classes, k_max, dim = mean.shape
+    weight, prior = task["weight"], task["prior"]
+    n_classes, k_max, dim = task["mean"].shape
     for key in [k for k in settings if k not in SETTINGS]:
         m = ADDRESS.match(key)
         v, where = settings.pop(key), origin.pop(key)
         if m.group(1):  # mu / sigma
-            arr = mean if m.group(1) == "mu" else sigma
-            c, k, d = (int(g) if g else None for g in m.group(2, 3, 4))
+            name, (c, k, d) = _entry(m)
             if not 1 <= c <= n_classes or (k and not 1 <= k <= k_max) or (d and not 1 <= d <= dim):
                 raise SweepError(f"{where} {key}: no such entry (task has {n_classes} classes, "
                                  f"{k_max} components, {dim} dimensions; indices start at 1)")
-            arr[c - 1, slice(k - 1, k) if k else slice(None), slice(d - 1, d) if d else slice(None)] = v
+            task[name][_entry_index(c, k, d)] = v
         elif m.group(5):  # prior: the other classes keep their ratios and share 1 - v
             c = int(m.group(6))
             if not 1 <= c <= n_classes:
@@ -1050,16 +1065,16 @@ def run_row(run_id: int, run: Run) -> dict[str, Any]:
     }
 
 
-def runs_table(sw: Sweep, hashes: bool = True) -> pd.DataFrame:
-    """One row per run: identity, task entries, training settings and its group (compiled program);
-    its identity (``run_hash``) unless ``hashes`` is false.
+def runs_table(sw: Sweep) -> pd.DataFrame:
+    """One row per run: identity, task entries, training settings, its group (compiled program) and
+    its identity (``run_hash``).
 
     Built by index arithmetic: one row per block, taken for each of its grid points, the
     independent axes' values set column by column, then repeated over seeds.
     """
     points = np.arange(sw.n_points)
-    blocks = sw.block_of(points)
-    _, digits = sw.digits(points)
+    case, digits = sw.digits(points)
+    blocks = sw.block_of(points, (case, digits))
     df = pd.DataFrame([run_row(0, sw.block(b).run) for b in range(sw.n_blocks)]).iloc[blocks].reset_index(drop=True)
     values = {sw.axes[a].key: sw.axes[a].values for a in sw.independent}
     for a in sw.independent:
@@ -1075,8 +1090,7 @@ def runs_table(sw: Sweep, hashes: bool = True) -> pd.DataFrame:
     df["run_id"] = np.arange(sw.n_runs, dtype=np.int64)
     df["seed"] = np.tile(np.asarray(sw.seeds, np.int64), sw.n_points)
     df["group"] = sw.groups[1]
-    if hashes:
-        df["run_hash"] = sw.hashes
+    df["run_hash"] = sw.hashes
     return df
 
 
@@ -1089,10 +1103,9 @@ def _set_entries(df: pd.DataFrame, rows: np.ndarray, blk: Block, values: dict, d
         m = ADDRESS.match(key)
         if not m.group(1):
             continue  # priors and weights: fixed within a block, already in its row
-        c, k, d = (int(g) if g else None for g in m.group(2, 3, 4))
+        name, entry = _entry(m)
         v = np.asarray(values[key], float)[digits[key]] if key in values else np.full(len(rows), float(v))
-        arrays["mean" if m.group(1) == "mu" else "sigma"][:, c - 1, slice(k - 1, k) if k else slice(None),
-                                                         slice(d - 1, d) if d else slice(None)] = v[:, None, None]
+        arrays[name][(slice(None), *_entry_index(*entry))] = v[:, None, None]
     for (c, j, e), suffix in entry_suffixes(blk.run.task["mean"].shape):
         df.loc[rows, f"mu{c + 1}{suffix}"] = arrays["mean"][:, c, j, e]
         df.loc[rows, f"sigma{c + 1}{suffix}"] = arrays["sigma"][:, c, j, e]

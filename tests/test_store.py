@@ -125,3 +125,14 @@ def test_load_results_reads_only_calibjax_tables_never_a_writers_temporary_file(
     (tmp_path / "metrics.parquet").write_bytes(b"PAR1 damaged")
     with pytest.raises(store.CorruptResults, match="metrics.parquet: cannot read"):
         store.load_results(tmp_path)
+
+
+def test_a_damaged_final_table_is_an_error_not_a_missing_table(tmp_path):
+    pd.DataFrame({"run_id": [0]}).to_parquet(tmp_path / "runs.parquet")
+    (tmp_path / "metrics.parquet").write_bytes(b"not parquet")
+    t = store.Results(tmp_path)
+    assert "metrics" in t and "density" not in t and len(t["runs"]) == 1
+    with pytest.raises(store.CorruptResults, match="metrics.parquet: cannot read"):
+        t["metrics"]
+    with pytest.raises(KeyError):
+        t["bogus"]
