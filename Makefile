@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 SWEEP ?= sweeps/blog.toml
 
-.PHONY: run test test-fast lint bench bench-scale clean
+.PHONY: run test test-fast test-cluster lint bench bench-scale clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ test: $(STAMP)
 # The edit loop: everything but the tests marked slow (about 2 minutes here).
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+# calibjax on a real one-node SLURM cluster started on localhost (Debian's slurm-wlm and munge,
+# installed here when missing; needs root): submit, cancel, requeue, time limits (about 2 minutes).
+test-cluster: $(STAMP)
+	tests/install_slurm.sh
+	$(VENV)/bin/python -m pytest -q --cluster tests/test_cluster.py
 
 lint: $(STAMP)
 	$(VENV)/bin/python -m ruff check .

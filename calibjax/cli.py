@@ -35,6 +35,28 @@ def build_parser() -> argparse.ArgumentParser:
                      help="replace the results of another sweep (or of other numbers) in --out")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--no-figures", action="store_true", help="write tables only")
+    subm = sub.add_parser("submit", help="run a sweep on a SLURM cluster: a job array of shards and a merge job",
+                          description="Submits a job array (task K trains shard K of --tasks) and a merge job that "
+                          "runs after the array however it ended. Scripts and logs go to DIR/slurm/. Arguments "
+                          "after -- go to sbatch for both jobs (e.g. -- --account=lab --qos=long).")
+    subm.add_argument("sweep", help="sweep file (TOML)")
+    subm.add_argument("--tasks", type=int, required=True, help="array size = number of shards, fixed once per "
+                      "results directory")
+    subm.add_argument("--max-parallel", type=int, help="most array tasks running at once (sbatch --array=...%%P)")
+    subm.add_argument("--cpus", type=int, default=2, help="CPUs per task (default 2); calibjax uses one device each")
+    subm.add_argument("--mem", default="4G", help="memory per task (default 4G); calibjax plans chunks within it")
+    subm.add_argument("--time", default="04:00:00", help="time limit per task attempt (default 04:00:00)")
+    subm.add_argument("--gres", help="generic resources per task, e.g. gpu:1")
+    subm.add_argument("--partition", help="SLURM partition")
+    subm.add_argument("--only", help="submit only these shards, e.g. 2,5-7 (what calibjax status prints)")
+    subm.add_argument("--dry-run", action="store_true", help="print the scripts and sbatch lines; submit nothing")
+    subm.add_argument("--out", help="results directory (default results/<sweep name>)")
+    subm.add_argument("--chunk-size", type=int, help="passed to calibjax run")
+    subm.add_argument("--inner-batch", type=int, help="passed to calibjax run")
+    subm.add_argument("--max-runs", type=int, default=None, help="refuse sweeps with more runs than this")
+    stat = sub.add_parser("status", help="runs done and missing per shard and group; the command that trains "
+                          "what is missing")
+    stat.add_argument("dir", help="results directory")
     merge = sub.add_parser("merge", help="join the shard parts of a results directory; report missing runs")
     merge.add_argument("dir", help="results directory")
     merge.add_argument("--no-figures", action="store_true", help="write tables only")
@@ -73,31 +95,8 @@ class UsageError(ValueError):
     pass
 
 
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """--shard K/N, else SLURM's array variables (task ids counted from SLURM_ARRAY_TASK_MIN)."""
-    env = os.environ
-    if text is None and "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        values = {}
-        for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
-            raw = env.get(name, "0")
-            try:
-                values[name] = int(raw)
-            except ValueError:
-                raise UsageError(f"{name}: expected an integer, got {raw!r}") from None
-        text = (f"{values['SLURM_ARRAY_TASK_ID'] - values['SLURM_ARRAY_TASK_MIN']}/"
-                f"{values['SLURM_ARRAY_TASK_COUNT']}")
-    if text is None:
-        return None
-    try:
-        k, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise UsageError(f"--shard: expected K/N such as 0/4, got {text!r}") from None
-    if not (n >= 1 and 0 <= k < n):
-        raise UsageError(f"--shard: need 0 <= K < N, got {text!r}")
-    return k, n
-
-
-SIGNALS = {signal.SIGINT: ("SIGINT", 130), signal.SIGTERM: ("SIGTERM", 143)}
+# SIGUSR1 is the early warning calibjax submit asks SLURM to send before a task's time limit.
+SIGNALS = {signal.SIGINT: ("SIGINT", 130), signal.SIGTERM: ("SIGTERM", 143), signal.SIGUSR1: ("SIGUSR1", 138)}
 _received: list[int] = []  # signals seen, even if a library swallowed the exception raised for one
 
 
@@ -130,16 +129,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         code = None
     if _received or code is None:
-        name, code = SIGNALS.get(_received[0] if _received else signal.SIGINT)
-        print(f"calibjax: interrupted by {name}; finished chunks are kept: {_progress()}; run the same "
-              "command again to resume", file=sys.stderr)
+        signum = _received[0] if _received else signal.SIGINT
+        name, code = SIGNALS.get(signum)
+        if signum == signal.SIGUSR1 and _running:
+            print(f"calibjax: time limit near ({name}); the chunk in flight is abandoned, finished chunks are "
+                  f"kept: {_progress()}; {_requeue()}", file=sys.stderr)
+        else:
+            print(f"calibjax: interrupted by {name}; finished chunks are kept: {_progress()}; run the same "
+                  "command again to resume", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)  # at once: a chunk abandoned in its worker thread must not hold the exit
     return code
 
 
-_running: tuple = ()  # (sweep, out) once a sweep starts training: what an interruption reports
+_running: tuple = ()  # (sweep, out, report) once a sweep starts training: what an interruption reports
 
 
 def _progress() -> str:
@@ -147,39 +151,65 @@ def _progress() -> str:
         return "nothing trained yet"
     from calibjax import results
 
-    sw, out = _running
-    return f"{len(results.finished_run_ids(out, sw))} of {len(sw.runs)} runs done in {out}"
+    sw, out, report = _running
+    return (f"{report.trained} runs trained by this process, {len(results.finished_run_ids(out, sw))} of "
+            f"{len(sw.runs)} done in {out}")
+
+
+def _requeue() -> str:
+    """After the early warning: requeue this SLURM job if this attempt got anywhere, or if it is the
+    first (which may have spent its time compiling; the next one finds the program in the cache).
+    Otherwise another attempt would be cut off just the same, forever."""
+    from calibjax import cluster
+
+    if not _running[2].trained and os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
+        return ("not requeued: no chunk finished in this attempt, so another would not get further; resubmit with "
+                "a longer --time or a smaller --chunk-minutes (calibjax status prints the command)")
+    return cluster.requeue_self()
 
 
 def _main(argv: list[str] | None = None) -> int:
     global _running
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []  # submit: arguments for sbatch
+    args = build_parser().parse_args(argv[:len(argv) - len(extra) - bool(extra or "--" in argv)])
+    if "--" in argv and args.command != "submit":
+        return fail("arguments after -- are for sbatch, and only calibjax submit takes them")
+    args.sbatch_args = extra
     for name in ("chunk_size", "inner_batch", "max_runs", "chunk_minutes"):
         v = getattr(args, name, None)
-        if v is not None and v < 1:
-            return fail(f"--{name.replace('_', '-')}: expected a positive integer, got {v}")
-    from calibjax import runtime, store, sweep
+        if v is not None and (v <= 0 if name == "chunk_minutes" else v < 1):
+            return fail(f"--{name.replace('_', '-')}: expected a positive "
+                        f"{'number' if name == 'chunk_minutes' else 'integer'}, got {v}")
+    from calibjax import cluster, runtime, store, sweep
 
     try:
         if args.command in ("summarize", "plot"):
             return analyse(args)
+        if args.command == "status":
+            st = cluster.status(Path(args.dir))
+            print(cluster.format_status(st))
+            return 0
+        if args.command == "submit":
+            return submit(args)
         runtime.setup()  # before any JAX computation: CPU devices, compilation cache
         if args.command == "merge":
             return merge(args)
-        shard = parse_shard(args.shard)
         sw = sweep.load(args.sweep, **({"max_runs": args.max_runs} if args.max_runs else {}))
         out = Path(args.out) if args.out else Path("results") / sw.name
+        shard, first = cluster.resolve_shard(args.shard, store.read_manifest(out), out) or (None, 0)
         from calibjax import engine, planning
 
         layout = planning.default_layout(args.chunk_size, args.inner_batch, max_chunk_s=60 * args.chunk_minutes)
         if args.command == "plan":
             return print_plan(sw, out, layout, shard)
-        _running = (sw, out)
-        report = engine.run_sweep(sw, out, layout=layout, shard=shard, overwrite=args.overwrite, quiet=args.quiet,
-                                  stop=lambda: bool(_received))
+        report = engine.Report()
+        _running = (sw, out, report)
+        engine.run_sweep(sw, out, layout=layout, shard=shard, shard_first=first, overwrite=args.overwrite,
+                         quiet=args.quiet, stop=lambda: bool(_received), report=report)
         if report.complete:
             finish(out, figures=not args.no_figures)
-    except (sweep.SweepError, UsageError, runtime.SetupError, store.CorruptResults) as e:
+    except (sweep.SweepError, UsageError, runtime.SetupError, store.CorruptResults, cluster.ClusterError) as e:
         return fail(str(e))
     except OSError as e:  # a full disk, a read-only or vanished directory: say which file, no traceback
         return fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
@@ -207,15 +237,46 @@ def finish(out: Path, figures: bool = True) -> None:
 
 
 def merge(args) -> int:
-    from calibjax import results
+    from calibjax import cluster, results
 
     missing = results.merge(args.dir)
-    finish(Path(args.dir), figures=not args.no_figures)  # summaries and figures of exactly the runs present
+    if (Path(args.dir) / "metrics.parquet").exists():  # (no run finished at all: nothing to summarize)
+        finish(Path(args.dir), figures=not args.no_figures)  # summaries and figures of exactly the runs present
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+        print(cluster.format_status(cluster.status(Path(args.dir))))
         return fail(f"{args.dir}: {len(missing)} run(s) missing: run_id {shown}; "
-                    "rerun their shards, then merge again", code=1)
+                    "train them (the command above), then merge again", code=1)
     print(f"{args.dir}: merged; every run present")
+    return 0
+
+
+def submit(args) -> int:
+    from calibjax import cluster, sweep
+
+    for name in ("tasks", "max_parallel", "cpus"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: expected a positive integer, got {v}")
+    sw = sweep.load(args.sweep, **({"max_runs": args.max_runs} if args.max_runs else {}))
+    if args.tasks > len(sw.runs):
+        raise UsageError(f"--tasks {args.tasks}: more shards than the sweep's {len(sw.runs)} runs")
+    out = args.out or str(Path("results") / sw.name)
+    run_args = []
+    for flag in ("chunk_size", "inner_batch"):
+        if getattr(args, flag) is not None:
+            run_args += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    sub = cluster.Submission(sweep=args.sweep, out=out, tasks=args.tasks, max_parallel=args.max_parallel,
+                             cpus=args.cpus, mem=args.mem, time=args.time, gres=args.gres, partition=args.partition,
+                             run_args=tuple(run_args), sbatch_args=tuple(args.sbatch_args),
+                             only=cluster.parse_only(args.only, args.tasks) if args.only else ())
+    sub.minutes  # noqa: B018 - a bad --time is refused before anything is written
+    record = cluster.submit(sub, sw, dry_run=args.dry_run)
+    if record:
+        print(f"{sw.name}: submitted array job {record['array_job']} ({len(record['shards'])} task(s) of "
+              f"{args.tasks} shards, {len(sw.runs)} runs) and merge job {record['merge_job']} (runs after the array, "
+              f"however it ends); logs in {out}/slurm/")
+        print(f"progress: calibjax status {out}")
     return 0
 
 

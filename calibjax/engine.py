@@ -97,13 +97,17 @@ class Report:
 
 
 def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout | None = None,
-              shard: tuple[int, int] | None = None, overwrite: bool = False, quiet: bool = False,
-              stop=lambda: False) -> Report:
+              shard: tuple[int, int] | None = None, shard_first: int = 0, overwrite: bool = False,
+              quiet: bool = False, stop=lambda: False, report: Report | None = None) -> Report:
     """Train every unfinished run of a sweep (or of one shard of it) into ``out``.
 
     Without a shard, the final tables are written once every run has finished. Shard k of n
-    writes its chunks to ``out/shards/k-of-n`` and leaves joining to ``results.merge``. ``stop()``
-    is asked between chunks; when it says yes, KeyboardInterrupt is raised (finished chunks stay).
+    writes its chunks to ``out/shards/k-of-n`` and leaves joining to ``results.merge``; the first
+    sharded run records n (and ``shard_first``, the array task id of shard 0) in the manifest, and
+    shards of another n are refused. ``stop()`` is asked between chunks and while one trains; when
+    it says yes, KeyboardInterrupt is raised (finished chunks stay, the chunk in flight is
+    abandoned). ``report``, if given, is filled in as chunks finish (the caller sees it on an
+    interruption too).
     """
     t_start = time.perf_counter()
     out = Path(out)
@@ -111,14 +115,20 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout |
     identity = results.numbers_identity(layout.backend, layout.inner_batch)
     results.prepare_output(sw, out, identity, overwrite)
     manifest = {**results.sweep_manifest(sw), **runtime.environment(), **identity, "layout": layout.describe()}
-    previous = store.read_manifest(out)
-    if previous is None or previous.get("sweep_sha256") != sw.sha256:  # new, or an edited sweep file
-        store.write_json(out / "manifest.json", {**(previous or {}), **manifest, "complete": False})
+    previous = store.read_manifest(out) or {}
+    results.check_shard_count(previous, out, shard)
+    sharding = {k: previous[k] for k in ("shards", "shard_first") if k in previous}
+    if shard and not sharding:
+        sharding = {"shards": shard[1], "shard_first": shard_first}
+    if (previous.get("sweep_sha256") != sw.sha256 or results.numbers_pending(previous)  # new, edited, submitted
+            or sharding.keys() - previous.keys()):
+        store.write_json(out / "manifest.json", {**previous, **manifest, **sharding, "complete": False})
     part = out / "shards" / f"{shard[0]}-of-{shard[1]}" if shard else out
 
     chunks = planning.plan_chunks(sw, layout, planning.shard_run_ids(len(sw.runs), shard),
                                   done=results.finished_run_ids(out, sw))
-    report = Report(runs=len(sw.runs), chunks=len(chunks))
+    report = report if report is not None else Report()
+    report.runs, report.chunks = len(sw.runs), len(chunks)
     trainer = Trainer(layout)
     bar = tqdm(total=sum(len(c.run_ids) for c in chunks), unit="run", disable=quiet, dynamic_ncols=True,
                desc=sw.name, smoothing=0.1)
@@ -175,7 +185,8 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout |
         report.complete = not results.finalize(out, sweep_mod.runs_table(sw))
     report.wall_s = time.perf_counter() - t_start
     store.write_json(part / "manifest.json", {
-        **manifest, "shard": list(shard) if shard else None, "complete": report.complete,
+        **manifest, **(sharding if part == out else {}), "shard": list(shard) if shard else None,
+        "complete": report.complete,
         "trained_this_call": report.trained, "chunks_this_call": report.chunks,
         "failed_chunks": report.failed, "compiles": report.compiles,
         "compile_s": round(report.compile_s, 3), "train_s": round(report.train_s, 3),

@@ -20,7 +20,6 @@ import functools
 import hashlib
 import itertools
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -28,7 +27,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from calibjax import estimators, tables, train
+from calibjax import estimators, runtime, tables, train
 from calibjax import sweep as sweep_mod
 
 # Runs vmapped together per device (the vectorisation width). CPU: 8, since chunks are padded to
@@ -88,12 +87,12 @@ def memory_per_run(static: train.Static) -> tuple[int, int]:
 
 
 def device_memory(device) -> int:
-    """Bytes a chunk may plan on: the accelerator's limit, or the host's RAM shared by CPU devices."""
+    """Bytes a chunk may plan on: the accelerator's limit, or the host memory this process may use
+    (``runtime.memory_limit``: RAM, a SLURM allocation or a cgroup limit) shared by CPU devices."""
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
-    host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return host // max(1, len(jax.local_devices(backend="cpu")))
+    return runtime.memory_limit()[0] // max(1, len(jax.local_devices(backend="cpu")))
 
 
 @dataclass(frozen=True)

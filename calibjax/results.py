@@ -32,6 +32,16 @@ def numbers_identity(backend: str, vector_width: int) -> dict:
     return {"numbers_version": train.NUMBERS_VERSION, "backend": backend, "vector_width": vector_width}
 
 
+# The numbers identity of a results directory that no run has written to yet: ``calibjax submit``
+# writes it before the cluster's tasks start, since the login node's backend is not theirs; the
+# first task to start fills it in.
+PENDING = {"numbers_version": None, "backend": None, "vector_width": None}
+
+
+def numbers_pending(manifest: dict) -> bool:
+    return all(k in manifest and manifest[k] is None for k in PENDING)
+
+
 def sweep_manifest(sw: sweep_mod.Sweep) -> dict:
     """What identifies a sweep's results, and what the figures need to know about it."""
     return {"sweep_name": sw.name, "sweep_file": sw.path, "sweep_sha256": sw.sha256, "sweep_text": sw.text,
@@ -45,6 +55,8 @@ def check_same_numbers(manifest: dict, where: Path, name: str, identity: dict, h
     if manifest.get("sweep_name") != name:
         raise ResultsExist(f"{where}: holds results of a different sweep ({manifest.get('sweep_name')!r}, "
                            f"not {name!r}); {hint}")
+    if numbers_pending(manifest):
+        return
     theirs = manifest.get("numbers_version", 1)
     if theirs != identity["numbers_version"]:
         raise ResultsExist(f"{where}: holds results of calibjax {manifest.get('versions', {}).get('calibjax', '?')}, "
@@ -55,6 +67,17 @@ def check_same_numbers(manifest: dict, where: Path, name: str, identity: dict, h
             raise ResultsExist(f"{where}: holds results computed with {what} {manifest.get(key)!r}, "
                                f"not {identity[key]!r}; their runs' last bits differ, so joining them would mix "
                                f"the two; {hint}")
+
+
+def check_shard_count(manifest: dict | None, out: Path, shard: tuple[int, int] | None) -> None:
+    """A results directory is split into shards once (the first sharded run or ``calibjax submit``
+    records the count): shard K of another count would train other runs under another name."""
+    stored = (manifest or {}).get("shards")
+    if shard is not None and stored is not None and shard[1] != stored:
+        raise ResultsExist(f"{out}: split into {stored} shards (manifest.json, fixed when it was first sharded), "
+                           f"not {shard[1]}; use --shard K/{stored} (array task ids "
+                           f"{manifest.get('shard_first', 0)}-{manifest.get('shard_first', 0) + stored - 1}), "
+                           "or --out for a new directory")
 
 
 def _foreign(out: Path) -> bool:
@@ -129,16 +152,19 @@ def merge(out: str | Path) -> list[int]:
     manifest = store.read_manifest(out)
     if manifest is None:
         raise sweep_mod.SweepError(f"{out}: no manifest.json here; is it a calibjax results directory?")
-    identity = numbers_identity(manifest.get("backend"), manifest.get("vector_width"))
-    check_same_numbers(manifest, out, manifest.get("sweep_name"), identity, "rerun the sweep with this "
-                       "calibjax (calibjax run SWEEP --overwrite)")
+    check_same_numbers(manifest, out, manifest.get("sweep_name"), numbers_identity(
+        manifest.get("backend"), manifest.get("vector_width")), "rerun the sweep with this calibjax "
+        "(calibjax run SWEEP --overwrite)")
+    identity = None if numbers_pending(manifest) else numbers_identity(manifest.get("backend"),
+                                                                       manifest.get("vector_width"))
     for part in sorted(out.glob("shards/*")):
         m = store.read_manifest(part)
-        if m is not None:
+        if m is not None:  # (identity pending: submitted, and no task has filled it in: the first part's)
+            identity = identity or numbers_identity(m.get("backend"), m.get("vector_width"))
             check_same_numbers(m, part, manifest.get("sweep_name"), identity,
                                f"it does not belong with {out}/manifest.json")
     sw = sweep_mod.parse(tomllib.loads(manifest["sweep_text"]), manifest["sweep_file"], manifest["sweep_text"])
     missing = finalize(out, sweep_mod.runs_table(sw))
-    store.write_json(out / "manifest.json", {**manifest, **sweep_manifest(sw), "complete": not missing,
-                                             "merged": True, "missing_runs": len(missing)})
+    store.write_json(out / "manifest.json", {**manifest, **(identity or {}), **sweep_manifest(sw),
+                                             "complete": not missing, "merged": True, "missing_runs": len(missing)})
     return missing

@@ -30,17 +30,61 @@ class Runtime:
     cache_dir: str | None   # persistent compilation cache, or None
 
 
+def _positive_int(name: str) -> int | None:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise SetupError(f"{name}: expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise SetupError(f"{name}: expected a positive integer, got {value}")
+    return value
+
+
+def usable_cpus() -> int:
+    """Cores this process may use: its CPU affinity, and inside a SLURM allocation no more than the
+    task's SLURM_CPUS_PER_TASK (clusters without CPU binding leave the affinity at the whole node)."""
+    cores = len(os.sched_getaffinity(0))
+    slurm = _positive_int("SLURM_CPUS_PER_TASK") if "SLURM_JOB_ID" in os.environ else None
+    return min(cores, slurm) if slurm else cores
+
+
+def _cgroup_memory_limit() -> int | None:
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # "max" or a huge number: no limit
+            return int(text)
+    return None
+
+
+def memory_limit() -> tuple[int, str]:
+    """Bytes of host memory this process may use, and where that number comes from: the RAM, a SLURM
+    allocation's memory (SLURM_MEM_PER_NODE, or SLURM_MEM_PER_CPU times the task's CPUs, in MB) or
+    the cgroup's limit, whichever is smallest."""
+    limits = [(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host RAM")]
+    if "SLURM_JOB_ID" in os.environ:
+        per_node, per_cpu = _positive_int("SLURM_MEM_PER_NODE"), _positive_int("SLURM_MEM_PER_CPU")
+        if per_node:
+            limits.append((per_node << 20, "SLURM_MEM_PER_NODE"))
+        elif per_cpu:
+            cpus = _positive_int("SLURM_CPUS_PER_TASK") or _positive_int("SLURM_CPUS_ON_NODE") or 1
+            limits.append(((per_cpu * cpus) << 20, "SLURM_MEM_PER_CPU"))
+    cgroup = _cgroup_memory_limit()
+    if cgroup:
+        limits.append((cgroup, "cgroup memory limit"))
+    return min(limits, key=lambda item: item[0])
+
+
 def cpu_device_request(cpu_devices: int | None = None) -> int:
-    """The CPU device count to ask for: the argument, else $CALIBJAX_CPU_DEVICES, else one per core."""
+    """The CPU device count to ask for: the argument, else $CALIBJAX_CPU_DEVICES, else one per usable
+    core (``usable_cpus``)."""
     if cpu_devices is None:
-        text = os.environ.get("CALIBJAX_CPU_DEVICES", "").strip()
-        if text:
-            try:
-                cpu_devices = int(text)
-            except ValueError:
-                raise SetupError(f"CALIBJAX_CPU_DEVICES: expected a positive integer, got {text!r}") from None
-        else:
-            cpu_devices = len(os.sched_getaffinity(0))
+        cpu_devices = _positive_int("CALIBJAX_CPU_DEVICES") or usable_cpus()
     if cpu_devices < 1:
         raise SetupError(f"CALIBJAX_CPU_DEVICES / cpu_devices: expected a positive integer, got {cpu_devices}")
     return cpu_devices
@@ -49,7 +93,8 @@ def cpu_device_request(cpu_devices: int | None = None) -> int:
 def setup(cpu_devices: int | None = None, cache_dir: str | Path | None = None) -> Runtime:
     """Configure JAX for calibjax: call before any JAX computation.
 
-    cpu_devices: XLA CPU devices to expose (default $CALIBJAX_CPU_DEVICES, else one per core).
+    cpu_devices: XLA CPU devices to expose (default $CALIBJAX_CPU_DEVICES, else one per core this
+    process may use: its affinity, capped by SLURM_CPUS_PER_TASK inside a SLURM job).
     Runs are sharded over them; on a 2-core machine two devices train about twice as fast as one.
     It overrides ``--xla_force_host_platform_device_count`` in XLA_FLAGS. Harmless on GPU
     machines, where the CPU is not the default backend.

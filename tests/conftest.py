@@ -29,6 +29,19 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 from calibjax import metrics, tasks, train  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--cluster", action="store_true", help="run the tests that start a real SLURM cluster "
+                     "(make test-cluster installs its packages and passes this)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--cluster"):
+        skip = pytest.mark.skip(reason="starts a real SLURM cluster: make test-cluster")
+        for item in items:
+            if "cluster" in item.keywords:
+                item.add_marker(skip)
+
+
 def example(n: int) -> tasks.GaussianTask:
     """The study's examples 1-3: (mu1, sigma1, mu2, sigma2)."""
     mu1, s1, mu2, s2 = {1: (0, 1, 3, 1), 2: (0, 2, 1, 1), 3: (0, 2, 3, 1)}[n]
