@@ -214,6 +214,9 @@ def _main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk, a read-only or vanished directory: say which file, no traceback
         return fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
     where = f"{out}/shards/{shard[0]}-of-{shard[1]}" if shard else str(out)
+    if not report.chunks:
+        print(f"{sw.name}: results in {where}")
+        return 0
     print(f"{sw.name}: {report.trained} runs trained ({report.runs} in the sweep) in {report.wall_s:.1f} s; "
           f"{report.steps_per_s:,.0f} model-steps/s; {report.compiles} compiles, {report.compile_s:.1f} s "
           f"compiling; results in {where}")
@@ -328,6 +331,12 @@ def plot_one(args, out: Path) -> Path:
     ids = plots.select_runs(runs, where, args.run_id)
     label = f"run {args.run_id}" if args.run_id is not None else (
         ", ".join(f"{k}={v}" for k, v in where.items()) or "all runs")
+    if args.run_id is not None:  # name the run by its settings
+        row = runs.loc[runs["run_id"] == args.run_id].iloc[0]
+        label += " (" + ", ".join(f"{c}={plots.fmt(row[c])}" for c in ["case", *summaries.swept_columns(runs), "seed"]
+                                  if c in row) + ")"
+    elif pooled := plots.pooled_axes(runs, ids):
+        label += f"; {pooled}"
     tag = "_".join(f"{k}-{v}" for k, v in where.items()) or (f"run{args.run_id}" if args.run_id is not None else "all")
     if args.kind == "density":
         path = Path(args.output or fig / f"density_{tag}.png")

@@ -96,6 +96,19 @@ class Report:
         return self.model_steps / self.train_s if self.train_s else 0.0
 
 
+def describe_plan(sw: sweep_mod.Sweep, layout: planning.Layout, chunks: list[planning.Chunk], shard) -> str:
+    """The line a run starts with: what it trains, where, and about how long it takes."""
+    what = f" (shard {shard[0]} of {shard[1]})" if shard else ""
+    todo = sum(len(c.run_ids) for c in chunks)
+    if not todo:
+        return f"{sw.name}{what}: already complete ({len(sw.runs):,} runs in the sweep); nothing to train"
+    groups = len({c.group for c in chunks})
+    est = planning.estimate_seconds(chunks, layout)
+    return (f"{sw.name}{what}: training {todo:,} of {len(sw.runs):,} runs in {len(chunks)} chunk(s), "
+            f"{groups} compiled program(s); {layout.backend}, {len(layout.devices)} device(s) x {layout.inner_batch} "
+            f"runs vmapped; about {planning.duration(est)} at a nominal rate (calibjax plan measures this machine)")
+
+
 def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout | None = None,
               shard: tuple[int, int] | None = None, shard_first: int = 0, overwrite: bool = False,
               quiet: bool = False, stop=lambda: False, report: Report | None = None) -> Report:
@@ -129,6 +142,7 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout |
                                   done=results.finished_run_ids(out, sw))
     report = report if report is not None else Report()
     report.runs, report.chunks = len(sw.runs), len(chunks)
+    print(describe_plan(sw, layout, chunks, shard), flush=True)
     trainer = Trainer(layout)
     bar = tqdm(total=sum(len(c.run_ids) for c in chunks), unit="run", disable=quiet, dynamic_ncols=True,
                desc=sw.name, smoothing=0.1)

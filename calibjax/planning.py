@@ -193,6 +193,18 @@ def plan_chunks(sw: sweep_mod.Sweep, layout: Layout, run_ids=None, done=frozense
     return chunks
 
 
+def estimate_seconds(chunks: list[Chunk], layout: Layout) -> float:
+    """Rough training time of these chunks at the nominal rate (padding included), plus one compile
+    per group: what a run announces before it starts (``plan`` measures the machine instead)."""
+    rate = NOMINAL_FLOPS_PER_DEVICE.get(layout.backend, NOMINAL_FLOPS_PER_DEVICE["gpu"]) * len(layout.devices)
+    return sum(c.size * c.static.flops_per_run for c in chunks) / rate + COMPILE_S * len({c.group for c in chunks})
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"
+
+
 def matmul_rate(seconds: float = 1.0, n: int = 1024) -> float:
     """Measured float32 matmul FLOP/s on the default device."""
     a = jax.random.normal(jax.random.key(0), (n, n), jax.numpy.float32)

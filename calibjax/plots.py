@@ -153,6 +153,15 @@ def select_runs(runs: pd.DataFrame, where: dict | None = None, run_id: int | Non
     return runs.loc[mask, "run_id"]
 
 
+def pooled_axes(runs: pd.DataFrame, run_ids) -> str:
+    """'pooled over sigma1 (6 values), seeds': the grid axes and cases left free by a selection."""
+    sel = runs[runs["run_id"].isin(run_ids)]
+    free = [f"{c} ({n} values)" for c in ["case", *summaries.swept_columns(runs)]
+            if c in sel.columns and (n := sel[c].nunique(dropna=False)) > 1]
+    free += ["seeds"] if sel["seed"].nunique() > 1 else []
+    return f"pooled over {', '.join(free)}" if free else ""
+
+
 def nearest_value(values: np.ndarray, x: float) -> float | None:
     """The existing value nearest x if x lies within half the spacing to its neighbours (a tick
     label such as 2.3 for 2.3125 picks it), else None; infinite values match only themselves."""
@@ -171,10 +180,15 @@ def nearest_value(values: np.ndarray, x: float) -> float | None:
     return float(finite[i]) if abs(finite[i] - x) < half else None
 
 
+def fmt(v) -> str:
+    """A setting's value as a label: numbers short (%g), anything else as it is."""
+    return f"{v:g}" if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) else str(v)
+
+
 def _values_of(key: str, col: pd.Series, shown: int = 20) -> str:
     """'KEY takes v1, v2, ...': the values a runs column has (at most ``shown`` of them)."""
     values = sorted(col.dropna().unique())
-    text = ", ".join(f"{v:g}" if isinstance(v, (int, float, np.number)) else str(v) for v in values[:shown])
+    text = ", ".join(map(fmt, values[:shown]))
     return f"{key} takes {text}" + (f" ... ({len(values)} values)" if len(values) > shown else "")
 
 
@@ -295,8 +309,14 @@ def heatmap(agg: pd.DataFrame, x: str, y: str, value: str, path: Path, facet: st
     for name, col in (("--x", x), ("--y", y), ("--value", value), ("--facet", facet)):
         if col is not None and col not in agg.columns:
             if runs is not None and col in runs.columns:
-                raise PlotError(f"{name} {col}: this setting was not swept (one value: {runs[col].iloc[0]}); "
-                                f"swept: {', '.join(summaries.swept_columns(runs))}")
+                swept = summaries.swept_columns(runs)
+                axes = f"grid axes: {', '.join(swept)}" if swept else "this sweep has no grid axes"
+                if runs[col].nunique() > 1:
+                    first = runs.groupby("case", sort=False)[col].first()
+                    per_case = ", ".join(f"{c} {fmt(v)}" for c, v in first.items())
+                    raise PlotError(f"{name} {col}: set per case ({per_case}), not a grid axis; a heatmap needs "
+                                    f"two grid axes; {axes}")
+                raise PlotError(f"{name} {col}: this setting was not swept (one value: {runs[col].iloc[0]}); {axes}")
             raise PlotError(f"{name} {col}: no such column; settings: "
                             f"{', '.join(c for c in agg.columns if c in (runs.columns if runs is not None else []))}"
                             f"; summaries: {', '.join(c for c in summaries.value_columns(agg) if '_q' not in c)}")
@@ -367,7 +387,9 @@ def reliability(calibration: pd.DataFrame, run_ids, step: int, path: Path, title
     """Reliability diagram: the usual estimate from a labelled sample beside the true curve."""
     d = calibration[calibration["run_id"].isin(run_ids) & (calibration["step"] == step)]
     if d.empty:
-        raise PlotError(f"no calibration rows for the selected runs at step {step}")
+        steps = sorted(calibration.loc[calibration["run_id"].isin(run_ids), "step"].unique())
+        raise PlotError(f"--step {step}: not a checkpoint of the selected runs; checkpoints: "
+                        f"{', '.join(map(str, steps)) or 'none'}")
     g = d.groupby("conf_lo").agg(est_count=("est_count", "sum"),
                                  est_acc=("est_acc", "median"), est_conf=("est_conf", "median"),
                                  true_mass=("true_mass", "mean"), true_acc=("true_acc", "median"),

@@ -148,6 +148,24 @@ def test_bad_plot_arguments_are_clear_errors(tmp_path):
     assert r.returncode == 2 and "run or merge a sweep first" in r.stderr
 
 
+def test_selections_name_what_they_pool_and_list_what_exists(tmp_path):
+    runs, _ = synthetic_results(tmp_path)
+    calib = pd.read_parquet(tmp_path / "calibration.parquet")
+    assert plots.pooled_axes(runs, plots.select_runs(runs, {"mu2": "2"})) == "pooled over sigma1 (2 values), seeds"
+    assert plots.pooled_axes(runs, plots.select_runs(runs, {"mu2": "2", "sigma1": "1"})) == "pooled over seeds"
+    assert plots.pooled_axes(runs, [3]) == ""
+    with pytest.raises(plots.PlotError, match="--step 1500: not a checkpoint of the selected runs; checkpoints: "
+                                              "10, 100, 1000"):
+        plots.reliability(calib, [0, 1], 1500, tmp_path / "r.png")
+    # The study's layout: mu2 set per case, no grid axis at all (the message used to say "not swept").
+    cases = runs.assign(case=np.where(runs["mu2"] == 1.0, "example2", "example1"), sigma1=1.0)
+    cases = cases[cases["mu2"] < 4]
+    agg = summaries.aggregate(summaries.summarize(pd.read_parquet(tmp_path / "metrics.parquet"), cases))
+    with pytest.raises(plots.PlotError, match="--x mu2: set per case .example2 1, example1 2., not a grid axis; "
+                                              "a heatmap needs two grid axes; this sweep has no grid axes"):
+        plots.heatmap(agg, "mu2", "sigma1", "final_kl", tmp_path / "x.png", runs=cases)
+
+
 def test_settings_named_like_summaries_stay_settings(tmp_path):
     """final_lr_ratio (a setting) must not be aggregated as a summary, and is a grid axis when swept."""
     runs, metrics = synthetic_results(tmp_path)
