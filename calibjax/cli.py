@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+import tomllib
 from pathlib import Path
 
 
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     stat = sub.add_parser("status", help="runs done and missing per shard and group; the command that trains "
                           "what is missing")
     stat.add_argument("dir", help="results directory")
+    sub.add_parser("sweeps", help="list the sweep files shipped with calibjax (copy one with calibjax init NAME)")
+    init = sub.add_parser("init", help="copy a shipped sweep file (calibjax sweeps lists them) here, to edit and run")
+    init.add_argument("name", help="a shipped sweep, e.g. blog or grid_2000 (or slurm_array.sh)")
+    init.add_argument("--to", default=".", help="directory to copy it into (default: the current one)")
     merge = sub.add_parser("merge", help="join the shard parts of a results directory; report missing runs")
     merge.add_argument("dir", help="results directory")
     merge.add_argument("--no-figures", action="store_true", help="write tables only")
@@ -192,6 +197,8 @@ def _main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "submit":
             return submit(args)
+        if args.command in ("sweeps", "init"):
+            return shipped(args)
         runtime.setup()  # before any JAX computation: CPU devices, compilation cache
         if args.command == "merge":
             return merge(args)
@@ -251,6 +258,38 @@ def merge(args) -> int:
         return fail(f"{args.dir}: {len(missing)} run(s) missing: run_id {shown}; "
                     "train them (the command above), then merge again", code=1)
     print(f"{args.dir}: merged; every run present")
+    return 0
+
+
+def shipped(args) -> int:
+    """calibjax sweeps (list the shipped sweep files) and calibjax init NAME (copy one here)."""
+    from importlib import resources
+
+    from calibjax import sweep
+
+    files = {p.name: p for p in resources.files("calibjax.sweeps").iterdir() if p.name.endswith((".toml", ".sh"))}
+    if args.command == "sweeps":
+        for name in sorted(n for n in files if n.endswith(".toml")):
+            text = files[name].read_text()
+            doc = tomllib.loads(text)
+            sw = sweep.parse(doc, name, text)
+            about = doc.get("description") or next(
+                (line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")), "")
+            print(f"{name[:-5]:<20} {len(sw.runs):>7,} runs  {about}")
+        print("copy one to edit: calibjax init NAME; run it: calibjax run NAME.toml")
+        return 0
+    name = args.name if args.name in files else f"{args.name}.toml"
+    if name not in files:
+        raise UsageError(f"init {args.name}: no such shipped sweep; shipped: "
+                         f"{', '.join(sorted(n.removesuffix('.toml') for n in files))}")
+    target = Path(args.to) / name
+    if target.exists():
+        raise UsageError(f"{target}: exists already; calibjax init never overwrites a file (use --to DIR)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(files[name].read_text())
+    if name.endswith(".sh"):
+        target.chmod(0o755)
+    print(f"{target}" + (f"; run it with: calibjax run {target}" if name.endswith(".toml") else ""))
     return 0
 
 

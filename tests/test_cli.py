@@ -292,3 +292,40 @@ def test_version_is_the_installed_package_version():
 
     r = calibjax("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"calibjax {package.__version__}"
+
+
+@pytest.mark.slow
+def test_pip_install_of_the_project_ships_the_command_and_the_sweeps(tmp_path):
+    """``pip install .`` into a fresh virtual environment: the wheel holds the command and the sweep
+    files. (--no-deps, and the test environment's packages made visible by a .pth file: the same
+    install without them downloads about 1 GB, which a test should not.)"""
+    repo = Path(__file__).resolve().parents[1]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    py = venv / "bin" / "python"
+    r = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", str(repo)], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    ours = [p for p in sys.path if p.endswith("site-packages")]
+    Path(site, "test-deps.pth").write_text("\n".join(ours) + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    tool = lambda *a: subprocess.run([venv / "bin" / "calibjax", *map(str, a)], capture_output=True,  # noqa: E731
+                                     text=True, cwd=tmp_path, env=env)
+    where = subprocess.run([py, "-c", "import calibjax; print(calibjax.__file__)"], capture_output=True, text=True,
+                           cwd=tmp_path, env=env).stdout
+    assert where.startswith(site), where  # the installed copy, not the checkout
+    import calibjax as package
+
+    assert tool("--version").stdout.strip() == f"calibjax {package.__version__}"
+    listed = tool("sweeps").stdout
+    shipped = sorted(p.stem for p in (repo / "sweeps").glob("*.toml"))
+    assert [line.split()[0] for line in listed.splitlines()[:-1]] == shipped and "24 runs" in listed
+    assert tool("init", "blog").returncode == 0
+    assert (tmp_path / "blog.toml").read_text() == (repo / "sweeps" / "blog.toml").read_text()
+    again = tool("init", "blog")
+    assert again.returncode == 2 and "exists already" in again.stderr
+    assert tool("init", "slurm_array.sh").returncode == 0 and os.access(tmp_path / "slurm_array.sh", os.X_OK)
+    plan = tool("plan", "blog.toml")
+    assert plan.returncode == 0 and "blog: 24 runs, 1 groups" in plan.stdout, plan.stderr
