@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 SWEEP ?= sweeps/blog.toml
 
-.PHONY: run test test-fast test-cluster lint bench bench-scale clean
+.PHONY: run test test-fast test-cluster test-browser lint bench bench-scale clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,14 @@ test-fast: $(STAMP)
 # calibjax on a real one-node SLURM cluster started on localhost (Debian's slurm-wlm and munge,
 # installed here when missing; needs root): submit, cancel, requeue, time limits (about 2 minutes).
 test-cluster: $(STAMP)
-	tests/install_slurm.sh
+	tests/install_packages.sh slurm-wlm munge
 	$(VENV)/bin/python -m pytest -q --cluster tests/test_cluster.py
+
+# The HTML report of the blog sweep's results rendered in Debian's headless chromium (installed here
+# when missing): every figure must load.
+test-browser: $(STAMP)
+	tests/install_packages.sh chromium
+	$(VENV)/bin/python -m pytest -q --browser tests/test_report.py
 
 lint: $(STAMP)
 	$(VENV)/bin/python -m ruff check .

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     stat = sub.add_parser("status", help="runs done and missing per shard and group; the command that trains "
                           "what is missing")
     stat.add_argument("dir", help="results directory")
+    rep = sub.add_parser("report", help="write DIR/report.html: one self-contained page with the sweep, run facts, "
+                         "summary table and every figure (run and merge write it too)")
+    rep.add_argument("dir", help="results directory")
     sub.add_parser("sweeps", help="list the sweep files shipped with calibjax (copy one with calibjax init NAME)")
     init = sub.add_parser("init", help="copy a shipped sweep file (calibjax sweeps lists them) here, to edit and run")
     init.add_argument("name", help="a shipped sweep, e.g. blog or grid_2000 (or slurm_array.sh)")
@@ -199,6 +202,11 @@ def _main(argv: list[str] | None = None) -> int:
             return submit(args)
         if args.command in ("sweeps", "init"):
             return shipped(args)
+        if args.command == "report":
+            from calibjax import report
+
+            print(report.write_report(Path(args.dir)))
+            return 0
         runtime.setup()  # before any JAX computation: CPU devices, compilation cache
         if args.command == "merge":
             return merge(args)
@@ -236,14 +244,16 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def finish(out: Path, figures: bool = True) -> None:
-    """After the final tables: summaries, then (unless turned off) the standard figures."""
-    from calibjax import summaries
+    """After the final tables: summaries, then (unless turned off) the standard figures, then the
+    HTML report."""
+    from calibjax import report, summaries
 
     summaries.write_summaries(out)
     if figures:
         from calibjax import plots
 
         plots.standard_figures(out)
+    report.write_report(out)
 
 
 def merge(args) -> int:

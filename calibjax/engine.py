@@ -48,31 +48,50 @@ class Trainer:
             self.compiles += 1
         return self._compiled[key]
 
-    def __call__(self, static: train.Static, dyn: train.Dynamic, size: int,
-                 on_compile=None, stop=lambda: False) -> train.RunResult:
-        """Train the runs of the stacked ``dyn`` (padded to ``size`` with copies of the last); numpy results.
+    def __call__(self, static: train.Static, dyn: train.Dynamic, size: int | None = None,
+                 on_compile=None, stop=lambda: False, on_progress=None) -> train.RunResult:
+        """Train the runs of the stacked ``dyn``; numpy results.
+
+        Runs go through the compiled program one call of ``devices x inner_batch`` at a time (the
+        last padded with copies of the last run), so ``on_progress(runs_done)`` hears of each call
+        as it ends; a run's bits do not depend on its call (``planning``). ``size``, the chunk's
+        planned call size, is accepted for compatibility: one program serves every chunk size.
 
         Compiling and training run in a worker thread while this (main) thread waits in short
         slices, so a SIGINT or SIGTERM handler runs within a fraction of a second, never after
-        the chunk: the caller can then stop at once (the work in flight is abandoned).
+        the chunk: the caller can then stop at once (the worker stops after the call in flight).
         """
         n = len(dyn.seed)
-        padded = train.take_dynamic(dyn, np.minimum(np.arange(size), n - 1))
-        box: dict = {}
+        per_call = len(self.layout.devices) * self.layout.inner_batch
+        calls = -(-n // per_call)
+        padded = train.take_dynamic(dyn, np.minimum(np.arange(calls * per_call), n - 1))
+        box: dict = {"done": 0}
 
         def work():
             try:
-                out = self.executable(static, size, on_compile)(padded)
-                box["out"] = jax.tree.map(lambda v: np.asarray(v)[:n], out)
+                program = self.executable(static, per_call, on_compile)
+                parts = []
+                for i in range(calls):
+                    if box.get("stop"):
+                        return
+                    out = program(train.take_dynamic(padded, slice(i * per_call, (i + 1) * per_call)))
+                    parts.append(jax.tree.map(np.asarray, out))
+                    box["done"] = min(n, (i + 1) * per_call)
+                box["out"] = jax.tree.map(lambda *v: np.concatenate(v)[:n], *parts)
             except BaseException as e:  # handed to the caller below
                 box["error"] = e
 
         worker = threading.Thread(target=work, daemon=True, name="calibjax-chunk")
         worker.start()
+        reported = 0
         while worker.is_alive():
             worker.join(0.1)
             if stop():
+                box["stop"] = True
                 raise KeyboardInterrupt
+            if on_progress and box["done"] != reported:
+                reported = box["done"]
+                on_progress(reported)
         if "error" in box:
             raise box["error"]
         return box["out"]
@@ -154,13 +173,16 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout |
 
     def train_chunk(chunk: planning.Chunk, lock: store.ChunkLock) -> None:
         dyn = sweep_mod.chunk_dynamic(sw, chunk.run_ids)
+        base = bar.n
         try:
             compile_before = trainer.compile_s
             t0 = time.perf_counter()
-            result = trainer(chunk.static, dyn, chunk.size, on_compile, stop)
+            result = trainer(chunk.static, dyn, chunk.size, on_compile, stop,
+                             on_progress=lambda done: bar.update(base + done - bar.n))
             report.train_s += time.perf_counter() - t0 - (trainer.compile_s - compile_before)
             written = results.write_chunk(part, chunk.chunk_id, chunk.static, chunk.run_ids, chunk.hashes, result)
         except Exception as e:  # a broken chunk must not stop the others
+            bar.update(base - bar.n)
             report.failed.append(chunk.chunk_id)
             bar.write(f"chunk {chunk.chunk_id} failed: {type(e).__name__}: {e}")
             if not quiet:
@@ -171,7 +193,7 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout |
         if written:
             report.trained += len(chunk.run_ids)
             report.model_steps += len(chunk.run_ids) * chunk.static.steps
-        bar.update(len(chunk.run_ids))
+        bar.update(base + len(chunk.run_ids) - bar.n)
         bar.set_postfix(steps_s=f"{report.steps_per_s:,.0f}")
 
     # Processes sharing the directory (a user's second run, a requeued task) cooperate: each chunk

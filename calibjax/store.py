@@ -411,7 +411,7 @@ FINAL_FILES = ("runs", "metrics", "density", "calibration", "curves", "estimator
 
 def remove_results(out: Path) -> None:
     """Delete what calibjax wrote in a results directory: final tables, finished chunks, shard
-    parts, figures (PNG) and the manifest. Anything else stays; so does a folder left non-empty."""
+    parts, figures (PNG), report.html and the manifest. Anything else stays; so does a folder left non-empty."""
     out = Path(out)
     for part in [out, *(p for p in out.glob("shards/*") if SHARD_PART.match(p.name))]:
         for d in part.glob("chunks/*"):
@@ -428,6 +428,7 @@ def remove_results(out: Path) -> None:
     for p in out.glob("figures/*.png"):
         p.unlink()
     _rmdir_if_empty(out / "figures")
+    (out / "report.html").unlink(missing_ok=True)
 
 
 def _rmdir_if_empty(d: Path) -> None:

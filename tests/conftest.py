@@ -28,18 +28,23 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 from calibjax import metrics, tasks, train  # noqa: E402
 
+# Tests that start real outside systems run only when asked (their make targets install the packages).
+SYSTEMS = {"cluster": "starts a real SLURM cluster: make test-cluster",
+           "browser": "renders a page in Debian's chromium: make test-browser"}
+
 
 def pytest_addoption(parser):
-    parser.addoption("--cluster", action="store_true", help="run the tests that start a real SLURM cluster "
-                     "(make test-cluster installs its packages and passes this)")
+    for name, what in SYSTEMS.items():
+        parser.addoption(f"--{name}", action="store_true", help=f"run the tests marked {name} ({what})")
 
 
 def pytest_collection_modifyitems(config, items):
-    if not config.getoption("--cluster"):
-        skip = pytest.mark.skip(reason="starts a real SLURM cluster: make test-cluster")
-        for item in items:
-            if "cluster" in item.keywords:
-                item.add_marker(skip)
+    for name, what in SYSTEMS.items():
+        if not config.getoption(f"--{name}"):
+            skip = pytest.mark.skip(reason=what)
+            for item in items:
+                if name in item.keywords:
+                    item.add_marker(skip)
 
 
 def example(n: int) -> tasks.GaussianTask:

@@ -1,6 +1,6 @@
 """A real one-node SLURM cluster on localhost, for tests/test_cluster.py (make test-cluster).
 
-Starts munged, slurmctld and slurmd from Debian's packages (slurm-wlm, munge; tests/install_slurm.sh
+Starts munged, slurmctld and slurmd from Debian's packages (slurm-wlm, munge; tests/install_packages.sh
 installs them) with state, spool and logs in a temporary folder, and stops the daemons it started
 by pid. Settings that work without systemd or cgroups: process tracking by /proc, no task plugin,
 no accounting. Needs root (slurmd runs jobs as their user; munged runs as user munge).

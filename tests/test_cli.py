@@ -60,10 +60,10 @@ def test_run_writes_every_table_manifest_and_figure(tmp_path):
 
     # A second call finds nothing left to do; a changed sweep file is refused unless --overwrite.
     again = calibjax("run", sweep, "--out", out, "--quiet")
-    assert again.returncode == 0 and "0 runs trained" in again.stdout
+    assert again.returncode == 0 and "tiny: already complete (4 runs in the sweep); nothing to train" in again.stdout
     sweep.write_text("# a comment changes nothing\n" + TINY)
     same = calibjax("run", sweep, "--out", out, "--quiet")
-    assert same.returncode == 0 and "0 runs trained" in same.stdout, same.stderr
+    assert same.returncode == 0 and "already complete" in same.stdout, same.stderr
 
     # The sweep grows: a third seed. Runs are known by their settings, so only the 2 new runs train
     # (run_ids shift: seed 2 of case a is run 2 now), and plan says so first.
