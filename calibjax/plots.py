@@ -49,9 +49,19 @@ def densities(runs: pd.DataFrame, path: Path) -> Path:
         for c in range(lj.shape[1]):
             ax.plot(x[:, 0], lj[:, c], label=f"P(c{c + 1}) p(x|c{c + 1})")
         ax.plot(x[:, 0], lj.sum(1), "k--", lw=1, label="p(x)")
-        ax.set(title=row["case"], xlabel="x")
+        ax.set(title=f"{row['case']}: {task_label(row)}", xlabel="x")
         ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("density: P(c) p(x|c) and p(x)")
     return _save(fig, path)
+
+
+def task_label(row) -> str:
+    """A 1-D two-class task by its parameters, e.g. 'mu 0, 3; sigma 1, 1' (priors when unequal)."""
+    mus = [row[c] for c in row.index if re.fullmatch(r"mu\d+", c)]
+    sigmas = [row[c] for c in row.index if re.fullmatch(r"sigma\d+", c)]
+    priors = [row[c] for c in row.index if re.fullmatch(r"prior\d+", c)]
+    text = f"mu {', '.join(map(fmt, mus))}; sigma {', '.join(map(fmt, sigmas))}"
+    return text + (f"; P(c) {', '.join(map(fmt, priors))}" if len(set(priors)) > 1 else "")
 
 
 def posterior_curves(curves: pd.DataFrame, runs: pd.DataFrame, case: str, steps, path: Path) -> Path:
@@ -65,28 +75,34 @@ def posterior_curves(curves: pd.DataFrame, runs: pd.DataFrame, case: str, steps,
             g = dc.groupby("x")
             stats = g["model_prob"].quantile([0.5, *BAND]).unstack()
             line, = ax.plot(stats.index, stats[0.5], label=f"model P(c{c}|x)")
-            ax.fill_between(stats.index, stats[BAND[0]], stats[BAND[1]], color=line.get_color(), alpha=0.25)
+            seeds = dc["run_id"].nunique()
+            ax.fill_between(stats.index, stats[BAND[0]], stats[BAND[1]], color=line.get_color(), alpha=0.25,
+                            label=f"min-max over {seeds} seeds" if c == 1 else None)
             ax.plot(stats.index, g["true_prob"].first(), "--", color="k", lw=1,
                     label="exact" if c == 1 else None)
         ax.set(title=f"{case}: step {step}", xlabel="x", ylim=(-0.02, 1.02))
     axes[0][0].set_ylabel("P(C | x)")
-    axes[0][0].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False,
+                       title="lines: median over seeds", title_fontsize=7)
     return _save(fig, path)
 
 
-def kl_vs_steps(metrics: pd.DataFrame, runs: pd.DataFrame, path: Path, by: str = "case") -> Path:
-    """kl against steps (log-log), median over seeds with an interquartile band, one line per `by`."""
+def kl_vs_steps(metrics: pd.DataFrame, runs: pd.DataFrame, path: Path, by: str = "case",
+                title: str = "") -> Path:
+    """kl against steps (log-log), median over the runs of each `by` value with an interquartile band."""
     df = metrics.merge(runs[["run_id", by]], on="run_id")
     df = df[df["step"] > 0]
     fig, ax = _subplots(1, (5.5, 3.8))
     for key, d in df.groupby(by, sort=False):
         q = d.groupby("step")["kl"].quantile([0.25, 0.5, 0.75]).unstack()
-        line, = ax.plot(q.index, q[0.5], marker="o", ms=3, label=str(key))
+        line, = ax.plot(q.index, q[0.5], marker="o", ms=3, label=f"{by} {fmt(key)}" if by != "case" else str(key))
         ax.fill_between(q.index, q[0.25], q[0.75], color=line.get_color(), alpha=0.2)
+    ax.fill_between([], [], [], color="grey", alpha=0.2, label="interquartile range over runs")
     ax.set(xscale="log", yscale="log", xlabel="training steps (mini-batch updates)",
-           ylabel="E_x KL(P(C|x) || q(C|x))  [nats]")
+           ylabel="E_x KL(P(C|x) || q(C|x))  [nats]", title=title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False,
+              title="median over runs", title_fontsize=7)
     return _save(fig, path)
 
 
@@ -116,7 +132,8 @@ def error_by_density(density: pd.DataFrame, runs: pd.DataFrame, path: Path, by: 
         ax.set(xscale="log", title=str(key), xlabel="training steps" if x == "step" else
                f"{x} (at step {int(df['step'].max())}; rightmost point: online)"
                if np.isinf(runs[x]).any() else x)
-        ax.legend(fontsize=6, title="log10 p(x) bin", title_fontsize=6)
+        ax.legend(fontsize=6, title="log10 p(x) bin", title_fontsize=6, loc="upper center",
+                  bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
     axes[0][0].set_ylabel("max |P - q| in bin (median over seeds)")
     return _save(fig, path)
 
@@ -205,10 +222,15 @@ def standard_figures(out: str | Path) -> list[Path]:
     small = len(cases) <= MAX_PANELS and not axes
     if (runs["dim"] == 1).any() and small:
         figs.append(densities(runs, fig_dir / "densities.png"))
-    line_by = axes[0] if len(axes) == 1 and runs[axes[0]].nunique() <= 12 and len(cases) == 1 else "case"
+    # Lines of a grid sweep: one per value of its first grid axis of at most 12 values, the others
+    # pooled (and named in the title); otherwise one per case.
+    few = [a for a in axes if runs[a].nunique() <= 12] if len(cases) == 1 else []
+    line_by = few[0] if few else "case"
+    pooled = [a for a in axes if a != line_by]
     metrics = store.read_table(out, "metrics", columns=["run_id", "step", "kl"])
     last = int(metrics["step"].max())
-    figs.append(kl_vs_steps(metrics, runs, fig_dir / "kl_vs_steps.png", by=line_by))
+    figs.append(kl_vs_steps(metrics, runs, fig_dir / "kl_vs_steps.png", by=line_by,
+                            title=f"pooled over {', '.join(pooled)} and seeds" if pooled else ""))
     if small:
         figs.append(error_by_density(t["density"], runs, fig_dir / "error_by_density.png"))
         for case in cases:
@@ -397,9 +419,14 @@ def reliability(calibration: pd.DataFrame, run_ids, step: int, path: Path, title
     fig, ax = _subplots(1, (4.6, 4.4))
     ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
     est = g[g["est_count"] > 0]
-    ax.plot(est["est_conf"], est["est_acc"], "o-", ms=4, label="estimated (labelled sample)")
+    runs = d["run_id"].nunique()
+    ax.plot(est["est_conf"], est["est_acc"], "o-", ms=4,
+            label=f"estimated: labelled samples of {runs} run(s) pooled\n(numbers: examples in the bin)")
+    for _, row in est.iterrows():
+        ax.annotate(f"{row['est_count']:.0f}", (row["est_conf"], row["est_acc"]), textcoords="offset points",
+                    xytext=(0, 5), ha="center", fontsize=6, color="C0")
     tru = g[g["true_mass"] > 0]
-    ax.plot(tru["true_conf"], tru["true_acc"], "s--", ms=4, label="true (exact posterior)")
+    ax.plot(tru["true_conf"], tru["true_acc"], "s--", ms=4, label="true (exact posterior; median over runs)")
     seen = pd.concat([est["est_conf"], tru["true_conf"]])
     lo = float(np.floor(seen.min() * 20) / 20) if len(seen) else 0.0
     ax.set(xlim=(lo, 1), ylim=(lo, 1), xlabel="confidence max_c q(c|x)", ylabel="accuracy",

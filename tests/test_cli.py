@@ -1,6 +1,7 @@
 """The command line end to end, in real subprocesses."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -329,3 +330,15 @@ def test_pip_install_of_the_project_ships_the_command_and_the_sweeps(tmp_path):
     assert tool("init", "slurm_array.sh").returncode == 0 and os.access(tmp_path / "slurm_array.sh", os.X_OK)
     plan = tool("plan", "blog.toml")
     assert plan.returncode == 0 and "blog: 24 runs, 1 groups" in plan.stdout, plan.stderr
+
+
+@pytest.mark.slow
+def test_progress_moves_within_a_chunk(tmp_path):
+    """One chunk of 48 runs on 2 devices x 8: the bar moves after each call of 16, not only at the end."""
+    sweep = tmp_path / "p.toml"
+    sweep.write_text(sweep_text(seeds=48, train={"steps": 3000, "checkpoints": [10, 3000]}))  # calls of ~1 s
+    r = calibjax("run", sweep, "--out", tmp_path / "res", "--no-figures")
+    assert r.returncode == 0, r.stderr
+    assert "tiny: training 48 of 48 runs in 1 chunk(s)" in r.stdout
+    shown = re.findall(r"\b(\d+)/48 \[", r.stderr)
+    assert ["16", "32", "48"] == sorted(set(shown) - {"0"}, key=int), r.stderr

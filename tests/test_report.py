@@ -32,7 +32,7 @@ def blog(tmp_path_factory):
     return out
 
 
-@pytest.mark.slow
+@pytest.mark.browser  # with the browser check (make test-browser, in CI): they share the results they draw
 def test_the_report_holds_the_sweep_facts_summary_and_every_figure(blog):
     page = (blog / "report.html").read_text()
     figures = sorted(p.name for p in (blog / "figures").glob("*.png"))
