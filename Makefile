@@ -8,21 +8,25 @@ SWEEP ?= sweeps/blog.toml
 .PHONY: run test test-fast test-cluster test-browser lint bench bench-scale clean
 
 $(STAMP): pyproject.toml
+	@echo "setting up $(VENV): calibjax, JAX and the test tools (first time: about 1 GB, a minute or two)"
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	$(VENV)/bin/python -m pip install --progress-bar off -e '.[test]'
 	touch $(STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/calibjax run $(SWEEP)
 
+# Tests run in 2 processes (pytest-xdist): most of their time is compiling, which XLA does on one core.
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP)
 	$(VENV)/bin/python -m ruff check .
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS)
 
 # The edit loop: everything but the tests marked slow (about 2 minutes here).
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -m "not slow"
+	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) -m "not slow"
 
 # calibjax on a real one-node SLURM cluster started on localhost (Debian's slurm-wlm and munge,
 # installed here when missing; needs root): submit, cancel, requeue, time limits (about 2 minutes).

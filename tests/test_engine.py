@@ -115,10 +115,10 @@ def test_merge_reports_missing_runs(tmp_path):
 def test_a_failing_chunk_is_reported_and_retried_alone(tmp_path, monkeypatch):
     original = engine.Trainer.__call__
 
-    def flaky(self, static, dyn, size, on_compile=None, stop=lambda: False):
+    def flaky(self, static, dyn, *args, **kwargs):
         if float(dyn.task.mean[0, 1, 0, 0]) == 2.0:  # the chunk holding mu2 = 2
             raise RuntimeError("simulated device failure")
-        return original(self, static, dyn, size, on_compile, stop)
+        return original(self, static, dyn, *args, **kwargs)
 
     monkeypatch.setattr(engine.Trainer, "__call__", flaky)
     first = engine.run_sweep(load(), tmp_path / "a", layout=layout(chunk=4), quiet=True)
