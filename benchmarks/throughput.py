@@ -159,19 +159,18 @@ def main():
     rows = []
     for r in args.runs:
         dyns = train.stack_dynamic([train.make_dynamic(task, n_data=100_000, seed=s) for s in range(r)])
-        _, size = layout.chunk_size(r, static)
-        trainer.executable(static, size)
+        trainer.executable(static)
         compile_s = trainer.compile_s
         trainer.compile_s = 0.0
         t0 = time.perf_counter()
-        trainer(static, dyns, size)
+        trainer(static, dyns)
         wall = time.perf_counter() - t0
         rate = r * args.steps / wall
         row = {"runs": r, "model_steps_per_s": rate, "frac_matmul_peak": rate * flops / peak,
                "frac_ceiling": rate / ceiling,
                "vs_single": rate / single_rate, "vs_torch": rate / torch if torch else None,
                "compile_s": compile_s, "peak_mb": peak_memory_mb(), "inner_batch": layout.inner_batch,
-               "padded_runs": size,
+               "padded_runs": -(-r // trainer.per_call) * trainer.per_call,
                "devices": len(layout.devices), "backend": jax.default_backend()}
         rows.append(row)
         vs_torch = f"{row['vs_torch']:.1f}x" if torch else "-"
@@ -198,10 +197,9 @@ def fixed_cost(trainer, layout, task, steps, rows) -> dict | None:
     r = row["runs"]
     one = train.Static(steps=1, checkpoints=(1,))
     dyns = train.stack_dynamic([train.make_dynamic(task, n_data=100_000, seed=s) for s in range(r)])
-    _, size = layout.chunk_size(r, one)
-    trainer(one, dyns, size)  # compile and warm up
+    trainer(one, dyns)  # compile and warm up
     t0 = time.perf_counter()
-    trainer(one, dyns, size)
+    trainer(one, dyns)
     fixed = time.perf_counter() - t0
     wall = r * steps / row["model_steps_per_s"]
     train_rate = r * (steps - 1) / (wall - fixed)
@@ -224,14 +222,13 @@ def compare_widths(args, rounds: int = 4):
     trainers = {}
     for w in args.widths:
         layout = planning.default_layout(inner_batch=w, chunk_size=r)
-        trainers[w] = (engine.Trainer(layout), layout.chunk_size(r, static)[1])
-        trainers[w][0](static, dyns, trainers[w][1])  # compile and warm up
+        trainers[w] = engine.Trainer(layout)
+        trainers[w](static, dyns)  # compile and warm up
     rates = {w: [] for w in args.widths}
     for i in range(rounds):
         for w in args.widths if i % 2 == 0 else args.widths[::-1]:
-            trainer, size = trainers[w]
             t0 = time.perf_counter()
-            trainer(static, dyns, size)
+            trainers[w](static, dyns)
             rates[w].append(r * args.steps / (time.perf_counter() - t0))
     for w in args.widths:
         v = sorted(rates[w])

@@ -25,7 +25,7 @@ POLL_S = 1.0  # how often a process waits for chunks that another process is tra
 
 
 class Trainer:
-    """Compiles once per (static settings, call size) and trains chunks of runs, ``layout.inner_batch``
+    """Compiles once per static settings and trains chunks of runs, ``layout.inner_batch``
     at a time on each device."""
 
     def __init__(self, layout: planning.Layout):
@@ -35,8 +35,15 @@ class Trainer:
         self.compiles = 0
         self.compile_s = 0.0
 
-    def executable(self, static: train.Static, size: int, on_compile=None):
-        """The compiled program for chunks of ``size`` runs of this group (compiled on first use)."""
+    @property
+    def per_call(self) -> int:
+        """Runs per call of the compiled program: one batch of ``inner_batch`` on every device."""
+        return len(self.layout.devices) * self.layout.inner_batch
+
+    def executable(self, static: train.Static, size: int | None = None, on_compile=None):
+        """The compiled program for calls of ``size`` runs (default ``per_call``) of this group,
+        compiled on first use."""
+        size = size or self.per_call
         key = (static, size)
         if key not in self._compiled:
             if on_compile:
@@ -48,21 +55,20 @@ class Trainer:
             self.compiles += 1
         return self._compiled[key]
 
-    def __call__(self, static: train.Static, dyn: train.Dynamic, size: int | None = None,
-                 on_compile=None, stop=lambda: False, on_progress=None) -> train.RunResult:
+    def __call__(self, static: train.Static, dyn: train.Dynamic, on_compile=None, stop=lambda: False,
+                 on_progress=None) -> train.RunResult:
         """Train the runs of the stacked ``dyn``; numpy results.
 
-        Runs go through the compiled program one call of ``devices x inner_batch`` at a time (the
-        last padded with copies of the last run), so ``on_progress(runs_done)`` hears of each call
-        as it ends; a run's bits do not depend on its call (``planning``). ``size``, the chunk's
-        planned call size, is accepted for compatibility: one program serves every chunk size.
+        Runs go through the compiled program ``per_call`` at a time (the last call padded with
+        copies of the last run), so ``on_progress(runs_done)`` hears of each call as it ends and one
+        program serves every chunk size; a run's bits do not depend on its call (``planning``).
 
         Compiling and training run in a worker thread while this (main) thread waits in short
         slices, so a SIGINT or SIGTERM handler runs within a fraction of a second, never after
         the chunk: the caller can then stop at once (the worker stops after the call in flight).
         """
         n = len(dyn.seed)
-        per_call = len(self.layout.devices) * self.layout.inner_batch
+        per_call = self.per_call
         calls = -(-n // per_call)
         padded = train.take_dynamic(dyn, np.minimum(np.arange(calls * per_call), n - 1))
         box: dict = {"done": 0}
@@ -177,7 +183,7 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout |
         try:
             compile_before = trainer.compile_s
             t0 = time.perf_counter()
-            result = trainer(chunk.static, dyn, chunk.size, on_compile, stop,
+            result = trainer(chunk.static, dyn, on_compile, stop,
                              on_progress=lambda done: bar.update(base + done - bar.n))
             report.train_s += time.perf_counter() - t0 - (trainer.compile_s - compile_before)
             written = results.write_chunk(part, chunk.chunk_id, chunk.static, chunk.run_ids, chunk.hashes, result)

@@ -229,7 +229,7 @@ def plan(sw: sweep_mod.Sweep, layout: Layout, shard=None, done=frozenset()) -> p
         n = sum(len(c.run_ids) for c in cs)
         rows.append({"group": g, "hidden": "-".join(map(str, st.hidden)), "optimizer": st.optimizer,
                      "batch_size": st.batch_size, "steps": st.steps, "classes": st.num_classes,
-                     "dim": st.dim, "runs": n, "chunks": len(cs), "runs_per_call": cs[0].size,
+                     "dim": st.dim, "runs": n, "chunks": len(cs), "runs_per_chunk": cs[0].size,
                      "inner_batch": layout.inner_batch,
                      "memory_per_chunk_mb": (layout.inner_batch * working * len(layout.devices)
                                              + cs[0].size * held) / 2**20,
