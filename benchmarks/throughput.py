@@ -5,8 +5,9 @@
 
 One model-step = one optimiser update of one classifier (1-64-64-2 MLP, batch 64, Adam, finite
 N = 100,000): 1.73 MFLOP by the dense-layer count (train.Static.flops_per_step). Each row trains R
-runs by one compiled call and, in the same process, times the same work done one run at a time by
-the jitted single-run program; if PyTorch is importable, also the study's own DataLoader loop.
+runs with the engine's Trainer (one compiled program, called per devices x inner batch) and, in the
+same process, times the same work done one run at a time by the jitted single-run program; if
+PyTorch is importable, also the study's own DataLoader loop.
 """
 
 from __future__ import annotations
