@@ -322,6 +322,15 @@ def _edges(values: np.ndarray, log: bool) -> np.ndarray:
     return np.exp(e) if log else e
 
 
+def pooled_settings(agg: pd.DataFrame, *shown) -> str:
+    """The settings of summary_by_setting a heatmap's cells pool (not on an axis or facet), e.g.
+    'lr (3 values)'; empty when each cell is one grid point."""
+    values = set(summaries.value_columns(agg))
+    keys = [c for c in agg.columns if c not in values and c not in shown and not c.startswith("n_")
+            and not re.search(r"_q\d\d$", c)]
+    return ", ".join(f"{c} ({agg[c].nunique()} values)" for c in keys if agg[c].nunique() > 1)
+
+
 def heatmap(agg: pd.DataFrame, x: str, y: str, value: str, path: Path, facet: str | None = None,
             title: str | None = None, runs: pd.DataFrame | None = None) -> Path:
     """A summary (median over seeds) over two swept settings; 'never' cells hatched grey.
@@ -381,7 +390,8 @@ def heatmap(agg: pd.DataFrame, x: str, y: str, value: str, path: Path, facet: st
         axes[0][0].legend(handles=[matplotlib.patches.Patch(facecolor="#d9d9d9", hatch="///", edgecolor="#888888",
                                                             label="never reached")], loc="upper left",
                           bbox_to_anchor=(0.0, -0.13), fontsize=8, frameon=False)
-    fig.suptitle(title or f"{value}: median over seeds")
+    pooled = pooled_settings(agg, x, y, facet)
+    fig.suptitle(title or f"{value}: median over seeds" + (f"; median over {pooled}" if pooled else ""))
     return _save(fig, path)
 
 

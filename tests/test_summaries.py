@@ -157,6 +157,10 @@ def test_selections_name_what_they_pool_and_list_what_exists(tmp_path):
     with pytest.raises(plots.PlotError, match="--step 1500: not a checkpoint of the selected runs; checkpoints: "
                                               "10, 100, 1000"):
         plots.reliability(calib, [0, 1], 1500, tmp_path / "r.png")
+    agg3 = summaries.aggregate(summaries.summarize(pd.read_parquet(tmp_path / "metrics.parquet"),
+                                                   runs.assign(lr=np.where(runs["seed"] == 0, 1e-3, 2e-3))))
+    assert plots.pooled_settings(agg3, "mu2", "sigma1", None) == "lr (2 values)"  # named in the title
+    assert plots.pooled_settings(agg3, "mu2", "sigma1", "lr") == ""
     # The study's layout: mu2 set per case, no grid axis at all (the message used to say "not swept").
     cases = runs.assign(case=np.where(runs["mu2"] == 1.0, "example2", "example1"), sigma1=1.0)
     cases = cases[cases["mu2"] < 4]
