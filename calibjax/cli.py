@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train every unfinished run of a sweep file; write tables and figures")
     plan = sub.add_parser("plan", help="print runs, groups (compiles), chunks, memory and time; train nothing")
     for q in (run, plan):
-        q.add_argument("sweep", help="sweep file (TOML), e.g. sweeps/blog.toml")
+        q.add_argument("sweep", help="sweep file (TOML), e.g. sweeps/blog.toml, or the name of a shipped sweep "
+                       "(calibjax sweeps lists them)")
         q.add_argument("--out", help="results directory (default results/<sweep name>)")
         q.add_argument("--chunk-size", type=int, help="most runs per compiled call (default: by memory, "
                        "at most 1024 on CPU, 16384 on GPU)")
@@ -210,7 +211,7 @@ def _main(argv: list[str] | None = None) -> int:
         runtime.setup()  # before any JAX computation: CPU devices, compilation cache
         if args.command == "merge":
             return merge(args)
-        sw = sweep.load(args.sweep, **({"max_runs": args.max_runs} if args.max_runs else {}))
+        sw = sweep.load(sweep_file(args.sweep), **({"max_runs": args.max_runs} if args.max_runs else {}))
         out = Path(args.out) if args.out else Path("results") / sw.name
         shard, first = cluster.resolve_shard(args.shard, store.read_manifest(out), out) or (None, 0)
         from calibjax import engine, planning
@@ -271,13 +272,31 @@ def merge(args) -> int:
     return 0
 
 
-def shipped(args) -> int:
-    """calibjax sweeps (list the shipped sweep files) and calibjax init NAME (copy one here)."""
+def shipped_files() -> dict:
+    """The files shipped in calibjax.sweeps, by name (importlib.resources Traversables)."""
     from importlib import resources
 
+    return {p.name: p for p in resources.files("calibjax.sweeps").iterdir() if p.name.endswith((".toml", ".sh"))}
+
+
+def sweep_file(text: str) -> str:
+    """A sweep file argument: a path, or else the name of a shipped sweep (blog, grid_2000, ...)."""
+    if Path(text).exists():
+        return text
+    files = shipped_files()
+    name = text if text.endswith(".toml") else f"{text}.toml"
+    if "/" not in text and name in files:
+        print(f"calibjax: {text}: not a file here; using the shipped sweep {name} (calibjax init "
+              f"{name[:-5]} copies it to edit)", file=sys.stderr)
+        return str(files[name])
+    return text  # sweep.load says it cannot be read
+
+
+def shipped(args) -> int:
+    """calibjax sweeps (list the shipped sweep files) and calibjax init NAME (copy one here)."""
     from calibjax import sweep
 
-    files = {p.name: p for p in resources.files("calibjax.sweeps").iterdir() if p.name.endswith((".toml", ".sh"))}
+    files = shipped_files()
     if args.command == "sweeps":
         for name in sorted(n for n in files if n.endswith(".toml")):
             text = files[name].read_text()
@@ -310,7 +329,7 @@ def submit(args) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UsageError(f"--{name.replace('_', '-')}: expected a positive integer, got {v}")
-    sw = sweep.load(args.sweep, **({"max_runs": args.max_runs} if args.max_runs else {}))
+    sw = sweep.load(sweep_file(args.sweep), **({"max_runs": args.max_runs} if args.max_runs else {}))
     if args.tasks > len(sw.runs):
         raise UsageError(f"--tasks {args.tasks}: more shards than the sweep's {len(sw.runs)} runs")
     out = args.out or str(Path("results") / sw.name)

@@ -330,6 +330,10 @@ def test_pip_install_of_the_project_ships_the_command_and_the_sweeps(tmp_path):
     assert tool("init", "slurm_array.sh").returncode == 0 and os.access(tmp_path / "slurm_array.sh", os.X_OK)
     plan = tool("plan", "blog.toml")
     assert plan.returncode == 0 and "blog: 24 runs, 1 groups" in plan.stdout, plan.stderr
+    (tmp_path / "blog.toml").unlink()
+    by_name = tool("plan", "blog")  # no file of that name here: the shipped sweep
+    assert by_name.returncode == 0 and "blog: 24 runs, 1 groups" in by_name.stdout, by_name.stderr
+    assert "using the shipped sweep blog.toml" in by_name.stderr
 
 
 @pytest.mark.slow
