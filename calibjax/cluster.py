@@ -247,7 +247,7 @@ def submit(sub: Submission, sw: sweep_mod.Sweep, dry_run: bool = False, echo=pri
     """
     out = Path(sub.out)
     manifest = store.read_manifest(out)
-    if manifest is None and results._foreign(out):
+    if manifest is None and results.foreign(out):
         raise ClusterError(f"{out}: exists and is not a calibjax results directory (no manifest.json); "
                            "choose another --out")
     if manifest is not None:
@@ -362,7 +362,7 @@ def status(out: Path) -> Status:
                 holder, age = lock.read_text().strip(), time.time() - lock.stat().st_mtime
             except OSError:
                 continue
-            if age < store.LOCK_STALE_S and not store._dead_local_writer(holder):
+            if age < store.LOCK_STALE_S and not store.dead_local_writer(holder):
                 writers.append(f"{part.relative_to(out) if part != out else '.'} {lock.name[6:]}: {holder}, "
                                f"heartbeat {age:.0f} s ago")
                 busy.add(k)

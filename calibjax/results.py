@@ -80,7 +80,7 @@ def check_shard_count(manifest: dict | None, out: Path, shard: tuple[int, int] |
                            "or --out for a new directory")
 
 
-def _foreign(out: Path) -> bool:
+def foreign(out: Path) -> bool:
     """out exists with something in it besides the temporary files of live calibjax writers."""
     return out.exists() and (not out.is_dir() or not all(store.in_flight(p.name) for p in out.iterdir()))
 
@@ -89,7 +89,7 @@ def prepare_output(sw: sweep_mod.Sweep, out: Path, identity: dict, overwrite: bo
     """Create or reuse the output directory; refuse to mix results of other sweep files or numbers,
     and refuse (even with overwrite) a non-empty directory that calibjax did not write."""
     manifest = store.read_manifest(out)
-    if manifest is None and _foreign(out):
+    if manifest is None and foreign(out):
         # Another process starting this directory renames its manifest into place after writing it
         # to a temporary file: read again, in case it did so since the first look.
         manifest = store.read_manifest(out)

@@ -66,7 +66,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _dead_local_writer(tag: str) -> bool:
+def dead_local_writer(tag: str) -> bool:
     """True if ``tag`` ("<host>-<pid>...", from a .tmp- name or a lock) names a process of this
     host that no longer runs. Writers on other hosts cannot be checked and count as alive."""
     if not tag.startswith(HOST + "-"):
@@ -206,7 +206,7 @@ class ChunkLock:
             age = time.time() - self.path.stat().st_mtime
         except OSError:
             return False  # released meanwhile: try again
-        return age > LOCK_STALE_S or _dead_local_writer(holder)
+        return age > LOCK_STALE_S or dead_local_writer(holder)
 
     def acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -394,7 +394,7 @@ def clean_debris(out: Path) -> None:
         if base.is_dir():
             for p in [*base.glob(".tmp-*"), *base.glob(".lock-*")]:
                 owner = p.name[len(".tmp-"):] if p.name.startswith(".tmp-") else _read(p)
-                if owner and _dead_local_writer(owner):
+                if owner and dead_local_writer(owner):
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
