@@ -204,9 +204,9 @@ def _main(argv: list[str] | None = None) -> int:
         if args.command in ("sweeps", "init"):
             return shipped(args)
         if args.command == "report":
-            from calibjax import report
+            from calibjax import report as page
 
-            print(report.write_report(Path(args.dir)))
+            print(page.write_report(Path(args.dir)))
             return 0
         runtime.setup()  # before any JAX computation: CPU devices, compilation cache
         if args.command == "merge":
