@@ -23,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("sweep", help="sweep file (TOML), e.g. sweeps/blog.toml, or the name of a shipped sweep "
                        "(calibjax sweeps lists them)")
         q.add_argument("--out", help="results directory (default results/<sweep name>)")
-        q.add_argument("--chunk-size", type=int, help="most runs per compiled call (default: by memory, "
-                       "at most 1024 on CPU, 16384 on GPU)")
+        q.add_argument("--chunk-size", type=int, help="most runs per chunk, the unit written and resumed (default: "
+                       "by memory, at most 1024 on CPU, 16384 on GPU)")
         q.add_argument("--inner-batch", type=int, help="runs vmapped together per device (default 8 on CPU, "
                        "1024 on GPU); part of every run's numbers, so a results directory keeps one")
         q.add_argument("--shard", help="K/N: only runs with run_id %% N == K, into DIR/shards/K-of-N "
@@ -180,11 +180,11 @@ def _requeue() -> str:
 def _main(argv: list[str] | None = None) -> int:
     global _running
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []  # submit: arguments for sbatch
-    args = build_parser().parse_args(argv[:len(argv) - len(extra) - bool(extra or "--" in argv)])
-    if "--" in argv and args.command != "submit":
+    cut = argv.index("--") if "--" in argv else len(argv)  # submit: what follows -- is for sbatch
+    args = build_parser().parse_args(argv[:cut])
+    if cut < len(argv) and args.command != "submit":
         return fail("arguments after -- are for sbatch, and only calibjax submit takes them")
-    args.sbatch_args = extra
+    args.sbatch_args = argv[cut + 1:]
     for name in ("chunk_size", "inner_batch", "max_runs", "chunk_minutes"):
         v = getattr(args, name, None)
         if v is not None and (v <= 0 if name == "chunk_minutes" else v < 1):
@@ -341,7 +341,7 @@ def submit(args) -> int:
                              cpus=args.cpus, mem=args.mem, time=args.time, gres=args.gres, partition=args.partition,
                              run_args=tuple(run_args), sbatch_args=tuple(args.sbatch_args),
                              only=cluster.parse_only(args.only, args.tasks) if args.only else ())
-    sub.minutes  # noqa: B018 - a bad --time is refused before anything is written
+    cluster.parse_minutes(sub.time)  # a bad --time is refused before anything is written
     record = cluster.submit(sub, sw, dry_run=args.dry_run)
     if record:
         print(f"{sw.name}: submitted array job {record['array_job']} ({len(record['shards'])} task(s) of "

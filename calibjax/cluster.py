@@ -20,8 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,8 @@ class ClusterError(ValueError):
     """A bad submit or shard setting, or a SLURM command that failed (the message says which)."""
 
 
+NO_SBATCH = ("sbatch not found: calibjax submit needs SLURM's client commands on this machine "
+             "(--dry-run prints the scripts without them)")
 SUBMISSIONS = "submissions.json"  # DIR/slurm/: what calibjax submit did, for status and resubmission
 WARN_S = 90              # the early-warning signal (SIGUSR1) comes this long before the time limit...
 MIN_WARN_S = 10          # ...or a quarter of the limit, at least this, for short limits
@@ -70,7 +71,7 @@ def resolve_shard(text: str | None, manifest: dict | None, out: Path,
             raise ClusterError(f"--shard: expected K/N such as 0/4, got {text!r}") from None
         if not (n >= 1 and 0 <= k < n):
             raise ClusterError(f"--shard: need 0 <= K < N, got {text!r}")
-        results.check_shard_count(manifest, out, (k, n))
+        results.check_shard_count(manifest, out, n)
         return (k, n), first
     if "SLURM_ARRAY_TASK_ID" not in env:
         return None
@@ -186,10 +187,6 @@ def parse_only(text: str, tasks: int) -> tuple[int, ...]:
     return tuple(sorted(set(ids)))
 
 
-def _python() -> str:
-    return shlex.quote(sys.executable)
-
-
 def scripts(sub: Submission, sweep_copy: Path, name: str) -> tuple[str, str]:
     """The array script and the merge script (sbatch reads the #SBATCH lines; --array is given on
     the command line, so resubmissions reuse the same script)."""
@@ -232,8 +229,7 @@ def _sbatch(args: list[str]) -> str:
     try:
         r = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, timeout=120)
     except FileNotFoundError:
-        raise ClusterError("sbatch not found: calibjax submit needs SLURM's client commands on this machine "
-                           "(--dry-run prints the scripts without them)") from None
+        raise ClusterError(NO_SBATCH) from None
     if r.returncode != 0:
         raise ClusterError(f"sbatch {shlex.join(args)} failed: {(r.stderr or r.stdout).strip()}")
     return r.stdout.strip().split(";")[0]  # "<jobid>" or "<jobid>;<cluster>"
@@ -254,10 +250,8 @@ def submit(sub: Submission, sw: sweep_mod.Sweep, dry_run: bool = False, echo=pri
         if manifest.get("sweep_name") != sw.name:
             raise ClusterError(f"{out}: holds results of a different sweep ({manifest.get('sweep_name')!r}, not "
                                f"{sw.name!r}); use --out for a new directory")
-        if manifest.get("shards", sub.tasks) != sub.tasks:
-            raise ClusterError(f"{out}: split into {manifest['shards']} shards when it was first sharded, not "
-                               f"{sub.tasks}; submit with --tasks {manifest['shards']} (--only picks shards), "
-                               "or use --out for a new directory")
+        results.check_shard_count(manifest, out, sub.tasks,
+                                  hint=f"submit with --tasks {manifest.get('shards')} (--only picks shards)")
     logs = out / "slurm"
     sweep_copy = logs / f"{sw.name}-{sw.sha256[:12]}.toml"  # tasks read this copy: editing the file changes nothing
     array, merge = scripts(sub, sweep_copy, sw.name)
@@ -268,8 +262,7 @@ def submit(sub: Submission, sw: sweep_mod.Sweep, dry_run: bool = False, echo=pri
              f"{shlex.join(list(sub.sbatch_args))} {logs}/merge.sh\n{merge}")
         return {}
     if shutil.which("sbatch") is None:
-        raise ClusterError("sbatch not found: calibjax submit needs SLURM's client commands on this machine "
-                           "(--dry-run prints the scripts without them)")
+        raise ClusterError(NO_SBATCH)
     if manifest is None:
         store.write_json(out / "manifest.json", {**results.sweep_manifest(sw), **results.PENDING, "complete": False,
                                                  "shards": sub.tasks, "shard_first": 0})
@@ -281,8 +274,7 @@ def submit(sub: Submission, sw: sweep_mod.Sweep, dry_run: bool = False, echo=pri
     array_id = _sbatch([*array_args, str(logs / "array.sh")])
     merge_id = _sbatch(["--dependency", f"afterany:{array_id}", *sub.sbatch_args, str(logs / "merge.sh")])
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "array_job": array_id, "merge_job": merge_id,
-              "shards": list(sub.only or range(sub.tasks)), "submission": sub.__dict__ | {
-                  "run_args": list(sub.run_args), "sbatch_args": list(sub.sbatch_args), "only": list(sub.only)}}
+              "shards": list(sub.only or range(sub.tasks)), "submission": asdict(sub)}
     history = submissions(out)
     store.write_json(logs / SUBMISSIONS, [*history, record])
     return record
@@ -336,15 +328,16 @@ def status(out: Path) -> Status:
     manifest = store.read_manifest(out)
     if manifest is None:
         raise ClusterError(f"{out}: no manifest.json here; is it a calibjax results directory?")
-    sw = sweep_mod.parse(tomllib.loads(manifest["sweep_text"]), manifest["sweep_file"], manifest["sweep_text"])
+    sw = results.manifest_sweep(manifest)
     n_runs = len(sw.runs)
     done = np.zeros(n_runs, bool)
     finished = results.finished_run_ids(out, sw)
     if finished:
         done[np.fromiter(finished, np.int64, len(finished))] = True
     shards, first = manifest.get("shards"), manifest.get("shard_first", 0)
-    ids = np.arange(n_runs)
-    owner = ids % shards if shards else np.zeros(n_runs, np.int64)
+    owner = np.arange(n_runs) % shards if shards else np.zeros(n_runs, np.int64)
+    runs_of = np.bincount(owner, minlength=shards or 1)
+    done_of = np.bincount(owner, weights=done, minlength=shards or 1).astype(np.int64)
     history = submissions(out)
     job_ids = sorted({h["array_job"] for h in history})
     queued = queued_tasks(job_ids)
@@ -357,21 +350,15 @@ def status(out: Path) -> Status:
     writers, busy, failed = [], set(), []
     parts = [(k, out / "shards" / f"{k}-of-{shards}") for k in range(shards)] if shards else [(0, out)]
     for k, part in parts:
-        for lock in sorted(part.glob("chunks/.lock-*")):
-            try:
-                holder, age = lock.read_text().strip(), time.time() - lock.stat().st_mtime
-            except OSError:
-                continue
-            if age < store.LOCK_STALE_S and not store.dead_local_writer(holder):
-                writers.append(f"{part.relative_to(out) if part != out else '.'} {lock.name[6:]}: {holder}, "
-                               f"heartbeat {age:.0f} s ago")
-                busy.add(k)
-        m = store.read_manifest(part) if part != out else None
+        for chunk_id, holder, age in store.live_locks(part):
+            writers.append(f"{part.relative_to(out) if part != out else '.'} {chunk_id}: {holder}, "
+                           f"heartbeat {age:.0f} s ago")
+            busy.add(k)
+        m = manifest if part == out else store.read_manifest(part)
         failed += [f"{part.name}/{c}" for c in (m or {}).get("failed_chunks", [])]
     rows = []
     for k in range(shards or 1):
-        mine = owner == k
-        n, d = int(mine.sum()), int(done[mine].sum())
+        n, d = int(runs_of[k]), int(done_of[k])
         state = "done" if d == n else live.get(k, "").lower() or ("training" if k in busy else "missing")
         rows.append({"shard": k if shards else "-", "runs": n, "done": d, "missing": n - d, "state": state})
     table = pd.DataFrame(rows)
@@ -381,8 +368,9 @@ def status(out: Path) -> Status:
     resubmit = []
     if shards and todo:
         if history:
-            sub = Submission(**{**history[-1]["submission"], "only": ()})
-            sub.run_args, sub.sbatch_args = tuple(sub.run_args), tuple(sub.sbatch_args)
+            saved = history[-1]["submission"]
+            sub = Submission(**{**saved, "run_args": tuple(saved["run_args"]),
+                                "sbatch_args": tuple(saved["sbatch_args"]), "only": ()})
             resubmit.append(sub.command(only=todo))
         else:
             resubmit.append(f"sbatch --array={','.join(_ranges([first + k for k in todo]))} "

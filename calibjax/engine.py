@@ -1,9 +1,10 @@
 """Execution: train a sweep's chunks on the devices and write each one as it finishes.
 
-Each group (one ``train.Static``) compiles once per call size; its chunks (``planning``) reuse
-that executable. Finished chunks are written atomically, so a rerun on the same directory trains
-only what is missing. ``run_sweep`` ends with the final tables once every run is there;
-summaries and figures are the caller's (the command line chains them).
+Each group (one ``train.Static``) compiles once, for calls of devices x inner batch runs; its
+chunks (``planning``) go through that executable call by call. Finished chunks are written
+atomically, so a rerun on the same directory trains only what is missing. ``run_sweep`` ends
+with the final tables once every run is there; summaries and figures are the caller's (the
+command line chains them).
 """
 
 from __future__ import annotations
@@ -40,20 +41,18 @@ class Trainer:
         """Runs per call of the compiled program: one batch of ``inner_batch`` on every device."""
         return len(self.layout.devices) * self.layout.inner_batch
 
-    def executable(self, static: train.Static, size: int | None = None, on_compile=None):
-        """The compiled program for calls of ``size`` runs (default ``per_call``) of this group,
-        compiled on first use."""
-        size = size or self.per_call
-        key = (static, size)
-        if key not in self._compiled:
+    def executable(self, static: train.Static, on_compile=None):
+        """The compiled program for calls of ``per_call`` runs of this group (compiled on first use)."""
+        if static not in self._compiled:
             if on_compile:
-                on_compile(static, size)
+                on_compile(static, self.per_call)
             t0 = time.perf_counter()
             fn = train.batched_train_fn(static, self.layout.inner_batch, self.mesh)
-            self._compiled[key] = fn.lower(train.stack_dynamic([train.placeholder_dynamic(static)] * size)).compile()
+            placeholders = train.stack_dynamic([train.placeholder_dynamic(static)] * self.per_call)
+            self._compiled[static] = fn.lower(placeholders).compile()
             self.compile_s += time.perf_counter() - t0
             self.compiles += 1
-        return self._compiled[key]
+        return self._compiled[static]
 
     def __call__(self, static: train.Static, dyn: train.Dynamic, on_compile=None, stop=lambda: False,
                  on_progress=None) -> train.RunResult:
@@ -75,7 +74,7 @@ class Trainer:
 
         def work():
             try:
-                program = self.executable(static, per_call, on_compile)
+                program = self.executable(static, on_compile)
                 parts = []
                 for i in range(calls):
                     if box.get("stop"):
@@ -154,7 +153,7 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout |
     results.prepare_output(sw, out, identity, overwrite)
     manifest = {**results.sweep_manifest(sw), **runtime.environment(), **identity, "layout": layout.describe()}
     previous = store.read_manifest(out) or {}
-    results.check_shard_count(previous, out, shard)
+    results.check_shard_count(previous, out, shard and shard[1])
     sharding = {k: previous[k] for k in ("shards", "shard_first") if k in previous}
     if shard and not sharding:
         sharding = {"shards": shard[1], "shard_first": shard_first}

@@ -38,7 +38,7 @@ from calibjax import sweep as sweep_mod
 # wide that a small sweep pays for thousands of padding runs (not re-measured since).
 CPU_INNER_BATCH = 8
 GPU_INNER_BATCH = 1024
-CPU_MAX_CHUNK = 1024    # most runs per call: bounds lost work on a kill and keeps progress moving
+CPU_MAX_CHUNK = 1024    # most runs per chunk: bounds lost work on a kill
 GPU_MAX_CHUNK = 16384
 MEMORY_FRACTION = 0.5   # of device (or, on CPU, host) memory a chunk may plan to use
 # A chunk is the work an interruption can lose: at most this long by a nominal rate per device.
@@ -101,7 +101,7 @@ class Layout:
 
     devices: tuple      # devices the run axis is sharded over
     inner_batch: int    # runs vmapped together on one device, always (lax.map over such batches)
-    max_chunk: int      # most runs per compiled call
+    max_chunk: int      # most runs per chunk (written, locked and resumed as a unit)
     memory: int         # bytes per device a chunk may plan to use
     max_chunk_s: float = MAX_CHUNK_SECONDS  # most nominal seconds of work per chunk
 
@@ -110,13 +110,12 @@ class Layout:
         return self.devices[0].platform
 
     def chunk_size(self, n_runs: int, static: train.Static) -> tuple[int, int]:
-        """(runs per chunk, padded runs per call) for a group of n_runs.
+        """(runs per chunk, that rounded up to whole batches on every device) for a group of n_runs.
 
         Runs per chunk is bounded by max_chunk, the memory budget and max_chunk_s of work at the
-        nominal rate (but is at least one batch per device); the call size is that
-        rounded up to whole batches on every device (a multiple of devices x inner batch), so
-        every chunk of the group (the last one padded with copies) reuses one compiled program
-        and every run is computed in a batch of exactly ``inner_batch`` runs.
+        nominal rate (but is at least one batch per device). A chunk is trained in calls of
+        devices x inner batch runs (``engine.Trainer``; its last call padded with copies), so
+        every run is computed in a batch of exactly ``inner_batch`` runs by the group's one program.
         """
         n_dev = len(self.devices)
         working, held = memory_per_run(static)
@@ -147,7 +146,7 @@ class Chunk:
     group: int
     static: train.Static
     run_ids: np.ndarray  # int64, ascending
-    size: int    # padded number of runs per call (the same for every chunk of a group)
+    size: int    # runs per chunk of its group, rounded up to whole batches on every device
     sweep: sweep_mod.Sweep | None = field(default=None, repr=False)  # knows the runs' identities
 
     @functools.cached_property

@@ -170,11 +170,15 @@ def select_runs(runs: pd.DataFrame, where: dict | None = None, run_id: int | Non
     return runs.loc[mask, "run_id"]
 
 
+def _varying(table: pd.DataFrame, columns) -> list[str]:
+    """'sigma1 (6 values)' for each of ``columns`` that takes more than one value in ``table``."""
+    return [f"{c} ({n} values)" for c in columns if (n := table[c].nunique(dropna=False)) > 1]
+
+
 def pooled_axes(runs: pd.DataFrame, run_ids) -> str:
     """'pooled over sigma1 (6 values), seeds': the grid axes and cases left free by a selection."""
     sel = runs[runs["run_id"].isin(run_ids)]
-    free = [f"{c} ({n} values)" for c in ["case", *summaries.swept_columns(runs)]
-            if c in sel.columns and (n := sel[c].nunique(dropna=False)) > 1]
+    free = _varying(sel, ["case", *summaries.swept_columns(runs)])
     free += ["seeds"] if sel["seed"].nunique() > 1 else []
     return f"pooled over {', '.join(free)}" if free else ""
 
@@ -325,10 +329,7 @@ def _edges(values: np.ndarray, log: bool) -> np.ndarray:
 def pooled_settings(agg: pd.DataFrame, *shown) -> str:
     """The settings of summary_by_setting a heatmap's cells pool (not on an axis or facet), e.g.
     'lr (3 values)'; empty when each cell is one grid point."""
-    values = set(summaries.value_columns(agg))
-    keys = [c for c in agg.columns if c not in values and c not in shown and not c.startswith("n_")
-            and not re.search(r"_q\d\d$", c)]
-    return ", ".join(f"{c} ({agg[c].nunique()} values)" for c in keys if agg[c].nunique() > 1)
+    return ", ".join(_varying(agg, [c for c in summaries.setting_columns(agg) if c not in shown]))
 
 
 def heatmap(agg: pd.DataFrame, x: str, y: str, value: str, path: Path, facet: str | None = None,

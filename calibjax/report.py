@@ -66,9 +66,8 @@ def _summary_table(out: Path) -> str:
         agg = store.read_table(out, "summary_by_setting")
     except FileNotFoundError:
         return "<p>No summary_by_setting.parquet (run <code>calibjax summarize</code>).</p>"
-    keys = [c for c in agg.columns if c in ("case", *summaries.swept_columns(agg)) or c == "runs"]
     values = [c for c in SHOWN if c in agg.columns]
-    shown = agg[keys + values].head(MAX_ROWS)
+    shown = agg[[*summaries.setting_columns(agg), "n_runs", *values]].head(MAX_ROWS)
     note = f"<p>First {MAX_ROWS} of {len(agg)} settings.</p>" if len(agg) > MAX_ROWS else ""
     return note + shown.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="never", border=0)
 
@@ -89,7 +88,7 @@ def write_report(out: str | Path) -> Path:
     manifest = store.read_manifest(out)
     if manifest is None:
         raise FileNotFoundError(f"{out}: no manifest.json here; run or merge a sweep first")
-    runs = store.read_table(out, "runs") if (out / "runs.parquet").exists() else None
+    runs = store.read_table(out, "runs", columns=["status"]) if (out / "runs.parquet").exists() else None
     title = html.escape(f"calibjax: {manifest.get('sweep_name')}")
     try:
         description = tomllib.loads(manifest.get("sweep_text", "")).get("description", "")

@@ -69,15 +69,20 @@ def check_same_numbers(manifest: dict, where: Path, name: str, identity: dict, h
                                f"the two; {hint}")
 
 
-def check_shard_count(manifest: dict | None, out: Path, shard: tuple[int, int] | None) -> None:
+def manifest_sweep(manifest: dict) -> sweep_mod.Sweep:
+    """The sweep a manifest records (its text, as the results were made from it)."""
+    return sweep_mod.parse(tomllib.loads(manifest["sweep_text"]), manifest["sweep_file"], manifest["sweep_text"])
+
+
+def check_shard_count(manifest: dict | None, out: Path, shards: int | None, hint: str | None = None) -> None:
     """A results directory is split into shards once (the first sharded run or ``calibjax submit``
     records the count): shard K of another count would train other runs under another name."""
     stored = (manifest or {}).get("shards")
-    if shard is not None and stored is not None and shard[1] != stored:
+    if shards is not None and stored is not None and shards != stored:
+        first = manifest.get("shard_first", 0)
         raise ResultsExist(f"{out}: split into {stored} shards (manifest.json, fixed when it was first sharded), "
-                           f"not {shard[1]}; use --shard K/{stored} (array task ids "
-                           f"{manifest.get('shard_first', 0)}-{manifest.get('shard_first', 0) + stored - 1}), "
-                           "or --out for a new directory")
+                           f"not {shards}; " + (hint or f"use --shard K/{stored} (array task ids "
+                                                f"{first}-{first + stored - 1})") + ", or --out for a new directory")
 
 
 def foreign(out: Path) -> bool:
@@ -152,18 +157,17 @@ def merge(out: str | Path) -> list[int]:
     manifest = store.read_manifest(out)
     if manifest is None:
         raise sweep_mod.SweepError(f"{out}: no manifest.json here; is it a calibjax results directory?")
-    check_same_numbers(manifest, out, manifest.get("sweep_name"), numbers_identity(
-        manifest.get("backend"), manifest.get("vector_width")), "rerun the sweep with this calibjax "
-        "(calibjax run SWEEP --overwrite)")
-    identity = None if numbers_pending(manifest) else numbers_identity(manifest.get("backend"),
-                                                                       manifest.get("vector_width"))
+    identity = numbers_identity(manifest.get("backend"), manifest.get("vector_width"))
+    check_same_numbers(manifest, out, manifest.get("sweep_name"), identity, "rerun the sweep with this calibjax "
+                       "(calibjax run SWEEP --overwrite)")
+    identity = None if numbers_pending(manifest) else identity
     for part in sorted(out.glob("shards/*")):
         m = store.read_manifest(part)
         if m is not None:  # (identity pending: submitted, and no task has filled it in: the first part's)
             identity = identity or numbers_identity(m.get("backend"), m.get("vector_width"))
             check_same_numbers(m, part, manifest.get("sweep_name"), identity,
                                f"it does not belong with {out}/manifest.json")
-    sw = sweep_mod.parse(tomllib.loads(manifest["sweep_text"]), manifest["sweep_file"], manifest["sweep_text"])
+    sw = manifest_sweep(manifest)
     missing = finalize(out, sweep_mod.runs_table(sw))
     store.write_json(out / "manifest.json", {**manifest, **(identity or {}), **sweep_manifest(sw),
                                              "complete": not missing, "merged": True, "missing_runs": len(missing)})

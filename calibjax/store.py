@@ -190,6 +190,23 @@ def write_chunk(out: Path, chunk_id: str, tables: dict[str, pd.DataFrame], run_i
         raise
 
 
+def lock_state(path: Path) -> tuple[str, float, bool] | None:
+    """A chunk lock's holder, the seconds since its last heartbeat, and whether it is live (touched
+    within LOCK_STALE_S by a process not known dead); None once it is gone."""
+    try:
+        holder = path.read_text().strip()
+        age = time.time() - path.stat().st_mtime
+    except OSError:
+        return None
+    return holder, age, age <= LOCK_STALE_S and not dead_local_writer(holder)
+
+
+def live_locks(part: Path) -> list[tuple[str, str, float]]:
+    """(chunk_id, holder, age) of the chunks being trained now in a results directory or shard part."""
+    return [(p.name[len(".lock-"):], s[0], s[1]) for p in sorted(Path(part).glob("chunks/.lock-*"))
+            if (s := lock_state(p)) is not None and s[2]]
+
+
 class ChunkLock:
     """At most one process trains a chunk: ``chunks/.lock-<id>``, created exclusively, names its
     holder and is touched every HEARTBEAT_S while held. A lock whose holder is dead (same host) or
@@ -201,12 +218,8 @@ class ChunkLock:
         self._thread = None
 
     def _stale(self) -> bool:
-        try:
-            holder = self.path.read_text().strip()
-            age = time.time() - self.path.stat().st_mtime
-        except OSError:
-            return False  # released meanwhile: try again
-        return age > LOCK_STALE_S or dead_local_writer(holder)
+        state = lock_state(self.path)
+        return state is not None and not state[2]  # (gone meanwhile: not stale, try again)
 
     def acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)

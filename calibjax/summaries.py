@@ -26,6 +26,7 @@ infinite through the quantiles.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -216,6 +217,13 @@ FINAL_COLUMNS = frozenset({f"final_{k}" for k in (*FINAL, "accuracy_gap")})
 def value_columns(summary: pd.DataFrame) -> list[str]:
     """The summaries (not settings: a setting may start with final_, like final_lr_ratio)."""
     return [c for c in summary.columns if c.startswith(TIMING_PREFIXES) or c in FINAL_COLUMNS or c == "kl_auc"]
+
+
+def setting_columns(agg: pd.DataFrame) -> list[str]:
+    """The columns of summary_by_setting that name a grid point (case and grid axes), not the
+    summaries, their quartiles or the run counts."""
+    values = set(value_columns(agg))
+    return [c for c in agg.columns if c not in values and not c.startswith("n_") and not re.search(r"_q\d\d$", c)]
 
 
 def aggregate(summary: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:

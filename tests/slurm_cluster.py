@@ -39,6 +39,7 @@ class Cluster:
         self.conf = self.root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self.pids: dict[str, int] = {}
+        self._procs: list[subprocess.Popen] = []
 
     def config(self) -> str:
         r = self.root
@@ -84,7 +85,7 @@ class Cluster:
         log = open(self.root / f"{name}.stdout", "w")  # noqa: SIM115 - kept open for the daemon's life
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         self.pids[name] = p.pid
-        self._procs = getattr(self, "_procs", []) + [p]
+        self._procs.append(p)
 
     def _wait(self, ready, what: str, timeout: float = 30) -> None:
         t0 = time.time()
@@ -106,10 +107,10 @@ class Cluster:
             t0 = time.time()  # let slurmd end the jobs' processes before it stops
             while self.run("squeue", "-h", check=False).stdout.strip() and time.time() - t0 < 20:
                 time.sleep(0.5)
-        for p in reversed(getattr(self, "_procs", [])):
+        for p in reversed(self._procs):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
-        for p in getattr(self, "_procs", []):
+        for p in self._procs:
             try:
                 p.wait(10)
             except subprocess.TimeoutExpired:
