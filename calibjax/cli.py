@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "by memory, at most 1024 on CPU, 16384 on GPU)")
         q.add_argument("--inner-batch", type=int, help="runs vmapped together per device (default 8 on CPU, "
                        "1024 on GPU); part of every run's numbers, so a results directory keeps one")
+        q.add_argument("--dense", choices=("auto", "kernel", "xla"), help="how the hidden layers' products are "
+                       "computed: XLA's dot (default), calibjax's CPU kernel, or auto (the kernel on CPU where it "
+                       "builds, else XLA); also $CALIBJAX_DENSE; part of every run's numbers, so a results "
+                       "directory keeps one")
         q.add_argument("--shard", help="K/N: only runs with run_id %% N == K, into DIR/shards/K-of-N "
                        "(default from SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT when set)")
         q.add_argument("--max-runs", type=int, default=None, help="refuse sweeps with more runs than this "
@@ -55,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     subm.add_argument("--out", help="results directory (default results/<sweep name>)")
     subm.add_argument("--chunk-size", type=int, help="passed to calibjax run")
     subm.add_argument("--inner-batch", type=int, help="passed to calibjax run")
+    subm.add_argument("--dense", choices=("auto", "kernel", "xla"), help="passed to calibjax run")
     subm.add_argument("--max-runs", type=int, default=None, help="refuse sweeps with more runs than this")
     stat = sub.add_parser("status", help="runs done and missing per shard and group; the command that trains "
                           "what is missing")
@@ -216,7 +221,8 @@ def _main(argv: list[str] | None = None) -> int:
         shard, first = cluster.resolve_shard(args.shard, store.read_manifest(out), out) or (None, 0)
         from calibjax import engine, planning
 
-        layout = planning.default_layout(args.chunk_size, args.inner_batch, max_chunk_s=60 * args.chunk_minutes)
+        layout = planning.default_layout(args.chunk_size, args.inner_batch, max_chunk_s=60 * args.chunk_minutes,
+                                         dense=planning.dense_choice(args.dense, store.read_manifest(out)))
         if args.command == "plan":
             return print_plan(sw, out, layout, shard)
         report = engine.Report()
@@ -334,7 +340,7 @@ def submit(args) -> int:
         raise UsageError(f"--tasks {args.tasks}: more shards than the sweep's {len(sw.runs)} runs")
     out = args.out or str(Path("results") / sw.name)
     run_args = []
-    for flag in ("chunk_size", "inner_batch"):
+    for flag in ("chunk_size", "inner_batch", "dense"):
         if getattr(args, flag) is not None:
             run_args += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     sub = cluster.Submission(sweep=args.sweep, out=out, tasks=args.tasks, max_parallel=args.max_parallel,
@@ -421,7 +427,7 @@ def print_plan(sw, out: Path, layout, shard) -> int:
     if manifest is not None:
         try:  # what run would do: reuse these results only if run would accept them
             results.check_same_numbers(manifest, out, sw.name,
-                                       results.numbers_identity(layout.backend, layout.inner_batch),
+                                       results.numbers_identity(layout.backend, layout.inner_batch, layout.dense),
                                        "run would refuse them; with --overwrite it would train every run")
             done = results.finished_run_ids(out, sw)
         except results.ResultsExist as e:

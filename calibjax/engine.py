@@ -43,6 +43,7 @@ class Trainer:
 
     def executable(self, static: train.Static, on_compile=None):
         """The compiled program for calls of ``per_call`` runs of this group (compiled on first use)."""
+        static = self.layout.static(static)
         if static not in self._compiled:
             if on_compile:
                 on_compile(static, self.per_call)
@@ -120,6 +121,11 @@ class Report:
         return self.model_steps / self.train_s if self.train_s else 0.0
 
 
+def product(layout: planning.Layout) -> str:
+    """How the layout computes the dense layers' products, in words."""
+    return "calibjax's CPU kernel" if layout.dense == "kernel" else "XLA's dot"
+
+
 def describe_plan(sw: sweep_mod.Sweep, layout: planning.Layout, chunks: list[planning.Chunk], shard) -> str:
     """The line a run starts with: what it trains, where, and about how long it takes."""
     what = f" (shard {shard[0]} of {shard[1]})" if shard else ""
@@ -130,7 +136,8 @@ def describe_plan(sw: sweep_mod.Sweep, layout: planning.Layout, chunks: list[pla
     est = planning.estimate_seconds(chunks, layout)
     return (f"{sw.name}{what}: training {todo:,} of {len(sw.runs):,} runs in {len(chunks)} chunk(s), "
             f"{groups} compiled program(s); {layout.backend}, {len(layout.devices)} device(s) x {layout.inner_batch} "
-            f"runs vmapped; about {planning.duration(est)} at a nominal rate (calibjax plan measures this machine)")
+            f"runs vmapped, products by {product(layout)}; about {planning.duration(est)} at a nominal rate "
+            f"(calibjax plan measures this machine)")
 
 
 def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout | None = None,
@@ -149,7 +156,7 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout |
     t_start = time.perf_counter()
     out = Path(out)
     layout = layout or planning.default_layout()
-    identity = results.numbers_identity(layout.backend, layout.inner_batch)
+    identity = results.numbers_identity(layout.backend, layout.inner_batch, layout.dense)
     results.prepare_output(sw, out, identity, overwrite)
     manifest = {**results.sweep_manifest(sw), **runtime.environment(), **identity, "layout": layout.describe()}
     previous = store.read_manifest(out) or {}

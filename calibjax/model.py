@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from calibjax import cpu_kernel
+
 ACTIVATIONS = {
     "relu": jax.nn.relu,
     "tanh": jnp.tanh,
@@ -34,30 +36,50 @@ def _torch_uniform(fan_in_axis: int = 0):
     return init
 
 
-class TorchDense(nn.Module):
+class Dense(nn.Module):
+    """y = x @ kernel + bias, kernel (fan_in, features).
+
+    init "torch": PyTorch's nn.Linear (``_torch_uniform``); "lecun": flax's nn.Dense (LeCun normal
+    weights, zero biases). product "kernel": the product by calibjax's CPU kernel (``cpu_kernel``),
+    else XLA's dot.
+    """
+
     features: int
+    init_scheme: str = "torch"
+    product: str = "xla"
 
     @nn.compact
     def __call__(self, x):
         fan_in = x.shape[-1]
-        init = _torch_uniform()
-        kernel = self.param("kernel", lambda k, s: init(k, s, fan_in=fan_in), (fan_in, self.features))
-        bias = self.param("bias", lambda k, s: init(k, s, fan_in=fan_in), (self.features,))
-        return x @ kernel + jnp.reshape(bias, (1,) * (x.ndim - 1) + (-1,))
+        if self.init_scheme == "torch":
+            uniform = _torch_uniform()
+            kernel_init = bias_init = lambda k, s: uniform(k, s, fan_in=fan_in)  # noqa: E731
+        else:
+            kernel_init, bias_init = nn.initializers.lecun_normal(), nn.initializers.zeros_init()
+        kernel = self.param("kernel", kernel_init, (fan_in, self.features))
+        bias = self.param("bias", bias_init, (self.features,))
+        y = cpu_kernel.dense(x, kernel) if self.product == "kernel" else x @ kernel
+        return y + jnp.reshape(bias, (1,) * (x.ndim - 1) + (-1,))
 
 
 class MLP(nn.Module):
-    """x (..., D) -> logits (..., num_classes)."""
+    """x (..., D) -> logits (..., num_classes). dense: "xla" or "kernel" (``Dense.product``)."""
 
     hidden: Sequence[int]
     num_classes: int
     activation: str = "relu"
     init_scheme: str = "torch"
+    dense: str = "xla"
 
     @nn.compact
     def __call__(self, x):
         act = ACTIVATIONS[self.activation]
-        dense = TorchDense if self.init_scheme == "torch" else nn.Dense
-        for width in self.hidden:
-            x = act(dense(width)(x))
-        return dense(self.num_classes)(x)
+        # The layer names of 0.7.0 (TorchDense_i, flax's Dense_i) name the parameters and seed their
+        # initialisation, so they are kept: a run's initial weights do not change.
+        prefix = "TorchDense" if self.init_scheme == "torch" else "Dense"
+        widths = (*self.hidden, self.num_classes)
+        for i, width in enumerate(widths):
+            x = Dense(width, self.init_scheme, self.dense, name=f"{prefix}_{i}")(x)
+            if i < len(self.hidden):
+                x = act(x)
+        return x

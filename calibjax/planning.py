@@ -16,10 +16,12 @@ directory records its width and accepts no results of another.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import itertools
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -27,7 +29,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from calibjax import estimators, runtime, tables, train
+from calibjax import cpu_kernel, estimators, runtime, tables, train
 from calibjax import sweep as sweep_mod
 
 # Runs vmapped together per device (the vectorisation width). CPU: 8, since chunks are padded to
@@ -104,6 +106,7 @@ class Layout:
     max_chunk: int      # most runs per chunk (written, locked and resumed as a unit)
     memory: int         # bytes per device a chunk may plan to use
     max_chunk_s: float = MAX_CHUNK_SECONDS  # most nominal seconds of work per chunk
+    dense: str = "xla"  # the hidden layers' products: "kernel" (calibjax's CPU kernel) or "xla"
 
     @property
     def backend(self) -> str:
@@ -128,17 +131,43 @@ class Layout:
 
     def describe(self) -> dict:
         return {"devices": len(self.devices), "backend": self.backend, "inner_batch": self.inner_batch,
-                "max_chunk": self.max_chunk, "memory_per_device": self.memory, "max_chunk_s": self.max_chunk_s}
+                "max_chunk": self.max_chunk, "memory_per_device": self.memory, "max_chunk_s": self.max_chunk_s,
+                "dense": self.dense}
+
+    def static(self, static: train.Static) -> train.Static:
+        """A group's settings as this layout compiles them (its dense-layer products)."""
+        return static if static.dense == self.dense else dataclasses.replace(static, dense=self.dense)
 
 
 def default_layout(chunk_size: int | None = None, inner_batch: int | None = None,
-                   devices=None, max_chunk_s: float = MAX_CHUNK_SECONDS) -> Layout:
-    """The fastest layout measured for the hardware at hand (benchmarks/throughput.py --explore)."""
+                   devices=None, max_chunk_s: float = MAX_CHUNK_SECONDS, dense: str | None = None) -> Layout:
+    """The fastest layout measured for the hardware at hand (benchmarks/throughput.py --explore).
+
+    dense: "kernel", "xla" or "auto" (``cpu_kernel.resolve``; None: ``dense_choice(None)``).
+    """
     devices = tuple(devices if devices is not None else jax.local_devices())
     cpu = devices[0].platform == "cpu"
     inner = inner_batch or (CPU_INNER_BATCH if cpu else GPU_INNER_BATCH)
     max_chunk = chunk_size or (CPU_MAX_CHUNK if cpu else GPU_MAX_CHUNK)
-    return Layout(devices, inner, max_chunk, int(device_memory(devices[0]) * MEMORY_FRACTION), max_chunk_s)
+    product = cpu_kernel.resolve(dense or dense_choice(None), devices[0].platform)
+    return Layout(devices, inner, max_chunk, int(device_memory(devices[0]) * MEMORY_FRACTION), max_chunk_s, product)
+
+
+# How the dense layers' products are computed unless asked otherwise: XLA's dot. calibjax's CPU kernel
+# (cpu_kernel) trains at the same rate here (benchmarks/throughput.py runs both paths, interleaved:
+# docs/performance.md), so it is not worth a compiler at first use and other bits by default.
+DEFAULT_DENSE = "xla"
+
+
+def dense_choice(flag: str | None, manifest: dict | None = None) -> str:
+    """How to compute the dense layers' products: the --dense flag, else $CALIBJAX_DENSE, else what
+    the results directory recorded for this backend (so a resumed sweep keeps its numbers; one
+    written before the kernel existed used XLA), else DEFAULT_DENSE."""
+    if flag or os.environ.get("CALIBJAX_DENSE"):
+        return flag or os.environ["CALIBJAX_DENSE"]
+    if manifest and manifest.get("backend") == jax.default_backend():
+        return manifest.get("dense", "xla")
+    return DEFAULT_DENSE
 
 
 @dataclass

@@ -26,20 +26,27 @@ class ResultsExist(sweep_mod.SweepError):
     """The output directory holds results of another sweep, or runs that give other bits."""
 
 
-def numbers_identity(backend: str, vector_width: int) -> dict:
-    """What besides its settings fixes the bits of a run: calibjax's numbers version, the backend
-    and the vectorisation width (``planning``). Results join only if all three match."""
-    return {"numbers_version": train.NUMBERS_VERSION, "backend": backend, "vector_width": vector_width}
+def numbers_identity(backend: str, vector_width: int, dense: str) -> dict:
+    """What besides its settings fixes the bits of a run: calibjax's numbers version, the backend,
+    the vectorisation width (``planning``) and how the dense layers' products are computed
+    (``cpu_kernel``). Results join only if all four match."""
+    return {"numbers_version": train.NUMBERS_VERSION, "backend": backend, "vector_width": vector_width,
+            "dense": dense}
+
+
+def recorded_identity(manifest: dict) -> dict:
+    """The numbers identity a manifest records (one written before 0.8.0 computed its products with XLA)."""
+    return numbers_identity(manifest.get("backend"), manifest.get("vector_width"), manifest.get("dense", "xla"))
 
 
 # The numbers identity of a results directory that no run has written to yet: ``calibjax submit``
 # writes it before the cluster's tasks start, since the login node's backend is not theirs; the
 # first task to start fills it in.
-PENDING = {"numbers_version": None, "backend": None, "vector_width": None}
+PENDING = {"numbers_version": None, "backend": None, "vector_width": None, "dense": None}
 
 
 def numbers_pending(manifest: dict) -> bool:
-    return all(k in manifest and manifest[k] is None for k in PENDING)
+    return all(k in manifest and manifest[k] is None for k in PENDING if k != "dense")
 
 
 def sweep_manifest(sw: sweep_mod.Sweep) -> dict:
@@ -62,9 +69,11 @@ def check_same_numbers(manifest: dict, where: Path, name: str, identity: dict, h
         raise ResultsExist(f"{where}: holds results of calibjax {manifest.get('versions', {}).get('calibjax', '?')}, "
                            f"whose runs give other numbers (numbers_version {theirs}, this calibjax has "
                            f"{identity['numbers_version']}); joining them would mix the two; {hint}")
-    for key, what in (("backend", "backend"), ("vector_width", "vectorisation width (--inner-batch)")):
-        if manifest.get(key) != identity[key]:
-            raise ResultsExist(f"{where}: holds results computed with {what} {manifest.get(key)!r}, "
+    recorded = recorded_identity(manifest)
+    for key, what in (("backend", "backend"), ("vector_width", "vectorisation width (--inner-batch)"),
+                      ("dense", "dense-layer products (--dense)")):
+        if recorded[key] != identity[key]:
+            raise ResultsExist(f"{where}: holds results computed with {what} {recorded[key]!r}, "
                                f"not {identity[key]!r}; their runs' last bits differ, so joining them would mix "
                                f"the two; {hint}")
 
@@ -157,14 +166,14 @@ def merge(out: str | Path) -> list[int]:
     manifest = store.read_manifest(out)
     if manifest is None:
         raise sweep_mod.SweepError(f"{out}: no manifest.json here; is it a calibjax results directory?")
-    identity = numbers_identity(manifest.get("backend"), manifest.get("vector_width"))
+    identity = recorded_identity(manifest)
     check_same_numbers(manifest, out, manifest.get("sweep_name"), identity, "rerun the sweep with this calibjax "
                        "(calibjax run SWEEP --overwrite)")
     identity = None if numbers_pending(manifest) else identity
     for part in sorted(out.glob("shards/*")):
         m = store.read_manifest(part)
         if m is not None:  # (identity pending: submitted, and no task has filled it in: the first part's)
-            identity = identity or numbers_identity(m.get("backend"), m.get("vector_width"))
+            identity = identity or recorded_identity(m)
             check_same_numbers(m, part, manifest.get("sweep_name"), identity,
                                f"it does not belong with {out}/manifest.json")
     sw = manifest_sweep(manifest)

@@ -968,7 +968,9 @@ def run_hash(run: Run, static: train.Static) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _static_json(static: train.Static) -> str:
-    return json.dumps(dataclasses.asdict(static), sort_keys=True, default=str)
+    settings = dataclasses.asdict(static)
+    del settings["dense"]  # how the products are computed: the results directory's, not the run's (train.Static)
+    return json.dumps(settings, sort_keys=True, default=str)
 
 
 def hash_parts(run: Run, static_json: str) -> tuple[str, str]:

@@ -62,10 +62,14 @@ class Static:
     # setting whose value is ignored when its flag is off; sweep.static_of sets the flags from it):
     ema: bool = False         # keep a moving average of the weights (Dynamic.ema_decay > 0)
     importance: bool = False  # draw from a widened proposal with importance weights (proposal_scale != 1)
+    # How the hidden layers' products are computed: "xla" (XLA's dot) or "kernel" (calibjax's CPU
+    # kernel, ``cpu_kernel``). Set by the engine from its layout, not by the sweep: like the
+    # vectorisation width it is recorded per results directory, so it is not part of a run's identity.
+    dense: str = "xla"
 
     @property
     def model(self) -> MLP:
-        return MLP(self.hidden, self.num_classes, self.activation, self.init)
+        return MLP(self.hidden, self.num_classes, self.activation, self.init, self.dense)
 
     @property
     def macs_per_example(self) -> int:

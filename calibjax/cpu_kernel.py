@@ -1,0 +1,212 @@
+"""calibjax's CPU kernel for the hidden layers' products, through ``jax.ffi``, with XLA as fallback.
+
+``dense(x, w)`` is ``x @ w`` for the dense layers: on CPU it calls ``csrc/dense.cc`` (batched
+small-matrix products in AVX2/FMA tiles) for the forward product, the input gradient and the weight
+gradient (a ``custom_vjp``); under ``vmap`` every run's product is one batch entry of the same call.
+Each output element is one fused multiply-add chain over k in order, whatever the batch or tile,
+so a run's numbers do not depend on its batch mates, the batch size or the device.
+
+The kernel is compiled from source on first use, with the system's C++ compiler against the XLA FFI
+headers that jaxlib ships, into a cache keyed by the source, the flags, jaxlib and the compiler
+(``$CALIBJAX_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/calibjax/kernels``, else
+``~/.cache/calibjax/kernels``); ``make install`` (``python -m calibjax.cpu_kernel``) builds it
+once. Where it cannot be built or run (no compiler, a CPU without AVX2/FMA, a GPU), ``resolve``
+falls back to XLA's dot and says why once.
+
+Which path a run uses is its ``train.Static.dense``, "kernel" or "xla", which the engine sets from
+its layout (``planning.dense_choice``: ``--dense``, ``$CALIBJAX_DENSE``, what the results directory
+recorded, else XLA). The two give different bits, so a results directory records its path and
+refuses runs of the other.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from calibjax import runtime
+
+SOURCE = Path(__file__).with_name("csrc") / "dense.cc"
+TARGET = "calibjax_batched_matmul"
+NAME = "avx2-fma"  # what the kernel path is called in a results directory's identity
+FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fPIC", "-shared", "-std=c++17")
+CHOICES = ("auto", "kernel", "xla")
+MIN_WIDTH = 8  # layers with fewer inputs or outputs than this (the thin first and last) stay in XLA
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+class KernelError(runtime.SetupError):
+    """The kernel cannot be built or used here (an error where it was asked for explicitly)."""
+
+
+def cache_dir() -> Path:
+    if os.environ.get("CALIBJAX_KERNEL_CACHE"):
+        return Path(os.environ["CALIBJAX_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "calibjax" / "kernels"
+
+
+def compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def _compiler_version(cxx: str) -> str:
+    try:
+        return subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def library_path(cxx: str) -> Path:
+    """Where the build for this source, these flags, this jaxlib and this compiler lives."""
+    import jaxlib
+
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
+                                     _compiler_version(cxx).encode()])).hexdigest()[:16]
+    return cache_dir() / f"calibjax_dense-{key}.so"
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the kernel into the cache (if not there yet) and return the library's path.
+
+    The library is written under a temporary name and renamed, so processes building at the same
+    time (tasks of an array job sharing a home directory) never load a half-written file.
+    """
+    cxx = compiler()
+    if cxx is None:
+        raise KernelError("no C++ compiler found (g++, c++ or clang++ on PATH, or $CXX)")
+    lib = library_path(cxx)
+    if lib.exists():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=lib.parent, prefix=".build-", suffix=".so")
+    os.close(fd)
+    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+    t0 = time.perf_counter()
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise KernelError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}): {out.stderr.strip()[-2000:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    if verbose:
+        print(f"calibjax: built the CPU kernel in {time.perf_counter() - t0:.1f} s: {lib}", file=sys.stderr)
+    return lib
+
+
+def _load() -> str | None:
+    """Build, load and register the kernel once per process; None if it works, else why not."""
+    with _lock:
+        if "error" not in _state:
+            try:
+                lib = ctypes.CDLL(str(build()))
+                if not lib.calibjax_cpu_supported():
+                    raise KernelError("this CPU lacks AVX2 or FMA")
+                jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.CalibjaxBatchedMatmul), platform="cpu")
+                _state.update(error=None, lib=lib)
+            except (KernelError, OSError, AttributeError) as e:
+                _state["error"] = str(e)
+        return _state["error"]
+
+
+def available() -> bool:
+    return _load() is None
+
+
+def resolve(choice: str, backend: str) -> str:
+    """The path a run takes: "kernel" or "xla", from "auto", "kernel" or "xla" on this backend.
+
+    "auto" takes the kernel on CPU when it builds and runs here, else XLA (saying why once, on
+    stderr, when the kernel fails on a CPU); an explicit "kernel" that cannot run is an error.
+    """
+    if choice not in CHOICES:
+        raise KernelError(f"--dense / $CALIBJAX_DENSE: expected one of {', '.join(CHOICES)}, got {choice!r}")
+    if choice == "xla":
+        return "xla"
+    if backend != "cpu":
+        if choice == "kernel":
+            raise KernelError(f"the calibjax kernel runs on CPU only, and this backend is {backend}")
+        return "xla"
+    error = _load()
+    if error is None:
+        return "kernel"
+    if choice == "kernel":
+        raise KernelError(f"the calibjax CPU kernel is unavailable: {error}")
+    _warn_once(error)
+    return "xla"
+
+
+@functools.cache
+def _warn_once(error: str) -> None:
+    print(f"calibjax: the CPU kernel is unavailable ({error}); the dense layers use XLA's dot", file=sys.stderr)
+
+
+def batched_matmul(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+    """op(a) @ op(b) over matching leading (batch) dimensions, by the kernel (float32, CPU)."""
+    error = _load()  # registers the kernel with XLA before any program that calls it is compiled
+    if error is not None:
+        raise KernelError(f"the calibjax CPU kernel is unavailable: {error}")
+    m = a.shape[-1] if trans_a else a.shape[-2]
+    n = b.shape[-2] if trans_b else b.shape[-1]
+    out = jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out, vmap_method="broadcast_all")(
+        a, b, trans_a=np.int32(trans_a), trans_b=np.int32(trans_b))
+
+
+@jax.custom_vjp
+def _product(x, w):
+    return batched_matmul(x, w)
+
+
+def _product_fwd(x, w):
+    return batched_matmul(x, w), (x, w)
+
+
+def _product_bwd(res, g):
+    x, w = res
+    return batched_matmul(g, w, trans_b=True), batched_matmul(x, g, trans_a=True)
+
+
+_product.defvjp(_product_fwd, _product_bwd)
+
+
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` for x (..., K) and a weight w (K, N) by the kernel: forward, input and weight
+    gradients. Thin layers (K or N below MIN_WIDTH) and other dtypes go to XLA's dot."""
+    k, n = w.shape
+    if min(k, n) < MIN_WIDTH or x.dtype != jnp.float32 or w.dtype != jnp.float32:
+        return x @ w
+    lead = x.shape[:-1]
+    return _product(x.reshape(-1, k), w).reshape(*lead, n)
+
+
+def main() -> int:
+    """``python -m calibjax.cpu_kernel``: build the kernel now (``make install`` does), say where."""
+    try:
+        lib = build(verbose=True)
+    except KernelError as e:
+        print(f"calibjax: the CPU kernel cannot be built here ({e}); calibjax will use XLA's dot", file=sys.stderr)
+        return 0
+    print(f"calibjax: CPU kernel ready: {lib}" + ("" if available() else f" (not usable here: {_state['error']})"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
