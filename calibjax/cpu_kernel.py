@@ -99,7 +99,10 @@ def build(verbose: bool = False) -> Path:
     cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
     t0 = time.perf_counter()
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise KernelError(f"compiling {SOURCE.name} failed ({cxx}): {e}") from None
         if out.returncode != 0:
             raise KernelError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}): {out.stderr.strip()[-2000:]}")
         os.replace(tmp, lib)

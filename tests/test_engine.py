@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from calibjax import cli, engine, planning, results, store, sweep
+from calibjax import cli, cpu_kernel, engine, planning, results, store, sweep
 
 from conftest import sweep_doc, to_toml
 
@@ -29,6 +29,9 @@ MATRIX_DOC = sweep_doc(
     eval={"points": 64, "calibration_samples": 200, "curves": True, "curve_points": 5},
     cases={"a": {}, "b": {"mu2": 1.0, "sigma1": 2.0}, "wild": {"lr": 1e30}}, grid={"batch_size": [16, 32]})
 MATRIX = to_toml(MATRIX_DOC)
+# The matrix with a hidden-to-hidden layer (24 x 24: a 16-column and an 8-column panel, batches of
+# 16 and 32 rows), the layer calibjax's CPU kernel computes.
+KERNEL_MATRIX = to_toml(MATRIX_DOC | {"model": {"hidden": [24, 24]}})
 TABLES = ("runs", "metrics", "density", "calibration", "curves", "summary", "summary_by_setting")
 
 
@@ -36,8 +39,8 @@ def load(text=TEXT):
     return sweep.parse(tomllib.loads(text), "eng.toml", text)
 
 
-def layout(chunk=None, devices=4, width=WIDTH):
-    return planning.default_layout(chunk_size=chunk, inner_batch=width, devices=jax.devices()[:devices])
+def layout(chunk=None, devices=4, width=WIDTH, dense="xla"):
+    return planning.default_layout(chunk_size=chunk, inner_batch=width, devices=jax.devices()[:devices], dense=dense)
 
 
 def finished(out) -> dict[str, pd.DataFrame]:
@@ -68,6 +71,39 @@ def test_a_runs_bits_do_not_depend_on_chunk_size_or_device_count(tmp_path, matri
     report = engine.run_sweep(load(MATRIX), tmp_path, layout=layout(chunk, devices), quiet=True)
     assert report.complete
     assert_identical(finished(tmp_path), t)
+
+
+@pytest.fixture(scope="module")
+def kernel_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("matrix-kernel")
+    report = engine.run_sweep(load(KERNEL_MATRIX), out, layout=layout(dense="kernel"), quiet=True)
+    assert report.complete and store.read_manifest(out)["dense"] == "kernel"
+    return finished(out)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu_kernel.available(), reason="the CPU kernel cannot be built or run here")
+@pytest.mark.parametrize("chunk,devices", [(7, 4), (None, 2), (5, 1)])
+def test_with_the_cpu_kernel_a_runs_bits_do_not_depend_on_chunk_size_or_device_count(tmp_path, kernel_reference,
+                                                                                      chunk, devices):
+    report = engine.run_sweep(load(KERNEL_MATRIX), tmp_path, layout=layout(chunk, devices, dense="kernel"),
+                              quiet=True)
+    assert report.complete
+    assert_identical(finished(tmp_path), kernel_reference)
+    # (Here the kernel's tables even equal XLA's: for these shapes XLA's dot also sums each element
+    # in k order. Nothing promises that on other CPUs or XLA versions, so directories keep one path.)
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="the CPU kernel cannot be built or run here")
+def test_results_of_the_other_product_path_are_refused_and_a_resume_keeps_the_recorded_one(tmp_path):
+    sw = load(to_toml(DOC | {"model": {"hidden": [16, 16]}}))
+    engine.run_sweep(sw, tmp_path, layout=layout(chunk=4, dense="kernel"), quiet=True)
+    assert store.read_manifest(tmp_path)["dense"] == "kernel"
+    with pytest.raises(results.ResultsExist, match=r"dense-layer products \(--dense\) 'kernel', not 'xla'"):
+        engine.run_sweep(sw, tmp_path, layout=layout(), quiet=True)
+    assert planning.dense_choice(None, store.read_manifest(tmp_path)) == "kernel"
+    program = engine.Trainer(layout(dense="kernel")).executable(sw.block_groups[0][0])
+    assert cpu_kernel.TARGET in program.as_text()  # the engine's program calls the kernel
 
 
 @pytest.mark.slow

@@ -1,0 +1,177 @@
+"""calibjax's CPU kernel (cpu_kernel, csrc/dense.cc) against numpy and XLA, and its fallback.
+
+Numbers: the kernel's products are checked against float64 numpy (to float32 rounding) on random
+shapes, odd sizes included, and its gradients against XLA's; its bits against themselves across
+batch compositions, tile edges, vmap and devices (each element is one fma chain in k order).
+"""
+
+import dataclasses
+import functools
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from calibjax import cpu_kernel, planning, runtime, train
+
+from conftest import SMALL, example
+
+pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="the CPU kernel cannot be built or run here")
+
+MODES = [(False, False), (False, True), (True, False)]  # forward, input gradient, weight gradient
+
+
+def operands(rng, batch, m, k, n, trans_a, trans_b):
+    a = rng.standard_normal((*batch, k, m) if trans_a else (*batch, m, k)).astype(np.float32)
+    b = rng.standard_normal((*batch, n, k) if trans_b else (*batch, k, n)).astype(np.float32)
+    return a, b
+
+
+def reference(a, b, trans_a, trans_b):
+    """float64 op(a) @ op(b), and the bound on a float32 sum of k products: k eps (|op(a)| @ |op(b)|)."""
+    a, b = (np.swapaxes(a, -1, -2) if trans_a else a), (np.swapaxes(b, -1, -2) if trans_b else b)
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return a @ b, a.shape[-1] * np.finfo(np.float32).eps * (np.abs(a) @ np.abs(b))
+
+
+@pytest.mark.parametrize("trans_a,trans_b", MODES)
+@pytest.mark.parametrize("batch,m,k,n", [((), 64, 64, 64), ((8,), 64, 64, 64), ((3,), 7, 5, 9), ((2, 3), 13, 70, 17),
+                                         ((5,), 1, 1, 1), ((4,), 65, 33, 24), ((1,), 300, 64, 64), ((2,), 6, 3, 31)])
+def test_products_match_float64_numpy_to_float32_rounding(batch, m, k, n, trans_a, trans_b):
+    rng = np.random.default_rng(m * 1000 + k * 10 + n)
+    a, b = operands(rng, batch, m, k, n, trans_a, trans_b)
+    got = np.asarray(jax.jit(functools.partial(cpu_kernel.batched_matmul, trans_a=trans_a, trans_b=trans_b))(a, b))
+    want, bound = reference(a, b, trans_a, trans_b)
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert np.all(np.abs(got - want) <= bound), np.max(np.abs(got - want) / bound)
+    xla = np.asarray(jnp.matmul(*(np.swapaxes(x, -1, -2) if t else x for x, t in ((a, trans_a), (b, trans_b))),
+                                precision="highest"))
+    assert np.all(np.abs(got - xla) <= 2 * bound)  # and so XLA's dot, to the same rounding
+
+
+@pytest.mark.parametrize("trans_a,trans_b", MODES)
+def test_a_products_bits_do_not_depend_on_its_batch_mates_position_or_tile(trans_a, trans_b):
+    """Each element is one fma chain over k in order, whatever the batch, the batch size, the
+    element's place in it, or which tile (full 6 x 16, an edge tile, a scalar column) computes it."""
+    rng = np.random.default_rng(1)
+    a, b = operands(rng, (9,), 64, 64, 64, trans_a, trans_b)
+    mm = jax.jit(functools.partial(cpu_kernel.batched_matmul, trans_a=trans_a, trans_b=trans_b))
+    whole = np.asarray(mm(a, b))
+    for s in (0, 4, 8):
+        assert np.array_equal(np.asarray(mm(a[s:s + 1], b[s:s + 1])), whole[s:s + 1])
+    assert np.array_equal(np.asarray(mm(a[::-1], b[::-1]))[::-1], whole)  # other positions, other mates
+    # Rows 0..6 and columns 0..20 alone (edge tiles of 1-5 rows, 8-wide and scalar columns) are the
+    # same bits as in the 64 x 64 product computed by full tiles.
+    rows = a[:, :, :7] if trans_a else a[:, :7]
+    cols = b[:, :21] if trans_b else b[:, :, :21]
+    assert np.array_equal(np.asarray(mm(rows, cols)), whole[:, :7, :21])
+
+
+def test_dense_gradients_match_xlas_and_vmap_is_one_batched_call():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((5, 32, 24)), jnp.float32)  # 5 runs, batch 32, 24 -> 40
+    w = jnp.asarray(rng.standard_normal((5, 24, 40)), jnp.float32)
+    t = jnp.asarray(rng.standard_normal((5, 32, 40)), jnp.float32)
+
+    def loss(product, x, w, t):
+        return jnp.sum(jnp.tanh(product(x, w)) * t)
+
+    grad = jax.jit(jax.vmap(jax.value_and_grad(functools.partial(loss, cpu_kernel.dense), argnums=(0, 1))))
+    ref = jax.jit(jax.vmap(jax.value_and_grad(functools.partial(loss, lambda x, w: jnp.matmul(
+        x, w, precision="highest")), argnums=(0, 1))))
+    (v, (gx, gw)), (rv, (rgx, rgw)) = grad(x, w, t), ref(x, w, t)
+    for got, want in ((v, rv), (gx, rgx), (gw, rgw)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+    # Under vmap the three products are three kernel calls for all runs (broadcast_all), not a loop.
+    hlo = grad.lower(x, w, t).as_text()
+    assert hlo.count(cpu_kernel.TARGET) == 3 and "while" not in hlo
+    # A single run's gradient through the kernel is the same bits as the same run inside the batch.
+    one = jax.jit(jax.value_and_grad(functools.partial(loss, cpu_kernel.dense), argnums=(0, 1)))(x[3], w[3], t[3])
+    assert np.array_equal(np.asarray(one[1][1]), np.asarray(gw[3]))
+
+
+def test_thin_layers_and_other_dtypes_stay_in_xla():
+    x, w = jnp.ones((4, 64)), jnp.ones((64, 2))
+    assert cpu_kernel.TARGET not in jax.jit(cpu_kernel.dense).lower(x, w).as_text()  # 64 -> 2
+    assert cpu_kernel.TARGET not in jax.jit(cpu_kernel.dense).lower(jnp.ones((4, 1)), jnp.ones((1, 64))).as_text()
+    half = jnp.ones((4, 64), jnp.bfloat16)
+    assert cpu_kernel.TARGET not in jax.jit(cpu_kernel.dense).lower(half, half.T @ half).as_text()
+    assert cpu_kernel.TARGET in jax.jit(cpu_kernel.dense).lower(x, jnp.ones((64, 64))).as_text()
+
+
+def test_sharded_over_devices_each_device_calls_its_own_products():
+    devices = jax.devices()[:4]
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("runs",))
+    spec = jax.sharding.PartitionSpec("runs")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((8, 16, 64)).astype(np.float32)
+    w = rng.standard_normal((8, 64, 64)).astype(np.float32)
+    grads = jax.vmap(jax.grad(lambda x, w: jnp.sum(cpu_kernel.dense(x, w) ** 2), argnums=1))
+    sharded = jax.jit(jax.shard_map(grads, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+    assert np.array_equal(np.asarray(sharded(x, w)), np.asarray(jax.jit(grads)(x, w)))
+
+
+def test_the_study_model_trains_through_the_kernel_like_through_xla():
+    """The same runs with either path: losses and KL within training noise of each other (they are
+    different floats, so not bit-equal), every hidden product a kernel call."""
+    static = dataclasses.replace(SMALL, hidden=(64, 64), steps=300, checkpoints=(300,))
+    dyns = train.stack_dynamic([train.make_dynamic(example(1), lr=1e-2, n_data=2000, seed=s) for s in range(4)])
+    out = {d: train.batched_train_fn(dataclasses.replace(static, dense=d), 2)(dyns) for d in ("kernel", "xla")}
+    k, x = out["kernel"].checkpoints.scalars, out["xla"].checkpoints.scalars
+    np.testing.assert_allclose(np.asarray(k.loss), np.asarray(x.loss), rtol=0.05)
+    np.testing.assert_allclose(np.asarray(k.kl), np.asarray(x.kl), rtol=0.5, atol=2e-3)
+    # It learned: the posterior error is a small part of the priors-only classifier's (I(C; X)).
+    assert np.all(np.asarray(k.kl)[:, 0] < 0.1 * np.asarray(out["kernel"].mutual_info))
+    hlo = train.batched_train_fn(dataclasses.replace(static, dense="kernel"), 2).lower(dyns).as_text()
+    assert hlo.count(cpu_kernel.TARGET) >= 3  # forward, input and weight gradients of the 64 x 64 layer
+
+
+def test_the_run_identity_does_not_include_the_product_path():
+    from calibjax import sweep
+
+    assert sweep._static_json(SMALL) == sweep._static_json(dataclasses.replace(SMALL, dense="kernel"))
+
+
+def test_resolve_and_dense_choice(monkeypatch):
+    assert cpu_kernel.resolve("kernel", "cpu") == "kernel" and cpu_kernel.resolve("auto", "cpu") == "kernel"
+    assert cpu_kernel.resolve("xla", "cpu") == "xla" and cpu_kernel.resolve("auto", "gpu") == "xla"
+    with pytest.raises(cpu_kernel.KernelError, match="CPU only"):
+        cpu_kernel.resolve("kernel", "gpu")
+    with pytest.raises(runtime.SetupError, match="CALIBJAX_DENSE: expected one of auto, kernel, xla, got 'fast'"):
+        cpu_kernel.resolve("fast", "cpu")
+    monkeypatch.delenv("CALIBJAX_DENSE", raising=False)
+    assert planning.dense_choice(None) == planning.DEFAULT_DENSE == "xla"
+    assert planning.dense_choice(None, {"backend": "cpu", "dense": "kernel"}) == "kernel"  # resume keeps it
+    assert planning.dense_choice(None, {"backend": "cpu"}) == "xla"  # written before the kernel existed
+    assert planning.dense_choice(None, {"backend": "gpu", "dense": "kernel"}) == "xla"
+    assert planning.dense_choice("xla", {"backend": "cpu", "dense": "kernel"}) == "xla"  # the flag decides
+    monkeypatch.setenv("CALIBJAX_DENSE", "kernel")
+    assert planning.dense_choice(None, {"backend": "cpu", "dense": "xla"}) == "kernel"
+
+
+def test_without_a_compiler_auto_falls_back_once_and_kernel_is_an_error(tmp_path):
+    """In a fresh process with no usable compiler: auto says why once and uses XLA; --dense kernel
+    stops with one line before anything is trained."""
+    code = ("import sys; from calibjax import cpu_kernel as k\n"
+            "print(k.resolve('auto', 'cpu'), k.resolve('auto', 'cpu'))\n"
+            "try: k.resolve('kernel', 'cpu')\nexcept k.KernelError as e: print('error:', e)\n")
+    env = {"CXX": str(tmp_path / "no-such-compiler"), "CALIBJAX_KERNEL_CACHE": str(tmp_path / "cache"),
+           "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "xla xla"
+    assert "error: the calibjax CPU kernel is unavailable: compiling dense.cc failed" in out.stdout
+    assert out.stderr.count("the CPU kernel is unavailable") == 1
+    assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built left behind
+
+
+def test_the_build_is_cached_by_source_and_flags(tmp_path, monkeypatch):
+    monkeypatch.setenv("CALIBJAX_KERNEL_CACHE", str(tmp_path))
+    lib = cpu_kernel.build()
+    assert lib.parent == tmp_path and lib.exists() and [p.name for p in tmp_path.iterdir()] == [lib.name]
+    assert cpu_kernel.build() == lib and lib.stat().st_mtime_ns == cpu_kernel.build().stat().st_mtime_ns
+    monkeypatch.setattr(cpu_kernel, "FLAGS", (*cpu_kernel.FLAGS, "-DCALIBJAX_TEST"))
+    assert cpu_kernel.library_path(cpu_kernel.compiler()) != lib  # other flags: another build
