@@ -119,7 +119,7 @@ def _load() -> str | None:
     with _lock:
         if "error" not in _state:
             try:
-                lib = ctypes.CDLL(str(build()))
+                lib = ctypes.CDLL(str(build(verbose=True)))
                 if not lib.calibjax_cpu_supported():
                     raise KernelError("this CPU lacks AVX2 or FMA")
                 jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.CalibjaxBatchedMatmul), platform="cpu")

@@ -15,6 +15,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "CALIBJAX_CACHE_DIR" not in os.environ:
     os.environ["CALIBJAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="calibjax-test-xla-")
     atexit.register(shutil.rmtree, os.environ["CALIBJAX_CACHE_DIR"], ignore_errors=True)
+if "CALIBJAX_KERNEL_CACHE" not in os.environ:  # the CPU kernel's build likewise (cpu_kernel)
+    os.environ["CALIBJAX_KERNEL_CACHE"] = tempfile.mkdtemp(prefix="calibjax-test-kernel-")
+    atexit.register(shutil.rmtree, os.environ["CALIBJAX_KERNEL_CACHE"], ignore_errors=True)
 
 import calibjax  # noqa: E402
 

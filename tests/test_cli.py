@@ -334,6 +334,11 @@ def test_pip_install_of_the_project_ships_the_command_and_the_sweeps(tmp_path):
     by_name = tool("plan", "blog")  # no file of that name here: the shipped sweep
     assert by_name.returncode == 0 and "blog: 24 runs, 1 groups" in by_name.stdout, by_name.stderr
     assert "using the shipped sweep blog.toml" in by_name.stderr
+    # The CPU kernel's source ships too, and the installed copy compiles it (into a cache of its own here).
+    built = subprocess.run([py, "-m", "calibjax.cpu_kernel"], capture_output=True, text=True, cwd=tmp_path,
+                           env={**env, "CALIBJAX_KERNEL_CACHE": str(tmp_path / "kernels")}, timeout=300)
+    assert built.returncode == 0 and "CPU kernel ready" in built.stdout, built.stderr
+    assert len(list((tmp_path / "kernels").glob("calibjax_dense-*.so"))) == 1
 
 
 @pytest.mark.slow

@@ -114,6 +114,7 @@ def test_sharded_over_devices_each_device_calls_its_own_products():
     assert np.array_equal(np.asarray(sharded(x, w)), np.asarray(jax.jit(grads)(x, w)))
 
 
+@pytest.mark.slow
 def test_the_study_model_trains_through_the_kernel_like_through_xla():
     """The same runs with either path: losses and KL within training noise of each other (they are
     different floats, so not bit-equal), every hidden product a kernel call."""
@@ -152,6 +153,7 @@ def test_resolve_and_dense_choice(monkeypatch):
     assert planning.dense_choice(None, {"backend": "cpu", "dense": "xla"}) == "kernel"
 
 
+@pytest.mark.slow
 def test_without_a_compiler_auto_falls_back_once_and_kernel_is_an_error(tmp_path):
     """In a fresh process with no usable compiler: auto says why once and uses XLA; --dense kernel
     stops with one line before anything is trained."""

@@ -90,8 +90,6 @@ def test_with_the_cpu_kernel_a_runs_bits_do_not_depend_on_chunk_size_or_device_c
                               quiet=True)
     assert report.complete
     assert_identical(finished(tmp_path), kernel_reference)
-    # (Here the kernel's tables even equal XLA's: for these shapes XLA's dot also sums each element
-    # in k order. Nothing promises that on other CPUs or XLA versions, so directories keep one path.)
 
 
 @pytest.mark.skipif(not cpu_kernel.available(), reason="the CPU kernel cannot be built or run here")
