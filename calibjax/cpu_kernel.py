@@ -41,6 +41,7 @@ from calibjax import runtime
 
 SOURCE = Path(__file__).with_name("csrc") / "dense.cc"
 TARGET = "calibjax_batched_matmul"
+STEP_TARGET = "calibjax_mlp_step"
 NAME = "avx2-fma"  # what the kernel path is called in a results directory's identity
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fPIC", "-shared", "-std=c++17")
 CHOICES = ("auto", "kernel", "xla")
@@ -123,6 +124,7 @@ def _load() -> str | None:
                 if not lib.calibjax_cpu_supported():
                     raise KernelError("this CPU lacks AVX2 or FMA")
                 jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.CalibjaxBatchedMatmul), platform="cpu")
+                jax.ffi.register_ffi_target(STEP_TARGET, jax.ffi.pycapsule(lib.CalibjaxMlpStep), platform="cpu")
                 _state.update(error=None, lib=lib)
             except (KernelError, OSError, AttributeError) as e:
                 _state["error"] = str(e)
@@ -198,6 +200,33 @@ def dense(x: jax.Array, w: jax.Array) -> jax.Array:
         return x @ w
     lead = x.shape[:-1]
     return _product(x.reshape(-1, k), w).reshape(*lead, n)
+
+
+def fuses(activation: str, loss: str) -> bool:
+    """Whether ``loss_and_grads`` computes a training step of this model and loss (else the step is
+    XLA's, with the kernel's products)."""
+    return activation == "relu" and loss == "cross_entropy"
+
+
+def loss_and_grads(params: dict, x: jax.Array, c: jax.Array, weight: jax.Array | None):
+    """The mean (weighted) cross-entropy of a ReLU MLP's logits on a batch, and its gradients with
+    respect to ``params`` (flax's tree of Dense layers), by one kernel call: what
+    ``jax.value_and_grad`` of the model's loss gives, computed in C++ (``csrc/dense.cc``, MlpStep).
+
+    x (B, D) float32, c (B,) integer labels, weight (B,) or None. Under vmap, one call for all runs.
+    """
+    error = _load()
+    if error is not None:
+        raise KernelError(f"the calibjax CPU kernel is unavailable: {error}")
+    tree = params["params"]
+    names = sorted(tree, key=lambda name: int(name.rsplit("_", 1)[1]))  # layer order: Dense_0, Dense_1, ...
+    flat = [tree[name][leaf] for name in names for leaf in ("kernel", "bias")]
+    w = jnp.ones(c.shape, jnp.float32) if weight is None else weight.astype(jnp.float32)
+    shapes = [jax.ShapeDtypeStruct((), jnp.float32)] + [jax.ShapeDtypeStruct(p.shape, jnp.float32) for p in flat]
+    loss, *grads = jax.ffi.ffi_call(STEP_TARGET, shapes, vmap_method="broadcast_all")(
+        x.astype(jnp.float32), c.astype(jnp.int32), w, *flat)
+    out = {name: {"kernel": grads[2 * i], "bias": grads[2 * i + 1]} for i, name in enumerate(names)}
+    return loss, {"params": out}
 
 
 def main() -> int:

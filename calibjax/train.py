@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from calibjax import estimators, losses, metrics, rng, tasks
+from calibjax import cpu_kernel, estimators, losses, metrics, rng, tasks
 from calibjax.model import MLP
 
 # Bumped whenever a change alters the numbers a run gives (data streams, initialisation, metrics),
@@ -233,9 +233,14 @@ def _train_run(static: Static, dyn: Dynamic) -> RunResult:
         loss = losses.loss_values(static.loss, model.apply(params, x), c, dyn.label_smoothing, dyn.focal_gamma)
         return (loss if weight is None else weight * loss).mean()
 
+    # With calibjax's CPU kernel, a ReLU network's cross-entropy and its gradients are one kernel
+    # call (cpu_kernel.loss_and_grads); otherwise autodiff, through the kernel's products if on.
+    fused = static.dense == "kernel" and cpu_kernel.fuses(static.activation, static.loss)
+    loss_and_grads = cpu_kernel.loss_and_grads if fused else jax.value_and_grad(loss_fn)
+
     def update(_, state: TrainState) -> TrainState:
         x, c, weight = draw_batch(static, dyn, data_key, batch_key, state.step)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, x, c, weight)
+        loss, grads = loss_and_grads(state.params, x, c, weight)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = (jax.tree.map(lambda e, p: dyn.ema_decay * e + (1.0 - dyn.ema_decay) * p, state.ema, params)
