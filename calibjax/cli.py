@@ -27,9 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "by memory, at most 1024 on CPU, 16384 on GPU)")
         q.add_argument("--inner-batch", type=int, help="runs vmapped together per device (default 8 on CPU, "
                        "1024 on GPU); part of every run's numbers, so a results directory keeps one")
-        q.add_argument("--dense", choices=("auto", "kernel", "xla"), help="how the hidden layers' products are "
-                       "computed: XLA's dot (default), calibjax's CPU kernel, or auto (the kernel on CPU where it "
-                       "builds, else XLA); also $CALIBJAX_DENSE; part of every run's numbers, so a results "
+        q.add_argument("--dense", choices=("auto", "kernel", "xla"), help="how the dense layers are "
+                       "computed: auto (default: calibjax's CPU kernel on CPU where it builds, else XLA), kernel, or "
+                       "xla (XLA's dot); also $CALIBJAX_DENSE; part of every run's numbers, so a results "
                        "directory keeps one")
         q.add_argument("--shard", help="K/N: only runs with run_id %% N == K, into DIR/shards/K-of-N "
                        "(default from SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT when set)")

@@ -1,10 +1,17 @@
-"""calibjax's CPU kernel for the hidden layers' products, through ``jax.ffi``, with XLA as fallback.
+"""calibjax's CPU kernel, through ``jax.ffi``, with XLA as fallback.
 
-``dense(x, w)`` is ``x @ w`` for the dense layers: on CPU it calls ``csrc/dense.cc`` (batched
-small-matrix products in AVX2/FMA tiles) for the forward product, the input gradient and the weight
-gradient (a ``custom_vjp``); under ``vmap`` every run's product is one batch entry of the same call.
-Each output element is one fused multiply-add chain over k in order, whatever the batch or tile,
-so a run's numbers do not depend on its batch mates, the batch size or the device.
+Two entry points into ``csrc/dense.cc`` (AVX2/FMA, single-threaded: one XLA CPU device per core):
+
+- ``loss_and_grads(params, x, c, weight)``: a whole training step of a ReLU MLP with
+  cross-entropy (the forward pass, the loss and every gradient) in one call; the engine uses it
+  for such models (``fuses``), and Adam and the data draw stay in XLA.
+- ``dense(x, w)``: ``x @ w`` for any other dense layer at least ``MIN_WIDTH`` wide (other
+  activations and losses, the evaluation's forward passes): the forward product, the input
+  gradient and the weight gradient (a ``custom_vjp``) by batched small-matrix products.
+
+Under ``vmap`` every run is one batch entry of the same call. Each product's element is one fused
+multiply-add chain over k in order, whatever the batch or tile, so a run's numbers do not depend
+on its batch mates, the batch size or the device.
 
 The kernel is compiled from source on first use, with the system's C++ compiler against the XLA FFI
 headers that jaxlib ships, into a cache keyed by the source, the flags, jaxlib and the compiler

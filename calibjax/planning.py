@@ -153,10 +153,10 @@ def default_layout(chunk_size: int | None = None, inner_batch: int | None = None
     return Layout(devices, inner, max_chunk, int(device_memory(devices[0]) * MEMORY_FRACTION), max_chunk_s, product)
 
 
-# How the dense layers' products are computed unless asked otherwise: XLA's dot. calibjax's CPU kernel
-# (cpu_kernel) trains at the same rate here (benchmarks/throughput.py runs both paths, interleaved:
-# docs/performance.md), so it is not worth a compiler at first use and other bits by default.
-DEFAULT_DENSE = "xla"
+# How the dense layers are computed unless asked otherwise: "auto", calibjax's CPU kernel on CPU where
+# it builds (cpu_kernel; training steps alone 1.3-1.4x XLA's here: benchmarks/throughput.py runs
+# both paths, interleaved; docs/performance.md), XLA elsewhere.
+DEFAULT_DENSE = "auto"
 
 
 def dense_choice(flag: str | None, manifest: dict | None = None) -> str:

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calibjax import cpu_kernel, planning, runtime, train
+from calibjax import cpu_kernel, losses, planning, runtime, train
+from calibjax.model import MLP
 
 from conftest import SMALL, example
 
@@ -114,10 +115,70 @@ def test_sharded_over_devices_each_device_calls_its_own_products():
     assert np.array_equal(np.asarray(sharded(x, w)), np.asarray(jax.jit(grads)(x, w)))
 
 
+def model_loss(model, params, x, c, weight):
+    loss = losses.loss_values("cross_entropy", model.apply(params, x), c, 0.0, 0.0)
+    return (loss if weight is None else weight * loss).mean()
+
+
+@pytest.mark.parametrize("hidden,classes,dim,batch", [((64, 64), 2, 1, 64), ((24, 7), 3, 2, 13), ((5,), 2, 1, 32),
+                                                      ((16, 16, 16), 4, 3, 8)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_the_fused_step_gives_autodiffs_loss_and_gradients(hidden, classes, dim, batch, weighted):
+    """cpu_kernel.loss_and_grads (the whole forward and backward pass in C++) against
+    jax.value_and_grad of the same flax model in XLA, float32 rounding apart; narrow layers
+    (5 and 7 wide, the logits) included."""
+    model = MLP(hidden, classes)
+    rng = np.random.default_rng(len(hidden) * 100 + classes)
+    params = model.init(jax.random.key(batch), jnp.zeros((dim,)))
+    x = jnp.asarray(rng.standard_normal((batch, dim)), jnp.float32)
+    c = jnp.asarray(rng.integers(0, classes, batch), jnp.int32)
+    weight = jnp.asarray(rng.uniform(0.2, 3.0, batch), jnp.float32) if weighted else None
+    want_loss, want = jax.value_and_grad(functools.partial(model_loss, model))(params, x, c, weight)
+    got_loss, got = jax.jit(cpu_kernel.loss_and_grads)(params, x, c, weight)
+    np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5 * float(np.max(np.abs(w))))
+
+
+def test_the_fused_step_of_a_run_is_the_same_bits_alone_and_in_any_batch():
+    model = MLP((64, 64), 2)
+    keys = jax.random.split(jax.random.key(7), 6)
+    params = jax.vmap(lambda k: model.init(k, jnp.zeros((1,))))(keys)
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((6, 64, 1)), jnp.float32)
+    c = jnp.asarray(rng.integers(0, 2, (6, 64)), jnp.int32)
+    step = jax.jit(jax.vmap(lambda p, x, c: cpu_kernel.loss_and_grads(p, x, c, None)))
+    whole = step(params, x, c)
+    part = step(*jax.tree.map(lambda v: v[3:5], (params, x, c)))
+    alone = jax.jit(cpu_kernel.loss_and_grads)(*jax.tree.map(lambda v: v[4], (params, x, c)), None)
+    for w, p, a in zip(jax.tree.leaves(whole), jax.tree.leaves(part), jax.tree.leaves(alone), strict=True):
+        assert np.array_equal(np.asarray(w)[3:5], np.asarray(p)) and np.array_equal(np.asarray(w)[4], np.asarray(a))
+
+
+def test_the_fused_step_lets_nan_through_so_divergence_is_seen():
+    model = MLP((16, 16), 2)
+    params = model.init(jax.random.key(0), jnp.zeros((1,)))
+    params["params"]["TorchDense_1"]["kernel"] = params["params"]["TorchDense_1"]["kernel"].at[0, 0].set(jnp.nan)
+    loss, grads = jax.jit(cpu_kernel.loss_and_grads)(params, jnp.ones((8, 1)), jnp.zeros(8, jnp.int32), None)
+    assert np.isnan(float(loss)) and np.isnan(np.asarray(grads["params"]["TorchDense_2"]["kernel"])).any()
+
+
+def test_which_steps_are_fused():
+    assert cpu_kernel.fuses("relu", "cross_entropy")
+    assert not cpu_kernel.fuses("tanh", "cross_entropy") and not cpu_kernel.fuses("relu", "focal")
+    dyns = train.stack_dynamic([train.make_dynamic(example(1), seed=s) for s in range(2)])
+    for changes, fused in (({}, True), ({"activation": "tanh"}, False), ({"loss": "brier"}, False)):
+        static = dataclasses.replace(SMALL, dense="kernel", **changes)
+        hlo = train.batched_train_fn(static, 2).lower(dyns).as_text()
+        assert (cpu_kernel.STEP_TARGET in hlo) == fused
+        assert cpu_kernel.TARGET in hlo  # the 16 x 16 layer's products elsewhere (evaluation, or the step)
+
+
 @pytest.mark.slow
 def test_the_study_model_trains_through_the_kernel_like_through_xla():
     """The same runs with either path: losses and KL within training noise of each other (they are
-    different floats, so not bit-equal), every hidden product a kernel call."""
+    different floats, so not bit-equal); the kernel's program trains by the fused step."""
     static = dataclasses.replace(SMALL, hidden=(64, 64), steps=300, checkpoints=(300,))
     dyns = train.stack_dynamic([train.make_dynamic(example(1), lr=1e-2, n_data=2000, seed=s) for s in range(4)])
     out = {d: train.batched_train_fn(dataclasses.replace(static, dense=d), 2)(dyns) for d in ("kernel", "xla")}
@@ -127,7 +188,7 @@ def test_the_study_model_trains_through_the_kernel_like_through_xla():
     # It learned: the posterior error is a small part of the priors-only classifier's (I(C; X)).
     assert np.all(np.asarray(k.kl)[:, 0] < 0.1 * np.asarray(out["kernel"].mutual_info))
     hlo = train.batched_train_fn(dataclasses.replace(static, dense="kernel"), 2).lower(dyns).as_text()
-    assert hlo.count(cpu_kernel.TARGET) >= 3  # forward, input and weight gradients of the 64 x 64 layer
+    assert cpu_kernel.STEP_TARGET in hlo  # the training step in one call
 
 
 def test_the_run_identity_does_not_include_the_product_path():
@@ -144,10 +205,10 @@ def test_resolve_and_dense_choice(monkeypatch):
     with pytest.raises(runtime.SetupError, match="CALIBJAX_DENSE: expected one of auto, kernel, xla, got 'fast'"):
         cpu_kernel.resolve("fast", "cpu")
     monkeypatch.delenv("CALIBJAX_DENSE", raising=False)
-    assert planning.dense_choice(None) == planning.DEFAULT_DENSE == "xla"
+    assert planning.dense_choice(None) == planning.DEFAULT_DENSE == "auto"
     assert planning.dense_choice(None, {"backend": "cpu", "dense": "kernel"}) == "kernel"  # resume keeps it
     assert planning.dense_choice(None, {"backend": "cpu"}) == "xla"  # written before the kernel existed
-    assert planning.dense_choice(None, {"backend": "gpu", "dense": "kernel"}) == "xla"
+    assert planning.dense_choice(None, {"backend": "gpu", "dense": "kernel"}) == "auto"
     assert planning.dense_choice("xla", {"backend": "cpu", "dense": "kernel"}) == "xla"  # the flag decides
     monkeypatch.setenv("CALIBJAX_DENSE", "kernel")
     assert planning.dense_choice(None, {"backend": "cpu", "dense": "xla"}) == "kernel"

@@ -78,7 +78,9 @@ def kernel_reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("matrix-kernel")
     report = engine.run_sweep(load(KERNEL_MATRIX), out, layout=layout(dense="kernel"), quiet=True)
     assert report.complete and store.read_manifest(out)["dense"] == "kernel"
-    return finished(out)
+    t = finished(out)
+    assert (t["runs"]["status"] == "diverged").sum() == 4 and (t["runs"]["status"] == "ok").sum() == 8
+    return t
 
 
 @pytest.mark.slow

@@ -1,22 +1,26 @@
-// calibjax's CPU kernel: batched small float32 matrix products for the run-batched dense layers.
+// calibjax's CPU kernel: the dense layers' products, and the whole training step of a ReLU MLP.
 //
-// One XLA FFI handler, calibjax_batched_matmul: for every batch index b,
-//   C[b] (M x N) = op(A[b]) @ op(B[b]),  op = identity or transpose (attributes trans_a, trans_b),
-// where every leading dimension is a batch dimension shared by A, B and C (vmap's broadcast_all).
+// Two XLA FFI handlers (jax.ffi; every leading dimension is a batch of runs, vmap's broadcast_all):
+// - calibjax_batched_matmul: C[b] (M x N) = op(A[b]) @ op(B[b]), op = identity or transpose
+//   (attributes trans_a, trans_b): the forward product and both gradients of a dense layer.
+// - calibjax_mlp_step: per run, the weighted mean cross-entropy of a ReLU MLP on a batch and its
+//   gradient for every weight and bias (forward and backward pass in one call).
 //
-// Numbers: every element of C is one fused multiply-add chain over k = 0 .. K-1 in order,
+// Numbers: every element of a product is one fused multiply-add chain over k = 0 .. K-1 in order,
 //   acc = 0; acc = fma(a(i, k), b(k, j), acc),
-// whichever code path (vector tile, narrower tile, scalar edge) computes it. So an element's bits
-// depend on its row of op(A) and column of op(B) only: not on the tile sizes, M, N, the batch size,
-// the element's position in the batch or its batch mates. That is what makes a run's numbers
-// independent of how runs are batched (calibjax's bit-identity contract).
+// whichever code path (6 x 16 tile, narrower tile, scalar edge) computes it (the logits layer of the
+// step, fewer than 8 wide, uses 8-lane partial sums instead, fixed for its shape). Elementwise parts
+// are plain loops in a fixed order. So a run's bits depend on its own numbers and shapes only: not
+// on the batch size, its position in the batch or its batch mates. That is what keeps a run's
+// numbers independent of how runs are batched (calibjax's bit-identity contract).
 //
 // Speed: AVX2 + FMA tiles of up to 6 rows x 16 columns (12 ymm accumulators); op(A) is read by
 // broadcasts from a k-major panel (packed unless op(A) = A^T already is one), op(B) by vector loads
-// along j, so a transposed B is first packed into a per-thread buffer. Single-threaded: calibjax runs one XLA CPU device per core, so each
-// core's device calls its own products.
+// along j, so a transposed B is first transposed into a per-thread buffer (8 x 8 blocks).
+// Single-threaded: calibjax runs one XLA CPU device per core, and each device calls its own runs.
 //
-// Built by calibjax.cpu_kernel with g++ -O3 -mavx2 -mfma (no -ffast-math: the order above is kept).
+// Built by calibjax.cpu_kernel with g++ -O3 -mavx2 -mfma -ffp-contract=off (no -ffast-math: the
+// order above is kept).
 
 #include <immintrin.h>
 
@@ -148,6 +152,27 @@ void product(int64_t M, int64_t N, int64_t K, View A, const float* b, int64_t ld
   }
 }
 
+// t (cols x rows) = m^T, m (rows x cols) row-major: 8 x 8 blocks in registers, then the edges.
+inline void transpose(const float* __restrict m, float* __restrict t, int64_t rows, int64_t cols) {
+  const int64_t r8 = rows - rows % 8, q8 = cols - cols % 8;
+  for (int64_t r = 0; r < r8; r += 8)
+    for (int64_t q = 0; q < q8; q += 8) {
+      __m256 v[8], u[8];
+      for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(m + (r + i) * cols + q);
+      for (int i = 0; i < 8; i += 2) u[i] = _mm256_unpacklo_ps(v[i], v[i + 1]), u[i + 1] = _mm256_unpackhi_ps(v[i], v[i + 1]);
+      for (int i = 0; i < 8; i += 4) {
+        v[i] = _mm256_shuffle_ps(u[i], u[i + 2], 0x44), v[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], 0xEE);
+        v[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0x44), v[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0xEE);
+      }
+      for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(t + (q + i) * rows + r, _mm256_permute2f128_ps(v[i], v[i + 4], 0x20));
+        _mm256_storeu_ps(t + (q + i + 4) * rows + r, _mm256_permute2f128_ps(v[i], v[i + 4], 0x31));
+      }
+    }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t q = (r < r8 ? q8 : 0); q < cols; ++q) t[q * rows + r] = m[r * cols + q];
+}
+
 ffi::Error BatchedMatmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c,
                          int32_t trans_a, int32_t trans_b) {
   auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
@@ -177,8 +202,7 @@ ffi::Error BatchedMatmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::
     View A{as, trans_a ? 1 : K, trans_a ? M : 1};
     const float* bk = bs;
     if (trans_b) {  // op(B) = B^T: B is N x K; pack it as K x N
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t k = 0; k < K; ++k) packed[k * N + n] = bs[n * K + k];
+      transpose(bs, packed.data(), N, K);
       bk = packed.data();
     }
     product(M, N, K, A, bk, N, pc + s * M * N);
@@ -205,27 +229,6 @@ inline void column_sums(const float* __restrict d, float* __restrict g, int64_t 
 // out (B x n) = da where a > 0, else 0: the ReLU's backward pass.
 inline void relu_mask(const float* __restrict a, const float* __restrict da, float* __restrict out, int64_t size) {
   for (int64_t i = 0; i < size; ++i) out[i] = a[i] > 0.0f ? da[i] : 0.0f;
-}
-
-// t (cols x rows) = m^T, m (rows x cols) row-major: 8 x 8 blocks in registers, then the edges.
-inline void transpose(const float* __restrict m, float* __restrict t, int64_t rows, int64_t cols) {
-  const int64_t r8 = rows - rows % 8, q8 = cols - cols % 8;
-  for (int64_t r = 0; r < r8; r += 8)
-    for (int64_t q = 0; q < q8; q += 8) {
-      __m256 v[8], u[8];
-      for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(m + (r + i) * cols + q);
-      for (int i = 0; i < 8; i += 2) u[i] = _mm256_unpacklo_ps(v[i], v[i + 1]), u[i + 1] = _mm256_unpackhi_ps(v[i], v[i + 1]);
-      for (int i = 0; i < 8; i += 4) {
-        v[i] = _mm256_shuffle_ps(u[i], u[i + 2], 0x44), v[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], 0xEE);
-        v[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0x44), v[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0xEE);
-      }
-      for (int i = 0; i < 4; ++i) {
-        _mm256_storeu_ps(t + (q + i) * rows + r, _mm256_permute2f128_ps(v[i], v[i + 4], 0x20));
-        _mm256_storeu_ps(t + (q + i + 4) * rows + r, _mm256_permute2f128_ps(v[i], v[i + 4], 0x31));
-      }
-    }
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t q = (r < r8 ? q8 : 0); q < cols; ++q) t[q * rows + r] = m[r * cols + q];
 }
 
 // z (B x n) = a (B x K) @ W (K x n) for a narrow n (< 8, the logits): each element an 8-lane fma
