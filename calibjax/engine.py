@@ -122,7 +122,7 @@ class Report:
 
 
 def product(layout: planning.Layout) -> str:
-    """How the layout computes the dense layers' products, in words."""
+    """How the layout computes the dense layers, in words."""
     return "calibjax's CPU kernel" if layout.dense == "kernel" else "XLA's dot"
 
 
@@ -136,7 +136,7 @@ def describe_plan(sw: sweep_mod.Sweep, layout: planning.Layout, chunks: list[pla
     est = planning.estimate_seconds(chunks, layout)
     return (f"{sw.name}{what}: training {todo:,} of {len(sw.runs):,} runs in {len(chunks)} chunk(s), "
             f"{groups} compiled program(s); {layout.backend}, {len(layout.devices)} device(s) x {layout.inner_batch} "
-            f"runs vmapped, products by {product(layout)}; about {planning.duration(est)} at a nominal rate "
+            f"runs vmapped, dense layers by {product(layout)}; about {planning.duration(est)} at a nominal rate "
             f"(calibjax plan measures this machine)")
 
 

@@ -153,8 +153,9 @@ def test_shards_from_flag_and_slurm_array_then_merge_and_plan(tmp_path):
     plan = calibjax("plan", sweep, "--out", out)
     assert plan.returncode == 0 and "4 runs, 1 groups" in plan.stdout and "total: 4 runs" in plan.stdout
     r = calibjax("run", sweep, "--out", out, "--quiet", "--shard", "0/2")
-    assert r.returncode == 0 and r.stdout.startswith("tiny (shard 0 of 2): training 2 of 4 runs in 1 chunk(s), 1 "
-                                                     "compiled program(s); cpu, 2 device(s) x 8 runs vmapped; about ")
+    assert r.returncode == 0 and r.stdout.startswith(
+        "tiny (shard 0 of 2): training 2 of 4 runs in 1 chunk(s), 1 compiled program(s); cpu, 2 device(s) x 8 runs "
+        "vmapped, dense layers by calibjax's CPU kernel; about ")
     again = calibjax("run", sweep, "--out", out, "--quiet", "--shard", "0/2")
     assert again.returncode == 0 and "tiny (shard 0 of 2): already complete (4 runs in the sweep)" in again.stdout
     assert "model-steps/s" not in again.stdout
