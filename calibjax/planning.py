@@ -106,7 +106,7 @@ class Layout:
     max_chunk: int      # most runs per chunk (written, locked and resumed as a unit)
     memory: int         # bytes per device a chunk may plan to use
     max_chunk_s: float = MAX_CHUNK_SECONDS  # most nominal seconds of work per chunk
-    dense: str = "xla"  # the hidden layers' products: "kernel" (calibjax's CPU kernel) or "xla"
+    dense: str = "xla"  # how the dense layers are computed: "kernel" (calibjax's CPU kernel) or "xla"
 
     @property
     def backend(self) -> str:

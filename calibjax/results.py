@@ -46,7 +46,7 @@ PENDING = {"numbers_version": None, "backend": None, "vector_width": None, "dens
 
 
 def numbers_pending(manifest: dict) -> bool:
-    return all(k in manifest and manifest[k] is None for k in PENDING if k != "dense")
+    return all(k in manifest and manifest[k] is None for k in PENDING if k != "dense")  # (0.7.0's had no dense)
 
 
 def sweep_manifest(sw: sweep_mod.Sweep) -> dict:
