@@ -4,7 +4,7 @@
     python benchmarks/throughput.py --explore        # compare execution layouts (devices x inner batch)
 
 One model-step = one optimiser update of one classifier (1-64-64-2 MLP, batch 64, Adam, finite
-N = 100,000): 1.73 MFLOP by the dense-layer count (train.Static.flops_per_step). First, for each
+N = 100,000): 1.65 MFLOP by the dense-layer count (train.Static.flops_per_step). First, for each
 product path (XLA's dot; on CPU also calibjax's kernel, cpu_kernel), the rate of the step's three
 64 x 64 products alone in the engine's layout: GFLOP/s and the model-steps/s they would allow (the
 ceiling). Then each row trains R runs with the engine's Trainer for each path, interleaved (this

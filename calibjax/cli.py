@@ -426,8 +426,7 @@ def print_plan(sw, out: Path, layout, shard) -> int:
     manifest, done = store.read_manifest(out), set()
     if manifest is not None:
         try:  # what run would do: reuse these results only if run would accept them
-            results.check_same_numbers(manifest, out, sw.name,
-                                       results.numbers_identity(layout.backend, layout.inner_batch, layout.dense),
+            results.check_same_numbers(manifest, out, sw.name, layout.identity,
                                        "run would refuse them; with --overwrite it would train every run")
             done = results.finished_run_ids(out, sw)
         except results.ResultsExist as e:

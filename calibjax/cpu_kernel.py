@@ -22,7 +22,7 @@ falls back to XLA's dot and says why once.
 
 Which path a run uses is its ``train.Static.dense``, "kernel" or "xla", which the engine sets from
 its layout (``planning.dense_choice``: ``--dense``, ``$CALIBJAX_DENSE``, what the results directory
-recorded, else XLA). The two give different bits, so a results directory records its path and
+recorded, else "auto"). The two give different bits, so a results directory records its path and
 refuses runs of the other.
 """
 
@@ -49,7 +49,6 @@ from calibjax import runtime
 SOURCE = Path(__file__).with_name("csrc") / "dense.cc"
 TARGET = "calibjax_batched_matmul"
 STEP_TARGET = "calibjax_mlp_step"
-NAME = "avx2-fma"  # what the kernel path is called in a results directory's identity
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fPIC", "-shared", "-std=c++17")
 CHOICES = ("auto", "kernel", "xla")
 MIN_WIDTH = 8  # layers with fewer inputs or outputs than this (the thin first and last) stay in XLA
@@ -142,6 +141,13 @@ def available() -> bool:
     return _load() is None
 
 
+def _require() -> None:
+    """Raise why the kernel cannot run here (it is registered with XLA once this returns)."""
+    error = _load()
+    if error is not None:
+        raise KernelError(f"the calibjax CPU kernel is unavailable: {error}")
+
+
 def resolve(choice: str, backend: str) -> str:
     """The path a run takes: "kernel" or "xla", from "auto", "kernel" or "xla" on this backend.
 
@@ -156,13 +162,14 @@ def resolve(choice: str, backend: str) -> str:
         if choice == "kernel":
             raise KernelError(f"the calibjax kernel runs on CPU only, and this backend is {backend}")
         return "xla"
-    error = _load()
-    if error is None:
-        return "kernel"
     if choice == "kernel":
-        raise KernelError(f"the calibjax CPU kernel is unavailable: {error}")
-    _warn_once(error)
-    return "xla"
+        _require()
+        return "kernel"
+    error = _load()
+    if error is not None:
+        _warn_once(error)
+        return "xla"
+    return "kernel"
 
 
 @functools.cache
@@ -172,9 +179,7 @@ def _warn_once(error: str) -> None:
 
 def batched_matmul(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
     """op(a) @ op(b) over matching leading (batch) dimensions, by the kernel (float32, CPU)."""
-    error = _load()  # registers the kernel with XLA before any program that calls it is compiled
-    if error is not None:
-        raise KernelError(f"the calibjax CPU kernel is unavailable: {error}")
+    _require()  # registered with XLA before any program that calls it is compiled
     m = a.shape[-1] if trans_a else a.shape[-2]
     n = b.shape[-2] if trans_b else b.shape[-1]
     out = jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.float32)
@@ -222,9 +227,7 @@ def loss_and_grads(params: dict, x: jax.Array, c: jax.Array, weight: jax.Array |
 
     x (B, D) float32, c (B,) integer labels, weight (B,) or None. Under vmap, one call for all runs.
     """
-    error = _load()
-    if error is not None:
-        raise KernelError(f"the calibjax CPU kernel is unavailable: {error}")
+    _require()
     tree = params["params"]
     names = sorted(tree, key=lambda name: int(name.rsplit("_", 1)[1]))  # layer order: Dense_0, Dense_1, ...
     flat = [tree[name][leaf] for name in names for leaf in ("kernel", "bias")]

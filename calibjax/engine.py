@@ -156,7 +156,7 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout |
     t_start = time.perf_counter()
     out = Path(out)
     layout = layout or planning.default_layout()
-    identity = results.numbers_identity(layout.backend, layout.inner_batch, layout.dense)
+    identity = layout.identity
     results.prepare_output(sw, out, identity, overwrite)
     manifest = {**results.sweep_manifest(sw), **runtime.environment(), **identity, "layout": layout.describe()}
     previous = store.read_manifest(out) or {}

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from calibjax import cpu_kernel, estimators, runtime, tables, train
+from calibjax import cpu_kernel, estimators, results, runtime, tables, train
 from calibjax import sweep as sweep_mod
 
 # Runs vmapped together per device (the vectorisation width). CPU: 8, since chunks are padded to
@@ -111,6 +111,16 @@ class Layout:
     @property
     def backend(self) -> str:
         return self.devices[0].platform
+
+    @property
+    def isa(self) -> str | None:
+        """The class of CPUs whose programs give this layout's runs the same bits (None off CPU)."""
+        return runtime.numbers_isa() if self.backend == "cpu" else None
+
+    @property
+    def identity(self) -> dict:
+        """What besides their settings fixes the bits of the runs this layout trains."""
+        return results.numbers_identity(self.backend, self.inner_batch, self.dense, self.isa)
 
     def chunk_size(self, n_runs: int, static: train.Static) -> tuple[int, int]:
         """(runs per chunk, that rounded up to whole batches on every device) for a group of n_runs.

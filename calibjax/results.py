@@ -26,27 +26,31 @@ class ResultsExist(sweep_mod.SweepError):
     """The output directory holds results of another sweep, or runs that give other bits."""
 
 
-def numbers_identity(backend: str, vector_width: int, dense: str) -> dict:
+def numbers_identity(backend: str, vector_width: int, dense: str, isa: str | None) -> dict:
     """What besides its settings fixes the bits of a run: calibjax's numbers version, the backend,
-    the vectorisation width (``planning``) and how the dense layers' products are computed
-    (``cpu_kernel``). Results join only if all four match."""
+    the vectorisation width (``planning``), how the dense layers' products are computed
+    (``cpu_kernel``) and, on CPU, the class of vector instruction sets whose programs give the same
+    bits (``runtime.numbers_isa``: AVX2 and AVX-512 are one; None on other backends, whose numbers
+    do not depend on the host CPU). Results join only if all five match."""
     return {"numbers_version": train.NUMBERS_VERSION, "backend": backend, "vector_width": vector_width,
-            "dense": dense}
+            "dense": dense, "isa": isa}
 
 
 def recorded_identity(manifest: dict) -> dict:
     """The numbers identity a manifest records (one written before 0.8.0 computed its products with XLA)."""
-    return numbers_identity(manifest.get("backend"), manifest.get("vector_width"), manifest.get("dense", "xla"))
+    return numbers_identity(manifest.get("backend"), manifest.get("vector_width"), manifest.get("dense", "xla"),
+                            manifest.get("isa"))
 
 
 # The numbers identity of a results directory that no run has written to yet: ``calibjax submit``
 # writes it before the cluster's tasks start, since the login node's backend is not theirs; the
 # first task to start fills it in.
-PENDING = {"numbers_version": None, "backend": None, "vector_width": None, "dense": None}
+PENDING = {"numbers_version": None, "backend": None, "vector_width": None, "dense": None, "isa": None}
 
 
 def numbers_pending(manifest: dict) -> bool:
-    return all(k in manifest and manifest[k] is None for k in PENDING if k != "dense")  # (0.7.0's had no dense)
+    # (0.7.0's had no dense, 0.8.0's no isa)
+    return all(k in manifest and manifest[k] is None for k in PENDING if k not in ("dense", "isa"))
 
 
 def sweep_manifest(sw: sweep_mod.Sweep) -> dict:
@@ -58,7 +62,8 @@ def sweep_manifest(sw: sweep_mod.Sweep) -> dict:
 
 def check_same_numbers(manifest: dict, where: Path, name: str, identity: dict, hint: str) -> None:
     """Refuse to join results of another sweep (by name), or results whose runs give other bits:
-    another calibjax numbers version, backend or vectorisation width (``numbers_identity``)."""
+    another calibjax numbers version, backend, vectorisation width, product path or CPU class
+    (``numbers_identity``)."""
     if manifest.get("sweep_name") != name:
         raise ResultsExist(f"{where}: holds results of a different sweep ({manifest.get('sweep_name')!r}, "
                            f"not {name!r}); {hint}")
@@ -71,8 +76,10 @@ def check_same_numbers(manifest: dict, where: Path, name: str, identity: dict, h
                            f"{identity['numbers_version']}); joining them would mix the two; {hint}")
     recorded = recorded_identity(manifest)
     for key, what in (("backend", "backend"), ("vector_width", "vectorisation width (--inner-batch)"),
-                      ("dense", "dense-layer products (--dense)")):
+                      ("dense", "dense-layer products (--dense)"), ("isa", "CPU instruction set")):
         if recorded[key] != identity[key]:
+            if key == "isa":  # a cluster's tasks can land on nodes of several kinds
+                hint = f"keep its runs on CPUs of one kind (SLURM: sbatch --constraint); {hint}"
             raise ResultsExist(f"{where}: holds results computed with {what} {recorded[key]!r}, "
                                f"not {identity[key]!r}; their runs' last bits differ, so joining them would mix "
                                f"the two; {hint}")

@@ -136,8 +136,62 @@ def _compilation_cache(choice: str | Path | None) -> str | None:
     return str(path)
 
 
+# Vector instruction sets, narrowest first, as calibjax names them; XLA's --xla_cpu_max_isa values map onto them.
+ISAS = ("sse4.2", "avx", "avx2", "avx512")
+_XLA_ISAS = {"SSE4_2": "sse4.2", "AVX": "avx", "AVX2": "avx2", "AVX512": "avx512", "AVX512_VNNI": "avx512",
+             "AVX512_BF16": "avx512", "AMX": "avx512", "AMX_FP16": "avx512"}
+
+
+def xla_max_isa() -> str | None:
+    """The cap set by --xla_cpu_max_isa in $XLA_FLAGS (calibjax's name for it), or None."""
+    value = None
+    for flag in os.environ.get("XLA_FLAGS", "").split():
+        if flag.startswith("--xla_cpu_max_isa="):
+            value = flag.split("=", 1)[1].strip().upper()
+    return _XLA_ISAS.get(value) if value else None
+
+
+def cpu_isa() -> str:
+    """The widest vector instruction set this process computes with on this CPU: on x86-64
+    "avx512" (F, BW, DQ, VL, CD: Intel Xeon since Skylake-SP, AMD since Zen 4), "avx2" (with FMA),
+    "avx" or "sse4.2", capped by --xla_cpu_max_isa in $XLA_FLAGS (which the CPU kernel follows too);
+    elsewhere the machine's name (e.g. "aarch64", "arm64")."""
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64"):
+        return machine or "unknown"
+    from numpy._core._multiarray_umath import __cpu_features__ as has  # numpy's CPUID reading
+
+    if all(has.get(f) for f in ("AVX512F", "AVX512BW", "AVX512DQ", "AVX512VL", "AVX512CD", "FMA3")):
+        isa = "avx512"
+    elif has.get("AVX2") and has.get("FMA3"):
+        isa = "avx2"
+    else:
+        isa = "avx" if has.get("AVX") else "sse4.2"
+    cap = xla_max_isa()
+    return min(isa, cap, key=ISAS.index) if cap else isa
+
+
+def numbers_isa(isa: str | None = None) -> str:
+    """The class of CPUs whose compiled programs give a run the same bits: "x86-64-fma" for AVX2 and
+    AVX-512 (tested: tests/test_portability.py), else the instruction set itself (without FMA, or
+    on another architecture, XLA rounds its arithmetic differently)."""
+    isa = isa or cpu_isa()
+    return "x86-64-fma" if isa in ("avx2", "avx512") else isa
+
+
+def cpu_model() -> str:
+    """The CPU's model name ("" where the system does not say)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def environment() -> dict:
-    """Versions, platform, backend and devices, for the manifest."""
+    """Versions, platform, CPU, backend and devices, for the manifest."""
     versions = {}
     for pkg in ("calibjax", "jax", "jaxlib", "flax", "optax", "numpy", "pandas", "pyarrow"):
         try:
@@ -145,4 +199,5 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             versions[pkg] = None
     return {"python": sys.version.split()[0], "platform": platform.platform(), "versions": versions,
+            "cpu": {"model": cpu_model(), "isa": cpu_isa(), "cores": usable_cpus()},
             "backend": jax.default_backend(), "devices": [str(d) for d in jax.local_devices()]}

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from calibjax import store
+from calibjax import portable, store
 
 DEFAULT_EPS = (1e-2, 1e-3)
 DEFAULT_REL_EPS = (0.1, 0.01)
@@ -60,9 +60,9 @@ def _crossing(steps: np.ndarray, values: np.ndarray, i: np.ndarray, eps: float) 
     j = np.maximum(i - 1, 0)
     s0, s1, v0, v1 = steps[r, j], steps[r, i], values[r, j], values[r, i]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # rows not crossing compute junk
-        lv0, lv1 = np.log(np.maximum(v0, 1e-30)), np.log(np.maximum(v1, 1e-30))
-        t = np.where(lv1 != lv0, (np.log(eps) - lv0) / (lv1 - lv0), 1.0)
-        step = np.exp(np.log(s0) + t * (np.log(s1) - np.log(s0)))
+        lv0, lv1 = portable.log(np.maximum(v0, 1e-30)), portable.log(np.maximum(v1, 1e-30))
+        t = np.where(lv1 != lv0, (portable.log(eps) - lv0) / (lv1 - lv0), 1.0)
+        step = portable.exp(portable.log(s0) + t * (portable.log(s1) - portable.log(s0)))
     return np.where(i == 0, steps[:, 0], step)
 
 
@@ -157,7 +157,7 @@ def per_run(metrics: pd.DataFrame, runs: pd.DataFrame, eps=DEFAULT_EPS, rel_eps=
                                  np.where(diverged, math.nan, _median(col[k], window)))
         gap = col["bayes_accuracy"] - col["accuracy"]
         out["final_accuracy_gap"] = np.where(diverged, math.nan, _median(gap, window))
-        logs = np.log10(steps)
+        logs = portable.log(steps)  # (the base cancels in the ratio)
         auc = (np.trapezoid(col["kl"], logs, axis=1) / (logs[:, -1] - logs[:, 0]) if c >= 2
                else np.full(len(steps), math.nan))
         out["kl_auc"] = np.where(diverged, math.nan, auc)

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from calibjax import losses, metrics, model, tasks, train
+from calibjax import losses, metrics, model, portable, tasks, train
 
 
 class SweepError(ValueError):
@@ -641,7 +641,7 @@ def _grid_values(name: str, spec, where: str, max_runs: int) -> list:
         if kind == "logspace":
             if a <= 0 or b <= 0:
                 raise SweepError(f"{where} {name}.logspace: ends must be > 0, got {ends!r}")
-            values = list(np.geomspace(a, b, int(num)))
+            values = portable.geomspace(a, b, int(num))  # (np.geomspace's bits depend on the CPU)
         else:
             values = list(np.linspace(a, b, int(num)))
     as_int = spec.get("int", False)

@@ -48,6 +48,6 @@ def write_chunks(sw: sweep_mod.Sweep, out: Path, layout: planning.Layout, seed: 
 
 def new_results(sw: sweep_mod.Sweep, out: Path, layout: planning.Layout) -> None:
     """A results directory for the sweep (manifest and all), as ``calibjax run`` starts one."""
-    identity = results.numbers_identity(layout.backend, layout.inner_batch, layout.dense)
+    identity = layout.identity
     results.prepare_output(sw, out, identity, overwrite=False)
     store.write_json(out / "manifest.json", {**results.sweep_manifest(sw), **identity, "complete": False})

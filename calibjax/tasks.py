@@ -12,16 +12,14 @@ array shapes (static); every value is dynamic.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from calibjax import rng
+from calibjax import portable, rng
 
-LOG_2PI = math.log(2.0 * math.pi)
+LOG_2PI = 1.8378770664093453  # log(2 pi) as 0.8.0 computed it with glibc: a literal, the same on every machine
 
 
 @struct.dataclass
@@ -45,9 +43,10 @@ def make_task(prior, mean, sigma, weight=None) -> GaussianTask:
     mean = np.asarray(mean, np.float32)
     sigma = np.broadcast_to(np.asarray(sigma, np.float32), mean.shape)
     weight = np.ones(mean.shape[:2], np.float32) if weight is None else np.asarray(weight, np.float32)
-    with np.errstate(divide="ignore"):  # zero-weight (padding) components: log 0 = -inf, never drawn
-        log_weight = np.log(weight) - np.log(weight.sum(axis=-1, keepdims=True))
-        log_prior = np.log(np.asarray(prior, np.float32))
+    # Zero-weight (padding) components: log 0 = -inf, never drawn. Logarithms from calibjax.portable,
+    # so that a task's numbers do not depend on the CPU that built it (numpy's float32 log does).
+    log_weight = portable.log_float32(weight) - portable.log_float32(weight.sum(axis=-1, keepdims=True))
+    log_prior = portable.log_float32(prior)
     return GaussianTask(log_prior, log_weight.astype(np.float32), mean, np.ascontiguousarray(sigma))
 
 

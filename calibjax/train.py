@@ -31,7 +31,8 @@ from calibjax.model import MLP
 # so that resume and merge refuse to join results of two such versions. 2: calibjax.rng streams.
 # 3: a fixed vectorisation width (small chunks were narrowed before, which changed their bits).
 # 4: true calibration from level sets, per-run labelled samples, kl_rel, schedules, EMA, proposals.
-NUMBERS_VERSION = 4
+# 5: task log-priors and log-weights from calibjax.portable (numpy's float32 log depends on the CPU).
+NUMBERS_VERSION = 5
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "linear")  # the decay after warm-up; index = Dynamic.lr_schedule

@@ -1,11 +1,14 @@
-"""Today's (0.5.0) per-run summaries, kept verbatim as the independent reference that the
-vectorised ``calibjax.summaries`` must equal bit for bit (Python loops per run and per grid point)."""
+"""0.5.0's per-run summaries, kept as the independent reference that the vectorised
+``calibjax.summaries`` must equal bit for bit (Python loops per run and per grid point). Since 0.9.0
+both take their logarithms and exponentials from ``calibjax.portable`` (numpy's and the C library's
+differ between CPUs in the last bit); that module is tested on its own (tests/test_portable.py)."""
 
 import math
 
 import numpy as np
 import pandas as pd
 
+from calibjax.portable import exp, log
 from calibjax.summaries import (
     _INF_FROM,
     _SENTINEL,
@@ -26,9 +29,9 @@ def _crossing(steps: np.ndarray, values: np.ndarray, i: int, eps: float) -> floa
     if i == 0:
         return float(steps[0])
     s0, s1, v0, v1 = steps[i - 1], steps[i], values[i - 1], values[i]
-    lv0, lv1 = math.log(max(v0, 1e-30)), math.log(max(v1, 1e-30))
-    t = (math.log(eps) - lv0) / (lv1 - lv0) if lv1 != lv0 else 1.0
-    return float(math.exp(math.log(s0) + t * (math.log(s1) - math.log(s0))))
+    lv0, lv1 = log(max(v0, 1e-30)), log(max(v1, 1e-30))
+    t = (log(eps) - lv0) / (lv1 - lv0) if lv1 != lv0 else 1.0
+    return float(exp(log(s0) + t * (log(s1) - log(s0))))
 
 
 def steps_to_reach(steps: np.ndarray, values: np.ndarray, eps: float) -> float:
@@ -85,7 +88,7 @@ def summarize(metrics: pd.DataFrame, runs: pd.DataFrame, eps=DEFAULT_EPS, rel_ep
         gap = window["bayes_accuracy"] - window["accuracy"]
         row["final_accuracy_gap"] = math.nan if diverged else float(gap.median())
         kl = m["kl"].to_numpy(float)
-        logs = np.log10(steps)
+        logs = log(steps)
         row["kl_auc"] = (math.nan if diverged or len(steps) < 2 else
                          float(np.trapezoid(kl, logs) / (logs[-1] - logs[0])))
         rows.append(row)

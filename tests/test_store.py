@@ -99,7 +99,7 @@ def test_a_manifest_renamed_into_place_between_two_looks_is_seen(tmp_path, monke
     sw = sweep.parse(sweep_doc())
     out = tmp_path / "out"
     out.mkdir()
-    identity = results.numbers_identity("cpu", 8, "xla")
+    identity = results.numbers_identity("cpu", 8, "xla", "x86-64-fma")
     store.write_json(out / "manifest.json", {**results.sweep_manifest(sw), **identity})
     real, looks = store.read_manifest, []
 
