@@ -1,6 +1,9 @@
 """calibjax's CPU kernel, through ``jax.ffi``, with XLA as fallback.
 
-Two entry points into ``csrc/dense.cc`` (AVX2/FMA, single-threaded: one XLA CPU device per core):
+Two entry points into ``csrc/dense.cc`` (single-threaded: one XLA CPU device per core), built in two
+variants: "avx2" (AVX2 and FMA) and, where the CPU has AVX-512, "avx512" (wider tiles, the same
+bits: every element is computed by the same chain; tested). ``variant()`` picks one from
+``runtime.cpu_isa``, so XLA's ``--xla_cpu_max_isa=AVX2`` selects the avx2 variant too.
 
 - ``loss_and_grads(params, x, c, weight)``: a whole training step of a ReLU MLP with
   cross-entropy (the forward pass, the loss and every gradient) in one call; the engine uses it
@@ -50,6 +53,7 @@ SOURCE = Path(__file__).with_name("csrc") / "dense.cc"
 TARGET = "calibjax_batched_matmul"
 STEP_TARGET = "calibjax_mlp_step"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fPIC", "-shared", "-std=c++17")
+VARIANTS = {"avx2": FLAGS, "avx512": (*FLAGS, "-mavx512f")}
 CHOICES = ("auto", "kernel", "xla")
 MIN_WIDTH = 8  # layers with fewer inputs or outputs than this (the thin first and last) stay in XLA
 
@@ -79,17 +83,23 @@ def _compiler_version(cxx: str) -> str:
         return ""
 
 
-def library_path(cxx: str) -> Path:
-    """Where the build for this source, these flags, this jaxlib and this compiler lives."""
+def variant() -> str:
+    """The build this process uses: "avx512" where the CPU has AVX-512 (and no --xla_cpu_max_isa below
+    it), else "avx2"."""
+    return "avx512" if runtime.cpu_isa() == "avx512" else "avx2"
+
+
+def library_path(cxx: str, variant: str = "avx2") -> Path:
+    """Where the build for this source, variant (its flags), jaxlib and compiler lives."""
     import jaxlib
 
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
-                                     _compiler_version(cxx).encode()])).hexdigest()[:16]
-    return cache_dir() / f"calibjax_dense-{key}.so"
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(VARIANTS[variant]).encode(),
+                                     jaxlib.__version__.encode(), _compiler_version(cxx).encode()])).hexdigest()[:16]
+    return cache_dir() / f"calibjax_dense-{variant}-{key}.so"
 
 
-def build(verbose: bool = False) -> Path:
-    """Compile the kernel into the cache (if not there yet) and return the library's path.
+def build(verbose: bool = False, variant: str = "avx2") -> Path:
+    """Compile a variant of the kernel into the cache (if not there yet) and return the library's path.
 
     The library is written under a temporary name and renamed, so processes building at the same
     time (tasks of an array job sharing a home directory) never load a half-written file.
@@ -97,13 +107,13 @@ def build(verbose: bool = False) -> Path:
     cxx = compiler()
     if cxx is None:
         raise KernelError("no C++ compiler found (g++, c++ or clang++ on PATH, or $CXX)")
-    lib = library_path(cxx)
+    lib = library_path(cxx, variant)
     if lib.exists():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=lib.parent, prefix=".build-", suffix=".so")
     os.close(fd)
-    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+    cmd = [cxx, *VARIANTS[variant], f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
     t0 = time.perf_counter()
     try:
         try:
@@ -117,24 +127,47 @@ def build(verbose: bool = False) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     if verbose:
-        print(f"calibjax: built the CPU kernel in {time.perf_counter() - t0:.1f} s: {lib}", file=sys.stderr)
+        print(f"calibjax: built the CPU kernel ({variant}) in {time.perf_counter() - t0:.1f} s: {lib}", file=sys.stderr)
+    return lib
+
+
+def _open(variant: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(build(verbose=True, variant=variant)))
+    if not lib.calibjax_cpu_supported():
+        raise KernelError(f"this CPU lacks {'AVX-512' if variant == 'avx512' else 'AVX2 or FMA'}")
     return lib
 
 
 def _load() -> str | None:
-    """Build, load and register the kernel once per process; None if it works, else why not."""
+    """Build, load and register the kernel once per process (this CPU's variant; the avx2 one if that
+    fails); None if it works, else why not."""
     with _lock:
         if "error" not in _state:
             try:
-                lib = ctypes.CDLL(str(build(verbose=True)))
-                if not lib.calibjax_cpu_supported():
-                    raise KernelError("this CPU lacks AVX2 or FMA")
+                isa = runtime.cpu_isa()
+                if isa not in ("avx2", "avx512"):
+                    raise KernelError(f"it needs AVX2 and FMA, and this CPU computes with {isa}"
+                                      + (" (--xla_cpu_max_isa)" if runtime.xla_max_isa() else ""))
+                try:
+                    chosen = variant()
+                    lib = _open(chosen)
+                except KernelError as e:
+                    if chosen == "avx2":
+                        raise
+                    print(f"calibjax: the CPU kernel's avx512 variant is unavailable ({e}); using its avx2 variant "
+                          "(the same numbers, slower)", file=sys.stderr)
+                    chosen, lib = "avx2", _open("avx2")
                 jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.CalibjaxBatchedMatmul), platform="cpu")
                 jax.ffi.register_ffi_target(STEP_TARGET, jax.ffi.pycapsule(lib.CalibjaxMlpStep), platform="cpu")
-                _state.update(error=None, lib=lib)
+                _state.update(error=None, lib=lib, variant=chosen)
             except (KernelError, OSError, AttributeError) as e:
                 _state["error"] = str(e)
         return _state["error"]
+
+
+def loaded_variant() -> str | None:
+    """The variant this process registered with XLA ("avx2" or "avx512"), None if none."""
+    return _state.get("variant") if available() else None
 
 
 def available() -> bool:
@@ -242,7 +275,7 @@ def loss_and_grads(params: dict, x: jax.Array, c: jax.Array, weight: jax.Array |
 def main() -> int:
     """``python -m calibjax.cpu_kernel``: build the kernel now (``make install`` does), say where."""
     try:
-        lib = build(verbose=True)
+        lib = build(verbose=True, variant=variant())
     except KernelError as e:
         print(f"calibjax: the CPU kernel cannot be built here ({e}); calibjax will use XLA's dot", file=sys.stderr)
         return 0

@@ -18,7 +18,7 @@ import pytest
 from calibjax import cpu_kernel, losses, planning, runtime, train
 from calibjax.model import MLP
 
-from conftest import SMALL, example
+from conftest import SMALL, example, lowered_isa_env, python_in
 
 pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="the CPU kernel cannot be built or run here")
 
@@ -236,5 +236,48 @@ def test_the_build_is_cached_by_source_and_flags(tmp_path, monkeypatch):
     lib = cpu_kernel.build()
     assert lib.parent == tmp_path and lib.exists() and [p.name for p in tmp_path.iterdir()] == [lib.name]
     assert cpu_kernel.build() == lib and lib.stat().st_mtime_ns == cpu_kernel.build().stat().st_mtime_ns
-    monkeypatch.setattr(cpu_kernel, "FLAGS", (*cpu_kernel.FLAGS, "-DCALIBJAX_TEST"))
+    monkeypatch.setitem(cpu_kernel.VARIANTS, "avx2", (*cpu_kernel.FLAGS, "-DCALIBJAX_TEST"))
     assert cpu_kernel.library_path(cpu_kernel.compiler()) != lib  # other flags: another build
+    assert cpu_kernel.library_path(cpu_kernel.compiler(), "avx512").name.startswith("calibjax_dense-avx512-")
+
+
+def test_on_a_cpu_without_avx2_auto_falls_back_once_and_kernel_is_an_error():
+    """A CPU without AVX2/FMA (an older x86 or, by the same path, another architecture), simulated by
+    capping the instruction set: nothing is compiled, auto says why once, kernel is refused."""
+    code = ("from calibjax import cpu_kernel as k\n"
+            "print(k.resolve('auto', 'cpu'), k.resolve('auto', 'cpu'))\n"
+            "try: k.resolve('kernel', 'cpu')\nexcept k.KernelError as e: print('error:', e)\n")
+    out = python_in(code, env=lowered_isa_env("sse4.2"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["xla xla", "error: the calibjax CPU kernel is unavailable: it needs AVX2 and "
+                                       "FMA, and this CPU computes with sse4.2 (--xla_cpu_max_isa)"]
+    assert out.stderr.count("the CPU kernel is unavailable") == 1 and "built the CPU kernel" not in out.stderr
+
+
+VARIANT_DIGEST = """
+import hashlib, functools, jax, jax.numpy as jnp, numpy as np
+from calibjax import cpu_kernel
+from calibjax.model import MLP
+rng, parts = np.random.default_rng(7), []
+for m, k, n in [(64, 64, 64), (67, 33, 70), (8, 5, 32), (9, 64, 95), (300, 64, 64), (7, 3, 33)]:
+    for ta, tb in [(False, False), (False, True), (True, False)]:
+        a = rng.standard_normal((3, k, m) if ta else (3, m, k)).astype(np.float32)
+        b = rng.standard_normal((3, n, k) if tb else (3, k, n)).astype(np.float32)
+        f = jax.jit(functools.partial(cpu_kernel.batched_matmul, trans_a=ta, trans_b=tb))
+        parts.append(np.asarray(f(a, b)))
+for hidden, classes, dim, batch in [((64, 64), 2, 1, 64), ((40, 17), 5, 3, 33)]:
+    params = MLP(hidden=hidden, num_classes=classes).init(jax.random.key(1), jnp.zeros((1, dim)))
+    x = rng.standard_normal((batch, dim)).astype(np.float32)
+    c = rng.integers(0, classes, batch).astype(np.int32)
+    loss, grads = jax.jit(cpu_kernel.loss_and_grads)(params, x, c, None)
+    parts += [np.asarray(loss)] + [np.asarray(g) for g in jax.tree.leaves(grads)]
+print(cpu_kernel.loaded_variant(), hashlib.sha256(b"".join(p.tobytes() for p in parts)).hexdigest())
+"""
+
+
+@pytest.mark.skipif(runtime.cpu_isa() != "avx512", reason="the avx512 variant needs a CPU with AVX-512")
+def test_the_avx512_variant_gives_the_avx2_variants_bits():
+    wide, narrow = python_in(VARIANT_DIGEST), python_in(VARIANT_DIGEST, env=lowered_isa_env("avx2"))
+    assert wide.returncode == narrow.returncode == 0, wide.stderr + narrow.stderr
+    (v1, d1), (v2, d2) = wide.stdout.split(), narrow.stdout.split()
+    assert (v1, v2) == ("avx512", "avx2") and d1 == d2

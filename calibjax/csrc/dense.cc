@@ -14,13 +14,15 @@
 // on the batch size, its position in the batch or its batch mates. That is what keeps a run's
 // numbers independent of how runs are batched (calibjax's bit-identity contract).
 //
-// Speed: AVX2 + FMA tiles of up to 6 rows x 16 columns (12 ymm accumulators); op(A) is read by
-// broadcasts from a k-major panel (packed unless op(A) = A^T already is one), op(B) by vector loads
-// along j, so a transposed B is first transposed into a per-thread buffer (8 x 8 blocks).
+// Speed: AVX2 + FMA tiles of up to 6 rows x 16 columns (12 ymm accumulators); built with AVX-512
+// (the "avx512" variant), blocks of 8 rows x 32 columns in 16 zmm accumulators first. op(A) is read
+// by broadcasts from a k-major panel (packed unless op(A) = A^T already is one), op(B) by vector
+// loads along j, so a transposed B is first transposed into a per-thread buffer (8 x 8 blocks).
 // Single-threaded: calibjax runs one XLA CPU device per core, and each device calls its own runs.
+// Both variants compute every element by the same chain, so they give the same bits (tested).
 //
-// Built by calibjax.cpu_kernel with g++ -O3 -mavx2 -mfma -ffp-contract=off (no -ffast-math: the
-// order above is kept).
+// Built by calibjax.cpu_kernel with g++ -O3 -mavx2 -mfma -ffp-contract=off, plus -mavx512f for the
+// avx512 variant (no -ffast-math: the order above is kept).
 
 #include <immintrin.h>
 
@@ -90,11 +92,57 @@ inline void tile_6x16(int64_t K, const float* ap, int64_t astep, const float* b,
   _mm256_storeu_ps(c, c50), _mm256_storeu_ps(c + 8, c51);
 }
 
-// MR rows of C, every column: 16-wide tiles, an 8-wide one, then the last N % 8 columns one element
-// at a time (the same fma chain).
+#ifdef __AVX512F__
+// The avx512 variant's tile: 8 rows x 32 columns in sixteen zmm accumulators (of 32 registers),
+// named for the reason above. The same fma chain per element as every other tile.
+inline void tile_8x32(int64_t K, const float* ap, int64_t astep, const float* b, int64_t ldb, float* c,
+                      int64_t ldc) {
+  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+  __m512 c40 = c00, c41 = c00, c50 = c00, c51 = c00, c60 = c00, c61 = c00, c70 = c00, c71 = c00;
+  for (int64_t k = 0; k < K; ++k, ap += astep, b += ldb) {
+    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+    __m512 a = _mm512_set1_ps(ap[0]);
+    c00 = _mm512_fmadd_ps(a, b0, c00), c01 = _mm512_fmadd_ps(a, b1, c01);
+    a = _mm512_set1_ps(ap[1]);
+    c10 = _mm512_fmadd_ps(a, b0, c10), c11 = _mm512_fmadd_ps(a, b1, c11);
+    a = _mm512_set1_ps(ap[2]);
+    c20 = _mm512_fmadd_ps(a, b0, c20), c21 = _mm512_fmadd_ps(a, b1, c21);
+    a = _mm512_set1_ps(ap[3]);
+    c30 = _mm512_fmadd_ps(a, b0, c30), c31 = _mm512_fmadd_ps(a, b1, c31);
+    a = _mm512_set1_ps(ap[4]);
+    c40 = _mm512_fmadd_ps(a, b0, c40), c41 = _mm512_fmadd_ps(a, b1, c41);
+    a = _mm512_set1_ps(ap[5]);
+    c50 = _mm512_fmadd_ps(a, b0, c50), c51 = _mm512_fmadd_ps(a, b1, c51);
+    a = _mm512_set1_ps(ap[6]);
+    c60 = _mm512_fmadd_ps(a, b0, c60), c61 = _mm512_fmadd_ps(a, b1, c61);
+    a = _mm512_set1_ps(ap[7]);
+    c70 = _mm512_fmadd_ps(a, b0, c70), c71 = _mm512_fmadd_ps(a, b1, c71);
+  }
+  _mm512_storeu_ps(c, c00), _mm512_storeu_ps(c + 16, c01), c += ldc;
+  _mm512_storeu_ps(c, c10), _mm512_storeu_ps(c + 16, c11), c += ldc;
+  _mm512_storeu_ps(c, c20), _mm512_storeu_ps(c + 16, c21), c += ldc;
+  _mm512_storeu_ps(c, c30), _mm512_storeu_ps(c + 16, c31), c += ldc;
+  _mm512_storeu_ps(c, c40), _mm512_storeu_ps(c + 16, c41), c += ldc;
+  _mm512_storeu_ps(c, c50), _mm512_storeu_ps(c + 16, c51), c += ldc;
+  _mm512_storeu_ps(c, c60), _mm512_storeu_ps(c + 16, c61), c += ldc;
+  _mm512_storeu_ps(c, c70), _mm512_storeu_ps(c + 16, c71);
+}
+constexpr int MR_MAX = 8;  // rows per block
+#else
+constexpr int MR_MAX = 6;
+#endif
+
+// MR rows of C, every column: the widest tiles first (32 columns in the avx512 variant's 8-row
+// blocks, else 16), an 8-wide one, then the last N % 8 columns one element at a time (the same fma
+// chain).
 template <int MR>
 void rows(int64_t N, int64_t K, const float* ap, int64_t astep, const float* b, int64_t ldb, float* c, int64_t ldc) {
   int64_t j = 0;
+#ifdef __AVX512F__
+  if constexpr (MR == 8) {
+    for (; j + 32 <= N; j += 32) tile_8x32(K, ap, astep, b + j, ldb, c + j, ldc);
+  }
+#endif
   if constexpr (MR == 6) {
     for (; j + 16 <= N; j += 16) tile_6x16(K, ap, astep, b + j, ldb, c + j, ldc);
   }
@@ -134,15 +182,17 @@ void block(int64_t i, int64_t N, int64_t K, View A, const float* b, int64_t ldb,
   rows<MR>(N, K, ap, astep, b, ldb, c + i * N, N);
 }
 
-// C (M x N, row-major) = op(A) B, b row-major K x N with row stride ldb: blocks of 6 rows, then
-// the last M % 6 rows as one block.
+// C (M x N, row-major) = op(A) B, b row-major K x N with row stride ldb: blocks of MR_MAX rows,
+// then the last M % MR_MAX rows as one block.
 void product(int64_t M, int64_t N, int64_t K, View A, const float* b, int64_t ldb, float* c) {
   thread_local std::vector<float> buffer;
-  if (buffer.size() < static_cast<size_t>(6 * K)) buffer.resize(static_cast<size_t>(6 * K));
+  if (buffer.size() < static_cast<size_t>(MR_MAX * K)) buffer.resize(static_cast<size_t>(MR_MAX * K));
   float* panel = buffer.data();
   int64_t i = 0;
-  for (; i + 6 <= M; i += 6) block<6>(i, N, K, A, b, ldb, c, panel);
+  for (; i + MR_MAX <= M; i += MR_MAX) block<MR_MAX>(i, N, K, A, b, ldb, c, panel);
   switch (M - i) {
+    case 7: block<7>(i, N, K, A, b, ldb, c, panel); break;
+    case 6: block<6>(i, N, K, A, b, ldb, c, panel); break;
     case 5: block<5>(i, N, K, A, b, ldb, c, panel); break;
     case 4: block<4>(i, N, K, A, b, ldb, c, panel); break;
     case 3: block<3>(i, N, K, A, b, ldb, c, panel); break;
@@ -379,8 +429,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CalibjaxMlpStep, MlpStep,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .RemainingRets());
 
-// 1 when this CPU runs the code above (AVX2 and FMA), else 0: checked before the handler is registered.
+// 1 when this CPU runs the code above (AVX2 and FMA; AVX-512 F for the avx512 variant), else 0:
+// checked before the handler is registered.
 extern "C" __attribute__((visibility("default"))) int calibjax_cpu_supported() {
   __builtin_cpu_init();
+#ifdef __AVX512F__
+  if (!__builtin_cpu_supports("avx512f")) return 0;
+#endif
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
