@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 SWEEP ?= sweeps/blog.toml
 
-.PHONY: run test test-fast test-cluster test-browser lint bench bench-scale clean
+.PHONY: run test test-fast test-isa test-cluster test-browser lint bench bench-scale clean
 
 $(STAMP): pyproject.toml
 	@echo "setting up $(VENV): calibjax, JAX and the test tools (first time: about 1 GB, a minute or two)"
@@ -28,6 +28,17 @@ test: $(STAMP)
 # The edit loop: everything but the tests marked slow (about 2 minutes here).
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) -m "not slow"
+
+# Another CPU generation: a sweep's shard trained on an Intel Haswell (AVX2, no AVX-512) emulated by
+# Debian's qemu-user (installed here when missing; needs root) and merged with this CPU's, every table
+# compared; then the numerics tests again with the instruction set capped at AVX2 (tests/isa.py),
+# so that CI on an AVX2 machine and on an AVX-512 one test the same two levels.
+NUMERICS := tests/test_portable.py tests/test_rng.py tests/test_tasks.py tests/test_metrics.py tests/test_losses.py \
+	tests/test_estimators.py tests/test_train.py tests/test_cpu_kernel.py tests/test_summaries.py tests/test_scale.py
+test-isa: $(STAMP)
+	tests/install_packages.sh qemu-user
+	$(VENV)/bin/python -m pytest -q --qemu -k qemu tests/test_portability.py
+	$(VENV)/bin/python tests/isa.py avx2 -- $(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" $(NUMERICS)
 
 # calibjax on a real one-node SLURM cluster started on localhost (Debian's slurm-wlm and munge,
 # installed here when missing; needs root): submit, cancel, requeue, time limits (about 2 minutes).

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -171,13 +170,11 @@ def product_ceiling(layout, static, seconds: float = 2.0) -> float:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {len(os.sched_getaffinity(0))} cores"
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    from calibjax import cpu_kernel, runtime
+
+    kernel = f", kernel variant {cpu_kernel.loaded_variant()}" if cpu_kernel.available() else ""
+    return (f"{runtime.cpu_model() or 'unknown CPU'}, {len(os.sched_getaffinity(0))} cores, vector ISA "
+            f"{runtime.cpu_isa()}{kernel}")
 
 
 def peak_memory_mb() -> float:
@@ -273,7 +270,7 @@ def main():
                   f"{row['vs_xla']:>5.2f}x {ens} {row['vs_single']:>8.1f}x {compile_s[p]:>10.1f} "
                   f"{row['peak_mb']:>8.0f}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"matmul_flops": peak, "ceilings": ceilings, "single_rate": single_rate,
+        Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "matmul_flops": peak, "ceilings": ceilings, "single_rate": single_rate,
                                                "torch_rate": torch, "rows": rows}, indent=2))
 
 

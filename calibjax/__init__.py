@@ -5,7 +5,7 @@ Importing calibjax changes no environment variable, JAX setting or matplotlib ba
 sharded over them) and keep compiled programs on disk; the command line does this itself.
 """
 
-__version__ = "0.8.0"
+__version__ = "0.9.0"
 
 
 def setup(cpu_devices: int | None = None, cache_dir=None):

@@ -8,9 +8,10 @@ bits: every element is computed by the same chain; tested). ``variant()`` picks 
 - ``loss_and_grads(params, x, c, weight)``: a whole training step of a ReLU MLP with
   cross-entropy (the forward pass, the loss and every gradient) in one call; the engine uses it
   for such models (``fuses``), and Adam and the data draw stay in XLA.
-- ``dense(x, w)``: ``x @ w`` for any other dense layer at least ``MIN_WIDTH`` wide (other
-  activations and losses, the evaluation's forward passes): the forward product, the input
-  gradient and the weight gradient (a ``custom_vjp``) by batched small-matrix products.
+- ``dense(x, w)``: ``x @ w`` for any other dense layer (other activations and losses, the
+  evaluation's forward passes): the forward product, the input gradient and the weight gradient
+  (a ``custom_vjp``) by batched small-matrix products, so no product of the model is left to
+  XLA's dot (whose summation order depends on the CPU model).
 
 Under ``vmap`` every run is one batch entry of the same call. Each product's element is one fused
 multiply-add chain over k in order, whatever the batch or tile, so a run's numbers do not depend
@@ -55,7 +56,6 @@ STEP_TARGET = "calibjax_mlp_step"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fPIC", "-shared", "-std=c++17")
 VARIANTS = {"avx2": FLAGS, "avx512": (*FLAGS, "-mavx512f")}
 CHOICES = ("auto", "kernel", "xla")
-MIN_WIDTH = 8  # layers with fewer inputs or outputs than this (the thin first and last) stay in XLA
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -239,9 +239,10 @@ _product.defvjp(_product_fwd, _product_bwd)
 
 def dense(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x @ w`` for x (..., K) and a weight w (K, N) by the kernel: forward, input and weight
-    gradients. Thin layers (K or N below MIN_WIDTH) and other dtypes go to XLA's dot."""
+    gradients, every width (thin ones too: XLA's dot orders its sums by the CPU model, the kernel
+    the same way on every CPU). Other dtypes go to XLA's dot."""
     k, n = w.shape
-    if min(k, n) < MIN_WIDTH or x.dtype != jnp.float32 or w.dtype != jnp.float32:
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32:
         return x @ w
     lead = x.shape[:-1]
     return _product(x.reshape(-1, k), w).reshape(*lead, n)

@@ -113,14 +113,10 @@ class Layout:
         return self.devices[0].platform
 
     @property
-    def isa(self) -> str | None:
-        """The class of CPUs whose programs give this layout's runs the same bits (None off CPU)."""
-        return runtime.numbers_isa() if self.backend == "cpu" else None
-
-    @property
     def identity(self) -> dict:
         """What besides their settings fixes the bits of the runs this layout trains."""
-        return results.numbers_identity(self.backend, self.inner_batch, self.dense, self.isa)
+        cpu_class = runtime.cpu_class(self.dense) if self.backend == "cpu" else None
+        return results.numbers_identity(self.backend, self.inner_batch, self.dense, cpu_class)
 
     def chunk_size(self, n_runs: int, static: train.Static) -> tuple[int, int]:
         """(runs per chunk, that rounded up to whole batches on every device) for a group of n_runs.

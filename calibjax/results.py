@@ -26,31 +26,31 @@ class ResultsExist(sweep_mod.SweepError):
     """The output directory holds results of another sweep, or runs that give other bits."""
 
 
-def numbers_identity(backend: str, vector_width: int, dense: str, isa: str | None) -> dict:
+def numbers_identity(backend: str, vector_width: int, dense: str, cpu_class: str | None) -> dict:
     """What besides its settings fixes the bits of a run: calibjax's numbers version, the backend,
     the vectorisation width (``planning``), how the dense layers' products are computed
-    (``cpu_kernel``) and, on CPU, the class of vector instruction sets whose programs give the same
-    bits (``runtime.numbers_isa``: AVX2 and AVX-512 are one; None on other backends, whose numbers
+    (``cpu_kernel``) and, on CPU, the class of CPUs that give the same bits (``runtime.cpu_class``:
+    with the kernel, every x86-64 CPU with AVX2 or AVX-512; None on other backends, whose numbers
     do not depend on the host CPU). Results join only if all five match."""
     return {"numbers_version": train.NUMBERS_VERSION, "backend": backend, "vector_width": vector_width,
-            "dense": dense, "isa": isa}
+            "dense": dense, "cpu_class": cpu_class}
 
 
 def recorded_identity(manifest: dict) -> dict:
     """The numbers identity a manifest records (one written before 0.8.0 computed its products with XLA)."""
     return numbers_identity(manifest.get("backend"), manifest.get("vector_width"), manifest.get("dense", "xla"),
-                            manifest.get("isa"))
+                            manifest.get("cpu_class"))
 
 
 # The numbers identity of a results directory that no run has written to yet: ``calibjax submit``
 # writes it before the cluster's tasks start, since the login node's backend is not theirs; the
 # first task to start fills it in.
-PENDING = {"numbers_version": None, "backend": None, "vector_width": None, "dense": None, "isa": None}
+PENDING = {"numbers_version": None, "backend": None, "vector_width": None, "dense": None, "cpu_class": None}
 
 
 def numbers_pending(manifest: dict) -> bool:
-    # (0.7.0's had no dense, 0.8.0's no isa)
-    return all(k in manifest and manifest[k] is None for k in PENDING if k not in ("dense", "isa"))
+    # (0.7.0's had no dense, 0.8.0's no cpu_class)
+    return all(k in manifest and manifest[k] is None for k in PENDING if k not in ("dense", "cpu_class"))
 
 
 def sweep_manifest(sw: sweep_mod.Sweep) -> dict:
@@ -75,12 +75,12 @@ def check_same_numbers(manifest: dict, where: Path, name: str, identity: dict, h
                            f"whose runs give other numbers (numbers_version {theirs}, this calibjax has "
                            f"{identity['numbers_version']}); joining them would mix the two; {hint}")
     recorded = recorded_identity(manifest)
-    for key, what in (("backend", "backend"), ("vector_width", "vectorisation width (--inner-batch)"),
-                      ("dense", "dense-layer products (--dense)"), ("isa", "CPU instruction set")):
+    for key, what in (("backend", "with backend"), ("vector_width", "with vectorisation width (--inner-batch)"),
+                      ("dense", "with dense-layer products (--dense)"), ("cpu_class", "on CPUs of class")):
         if recorded[key] != identity[key]:
-            if key == "isa":  # a cluster's tasks can land on nodes of several kinds
+            if key == "cpu_class":  # a cluster's tasks can land on nodes of several kinds
                 hint = f"keep its runs on CPUs of one kind (SLURM: sbatch --constraint); {hint}"
-            raise ResultsExist(f"{where}: holds results computed with {what} {recorded[key]!r}, "
+            raise ResultsExist(f"{where}: holds results computed {what} {recorded[key]!r}, "
                                f"not {identity[key]!r}; their runs' last bits differ, so joining them would mix "
                                f"the two; {hint}")
 

@@ -104,8 +104,13 @@ def setup(cpu_devices: int | None = None, cache_dir: str | Path | None = None) -
     else ~/.cache/calibjax/xla; "off" disables it; a directory the user already set through
     jax.config is kept.
 
-    If JAX's backends already exist (some JAX computation ran first), the device count cannot
-    change any more: setup warns, naming the count the process has, and goes on with it.
+    XLA's CPU backend computes with its own code only (``PORTABLE_XLA_FLAG`` added to XLA_FLAGS,
+    unless XLA_FLAGS sets that flag itself): YNNPACK, to which it would hand reductions, picks its
+    kernels by the CPU it finds, and their sums differ between AVX2 and AVX-512 CPUs.
+
+    If JAX's backends already exist (some JAX computation ran first), the device count and XLA's
+    flags cannot change any more: setup warns, naming the count the process has, and goes on with
+    it (its runs then belong to this CPU model only: ``cpu_class``).
     """
     devices = cpu_device_request(cpu_devices)
     try:
@@ -116,7 +121,34 @@ def setup(cpu_devices: int | None = None, cache_dir: str | Path | None = None) -
                       f"uses {have}, not {devices}; call calibjax.setup() before any JAX computation",
                       RuntimeWarning, stacklevel=2)
         devices = have
+    else:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if PORTABLE_XLA_FLAG.rstrip("=") not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} {PORTABLE_XLA_FLAG}".strip()
+        _xla_flags_applied.append(True)
     return Runtime(devices, _compilation_cache(cache_dir))
+
+
+# XLA's CPU backend without YNNPACK (see setup); tested: under QEMU emulating a Haswell, a vmapped
+# (256 x 4094) product-sum gave other bits than on an AVX-512 Xeon with YNNPACK, the same without.
+PORTABLE_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+_xla_flags_applied: list = []  # set by setup() before JAX's backends started
+
+
+def portable_xla() -> bool:
+    """Whether this process's XLA computes with its own code alone (no YNNPACK): XLA_FLAGS holds
+    PORTABLE_XLA_FLAG, put there by setup() or by the user before JAX started."""
+    value = None
+    for flag in os.environ.get("XLA_FLAGS", "").split():
+        if flag.startswith(PORTABLE_XLA_FLAG):
+            value = flag[len(PORTABLE_XLA_FLAG):]
+    return value == "" and (bool(_xla_flags_applied) or not _backends_started())
+
+
+def _backends_started() -> bool:
+    from jax._src import xla_bridge
+
+    return xla_bridge.backends_are_initialized()
 
 
 def _compilation_cache(choice: str | Path | None) -> str | None:
@@ -171,23 +203,47 @@ def cpu_isa() -> str:
     return min(isa, cap, key=ISAS.index) if cap else isa
 
 
-def numbers_isa(isa: str | None = None) -> str:
-    """The class of CPUs whose compiled programs give a run the same bits: "x86-64-fma" for AVX2 and
-    AVX-512 (tested: tests/test_portability.py), else the instruction set itself (without FMA, or
-    on another architecture, XLA rounds its arithmetic differently)."""
-    isa = isa or cpu_isa()
-    return "x86-64-fma" if isa in ("avx2", "avx512") else isa
-
-
 def cpu_model() -> str:
     """The CPU's model name ("" where the system does not say)."""
+    return _cpuinfo().get("model name", platform.processor())
+
+
+def cpu_signature() -> str:
+    """This CPU's vendor, family and model numbers and vector instruction set, e.g.
+    "GenuineIntel-6-143-avx512" (the machine's name in place of the numbers where /proc/cpuinfo
+    does not give them)."""
+    info = _cpuinfo()
+    if {"vendor_id", "cpu family", "model"} <= info.keys():
+        return f"{info['vendor_id']}-{info['cpu family']}-{info['model']}-{cpu_isa()}"
+    return f"{platform.machine().lower() or 'unknown'}-{cpu_isa()}"
+
+
+def _cpuinfo() -> dict:
+    """The first processor's entries in /proc/cpuinfo ({} where there is none)."""
+    info = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            info[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor()
+    return info
+
+
+def cpu_class(dense: str) -> str:
+    """The CPUs on which a run computed with this product path ("kernel" or "xla") gives the same
+    bits. With calibjax's kernel, every x86-64 CPU with AVX2 and FMA, AVX-512 ones included:
+    "x86-64-fma" (tested: tests/test_portability.py, under QEMU emulating a Haswell); elsewhere the
+    instruction set (ARM, or x86 without FMA: XLA rounds its arithmetic otherwise). With XLA's dot,
+    only CPUs of this model and instruction set (``cpu_signature``): XLA orders a dot's sums by the
+    CPU model it compiles for; and with YNNPACK on (``setup`` turns it off), any path's runs too.
+    """
+    isa = cpu_isa()
+    if dense == "xla" or not portable_xla():
+        return cpu_signature()
+    return "x86-64-fma" if isa in ("avx2", "avx512") else isa
 
 
 def environment() -> dict:
@@ -199,5 +255,5 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             versions[pkg] = None
     return {"python": sys.version.split()[0], "platform": platform.platform(), "versions": versions,
-            "cpu": {"model": cpu_model(), "isa": cpu_isa(), "cores": usable_cpus()},
+            "cpu": {"model": cpu_model(), "signature": cpu_signature(), "isa": cpu_isa(), "cores": usable_cpus()},
             "backend": jax.default_backend(), "devices": [str(d) for d in jax.local_devices()]}

@@ -29,11 +29,14 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+from isa import lowered_isa_env  # noqa: E402, F401 (for the tests)
+
 from calibjax import metrics, tasks, train  # noqa: E402
 
 # Tests that start real outside systems run only when asked (their make targets install the packages).
 SYSTEMS = {"cluster": "starts a real SLURM cluster: make test-cluster",
-           "browser": "renders a page in Debian's chromium: make test-browser"}
+           "browser": "renders a page in Debian's chromium: make test-browser",
+           "qemu": "trains on an emulated AVX2 CPU (Debian's qemu-user): make test-isa"}
 
 
 def pytest_addoption(parser):
@@ -128,33 +131,18 @@ def sweep_text(**changes) -> str:
 
 # ---------------------------------------------------------------- command line
 
-def cli(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
+def cli(*args, cwd=None, env=None, timeout=600, cpu=None) -> subprocess.CompletedProcess:
     """``python -m calibjax ARGS`` in a fresh process on 2 CPU devices (env adds or, with None, removes
-    variables)."""
+    variables); with cpu (a QEMU CPU model, e.g. "Haswell-noTSX"), on that CPU emulated by qemu-x86_64."""
     full = {**os.environ, "CALIBJAX_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
     for k, v in (env or {}).items():
         full.pop(k, None) if v is None else full.__setitem__(k, v)
-    return subprocess.run([sys.executable, "-m", "calibjax", *map(str, args)], capture_output=True, text=True,
-                          env=full, cwd=cwd, timeout=timeout)
+    emulator = ["qemu-x86_64", "-cpu", cpu] if cpu else []
+    return subprocess.run([*emulator, sys.executable, "-m", "calibjax", *map(str, args)], capture_output=True,
+                          text=True, env=full, cwd=cwd, timeout=timeout)
 
 
-# ---------------------------------------------------------------- lowered vector instruction sets
-
-def lowered_isa_env(isa: str = "avx2") -> dict:
-    """Environment variables that make a fresh process compute as on a CPU whose widest vector
-    instruction set is ``isa`` ("avx2" or "sse4.2"): XLA's --xla_cpu_max_isa (which calibjax's CPU
-    kernel follows too) and numpy's NPY_DISABLE_CPU_FEATURES for every dispatch target above it.
-    On a CPU without those extensions the same variables change nothing."""
-    from numpy._core import _multiarray_umath as npy
-
-    def level(target: str) -> int:  # numpy's dispatch targets: X86_V3 (AVX2, FMA), X86_V4, AVX512_*
-        return 2 if "512" in target or target == "X86_V4" else 1 if target in ("X86_V3", "AVX2", "FMA3") else 0
-
-    keep = {"avx2": 1, "sse4.2": 0}[isa]
-    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_cpu_max_isa="))
-    return {"XLA_FLAGS": f"{flags} --xla_cpu_max_isa={isa.upper().replace('.', '_')}".strip(),
-            "NPY_DISABLE_CPU_FEATURES": " ".join(t for t in npy.__cpu_dispatch__ if level(t) > keep)}
-
+# ---------------------------------------------------------------- processes
 
 def python_in(code: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """``python -c code`` in a fresh process (env adds or, with None, removes variables)."""

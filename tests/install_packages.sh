@@ -2,6 +2,7 @@
 # Install Debian packages that a make target's tests start, when they are missing:
 #   tests/install_packages.sh slurm-wlm munge     (make test-cluster)
 #   tests/install_packages.sh chromium            (make test-browser)
+#   tests/install_packages.sh qemu-user           (make test-isa)
 set -euo pipefail
 missing=()
 for pkg in "$@"; do

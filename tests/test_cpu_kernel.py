@@ -40,7 +40,8 @@ def reference(a, b, trans_a, trans_b):
 
 @pytest.mark.parametrize("trans_a,trans_b", MODES)
 @pytest.mark.parametrize("batch,m,k,n", [((), 64, 64, 64), ((8,), 64, 64, 64), ((3,), 7, 5, 9), ((2, 3), 13, 70, 17),
-                                         ((5,), 1, 1, 1), ((4,), 65, 33, 24), ((1,), 300, 64, 64), ((2,), 6, 3, 31)])
+                                         ((5,), 1, 1, 1), ((4,), 65, 33, 24), ((1,), 300, 64, 64), ((2,), 6, 3, 31),
+                                         ((3,), 70, 64, 2), ((2,), 9, 13, 5), ((2,), 33, 2, 64)])  # thin ones
 def test_products_match_float64_numpy_to_float32_rounding(batch, m, k, n, trans_a, trans_b):
     rng = np.random.default_rng(m * 1000 + k * 10 + n)
     a, b = operands(rng, batch, m, k, n, trans_a, trans_b)
@@ -94,13 +95,14 @@ def test_dense_gradients_match_xlas_and_vmap_is_one_batched_call():
     assert np.array_equal(np.asarray(one[1][1]), np.asarray(gw[3]))
 
 
-def test_thin_layers_and_other_dtypes_stay_in_xla():
-    x, w = jnp.ones((4, 64)), jnp.ones((64, 2))
-    assert cpu_kernel.TARGET not in jax.jit(cpu_kernel.dense).lower(x, w).as_text()  # 64 -> 2
-    assert cpu_kernel.TARGET not in jax.jit(cpu_kernel.dense).lower(jnp.ones((4, 1)), jnp.ones((1, 64))).as_text()
+def test_every_float32_layer_thin_ones_too_goes_through_the_kernel_and_other_dtypes_to_xla():
+    """No product of the model is left to XLA's dot, whose summation order follows the CPU model."""
+    x = jnp.ones((4, 64))
+    for w in (jnp.ones((64, 2)), jnp.ones((64, 64))):
+        assert cpu_kernel.TARGET in jax.jit(cpu_kernel.dense).lower(x, w).as_text()
+    assert cpu_kernel.TARGET in jax.jit(cpu_kernel.dense).lower(jnp.ones((4, 1)), jnp.ones((1, 64))).as_text()
     half = jnp.ones((4, 64), jnp.bfloat16)
     assert cpu_kernel.TARGET not in jax.jit(cpu_kernel.dense).lower(half, half.T @ half).as_text()
-    assert cpu_kernel.TARGET in jax.jit(cpu_kernel.dense).lower(x, jnp.ones((64, 64))).as_text()
 
 
 def test_sharded_over_devices_each_device_calls_its_own_products():

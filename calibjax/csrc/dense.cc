@@ -2,17 +2,19 @@
 //
 // Two XLA FFI handlers (jax.ffi; every leading dimension is a batch of runs, vmap's broadcast_all):
 // - calibjax_batched_matmul: C[b] (M x N) = op(A[b]) @ op(B[b]), op = identity or transpose
-//   (attributes trans_a, trans_b): the forward product and both gradients of a dense layer.
+//   (attributes trans_a, trans_b): the forward product and both gradients of a dense layer, any
+//   width (a thin output, N < 8, by the 8-lane dots of mlp_step's logits).
 // - calibjax_mlp_step: per run, the weighted mean cross-entropy of a ReLU MLP on a batch and its
 //   gradient for every weight and bias (forward and backward pass in one call).
 //
 // Numbers: every element of a product is one fused multiply-add chain over k = 0 .. K-1 in order,
 //   acc = 0; acc = fma(a(i, k), b(k, j), acc),
-// whichever code path (6 x 16 tile, narrower tile, scalar edge) computes it (the logits layer of the
-// step, fewer than 8 wide, uses 8-lane partial sums instead, fixed for its shape). Elementwise parts
-// are plain loops in a fixed order. So a run's bits depend on its own numbers and shapes only: not
-// on the batch size, its position in the batch or its batch mates. That is what keeps a run's
-// numbers independent of how runs are batched (calibjax's bit-identity contract).
+// whichever code path (8 x 32 or 6 x 16 tile, narrower tile, scalar edge) computes it (a forward
+// product fewer than 8 wide, the logits, uses 8-lane partial sums instead, fixed for its shape).
+// Elementwise parts are plain loops in a fixed order. So a run's bits depend on its own numbers and
+// shapes only: not on the batch size, its position in the batch or its batch mates (calibjax's
+// bit-identity contract), nor on the CPU, as long as it has AVX2 and FMA: unlike XLA's dot, whose
+// order follows the CPU model it compiles for.
 //
 // Speed: AVX2 + FMA tiles of up to 6 rows x 16 columns (12 ymm accumulators); built with AVX-512
 // (the "avx512" variant), blocks of 8 rows x 32 columns in 16 zmm accumulators first. op(A) is read
@@ -223,6 +225,24 @@ inline void transpose(const float* __restrict m, float* __restrict t, int64_t ro
     for (int64_t q = (r < r8 ? q8 : 0); q < cols; ++q) t[q * rows + r] = m[r * cols + q];
 }
 
+// z (B x n) = a (B x K) @ W (K x n) for a narrow n (< 8, the logits): each element an 8-lane fma
+// dot over k, then the lanes summed in a fixed order. wt: W^T (n x K).
+inline void narrow_product(const float* a, const float* wt, float* z, int64_t B, int64_t K, int64_t n) {
+  for (int64_t i = 0; i < B; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      const float* ai = a + i * K;
+      const float* wj = wt + j * K;
+      __m256 acc = _mm256_setzero_ps();
+      int64_t k = 0;
+      for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(ai + k), _mm256_loadu_ps(wj + k), acc);
+      alignas(32) float lane[8];
+      _mm256_store_ps(lane, acc);
+      float v = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+      for (; k < K; ++k) v = std::fma(ai[k], wj[k], v);
+      z[i * n + j] = v;
+    }
+}
+
 ffi::Error BatchedMatmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c,
                          int32_t trans_a, int32_t trans_b) {
   auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
@@ -245,10 +265,17 @@ ffi::Error BatchedMatmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::
   const float* pb = b.typed_data();
   float* pc = c->typed_data();
   thread_local std::vector<float> packed;
-  if (trans_b) packed.resize(static_cast<size_t>(K * N));
+  const bool narrow = !trans_a && N < 8;  // a thin output (the logits): as mlp_step's forward pass
+  if (trans_b || narrow) packed.resize(static_cast<size_t>(K * N));
   for (int64_t s = 0; s < batch; ++s) {
     const float* as = pa + s * ra * ca;
     const float* bs = pb + s * rb * cb;
+    if (narrow) {  // narrow_product reads op(B)^T (N x K): B itself when transposed, else B transposed
+      const float* bt = bs;
+      if (!trans_b) transpose(bs, packed.data(), K, N), bt = packed.data();
+      narrow_product(as, bt, pc + s * M * N, M, K, N);
+      continue;
+    }
     View A{as, trans_a ? 1 : K, trans_a ? M : 1};
     const float* bk = bs;
     if (trans_b) {  // op(B) = B^T: B is N x K; pack it as K x N
@@ -279,24 +306,6 @@ inline void column_sums(const float* __restrict d, float* __restrict g, int64_t 
 // out (B x n) = da where a > 0, else 0: the ReLU's backward pass.
 inline void relu_mask(const float* __restrict a, const float* __restrict da, float* __restrict out, int64_t size) {
   for (int64_t i = 0; i < size; ++i) out[i] = a[i] > 0.0f ? da[i] : 0.0f;
-}
-
-// z (B x n) = a (B x K) @ W (K x n) for a narrow n (< 8, the logits): each element an 8-lane fma
-// dot over k, then the lanes summed in a fixed order. wt: W^T (n x K).
-inline void narrow_product(const float* a, const float* wt, float* z, int64_t B, int64_t K, int64_t n) {
-  for (int64_t i = 0; i < B; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      const float* ai = a + i * K;
-      const float* wj = wt + j * K;
-      __m256 acc = _mm256_setzero_ps();
-      int64_t k = 0;
-      for (; k + 8 <= K; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(ai + k), _mm256_loadu_ps(wj + k), acc);
-      alignas(32) float lane[8];
-      _mm256_store_ps(lane, acc);
-      float v = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-      for (; k < K; ++k) v = std::fma(ai[k], wj[k], v);
-      z[i * n + j] = v;
-    }
 }
 
 struct StepScratch {
