@@ -270,8 +270,9 @@ def main():
                   f"{row['vs_xla']:>5.2f}x {ens} {row['vs_single']:>8.1f}x {compile_s[p]:>10.1f} "
                   f"{row['peak_mb']:>8.0f}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "matmul_flops": peak, "ceilings": ceilings, "single_rate": single_rate,
-                                               "torch_rate": torch, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "matmul_flops": peak, "ceilings": ceilings,
+                                               "single_rate": single_rate, "torch_rate": torch, "rows": rows},
+                                              indent=2))
 
 
 def compare_widths(args, rounds: int = 4):
