@@ -9,7 +9,6 @@ command line chains them).
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 import traceback
@@ -169,9 +168,6 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout |
             or sharding.keys() - previous.keys()):
         store.write_json(out / "manifest.json", {**previous, **manifest, **sharding, "complete": False})
     part = out / "shards" / f"{shard[0]}-of-{shard[1]}" if shard else out
-    manifest["cpu_isas"] = results.trained_isas(store.read_manifest(part), manifest)
-    if note := results.isa_note(out, manifest["cpu_isas"], sw):
-        print(note, file=sys.stderr)
 
     chunks = planning.plan_chunks(sw, layout, planning.shard_run_ids(len(sw.runs), shard),
                                   done=results.finished_run_ids(out, sw))

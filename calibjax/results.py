@@ -12,7 +12,6 @@ tables are rebuilt from exactly the current sweep's finished runs, sorted by eac
 
 from __future__ import annotations
 
-import sys
 import tomllib
 from pathlib import Path
 
@@ -84,25 +83,6 @@ def check_same_numbers(manifest: dict, where: Path, name: str, identity: dict, h
             raise ResultsExist(f"{where}: holds results computed {what} {recorded[key]!r}, "
                                f"not {identity[key]!r}; their runs' last bits differ, so joining them would mix "
                                f"the two; {hint}")
-
-
-def trained_isas(*manifests: dict | None) -> list[str]:
-    """The vector instruction sets of the CPUs that trained the runs these manifests describe."""
-    isas = set()
-    for m in manifests:
-        if m:
-            isas |= set(m.get("cpu_isas") or ([m["cpu"]["isa"]] if m.get("cpu", {}).get("isa") else []))
-    return sorted(isas)
-
-
-def isa_note(where: Path, isas: list[str], sw: sweep_mod.Sweep) -> str | None:
-    """One line when a directory joins runs of AVX2 and AVX-512 CPUs and holds the one column whose
-    bits differ between them (README, CPU generations; measured under QEMU), else None."""
-    if len(isas) < 2 or not any(s.eval.estimator_sizes for s in sw.block_groups[0]):
-        return None
-    return (f"note: {where} joins runs trained on CPUs with {' and '.join(isas)}: their numbers are the same "
-            "bits except the estimator benchmark's exact ece_classwise target (estimators.parquet, and the "
-            "estimator_benchmark columns computed from it), within 1 float32 ulp")
 
 
 def manifest_sweep(manifest: dict) -> sweep_mod.Sweep:
@@ -197,17 +177,14 @@ def merge(out: str | Path) -> list[int]:
     check_same_numbers(manifest, out, manifest.get("sweep_name"), identity, "rerun the sweep with this calibjax "
                        "(calibjax run SWEEP --overwrite)")
     identity = None if numbers_pending(manifest) else identity
-    parts = [store.read_manifest(part) for part in sorted(out.glob("shards/*"))]
-    for part, m in zip(sorted(out.glob("shards/*")), parts, strict=True):
+    for part in sorted(out.glob("shards/*")):
+        m = store.read_manifest(part)
         if m is not None:  # (identity pending: submitted, and no task has filled it in: the first part's)
             identity = identity or recorded_identity(m)
             check_same_numbers(m, part, manifest.get("sweep_name"), identity,
                                f"it does not belong with {out}/manifest.json")
     sw = manifest_sweep(manifest)
     missing = finalize(out, sweep_mod.runs_table(sw))
-    isas = trained_isas(manifest, *parts)
-    if note := isa_note(out, isas, sw):
-        print(note, file=sys.stderr)
-    store.write_json(out / "manifest.json", {**manifest, **(identity or {}), **sweep_manifest(sw), "cpu_isas": isas,
+    store.write_json(out / "manifest.json", {**manifest, **(identity or {}), **sweep_manifest(sw),
                                              "complete": not missing, "merged": True, "missing_runs": len(missing)})
     return missing

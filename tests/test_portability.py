@@ -22,7 +22,7 @@ from calibjax import cpu_kernel, results, runtime, store
 from conftest import cli, sweep_doc, to_toml
 
 # Without the estimator benchmark and temperature scaling, whose programs take the emulated CPU
-# minutes more to compile (the same sweep with both gave equal tables too: the 0.9.0 notes).
+# minutes more to compile (the same sweep with both, by hand, gave equal tables too: README).
 SWEEP = sweep_doc(
     name="isa", seeds=2,
     task={"priors": [0.3, 0.7], "means": [0.0, [[2.5], [5.0]]], "sigmas": [1.0, [[1.0], [0.7]]],
@@ -103,20 +103,3 @@ def test_the_cpu_class_follows_the_product_path_the_instruction_set_and_xlas_lib
     assert runtime.xla_max_isa() == "sse4.2" and runtime.cpu_class("kernel") in ("sse4.2", "aarch64", "arm64")
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=reduce")  # YNNPACK on: this CPU only
     assert runtime.cpu_class("kernel") == runtime.cpu_signature()
-
-
-def test_joining_runs_of_avx2_and_avx512_cpus_names_the_one_column_that_may_differ(tmp_path):
-    """The estimator benchmark's exact ece_classwise target differed by 1 float32 ulp between the
-    emulated Haswell and an AVX-512 Xeon (every other column was equal): a directory that joins runs
-    of both says so in one line."""
-    from calibjax import sweep
-
-    with_benchmark = sweep.parse(sweep_doc(eval={"points": 128, "estimator_sizes": [100]}))
-    without = sweep.parse(sweep_doc())
-    isas = results.trained_isas({"cpu": {"isa": "avx512"}}, {"cpu_isas": ["avx2"]}, None)
-    assert isas == ["avx2", "avx512"] and results.trained_isas({"cpu": {"isa": "avx2"}}) == ["avx2"]
-    note = results.isa_note(tmp_path, isas, with_benchmark)
-    assert note.startswith(f"note: {tmp_path} joins runs trained on CPUs with avx2 and avx512") and \
-        "ece_classwise target" in note
-    assert results.isa_note(tmp_path, isas, without) is None
-    assert results.isa_note(tmp_path, ["avx512"], with_benchmark) is None
