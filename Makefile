@@ -37,7 +37,7 @@ test-fast: $(STAMP)
 NUMERICS := tests/test_portable.py tests/test_cpu_kernel.py tests/test_summaries.py tests/test_scale.py
 test-isa: $(STAMP)
 	tests/install_packages.sh qemu-user
-	$(VENV)/bin/python -m pytest -q --qemu -k qemu tests/test_portability.py
+	$(VENV)/bin/python -m pytest -q --qemu -m qemu tests/test_portability.py
 	$(VENV)/bin/python tests/isa.py avx2 -- $(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" $(NUMERICS)
 
 # calibjax on a real one-node SLURM cluster started on localhost (Debian's slurm-wlm and munge,
