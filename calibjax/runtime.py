@@ -1,4 +1,6 @@
-"""Explicit set-up of the JAX runtime: CPU device count and compilation cache.
+"""Explicit set-up of the JAX runtime (CPU device count, compilation cache, XLA without YNNPACK),
+and what the manifest says about the CPU (its vector instruction set, and the class of CPUs whose
+runs give the same bits).
 
 Importing calibjax changes nothing global. ``setup()`` is called once, before any JAX
 computation, by the command line, the benchmarks and the tests; Python users call it too (it is
@@ -122,9 +124,8 @@ def setup(cpu_devices: int | None = None, cache_dir: str | Path | None = None) -
                       RuntimeWarning, stacklevel=2)
         devices = have
     else:
-        flags = os.environ.get("XLA_FLAGS", "")
-        if PORTABLE_XLA_FLAG.rstrip("=") not in flags:
-            os.environ["XLA_FLAGS"] = f"{flags} {PORTABLE_XLA_FLAG}".strip()
+        if _xla_flag(PORTABLE_XLA_FLAG) is None:
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {PORTABLE_XLA_FLAG}".strip()
         _xla_flags_applied.append(True)
     return Runtime(devices, _compilation_cache(cache_dir))
 
@@ -138,11 +139,13 @@ _xla_flags_applied: list = []  # set by setup() before JAX's backends started
 def portable_xla() -> bool:
     """Whether this process's XLA computes with its own code alone (no YNNPACK): XLA_FLAGS holds
     PORTABLE_XLA_FLAG, put there by setup() or by the user before JAX started."""
-    value = None
-    for flag in os.environ.get("XLA_FLAGS", "").split():
-        if flag.startswith(PORTABLE_XLA_FLAG):
-            value = flag[len(PORTABLE_XLA_FLAG):]
-    return value == "" and (bool(_xla_flags_applied) or not _backends_started())
+    return _xla_flag(PORTABLE_XLA_FLAG) == "" and (bool(_xla_flags_applied) or not _backends_started())
+
+
+def _xla_flag(prefix: str) -> str | None:
+    """The value of the last "--name=value" in $XLA_FLAGS that starts with prefix ("--name="), or None."""
+    values = [f[len(prefix):] for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith(prefix)]
+    return values[-1] if values else None
 
 
 def _backends_started() -> bool:
@@ -176,11 +179,8 @@ _XLA_ISAS = {"SSE4_2": "sse4.2", "AVX": "avx", "AVX2": "avx2", "AVX512": "avx512
 
 def xla_max_isa() -> str | None:
     """The cap set by --xla_cpu_max_isa in $XLA_FLAGS (calibjax's name for it), or None."""
-    value = None
-    for flag in os.environ.get("XLA_FLAGS", "").split():
-        if flag.startswith("--xla_cpu_max_isa="):
-            value = flag.split("=", 1)[1].strip().upper()
-    return _XLA_ISAS.get(value) if value else None
+    value = _xla_flag("--xla_cpu_max_isa=")
+    return _XLA_ISAS.get(value.upper()) if value else None
 
 
 def cpu_isa() -> str:
@@ -240,9 +240,9 @@ def cpu_class(dense: str) -> str:
     only CPUs of this model and instruction set (``cpu_signature``): XLA orders a dot's sums by the
     CPU model it compiles for; and with YNNPACK on (``setup`` turns it off), any path's runs too.
     """
-    isa = cpu_isa()
     if dense == "xla" or not portable_xla():
         return cpu_signature()
+    isa = cpu_isa()
     return "x86-64-fma" if isa in ("avx2", "avx512") else isa
 
 

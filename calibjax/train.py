@@ -31,7 +31,8 @@ from calibjax.model import MLP
 # so that resume and merge refuse to join results of two such versions. 2: calibjax.rng streams.
 # 3: a fixed vectorisation width (small chunks were narrowed before, which changed their bits).
 # 4: true calibration from level sets, per-run labelled samples, kl_rel, schedules, EMA, proposals.
-# 5: task log-priors and log-weights from calibjax.portable (numpy's float32 log depends on the CPU).
+# 5: the same bits on AVX2 and AVX-512 CPUs: task logarithms from calibjax.portable, thin layers
+#    through the CPU kernel, density-bin sums by scatter-add, XLA without YNNPACK, estimators' sums.
 NUMBERS_VERSION = 5
 
 OPTIMIZERS = ("adam", "adamw", "sgd")

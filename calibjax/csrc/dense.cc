@@ -9,8 +9,9 @@
 //
 // Numbers: every element of a product is one fused multiply-add chain over k = 0 .. K-1 in order,
 //   acc = 0; acc = fma(a(i, k), b(k, j), acc),
-// whichever code path (8 x 32 or 6 x 16 tile, narrower tile, scalar edge) computes it (a forward
-// product fewer than 8 wide, the logits, uses 8-lane partial sums instead, fixed for its shape).
+// whichever code path (8 x 32 or 6 x 16 tile, narrower tile, scalar edge) computes it (a product
+// fewer than 8 wide with A untransposed, the logits or a thin layer's input gradient, uses 8-lane
+// partial sums instead, fixed for its shape).
 // Elementwise parts are plain loops in a fixed order. So a run's bits depend on its own numbers and
 // shapes only: not on the batch size, its position in the batch or its batch mates (calibjax's
 // bit-identity contract), nor on the CPU, as long as it has AVX2 and FMA: unlike XLA's dot, whose
@@ -265,7 +266,7 @@ ffi::Error BatchedMatmul(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::
   const float* pb = b.typed_data();
   float* pc = c->typed_data();
   thread_local std::vector<float> packed;
-  const bool narrow = !trans_a && N < 8;  // a thin output (the logits): as mlp_step's forward pass
+  const bool narrow = !trans_a && N < 8;  // a thin output (the logits): by mlp_step's 8-lane dots
   if (trans_b || narrow) packed.resize(static_cast<size_t>(K * N));
   for (int64_t s = 0; s < batch; ++s) {
     const float* as = pa + s * ra * ca;
