@@ -23,6 +23,7 @@ PYTEST_WORKERS ?= 2
 
 test: $(STAMP)
 	$(VENV)/bin/python -m ruff check .
+	$(VENV)/bin/python -m ruff format --check .
 	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS)
 
 # The edit loop: everything but the tests marked slow (about 2 minutes here).
@@ -54,6 +55,7 @@ test-browser: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/python -m ruff check .
+	$(VENV)/bin/python -m ruff format --check .
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/throughput.py

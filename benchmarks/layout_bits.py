@@ -30,8 +30,7 @@ def task(mu2):
     return tasks.make_task([0.5, 0.5], [[[0.0]], [[mu2]]], [[[1.0]], [[1.0]]])
 
 
-RUNS = [train.make_dynamic(task(1 + (i % 5) * 0.5), lr=1e-3 * (1 + i % 3), n_data=10_000, seed=i)
-        for i in range(4 * W)]
+RUNS = [train.make_dynamic(task(1 + (i % 5) * 0.5), lr=1e-3 * (1 + i % 3), n_data=10_000, seed=i) for i in range(4 * W)]
 one_run = functools.partial(train.train_run, STATIC)
 
 
@@ -56,20 +55,34 @@ def main():
     ref = leaves(vmapped(train.stack_dynamic(RUNS[:W])))
     diag = [(i, i) for i in range(W)]
     rows = {
-        "permuted within the batch": same(ref, leaves(vmapped(train.stack_dynamic(RUNS[:W][::-1]))),
-                                          [(i, W - 1 - i) for i in range(W)]),
-        "beside a diverging run (lr 1e30)": same(ref, leaves(vmapped(train.stack_dynamic(
-            RUNS[:W - 1] + [train.make_dynamic(task(3.0), lr=1e30, n_data=10_000, seed=999)]))), diag[:-1]),
-        "lax.map, 2 batches of 32": same(ref, leaves(jax.jit(lambda d: jax.lax.map(one_run, d, batch_size=W))(
-            train.stack_dynamic(RUNS[:2 * W]))), diag),
+        "permuted within the batch": same(
+            ref, leaves(vmapped(train.stack_dynamic(RUNS[:W][::-1]))), [(i, W - 1 - i) for i in range(W)]
+        ),
+        "beside a diverging run (lr 1e30)": same(
+            ref,
+            leaves(
+                vmapped(
+                    train.stack_dynamic(
+                        RUNS[: W - 1] + [train.make_dynamic(task(3.0), lr=1e30, n_data=10_000, seed=999)]
+                    )
+                )
+            ),
+            diag[:-1],
+        ),
+        "lax.map, 2 batches of 32": same(
+            ref,
+            leaves(jax.jit(lambda d: jax.lax.map(one_run, d, batch_size=W))(train.stack_dynamic(RUNS[: 2 * W]))),
+            diag,
+        ),
         "width 16": same(ref, leaves(vmapped(train.stack_dynamic(RUNS[:16]))), diag[:16]),
         "alone (width 1)": same(ref, [x[None] for x in leaves(jax.jit(one_run)(RUNS[0]))], [(0, 0)]),
     }
     if len(jax.devices()) >= 4:  # CPU: simulated devices; a single GPU skips these rows
-        rows["2 devices x 32"] = same(ref, leaves(on_devices(2)(train.stack_dynamic(RUNS[:2 * W]))), diag)
-        rows["4 devices x 32"] = same(ref, leaves(on_devices(4)(train.stack_dynamic(RUNS[:4 * W]))), diag)
-        rows["2 devices x lax.map 2 x 32"] = same(ref, leaves(on_devices(2, W)(train.stack_dynamic(RUNS[:4 * W]))),
-                                                  diag)
+        rows["2 devices x 32"] = same(ref, leaves(on_devices(2)(train.stack_dynamic(RUNS[: 2 * W]))), diag)
+        rows["4 devices x 32"] = same(ref, leaves(on_devices(4)(train.stack_dynamic(RUNS[: 4 * W]))), diag)
+        rows["2 devices x lax.map 2 x 32"] = same(
+            ref, leaves(on_devices(2, W)(train.stack_dynamic(RUNS[: 4 * W]))), diag
+        )
     print(f"bit-identical to the same runs vmapped {W} at a time on 1 device ({jax.default_backend()}):")
     for name, equal in rows.items():
         print(f"  {name:<36} {'identical' if equal else 'DIFFERENT'}")

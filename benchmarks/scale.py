@@ -104,11 +104,22 @@ def one(runs: int, stage_name: str, out: Path, old: bool) -> list[dict]:
         with Peak() as p:
             value = fn()
         seconds = p.seconds - untimed()
-        rows.append({"runs": n, "stage": name, "path": path, "seconds": seconds,
-                     "us_per_run": 1e6 * seconds / n, "peak_mb": p.peak / 2**20})
+        rows.append(
+            {
+                "runs": n,
+                "stage": name,
+                "path": path,
+                "seconds": seconds,
+                "us_per_run": 1e6 * seconds / n,
+                "peak_mb": p.peak / 2**20,
+            }
+        )
         note = f" ({untimed():.1f} s not counted)" if untimed() else ""
-        print(f"{n:>9,} {name:<10} {path:<4} {seconds:8.2f} s {1e6 * seconds / n:8.1f} us/run "
-              f"peak {p.peak / 2**20:7.0f} MB{note}", flush=True)
+        print(
+            f"{n:>9,} {name:<10} {path:<4} {seconds:8.2f} s {1e6 * seconds / n:8.1f} us/run "
+            f"peak {p.peak / 2**20:7.0f} MB{note}",
+            flush=True,
+        )
         return value
 
     layout = planning.default_layout()
@@ -159,12 +170,17 @@ def main():
     p.add_argument("--runs", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--old", action="store_true", help="also time 0.5.0's code paths where they exist")
     p.add_argument("--json", help="write the rows to this file")
-    p.add_argument("--stages", nargs="+", choices=STAGES, default=STAGES,
-                   help="run these stages only (a stage reads what the ones before it wrote: with --keep)")
+    p.add_argument(
+        "--stages",
+        nargs="+",
+        choices=STAGES,
+        default=STAGES,
+        help="run these stages only (a stage reads what the ones before it wrote: with --keep)",
+    )
     p.add_argument("--keep", help="results directory to write and keep (default: a temporary one)")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the worker: one run count,
-    p.add_argument("--stage", help=argparse.SUPPRESS)          # one stage,
-    p.add_argument("--dir", help=argparse.SUPPRESS)            # on this results directory
+    p.add_argument("--stage", help=argparse.SUPPRESS)  # one stage,
+    p.add_argument("--dir", help=argparse.SUPPRESS)  # on this results directory
     args = p.parse_args()
     if args.one:
         print("ROWS " + json.dumps(one(args.one, args.stage, Path(args.dir), args.old)))
@@ -176,16 +192,19 @@ def main():
                 where = f"{args.keep}-{runs}" if args.keep else f"{tmp}/r"
                 cmd = [sys.executable, __file__, "--one", str(runs), "--stage", stage, "--dir", where]
                 proc = subprocess.run(cmd + (["--old"] if args.old else []), capture_output=True, text=True)
-                sys.stdout.write("".join(f"{line}\n" for line in proc.stdout.splitlines()
-                                         if not line.startswith("ROWS ")))
+                sys.stdout.write(
+                    "".join(f"{line}\n" for line in proc.stdout.splitlines() if not line.startswith("ROWS "))
+                )
                 if proc.returncode:
                     sys.exit(proc.stderr)
                 rows += json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("ROWS "))[5:])
     print("\nhost overhead per run (all stages, new path):")
     for runs in sorted({r["runs"] for r in rows}):
         new = [r for r in rows if r["runs"] == runs and r["path"] == "new" and r["stage"] != "aggregate"]
-        print(f"  {runs:>9,} runs: {sum(r['us_per_run'] for r in new) / 1000:.3f} ms/run, "
-              f"peak {max(r['peak_mb'] for r in new):,.0f} MB")
+        print(
+            f"  {runs:>9,} runs: {sum(r['us_per_run'] for r in new) / 1000:.3f} ms/run, "
+            f"peak {max(r['peak_mb'] for r in new):,.0f} MB"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -41,8 +41,13 @@ def parse_args():
     p.add_argument("--torch-steps", type=int, default=2000, help="steps of the PyTorch baseline (0: skip)")
     p.add_argument("--precision", default="float32", help="matmul precision (float32, tensorfloat32, default)")
     p.add_argument("--explore", action="store_true", help="time layouts in subprocesses and exit")
-    p.add_argument("--widths", type=int, nargs="+", help="time these vectorisation widths (inner batches) "
-                   "against each other in this process, interleaved, for R = max(--runs), and exit")
+    p.add_argument(
+        "--widths",
+        type=int,
+        nargs="+",
+        help="time these vectorisation widths (inner batches) "
+        "against each other in this process, interleaved, for R = max(--runs), and exit",
+    )
     p.add_argument("--rounds", type=int, default=2, help="interleaved timings of each path per row (fastest kept)")
     p.add_argument("--json", help="also write the rows to this file")
     return p.parse_args()
@@ -91,9 +96,11 @@ def torch_ensemble_rate(r: int, seconds: float = 3.0) -> float | None:
     widths = (1, 64, 64, 2)
     params = []
     for a, b in zip(widths, widths[1:], strict=False):
-        bound = a ** -0.5
-        params += [(torch.rand(r, a, b) * 2 - 1).mul_(bound).requires_grad_(),
-                   (torch.rand(r, 1, b) * 2 - 1).mul_(bound).requires_grad_()]
+        bound = a**-0.5
+        params += [
+            (torch.rand(r, a, b) * 2 - 1).mul_(bound).requires_grad_(),
+            (torch.rand(r, 1, b) * 2 - 1).mul_(bound).requires_grad_(),
+        ]
     try:
         opt = torch.optim.Adam(params, lr=1e-3, fused=True)
     except (RuntimeError, TypeError, ValueError):
@@ -152,6 +159,7 @@ def product_ceiling(layout, static, seconds: float = 2.0) -> float:
                 dh = jnp.einsum("rbo,rio->rbi", dz, w)
                 dw = jnp.einsum("rbi,rbo->rio", h, dz)
             return h + 1e-3 * dh, w - 1e-6 * dw, dz + 1e-3 * z
+
         return jax.lax.fori_loop(0, iters, body, (h, w, dz))
 
     if n_dev > 1:
@@ -173,8 +181,10 @@ def cpu_model() -> str:
     from calibjax import cpu_kernel, runtime
 
     kernel = f", kernel variant {cpu_kernel.loaded_variant()}" if cpu_kernel.available() else ""
-    return (f"{runtime.cpu_model() or 'unknown CPU'}, {len(os.sched_getaffinity(0))} cores, vector ISA "
-            f"{runtime.cpu_isa()}{kernel}")
+    return (
+        f"{runtime.cpu_model() or 'unknown CPU'}, {len(os.sched_getaffinity(0))} cores, vector ISA "
+        f"{runtime.cpu_isa()}{kernel}"
+    )
 
 
 def peak_memory_mb() -> float:
@@ -203,22 +213,27 @@ def main():
     flops = static.flops_per_step
     product_flops = 3 * 2 * static.batch_size * static.hidden[-1] ** 2  # the three hidden products of a step
     paths = ["xla"] + (["kernel"] if jax.default_backend() == "cpu" and cpu_kernel.available() else [])
-    layouts = {p: planning.default_layout(inner_batch=args.inner_batch, chunk_size=max(args.runs), dense=p)
-               for p in paths}
+    layouts = {
+        p: planning.default_layout(inner_batch=args.inner_batch, chunk_size=max(args.runs), dense=p) for p in paths
+    }
     layout = layouts["xla"]
     trainers = {p: engine.Trainer(layouts[p]) for p in paths}
     peak = planning.matmul_rate(seconds=2.0, n=2048)
-    print(f"backend {jax.default_backend()}, {len(layout.devices)} device(s): {layout.devices[0].device_kind} "
-          f"({cpu_model()}); float32 matmul {peak / 1e9:,.1f} GFLOP/s (2048^2, XLA); model-step "
-          f"{flops / 1e6:.2f} MFLOP; {args.steps} steps per run; training matmuls in {args.precision}")
+    print(
+        f"backend {jax.default_backend()}, {len(layout.devices)} device(s): {layout.devices[0].device_kind} "
+        f"({cpu_model()}); float32 matmul {peak / 1e9:,.1f} GFLOP/s (2048^2, XLA); model-step "
+        f"{flops / 1e6:.2f} MFLOP; {args.steps} steps per run; training matmuls in {args.precision}"
+    )
 
     ceilings = {}
     for p in paths:
         ceilings[p] = product_ceiling(layouts[p], static)
-        print(f"{NAMES[p]:>15}: the step's three {static.hidden[-1]}x{static.hidden[-1]} products (batch "
-              f"{static.batch_size}) alone, {len(layout.devices)} device(s) x {layout.inner_batch} runs: "
-              f"{ceilings[p] * product_flops / 1e9:,.1f} GFLOP/s = ceiling {ceilings[p]:,.0f} model-steps/s",
-              flush=True)
+        print(
+            f"{NAMES[p]:>15}: the step's three {static.hidden[-1]}x{static.hidden[-1]} products (batch "
+            f"{static.batch_size}) alone, {len(layout.devices)} device(s) x {layout.inner_batch} runs: "
+            f"{ceilings[p] * product_flops / 1e9:,.1f} GFLOP/s = ceiling {ceilings[p]:,.0f} model-steps/s",
+            flush=True,
+        )
 
     single = train.train_single.lower(static, train.make_dynamic(task, n_data=100_000)).compile()
     single(train.make_dynamic(task, n_data=100_000, seed=99))  # warm-up
@@ -227,11 +242,15 @@ def main():
         jax.block_until_ready(single(train.make_dynamic(task, n_data=100_000, seed=s)))
     single_rate = args.single_runs * args.steps / (time.perf_counter() - t0)
     torch = torch_rate(args.torch_steps) if args.torch_steps else None
-    print(f"one run at a time (jitted single-run loop): {single_rate:,.0f} model-steps/s"
-          + (f"; PyTorch loop of the study: {torch:,.0f} model-steps/s" if torch else "; PyTorch not installed"))
+    print(
+        f"one run at a time (jitted single-run loop): {single_rate:,.0f} model-steps/s"
+        + (f"; PyTorch loop of the study: {torch:,.0f} model-steps/s" if torch else "; PyTorch not installed")
+    )
 
-    head = (f"{'runs':>6} {'path':>7} {'model-steps/s':>14} {'training only':>14} {'% ceiling':>10} {'x xla':>6} "
-            f"{'torch ens.':>11} {'x ens.':>7} {'x single':>9} {'compile s':>10} {'peak MB':>8}")
+    head = (
+        f"{'runs':>6} {'path':>7} {'model-steps/s':>14} {'training only':>14} {'% ceiling':>10} {'x xla':>6} "
+        f"{'torch ens.':>11} {'x ens.':>7} {'x single':>9} {'compile s':>10} {'peak MB':>8}"
+    )
     print(head)
     rows = []
     for r in args.runs:
@@ -256,23 +275,47 @@ def main():
             rate = r * args.steps / wall
             train_rate = r * (args.steps - 1) / max(wall - fixed, 1e-9)
             base = base or train_rate
-            row = {"runs": r, "path": p, "model_steps_per_s": rate, "train_steps_per_s": train_rate,
-                   "frac_ceiling": train_rate / ceilings[p], "vs_xla": train_rate / base,
-                   "torch_ensemble": ensemble, "vs_ensemble": train_rate / ensemble if ensemble else None,
-                   "vs_single": rate / single_rate, "vs_torch_loop": rate / torch if torch else None,
-                   "compile_s": compile_s[p], "peak_mb": peak_memory_mb(), "inner_batch": layout.inner_batch,
-                   "padded_runs": -(-r // trainers[p].per_call) * trainers[p].per_call,
-                   "devices": len(layout.devices), "backend": jax.default_backend(),
-                   "rounds": [r * args.steps / w for _, w in walls[p]]}
+            row = {
+                "runs": r,
+                "path": p,
+                "model_steps_per_s": rate,
+                "train_steps_per_s": train_rate,
+                "frac_ceiling": train_rate / ceilings[p],
+                "vs_xla": train_rate / base,
+                "torch_ensemble": ensemble,
+                "vs_ensemble": train_rate / ensemble if ensemble else None,
+                "vs_single": rate / single_rate,
+                "vs_torch_loop": rate / torch if torch else None,
+                "compile_s": compile_s[p],
+                "peak_mb": peak_memory_mb(),
+                "inner_batch": layout.inner_batch,
+                "padded_runs": -(-r // trainers[p].per_call) * trainers[p].per_call,
+                "devices": len(layout.devices),
+                "backend": jax.default_backend(),
+                "rounds": [r * args.steps / w for _, w in walls[p]],
+            }
             rows.append(row)
             ens = f"{ensemble:>11,.0f} {row['vs_ensemble']:>6.1f}x" if ensemble else f"{'-':>11} {'-':>7}"
-            print(f"{r:>6} {p:>7} {rate:>14,.0f} {train_rate:>14,.0f} {100 * row['frac_ceiling']:>9.0f}% "
-                  f"{row['vs_xla']:>5.2f}x {ens} {row['vs_single']:>8.1f}x {compile_s[p]:>10.1f} "
-                  f"{row['peak_mb']:>8.0f}", flush=True)
+            print(
+                f"{r:>6} {p:>7} {rate:>14,.0f} {train_rate:>14,.0f} {100 * row['frac_ceiling']:>9.0f}% "
+                f"{row['vs_xla']:>5.2f}x {ens} {row['vs_single']:>8.1f}x {compile_s[p]:>10.1f} "
+                f"{row['peak_mb']:>8.0f}",
+                flush=True,
+            )
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "matmul_flops": peak, "ceilings": ceilings,
-                                               "single_rate": single_rate, "torch_rate": torch, "rows": rows},
-                                              indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "cpu": cpu_model(),
+                    "matmul_flops": peak,
+                    "ceilings": ceilings,
+                    "single_rate": single_rate,
+                    "torch_rate": torch,
+                    "rows": rows,
+                },
+                indent=2,
+            )
+        )
 
 
 def compare_widths(args, rounds: int = 4):
@@ -299,8 +342,11 @@ def compare_widths(args, rounds: int = 4):
     for w in args.widths:
         v = sorted(rates[w])
         n_dev = len(trainers[w][0].layout.devices)
-        print(f"width {w:>5}: median {v[len(v) // 2]:,.0f} model-steps/s ({r} runs, {n_dev} device(s); "
-              f"rounds: {', '.join(f'{x:,.0f}' for x in rates[w])})", flush=True)
+        print(
+            f"width {w:>5}: median {v[len(v) // 2]:,.0f} model-steps/s ({r} runs, {n_dev} device(s); "
+            f"rounds: {', '.join(f'{x:,.0f}' for x in rates[w])})",
+            flush=True,
+        )
 
 
 def explore(args):
@@ -310,9 +356,25 @@ def explore(args):
     for devices in sorted({1, cores}):
         for inner in (8, 16, 32, 64, 128, r):
             env = {**os.environ, "CALIBJAX_CPU_DEVICES": str(devices)}  # the child's calibjax.setup() reads it
-            out = subprocess.run([sys.executable, __file__, "--runs", str(r), "--steps", str(args.steps),
-                                  "--inner-batch", str(inner), "--single-runs", "1", "--torch-steps", "0"],
-                                 env=env, capture_output=True, text=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--runs",
+                    str(r),
+                    "--steps",
+                    str(args.steps),
+                    "--inner-batch",
+                    str(inner),
+                    "--single-runs",
+                    "1",
+                    "--torch-steps",
+                    "0",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             row = [line for line in out.stdout.splitlines() if line.split()[:1] == [str(r)]]
             line = row[-1] if out.returncode == 0 and row else out.stderr[-300:]
             print(f"devices {devices} inner {inner:>5}: {line}", flush=True)

@@ -9,6 +9,7 @@ Prints model-steps/s (best of 3) for 64 runs of example 3 on one device: "train"
 checkpoints: the step loop) and "eval" (1000 steps, 7 checkpoints: evaluation weighs in). Uses only
 the API both 0.3.0 and later have. Alternate the trees: this machine drifts 20 % within minutes.
 """
+
 import json
 import time
 

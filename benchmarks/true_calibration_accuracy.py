@@ -20,8 +20,13 @@ from calibjax import metrics, tasks  # noqa: E402
 import truth_reference  # noqa: E402
 
 STUDY = {1: (0, 1, 3, 1), 2: (0, 2, 1, 1), 3: (0, 2, 3, 1)}
-MODELS = {"tilted b=0.8": (1.0, 0.8), "T=2": (0.5, 0.0), "T=0.5": (2.0, 0.0), "constant": (0.0, 0.4),
-          "exact": (1.0, 0.0)}
+MODELS = {
+    "tilted b=0.8": (1.0, 0.8),
+    "T=2": (0.5, 0.0),
+    "T=0.5": (2.0, 0.0),
+    "constant": (0.0, 0.4),
+    "exact": (1.0, 0.0),
+}
 
 
 def main(levels: int = 256) -> None:

@@ -11,8 +11,11 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="calibjax", description="Measure how well classifiers learn the exact "
-                                "Bayesian posterior, over sweeps of thousands of runs.")
+    p = argparse.ArgumentParser(
+        prog="calibjax",
+        description="Measure how well classifiers learn the exact "
+        "Bayesian posterior, over sweeps of thousands of runs.",
+    )
     from calibjax import __version__
 
     p.add_argument("--version", action="version", version=f"calibjax {__version__}")
@@ -20,34 +23,65 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train every unfinished run of a sweep file; write tables and figures")
     plan = sub.add_parser("plan", help="print runs, groups (compiles), chunks, memory and time; train nothing")
     for q in (run, plan):
-        q.add_argument("sweep", help="sweep file (TOML), e.g. sweeps/blog.toml, or the name of a shipped sweep "
-                       "(calibjax sweeps lists them)")
+        q.add_argument(
+            "sweep",
+            help="sweep file (TOML), e.g. sweeps/blog.toml, or the name of a shipped sweep "
+            "(calibjax sweeps lists them)",
+        )
         q.add_argument("--out", help="results directory (default results/<sweep name>)")
-        q.add_argument("--chunk-size", type=int, help="most runs per chunk, the unit written and resumed (default: "
-                       "by memory, at most 1024 on CPU, 16384 on GPU)")
-        q.add_argument("--inner-batch", type=int, help="runs vmapped together per device (default 8 on CPU, "
-                       "1024 on GPU); part of every run's numbers, so a results directory keeps one")
-        q.add_argument("--dense", choices=("auto", "kernel", "xla"), help="how the dense layers are "
-                       "computed: auto (default: calibjax's CPU kernel on CPU where it builds, else XLA), kernel, or "
-                       "xla (XLA's dot); also $CALIBJAX_DENSE; part of every run's numbers, so a results "
-                       "directory keeps one")
-        q.add_argument("--shard", help="K/N: only runs with run_id %% N == K, into DIR/shards/K-of-N "
-                       "(default from SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT when set)")
-        q.add_argument("--max-runs", type=int, default=None, help="refuse sweeps with more runs than this "
-                       "(default 10,000,000), before expanding them")
-        q.add_argument("--chunk-minutes", type=float, default=5.0, help="most work per chunk at a nominal rate "
-                       "(default 5): an interruption loses at most about this much")
-    run.add_argument("--overwrite", action="store_true",
-                     help="replace the results of another sweep (or of other numbers) in --out")
+        q.add_argument(
+            "--chunk-size",
+            type=int,
+            help="most runs per chunk, the unit written and resumed (default: "
+            "by memory, at most 1024 on CPU, 16384 on GPU)",
+        )
+        q.add_argument(
+            "--inner-batch",
+            type=int,
+            help="runs vmapped together per device (default 8 on CPU, "
+            "1024 on GPU); part of every run's numbers, so a results directory keeps one",
+        )
+        q.add_argument(
+            "--dense",
+            choices=("auto", "kernel", "xla"),
+            help="how the dense layers are "
+            "computed: auto (default: calibjax's CPU kernel on CPU where it builds, else XLA), kernel, or "
+            "xla (XLA's dot); also $CALIBJAX_DENSE; part of every run's numbers, so a results "
+            "directory keeps one",
+        )
+        q.add_argument(
+            "--shard",
+            help="K/N: only runs with run_id %% N == K, into DIR/shards/K-of-N "
+            "(default from SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT when set)",
+        )
+        q.add_argument(
+            "--max-runs",
+            type=int,
+            default=None,
+            help="refuse sweeps with more runs than this (default 10,000,000), before expanding them",
+        )
+        q.add_argument(
+            "--chunk-minutes",
+            type=float,
+            default=5.0,
+            help="most work per chunk at a nominal rate (default 5): an interruption loses at most about this much",
+        )
+    run.add_argument(
+        "--overwrite", action="store_true", help="replace the results of another sweep (or of other numbers) in --out"
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--no-figures", action="store_true", help="write tables only")
-    subm = sub.add_parser("submit", help="run a sweep on a SLURM cluster: a job array of shards and a merge job",
-                          description="Submits a job array (task K trains shard K of --tasks) and a merge job that "
-                          "runs after the array however it ended. Scripts and logs go to DIR/slurm/. Arguments "
-                          "after -- go to sbatch for both jobs (e.g. -- --account=lab --qos=long).")
+    subm = sub.add_parser(
+        "submit",
+        help="run a sweep on a SLURM cluster: a job array of shards and a merge job",
+        description="Submits a job array (task K trains shard K of --tasks) and a merge job that "
+        "runs after the array however it ended. Scripts and logs go to DIR/slurm/. Arguments "
+        "after -- go to sbatch for both jobs (e.g. -- --account=lab --qos=long).",
+    )
     subm.add_argument("sweep", help="sweep file (TOML)")
-    subm.add_argument("--tasks", type=int, required=True, help="array size = number of shards, fixed once per "
-                      "results directory")
+    subm.add_argument(
+        "--tasks", type=int, required=True, help="array size = number of shards, fixed once per results directory"
+    )
     subm.add_argument("--max-parallel", type=int, help="most array tasks running at once (sbatch --array=...%%P)")
     subm.add_argument("--cpus", type=int, default=2, help="CPUs per task (default 2); calibjax uses one device each")
     subm.add_argument("--mem", default="4G", help="memory per task (default 4G); calibjax plans chunks within it")
@@ -61,11 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     subm.add_argument("--inner-batch", type=int, help="passed to calibjax run")
     subm.add_argument("--dense", choices=("auto", "kernel", "xla"), help="passed to calibjax run")
     subm.add_argument("--max-runs", type=int, default=None, help="refuse sweeps with more runs than this")
-    stat = sub.add_parser("status", help="runs done and missing per shard and group; the command that trains "
-                          "what is missing")
+    stat = sub.add_parser(
+        "status", help="runs done and missing per shard and group; the command that trains what is missing"
+    )
     stat.add_argument("dir", help="results directory")
-    rep = sub.add_parser("report", help="write DIR/report.html: one self-contained page with the sweep, run facts, "
-                         "summary table and every figure (run and merge write it too)")
+    rep = sub.add_parser(
+        "report",
+        help="write DIR/report.html: one self-contained page with the sweep, run facts, "
+        "summary table and every figure (run and merge write it too)",
+    )
     rep.add_argument("dir", help="results directory")
     sub.add_parser("sweeps", help="list the sweep files shipped with calibjax (copy one with calibjax init NAME)")
     init = sub.add_parser("init", help="copy a shipped sweep file (calibjax sweeps lists them) here, to edit and run")
@@ -76,24 +114,45 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--no-figures", action="store_true", help="write tables only")
     summ = sub.add_parser("summarize", help="write summary.parquet (per run) and summary_by_setting.parquet")
     summ.add_argument("dir", help="results directory")
-    summ.add_argument("--eps", type=float, nargs="+", default=[1e-2, 1e-3],
-                      help="kl thresholds (nats) for steps_to_kl_<eps> and sustained_kl_<eps> (default 0.01 0.001)")
-    summ.add_argument("--rel-eps", type=float, nargs="+", default=[0.1, 0.01],
-                      help="kl_rel thresholds (share of I(C;X) still missing) for steps_to_kl_rel_<eps> and "
-                      "sustained_kl_rel_<eps> (default 0.1 0.01)")
-    plot = sub.add_parser("plot", help="draw figures from a results directory's tables (no training)",
-                          description="kinds: standard (the default set), heatmap (--x --y --value "
-                          "[--facet]), density (error by density bin x steps), reliability (--step)")
+    summ.add_argument(
+        "--eps",
+        type=float,
+        nargs="+",
+        default=[1e-2, 1e-3],
+        help="kl thresholds (nats) for steps_to_kl_<eps> and sustained_kl_<eps> (default 0.01 0.001)",
+    )
+    summ.add_argument(
+        "--rel-eps",
+        type=float,
+        nargs="+",
+        default=[0.1, 0.01],
+        help="kl_rel thresholds (share of I(C;X) still missing) for steps_to_kl_rel_<eps> and "
+        "sustained_kl_rel_<eps> (default 0.1 0.01)",
+    )
+    plot = sub.add_parser(
+        "plot",
+        help="draw figures from a results directory's tables (no training)",
+        description="kinds: standard (the default set), heatmap (--x --y --value "
+        "[--facet]), density (error by density bin x steps), reliability (--step)",
+    )
     plot.add_argument("dir", help="results directory")
     plot.add_argument("kind", nargs="?", default="standard", choices=["standard", "heatmap", "density", "reliability"])
     plot.add_argument("--x", help="heatmap: swept setting on the x axis (a runs.parquet column)")
     plot.add_argument("--y", help="heatmap: swept setting on the y axis")
-    plot.add_argument("--value", help="heatmap: a summary, e.g. steps_to_kl_rel_0.1, sustained_kl_0.01, final_kl, "
-                      "kl_auc; density: max_err, kl_mean or kl_contribution")
+    plot.add_argument(
+        "--value",
+        help="heatmap: a summary, e.g. steps_to_kl_rel_0.1, sustained_kl_0.01, final_kl, "
+        "kl_auc; density: max_err, kl_mean or kl_contribution",
+    )
     plot.add_argument("--facet", help="heatmap: one panel per value of this setting")
-    plot.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
-                      help="density, reliability: runs with this setting (repeatable; a number picks the nearest "
-                      "existing value within half the axis spacing); seeds are pooled")
+    plot.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="density, reliability: runs with this setting (repeatable; a number picks the nearest "
+        "existing value within half the axis spacing); seeds are pooled",
+    )
     plot.add_argument("--run-id", type=int, help="density, reliability: one run")
     plot.add_argument("--step", type=int, help="reliability: checkpoint (default: the last)")
     plot.add_argument("--output", help="file to write (default DIR/figures/<kind>_....png)")
@@ -126,9 +185,11 @@ def _on_signal(signum, frame):
 def _quiet_unraisable(hook):
     """Python prints an exception raised where it cannot propagate (a gc callback of JAX's, say) and
     goes on; for our own Interrupted that print is noise: the flag in _received still stops us."""
+
     def unraisable(u):
         if not isinstance(u.exc_value, Interrupted):
             hook(u)
+
     return unraisable
 
 
@@ -146,11 +207,17 @@ def main(argv: list[str] | None = None) -> int:
         signum = _received[0] if _received else signal.SIGINT
         name, code = SIGNALS.get(signum)
         if signum == signal.SIGUSR1 and _running:
-            print(f"calibjax: time limit near ({name}); the chunk in flight is abandoned, finished chunks are "
-                  f"kept: {_progress()}; {_requeue()}", file=sys.stderr)
+            print(
+                f"calibjax: time limit near ({name}); the chunk in flight is abandoned, finished chunks are "
+                f"kept: {_progress()}; {_requeue()}",
+                file=sys.stderr,
+            )
         else:
-            print(f"calibjax: interrupted by {name}; finished chunks are kept: {_progress()}; run the same "
-                  "command again to resume", file=sys.stderr)
+            print(
+                f"calibjax: interrupted by {name}; finished chunks are kept: {_progress()}; run the same "
+                "command again to resume",
+                file=sys.stderr,
+            )
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)  # at once: a chunk abandoned in its worker thread must not hold the exit
@@ -166,8 +233,10 @@ def _progress() -> str:
     from calibjax import results
 
     sw, out, report = _running
-    return (f"{report.trained} runs trained by this process, {len(results.finished_run_ids(out, sw))} of "
-            f"{len(sw.runs)} done in {out}")
+    return (
+        f"{report.trained} runs trained by this process, {len(results.finished_run_ids(out, sw))} of "
+        f"{len(sw.runs)} done in {out}"
+    )
 
 
 def _requeue() -> str:
@@ -177,8 +246,10 @@ def _requeue() -> str:
     from calibjax import cluster
 
     if not _running[2].trained and os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
-        return ("not requeued: no chunk finished in this attempt, so another would not get further; resubmit with "
-                "a longer --time or a smaller --chunk-minutes (calibjax status prints the command)")
+        return (
+            "not requeued: no chunk finished in this attempt, so another would not get further; resubmit with "
+            "a longer --time or a smaller --chunk-minutes (calibjax status prints the command)"
+        )
     return cluster.requeue_self()
 
 
@@ -189,12 +260,14 @@ def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv[:cut])
     if cut < len(argv) and args.command != "submit":
         return fail("arguments after -- are for sbatch, and only calibjax submit takes them")
-    args.sbatch_args = argv[cut + 1:]
+    args.sbatch_args = argv[cut + 1 :]
     for name in ("chunk_size", "inner_batch", "max_runs", "chunk_minutes"):
         v = getattr(args, name, None)
         if v is not None and (v <= 0 if name == "chunk_minutes" else v < 1):
-            return fail(f"--{name.replace('_', '-')}: expected a positive "
-                        f"{'number' if name == 'chunk_minutes' else 'integer'}, got {v}")
+            return fail(
+                f"--{name.replace('_', '-')}: expected a positive "
+                f"{'number' if name == 'chunk_minutes' else 'integer'}, got {v}"
+            )
     from calibjax import cluster, runtime, store, sweep
 
     try:
@@ -221,14 +294,27 @@ def _main(argv: list[str] | None = None) -> int:
         shard, first = cluster.resolve_shard(args.shard, store.read_manifest(out), out) or (None, 0)
         from calibjax import engine, planning
 
-        layout = planning.default_layout(args.chunk_size, args.inner_batch, max_chunk_s=60 * args.chunk_minutes,
-                                         dense=planning.dense_choice(args.dense, store.read_manifest(out)))
+        layout = planning.default_layout(
+            args.chunk_size,
+            args.inner_batch,
+            max_chunk_s=60 * args.chunk_minutes,
+            dense=planning.dense_choice(args.dense, store.read_manifest(out)),
+        )
         if args.command == "plan":
             return print_plan(sw, out, layout, shard)
         report = engine.Report()
         _running = (sw, out, report)
-        engine.run_sweep(sw, out, layout=layout, shard=shard, shard_first=first, overwrite=args.overwrite,
-                         quiet=args.quiet, stop=lambda: bool(_received), report=report)
+        engine.run_sweep(
+            sw,
+            out,
+            layout=layout,
+            shard=shard,
+            shard_first=first,
+            overwrite=args.overwrite,
+            quiet=args.quiet,
+            stop=lambda: bool(_received),
+            report=report,
+        )
         if report.complete:
             finish(out, figures=not args.no_figures)
     except (sweep.SweepError, UsageError, runtime.SetupError, store.CorruptResults, cluster.ClusterError) as e:
@@ -239,12 +325,17 @@ def _main(argv: list[str] | None = None) -> int:
     if not report.chunks:
         print(f"{sw.name}: results in {where}")
         return 0
-    print(f"{sw.name}: {report.trained} runs trained ({report.runs} in the sweep) in {report.wall_s:.1f} s; "
-          f"{report.steps_per_s:,.0f} model-steps/s; {report.compiles} compiles, {report.compile_s:.1f} s "
-          f"compiling; results in {where}")
+    print(
+        f"{sw.name}: {report.trained} runs trained ({report.runs} in the sweep) in {report.wall_s:.1f} s; "
+        f"{report.steps_per_s:,.0f} model-steps/s; {report.compiles} compiles, {report.compile_s:.1f} s "
+        f"compiling; results in {where}"
+    )
     if report.failed:
-        return fail(f"{len(report.failed)} chunk(s) failed: {', '.join(report.failed)}; "
-                    "run the same command again to retry them", code=1)
+        return fail(
+            f"{len(report.failed)} chunk(s) failed: {', '.join(report.failed)}; "
+            "run the same command again to retry them",
+            code=1,
+        )
     if shard:
         print(f"when every shard has finished: calibjax merge {out}")
     return 0
@@ -272,8 +363,11 @@ def merge(args) -> int:
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
         print(cluster.format_status(cluster.status(Path(args.dir))))
-        return fail(f"{args.dir}: {len(missing)} run(s) missing: run_id {shown}; "
-                    "train them (the command above), then merge again", code=1)
+        return fail(
+            f"{args.dir}: {len(missing)} run(s) missing: run_id {shown}; "
+            "train them (the command above), then merge again",
+            code=1,
+        )
     print(f"{args.dir}: merged; every run present")
     return 0
 
@@ -292,8 +386,11 @@ def sweep_file(text: str) -> str:
     files = shipped_files()
     name = text if text.endswith(".toml") else f"{text}.toml"
     if "/" not in text and name in files:
-        print(f"calibjax: {text}: not a file here; using the shipped sweep {name} (calibjax init "
-              f"{name[:-5]} copies it to edit)", file=sys.stderr)
+        print(
+            f"calibjax: {text}: not a file here; using the shipped sweep {name} (calibjax init "
+            f"{name[:-5]} copies it to edit)",
+            file=sys.stderr,
+        )
         return str(files[name])
     return text  # sweep.load says it cannot be read
 
@@ -309,14 +406,17 @@ def shipped(args) -> int:
             doc = tomllib.loads(text)
             sw = sweep.parse(doc, name, text)
             about = doc.get("description") or next(
-                (line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")), "")
+                (line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")), ""
+            )
             print(f"{name[:-5]:<20} {len(sw.runs):>7,} runs  {about}")
         print("copy one to edit: calibjax init NAME; run it: calibjax run NAME.toml")
         return 0
     name = args.name if args.name in files else f"{args.name}.toml"
     if name not in files:
-        raise UsageError(f"init {args.name}: no such shipped sweep; shipped: "
-                         f"{', '.join(sorted(n.removesuffix('.toml') for n in files))}")
+        raise UsageError(
+            f"init {args.name}: no such shipped sweep; shipped: "
+            f"{', '.join(sorted(n.removesuffix('.toml') for n in files))}"
+        )
     target = Path(args.to) / name
     if target.exists():
         raise UsageError(f"{target}: exists already; calibjax init never overwrites a file (use --to DIR)")
@@ -343,16 +443,28 @@ def submit(args) -> int:
     for flag in ("chunk_size", "inner_batch", "dense"):
         if getattr(args, flag) is not None:
             run_args += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    sub = cluster.Submission(sweep=args.sweep, out=out, tasks=args.tasks, max_parallel=args.max_parallel,
-                             cpus=args.cpus, mem=args.mem, time=args.time, gres=args.gres, partition=args.partition,
-                             run_args=tuple(run_args), sbatch_args=tuple(args.sbatch_args),
-                             only=cluster.parse_only(args.only, args.tasks) if args.only else ())
+    sub = cluster.Submission(
+        sweep=args.sweep,
+        out=out,
+        tasks=args.tasks,
+        max_parallel=args.max_parallel,
+        cpus=args.cpus,
+        mem=args.mem,
+        time=args.time,
+        gres=args.gres,
+        partition=args.partition,
+        run_args=tuple(run_args),
+        sbatch_args=tuple(args.sbatch_args),
+        only=cluster.parse_only(args.only, args.tasks) if args.only else (),
+    )
     cluster.parse_minutes(sub.time)  # a bad --time is refused before anything is written
     record = cluster.submit(sub, sw, dry_run=args.dry_run)
     if record:
-        print(f"{sw.name}: submitted array job {record['array_job']} ({len(record['shards'])} task(s) of "
-              f"{args.tasks} shards, {len(sw.runs)} runs) and merge job {record['merge_job']} (runs after the array, "
-              f"however it ends); logs in {out}/slurm/")
+        print(
+            f"{sw.name}: submitted array job {record['array_job']} ({len(record['shards'])} task(s) of "
+            f"{args.tasks} shards, {len(sw.runs)} runs) and merge job {record['merge_job']} (runs after the array, "
+            f"however it ends); logs in {out}/slurm/"
+        )
         print(f"progress: calibjax status {out}")
     return 0
 
@@ -403,12 +515,20 @@ def plot_one(args, out: Path) -> Path:
             raise plots.PlotError(f"--where {item!r}: expected KEY=VALUE")
         where[key] = value
     ids = plots.select_runs(runs, where, args.run_id)
-    label = f"run {args.run_id}" if args.run_id is not None else (
-        ", ".join(f"{k}={v}" for k, v in where.items()) or "all runs")
+    label = (
+        f"run {args.run_id}"
+        if args.run_id is not None
+        else (", ".join(f"{k}={v}" for k, v in where.items()) or "all runs")
+    )
     if args.run_id is not None:  # name the run by its settings
         row = runs.loc[runs["run_id"] == args.run_id].iloc[0]
-        label += " (" + ", ".join(f"{c}={plots.fmt(row[c])}" for c in ["case", *summaries.swept_columns(runs), "seed"]
-                                  if c in row) + ")"
+        label += (
+            " ("
+            + ", ".join(
+                f"{c}={plots.fmt(row[c])}" for c in ["case", *summaries.swept_columns(runs), "seed"] if c in row
+            )
+            + ")"
+        )
     elif pooled := plots.pooled_axes(runs, ids):
         label += f"; {pooled}"
     tag = "_".join(f"{k}-{v}" for k, v in where.items()) or (f"run{args.run_id}" if args.run_id is not None else "all")
@@ -426,18 +546,27 @@ def print_plan(sw, out: Path, layout, shard) -> int:
     manifest, done = store.read_manifest(out), set()
     if manifest is not None:
         try:  # what run would do: reuse these results only if run would accept them
-            results.check_same_numbers(manifest, out, sw.name, layout.identity,
-                                       "run would refuse them; with --overwrite it would train every run")
+            results.check_same_numbers(
+                manifest,
+                out,
+                sw.name,
+                layout.identity,
+                "run would refuse them; with --overwrite it would train every run",
+            )
             done = results.finished_run_ids(out, sw)
         except results.ResultsExist as e:
             print(f"note: {e}")
     table = planning.plan(sw, layout, shard, done)
-    print(f"{sw.name}: {len(sw.runs)} runs, {len(sw.block_groups[0])} groups (one compile each); "
-          f"{len(done)} already finished in {out}; {len(layout.devices)} {layout.backend} device(s)")
+    print(
+        f"{sw.name}: {len(sw.runs)} runs, {len(sw.block_groups[0])} groups (one compile each); "
+        f"{len(done)} already finished in {out}; {len(layout.devices)} {layout.backend} device(s)"
+    )
     if len(table):
         print(table.to_string(index=False, float_format=lambda v: f"{v:,.1f}"))
-        print(f"total: {table['runs'].sum()} runs to train in {table['chunks'].sum()} chunks, "
-              f"about {table['est_seconds'].sum() / 60:,.1f} min (rough: from a measured matmul rate)")
+        print(
+            f"total: {table['runs'].sum()} runs to train in {table['chunks'].sum()} chunks, "
+            f"about {table['est_seconds'].sum() / 60:,.1f} min (rough: from a measured matmul rate)"
+        )
     return 0
 
 

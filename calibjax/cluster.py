@@ -34,14 +34,17 @@ class ClusterError(ValueError):
     """A bad submit or shard setting, or a SLURM command that failed (the message says which)."""
 
 
-NO_SBATCH = ("sbatch not found: calibjax submit needs SLURM's client commands on this machine "
-             "(--dry-run prints the scripts without them)")
+NO_SBATCH = (
+    "sbatch not found: calibjax submit needs SLURM's client commands on this machine "
+    "(--dry-run prints the scripts without them)"
+)
 SUBMISSIONS = "submissions.json"  # DIR/slurm/: what calibjax submit did, for status and resubmission
-WARN_S = 90              # the early-warning signal (SIGUSR1) comes this long before the time limit...
-MIN_WARN_S = 10          # ...or a quarter of the limit, at least this, for short limits
+WARN_S = 90  # the early-warning signal (SIGUSR1) comes this long before the time limit...
+MIN_WARN_S = 10  # ...or a quarter of the limit, at least this, for short limits
 
 
 # ---------------------------------------------------------------- shards
+
 
 def _env_int(env, name: str, default: int | None = None) -> int | None:
     raw = env.get(name)
@@ -53,8 +56,9 @@ def _env_int(env, name: str, default: int | None = None) -> int | None:
         raise ClusterError(f"{name}: expected an integer, got {raw!r}") from None
 
 
-def resolve_shard(text: str | None, manifest: dict | None, out: Path,
-                  env=os.environ) -> tuple[tuple[int, int], int] | None:
+def resolve_shard(
+    text: str | None, manifest: dict | None, out: Path, env=os.environ
+) -> tuple[tuple[int, int], int] | None:
     """The shard this process trains, as ((K, N), first array task id), or None for every run.
 
     ``--shard K/N`` if given; else, inside a SLURM job array, the task id against the shard count
@@ -83,18 +87,23 @@ def resolve_shard(text: str | None, manifest: dict | None, out: Path,
         first = _env_int(env, "SLURM_ARRAY_TASK_MIN", 0)
         last = _env_int(env, "SLURM_ARRAY_TASK_MAX", first + count - 1)
         if last - first + 1 != count:
-            raise ClusterError(f"{out}: no shard count stored yet, and this array ({count} task ids from {first} to "
-                               f"{last}) is not one range, so it cannot define one: submit the whole range first "
-                               "(sbatch --array=0-N), or use calibjax submit")
+            raise ClusterError(
+                f"{out}: no shard count stored yet, and this array ({count} task ids from {first} to "
+                f"{last}) is not one range, so it cannot define one: submit the whole range first "
+                "(sbatch --array=0-N), or use calibjax submit"
+            )
         stored = count
     k = task - first
     if not 0 <= k < stored:
-        raise ClusterError(f"{out}: array task id {task} is not a shard of this directory's {stored} "
-                           f"(task ids {first}-{first + stored - 1}, manifest.json)")
+        raise ClusterError(
+            f"{out}: array task id {task} is not a shard of this directory's {stored} "
+            f"(task ids {first}-{first + stored - 1}, manifest.json)"
+        )
     return (k, stored), first
 
 
 # ---------------------------------------------------------------- submit
+
 
 def parse_minutes(text: str) -> float:
     """SLURM's --time formats (minutes, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in minutes."""
@@ -113,7 +122,7 @@ def parse_minutes(text: str) -> float:
 
 @dataclass
 class Submission:
-    sweep: str                  # the sweep file as the user named it
+    sweep: str  # the sweep file as the user named it
     out: str
     tasks: int
     max_parallel: int | None = None
@@ -122,9 +131,9 @@ class Submission:
     time: str = "04:00:00"
     gres: str | None = None
     partition: str | None = None
-    run_args: tuple = ()        # calibjax run options passed on (--chunk-size, --inner-batch, ...)
-    sbatch_args: tuple = ()     # after "--": given to sbatch for both jobs
-    only: tuple = ()            # shards to submit (default all)
+    run_args: tuple = ()  # calibjax run options passed on (--chunk-size, --inner-batch, ...)
+    sbatch_args: tuple = ()  # after "--": given to sbatch for both jobs
+    only: tuple = ()  # shards to submit (default all)
 
     @property
     def minutes(self) -> float:
@@ -149,8 +158,14 @@ class Submission:
         words = ["calibjax", "submit", self.sweep, "--out", self.out, "--tasks", str(self.tasks)]
         if only:
             words += ["--only", ",".join(_ranges(sorted(only)))]
-        for flag, value in (("--max-parallel", self.max_parallel), ("--cpus", self.cpus), ("--mem", self.mem),
-                            ("--time", self.time), ("--gres", self.gres), ("--partition", self.partition)):
+        for flag, value in (
+            ("--max-parallel", self.max_parallel),
+            ("--cpus", self.cpus),
+            ("--mem", self.mem),
+            ("--time", self.time),
+            ("--gres", self.gres),
+            ("--partition", self.partition),
+        ):
             if value is not None:
                 words += [flag, str(value)]
         words += list(self.run_args)
@@ -195,33 +210,51 @@ def scripts(sub: Submission, sweep_copy: Path, name: str) -> tuple[str, str]:
     common = [f"#SBATCH --mem={sub.mem}", f"#SBATCH --time={sub.time}", "#SBATCH --open-mode=append"]
     if sub.partition:
         common.append(f"#SBATCH --partition={sub.partition}")
-    run = [sys.executable, "-m", "calibjax", "run", str(sweep_copy), "--out", str(out), "--quiet",
-           "--chunk-minutes", str(sub.chunk_minutes), *sub.run_args]
-    array = "\n".join([
-        "#!/bin/bash",
-        f"# Written by calibjax submit for {sub.sweep}: task K of this array trains shard K of {sub.tasks}.",
-        f"# What is done and how to resubmit what is missing: calibjax status {shlex.quote(str(out))}",
-        f"#SBATCH --job-name={name}",
-        f"#SBATCH --output={logs}/%x-%A_%a.out",
-        f"#SBATCH --cpus-per-task={sub.cpus}",
-        *common,
-        *([f"#SBATCH --gres={sub.gres}"] if sub.gres else []),
-        "#SBATCH --requeue",
-        f"#SBATCH --signal=B:USR1@{sub.warn_s}",
-        'echo "calibjax: array task ${SLURM_ARRAY_TASK_ID}, job ${SLURM_JOB_ID},'
-        ' attempt $((${SLURM_RESTART_COUNT:-0} + 1)), on $(hostname) at $(date -Is)"',
-        "exec " + shlex.join(run),
-        ""])
-    merge = "\n".join([
-        "#!/bin/bash",
-        f"# Written by calibjax submit for {sub.sweep}: joins the shards once the array has ended, however it ended.",
-        f"#SBATCH --job-name={name}-merge",
-        f"#SBATCH --output={logs}/%x-%j.out",
-        "#SBATCH --cpus-per-task=1",
-        *common,
-        'echo "calibjax: merge, job ${SLURM_JOB_ID}, on $(hostname) at $(date -Is)"',
-        "exec " + shlex.join([sys.executable, "-m", "calibjax", "merge", str(out)]),
-        ""])
+    run = [
+        sys.executable,
+        "-m",
+        "calibjax",
+        "run",
+        str(sweep_copy),
+        "--out",
+        str(out),
+        "--quiet",
+        "--chunk-minutes",
+        str(sub.chunk_minutes),
+        *sub.run_args,
+    ]
+    array = "\n".join(
+        [
+            "#!/bin/bash",
+            f"# Written by calibjax submit for {sub.sweep}: task K of this array trains shard K of {sub.tasks}.",
+            f"# What is done and how to resubmit what is missing: calibjax status {shlex.quote(str(out))}",
+            f"#SBATCH --job-name={name}",
+            f"#SBATCH --output={logs}/%x-%A_%a.out",
+            f"#SBATCH --cpus-per-task={sub.cpus}",
+            *common,
+            *([f"#SBATCH --gres={sub.gres}"] if sub.gres else []),
+            "#SBATCH --requeue",
+            f"#SBATCH --signal=B:USR1@{sub.warn_s}",
+            'echo "calibjax: array task ${SLURM_ARRAY_TASK_ID}, job ${SLURM_JOB_ID},'
+            ' attempt $((${SLURM_RESTART_COUNT:-0} + 1)), on $(hostname) at $(date -Is)"',
+            "exec " + shlex.join(run),
+            "",
+        ]
+    )
+    merge = "\n".join(
+        [
+            "#!/bin/bash",
+            f"# Written by calibjax submit for {sub.sweep}: joins the shards once the array has ended, "
+            "however it ended.",
+            f"#SBATCH --job-name={name}-merge",
+            f"#SBATCH --output={logs}/%x-%j.out",
+            "#SBATCH --cpus-per-task=1",
+            *common,
+            'echo "calibjax: merge, job ${SLURM_JOB_ID}, on $(hostname) at $(date -Is)"',
+            "exec " + shlex.join([sys.executable, "-m", "calibjax", "merge", str(out)]),
+            "",
+        ]
+    )
     return array, merge
 
 
@@ -244,28 +277,36 @@ def submit(sub: Submission, sw: sweep_mod.Sweep, dry_run: bool = False, echo=pri
     out = Path(sub.out)
     manifest = store.read_manifest(out)
     if manifest is None and results.foreign(out):
-        raise ClusterError(f"{out}: exists and is not a calibjax results directory (no manifest.json); "
-                           "choose another --out")
+        raise ClusterError(
+            f"{out}: exists and is not a calibjax results directory (no manifest.json); choose another --out"
+        )
     if manifest is not None:
         if manifest.get("sweep_name") != sw.name:
-            raise ClusterError(f"{out}: holds results of a different sweep ({manifest.get('sweep_name')!r}, not "
-                               f"{sw.name!r}); use --out for a new directory")
-        results.check_shard_count(manifest, out, sub.tasks,
-                                  hint=f"submit with --tasks {manifest.get('shards')} (--only picks shards)")
+            raise ClusterError(
+                f"{out}: holds results of a different sweep ({manifest.get('sweep_name')!r}, not "
+                f"{sw.name!r}); use --out for a new directory"
+            )
+        results.check_shard_count(
+            manifest, out, sub.tasks, hint=f"submit with --tasks {manifest.get('shards')} (--only picks shards)"
+        )
     logs = out / "slurm"
     sweep_copy = logs / f"{sw.name}-{sw.sha256[:12]}.toml"  # tasks read this copy: editing the file changes nothing
     array, merge = scripts(sub, sweep_copy, sw.name)
     array_args = ["--array", sub.array_spec(), *sub.sbatch_args]
     if dry_run:
         echo(f"# {logs}/array.sh, submitted as: sbatch --parsable {shlex.join(array_args)} {logs}/array.sh\n{array}")
-        echo(f"# {logs}/merge.sh, submitted as: sbatch --parsable --dependency afterany:<array job id> "
-             f"{shlex.join(list(sub.sbatch_args))} {logs}/merge.sh\n{merge}")
+        echo(
+            f"# {logs}/merge.sh, submitted as: sbatch --parsable --dependency afterany:<array job id> "
+            f"{shlex.join(list(sub.sbatch_args))} {logs}/merge.sh\n{merge}"
+        )
         return {}
     if shutil.which("sbatch") is None:
         raise ClusterError(NO_SBATCH)
     if manifest is None:
-        store.write_json(out / "manifest.json", {**results.sweep_manifest(sw), **results.PENDING, "complete": False,
-                                                 "shards": sub.tasks, "shard_first": 0})
+        store.write_json(
+            out / "manifest.json",
+            {**results.sweep_manifest(sw), **results.PENDING, "complete": False, "shards": sub.tasks, "shard_first": 0},
+        )
     elif "shards" not in manifest:
         store.write_json(out / "manifest.json", {**manifest, "shards": sub.tasks, "shard_first": 0})
     store.write_atomic(sweep_copy, lambda tmp: Path(tmp).write_text(sw.text))
@@ -273,8 +314,13 @@ def submit(sub: Submission, sw: sweep_mod.Sweep, dry_run: bool = False, echo=pri
         store.write_atomic(logs / name, lambda tmp, text=text: Path(tmp).write_text(text))
     array_id = _sbatch([*array_args, str(logs / "array.sh")])
     merge_id = _sbatch(["--dependency", f"afterany:{array_id}", *sub.sbatch_args, str(logs / "merge.sh")])
-    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "array_job": array_id, "merge_job": merge_id,
-              "shards": list(sub.only or range(sub.tasks)), "submission": asdict(sub)}
+    record = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "array_job": array_id,
+        "merge_job": merge_id,
+        "shards": list(sub.only or range(sub.tasks)),
+        "submission": asdict(sub),
+    }
     history = submissions(out)
     store.write_json(logs / SUBMISSIONS, [*history, record])
     return record
@@ -290,14 +336,16 @@ def submissions(out: Path) -> list[dict]:
 
 # ---------------------------------------------------------------- status
 
+
 def queued_tasks(job_ids) -> dict[str, str] | None:
     """{"<array job>_<task>": state} for tasks SLURM still knows (pending, running, requeued...), from
     squeue; None where squeue is not available."""
     if not job_ids or shutil.which("squeue") is None:
         return None
     try:
-        r = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%i %T"],
-                           capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            ["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%i %T"], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if r.returncode != 0:
@@ -311,11 +359,11 @@ class Status:
     out: Path
     shards: int | None
     first: int
-    table: pd.DataFrame      # pandas DataFrame, one row per shard (or one for an unsharded directory)
-    groups: pd.DataFrame     # per group: runs, done, missing
-    writers: list[str]       # live chunk locks: "shards/2-of-4 g000-...: host-pid, 3 s ago"
+    table: pd.DataFrame  # pandas DataFrame, one row per shard (or one for an unsharded directory)
+    groups: pd.DataFrame  # per group: runs, done, missing
+    writers: list[str]  # live chunk locks: "shards/2-of-4 g000-...: host-pid, 3 s ago"
     failed: list[str]
-    resubmit: list[str]      # commands that train what is missing
+    resubmit: list[str]  # commands that train what is missing
     queued: dict | None
 
     @property
@@ -351,8 +399,9 @@ def status(out: Path) -> Status:
     parts = [(k, out / "shards" / f"{k}-of-{shards}") for k in range(shards)] if shards else [(0, out)]
     for k, part in parts:
         for chunk_id, holder, age in store.live_locks(part):
-            writers.append(f"{part.relative_to(out) if part != out else '.'} {chunk_id}: {holder}, "
-                           f"heartbeat {age:.0f} s ago")
+            writers.append(
+                f"{part.relative_to(out) if part != out else '.'} {chunk_id}: {holder}, heartbeat {age:.0f} s ago"
+            )
             busy.add(k)
         m = manifest if part == out else store.read_manifest(part)
         failed += [f"{part.name}/{c}" for c in (m or {}).get("failed_chunks", [])]
@@ -369,14 +418,23 @@ def status(out: Path) -> Status:
     if shards and todo:
         if history:
             saved = history[-1]["submission"]
-            sub = Submission(**{**saved, "run_args": tuple(saved["run_args"]),
-                                "sbatch_args": tuple(saved["sbatch_args"]), "only": ()})
+            sub = Submission(
+                **{
+                    **saved,
+                    "run_args": tuple(saved["run_args"]),
+                    "sbatch_args": tuple(saved["sbatch_args"]),
+                    "only": (),
+                }
+            )
             resubmit.append(sub.command(only=todo))
         else:
-            resubmit.append(f"sbatch --array={','.join(_ranges([first + k for k in todo]))} "
-                            f"sweeps/slurm_array.sh {shlex.quote(sw.path)} --out {shlex.quote(str(out))}")
-            resubmit += [f"calibjax run {shlex.quote(sw.path)} --out {shlex.quote(str(out))} --shard {k}/{shards}"
-                         for k in todo]
+            resubmit.append(
+                f"sbatch --array={','.join(_ranges([first + k for k in todo]))} "
+                f"sweeps/slurm_array.sh {shlex.quote(sw.path)} --out {shlex.quote(str(out))}"
+            )
+            resubmit += [
+                f"calibjax run {shlex.quote(sw.path)} --out {shlex.quote(str(out))} --shard {k}/{shards}" for k in todo
+            ]
     elif not shards and not done.all() and not busy:
         resubmit.append(f"calibjax run {shlex.quote(sw.path)} --out {shlex.quote(str(out))}")
     return Status(sw, out, shards, first, table, groups.reset_index(), writers, failed, resubmit, queued)
@@ -384,8 +442,10 @@ def status(out: Path) -> Status:
 
 def format_status(st: Status) -> str:
     n, done = int(st.table["runs"].sum()), int(st.table["done"].sum())
-    lines = [f"{st.sweep.name}: {done} of {n} runs done, {n - done} missing"
-             + (f"; {st.shards} shards (array task ids {st.first}-{st.first + st.shards - 1})" if st.shards else "")]
+    lines = [
+        f"{st.sweep.name}: {done} of {n} runs done, {n - done} missing"
+        + (f"; {st.shards} shards (array task ids {st.first}-{st.first + st.shards - 1})" if st.shards else "")
+    ]
     if st.shards:
         lines.append(st.table.to_string(index=False))
     if len(st.groups) > 1 and n - done:
@@ -408,6 +468,7 @@ def format_status(st: Status) -> str:
 
 # ---------------------------------------------------------------- inside a job
 
+
 def requeue_self(env=os.environ) -> str:
     """Ask SLURM to requeue this job (the early-warning signal came and finished work was kept).
     Returns a line for the log."""
@@ -419,6 +480,8 @@ def requeue_self(env=os.environ) -> str:
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"scontrol requeue {job} failed ({e}); resubmit with the command calibjax status prints"
     if r.returncode != 0:
-        return f"scontrol requeue {job} failed ({(r.stderr or r.stdout).strip()}); resubmit with the command " \
-               "calibjax status prints"
+        return (
+            f"scontrol requeue {job} failed ({(r.stderr or r.stdout).strip()}); resubmit with the command "
+            "calibjax status prints"
+        )
     return f"requeued job {job}: it resumes from the finished chunks"

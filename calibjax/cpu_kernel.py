@@ -93,8 +93,16 @@ def library_path(cxx: str, variant: str = "avx2") -> Path:
     """Where the build for this source, variant (its flags), jaxlib and compiler lives."""
     import jaxlib
 
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(VARIANTS[variant]).encode(),
-                                     jaxlib.__version__.encode(), _compiler_version(cxx).encode()])).hexdigest()[:16]
+    key = hashlib.sha256(
+        b"\0".join(
+            [
+                SOURCE.read_bytes(),
+                " ".join(VARIANTS[variant]).encode(),
+                jaxlib.__version__.encode(),
+                _compiler_version(cxx).encode(),
+            ]
+        )
+    ).hexdigest()[:16]
     return cache_dir() / f"calibjax_dense-{variant}-{key}.so"
 
 
@@ -146,16 +154,21 @@ def _load() -> str | None:
             try:
                 isa = runtime.cpu_isa()
                 if isa not in ("avx2", "avx512"):
-                    raise KernelError(f"it needs AVX2 and FMA, and this CPU computes with {isa}"
-                                      + (" (--xla_cpu_max_isa)" if runtime.xla_max_isa() else ""))
+                    raise KernelError(
+                        f"it needs AVX2 and FMA, and this CPU computes with {isa}"
+                        + (" (--xla_cpu_max_isa)" if runtime.xla_max_isa() else "")
+                    )
                 try:
                     chosen = variant()
                     lib = _open(chosen)
                 except KernelError as e:
                     if chosen == "avx2":
                         raise
-                    print(f"calibjax: the CPU kernel's avx512 variant is unavailable ({e}); using its avx2 variant "
-                          "(the same numbers, slower)", file=sys.stderr)
+                    print(
+                        f"calibjax: the CPU kernel's avx512 variant is unavailable ({e}); using its avx2 variant "
+                        "(the same numbers, slower)",
+                        file=sys.stderr,
+                    )
                     chosen, lib = "avx2", _open("avx2")
                 jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.CalibjaxBatchedMatmul), platform="cpu")
                 jax.ffi.register_ffi_target(STEP_TARGET, jax.ffi.pycapsule(lib.CalibjaxMlpStep), platform="cpu")
@@ -217,7 +230,8 @@ def batched_matmul(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: b
     n = b.shape[-2] if trans_b else b.shape[-1]
     out = jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.float32)
     return jax.ffi.ffi_call(TARGET, out, vmap_method="broadcast_all")(
-        a, b, trans_a=np.int32(trans_a), trans_b=np.int32(trans_b))
+        a, b, trans_a=np.int32(trans_a), trans_b=np.int32(trans_b)
+    )
 
 
 @jax.custom_vjp
@@ -268,7 +282,8 @@ def loss_and_grads(params: dict, x: jax.Array, c: jax.Array, weight: jax.Array |
     w = jnp.ones(c.shape, jnp.float32) if weight is None else weight.astype(jnp.float32)
     shapes = [jax.ShapeDtypeStruct((), jnp.float32)] + [jax.ShapeDtypeStruct(p.shape, jnp.float32) for p in flat]
     loss, *grads = jax.ffi.ffi_call(STEP_TARGET, shapes, vmap_method="broadcast_all")(
-        x.astype(jnp.float32), c.astype(jnp.int32), w, *flat)
+        x.astype(jnp.float32), c.astype(jnp.int32), w, *flat
+    )
     out = {name: {"kernel": grads[2 * i], "bias": grads[2 * i + 1]} for i, name in enumerate(names)}
     return loss, {"params": out}
 

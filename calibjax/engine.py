@@ -55,8 +55,9 @@ class Trainer:
             self.compiles += 1
         return self._compiled[static]
 
-    def __call__(self, static: train.Static, dyn: train.Dynamic, on_compile=None, stop=lambda: False,
-                 on_progress=None) -> train.RunResult:
+    def __call__(
+        self, static: train.Static, dyn: train.Dynamic, on_compile=None, stop=lambda: False, on_progress=None
+    ) -> train.RunResult:
         """Train the runs of the stacked ``dyn``; numpy results.
 
         Runs go through the compiled program ``per_call`` at a time (the last call padded with
@@ -134,15 +135,26 @@ def describe_plan(sw: sweep_mod.Sweep, layout: planning.Layout, chunks: list[pla
         return f"{sw.name}{what}: already complete ({len(sw.runs):,} runs in the sweep); nothing to train"
     groups = len({c.group for c in chunks})
     est = planning.estimate_seconds(chunks, layout)
-    return (f"{sw.name}{what}: training {todo:,} of {len(sw.runs):,} runs in {len(chunks)} chunk(s), "
-            f"{groups} compiled program(s); {layout.backend}, {len(layout.devices)} device(s) x {layout.inner_batch} "
-            f"runs vmapped, dense layers by {product(layout)}; about {planning.duration(est)} at a nominal rate "
-            f"(calibjax plan measures this machine)")
+    return (
+        f"{sw.name}{what}: training {todo:,} of {len(sw.runs):,} runs in {len(chunks)} chunk(s), "
+        f"{groups} compiled program(s); {layout.backend}, {len(layout.devices)} device(s) x {layout.inner_batch} "
+        f"runs vmapped, dense layers by {product(layout)}; about {planning.duration(est)} at a nominal rate "
+        f"(calibjax plan measures this machine)"
+    )
 
 
-def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout | None = None,
-              shard: tuple[int, int] | None = None, shard_first: int = 0, overwrite: bool = False,
-              quiet: bool = False, stop=lambda: False, report: Report | None = None) -> Report:
+def run_sweep(
+    sw: sweep_mod.Sweep,
+    out: str | Path,
+    *,
+    layout: planning.Layout | None = None,
+    shard: tuple[int, int] | None = None,
+    shard_first: int = 0,
+    overwrite: bool = False,
+    quiet: bool = False,
+    stop=lambda: False,
+    report: Report | None = None,
+) -> Report:
     """Train every unfinished run of a sweep (or of one shard of it) into ``out``.
 
     Without a shard, the final tables are written once every run has finished. Shard k of n
@@ -164,24 +176,36 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout |
     sharding = {k: previous[k] for k in ("shards", "shard_first") if k in previous}
     if shard and not sharding:
         sharding = {"shards": shard[1], "shard_first": shard_first}
-    if (previous.get("sweep_sha256") != sw.sha256 or results.numbers_pending(previous)  # new, edited, submitted
-            or sharding.keys() - previous.keys()):
+    if (
+        previous.get("sweep_sha256") != sw.sha256
+        or results.numbers_pending(previous)  # new, edited, submitted
+        or sharding.keys() - previous.keys()
+    ):
         store.write_json(out / "manifest.json", {**previous, **manifest, **sharding, "complete": False})
     part = out / "shards" / f"{shard[0]}-of-{shard[1]}" if shard else out
 
-    chunks = planning.plan_chunks(sw, layout, planning.shard_run_ids(len(sw.runs), shard),
-                                  done=results.finished_run_ids(out, sw))
+    chunks = planning.plan_chunks(
+        sw, layout, planning.shard_run_ids(len(sw.runs), shard), done=results.finished_run_ids(out, sw)
+    )
     report = report if report is not None else Report()
     report.runs, report.chunks = len(sw.runs), len(chunks)
     print(describe_plan(sw, layout, chunks, shard), flush=True)
     trainer = Trainer(layout)
-    bar = tqdm(total=sum(len(c.run_ids) for c in chunks), unit="run", disable=quiet, dynamic_ncols=True,
-               desc=sw.name, smoothing=0.1)
+    bar = tqdm(
+        total=sum(len(c.run_ids) for c in chunks),
+        unit="run",
+        disable=quiet,
+        dynamic_ncols=True,
+        desc=sw.name,
+        smoothing=0.1,
+    )
 
     def on_compile(static, size):
         if not quiet:
-            bar.write(f"compiling group: hidden {list(static.hidden)} {static.activation} {static.optimizer}, "
-                      f"batch {static.batch_size}, {static.steps} steps; {size} runs per call")
+            bar.write(
+                f"compiling group: hidden {list(static.hidden)} {static.activation} {static.optimizer}, "
+                f"batch {static.batch_size}, {static.steps} steps; {size} runs per call"
+            )
 
     def train_chunk(chunk: planning.Chunk, lock: store.ChunkLock) -> None:
         dyn = sweep_mod.chunk_dynamic(sw, chunk.run_ids)
@@ -189,8 +213,9 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout |
         try:
             compile_before = trainer.compile_s
             t0 = time.perf_counter()
-            result = trainer(chunk.static, dyn, on_compile, stop,
-                             on_progress=lambda done: bar.update(base + done - bar.n))
+            result = trainer(
+                chunk.static, dyn, on_compile, stop, on_progress=lambda done: bar.update(base + done - bar.n)
+            )
             report.train_s += time.perf_counter() - t0 - (trainer.compile_s - compile_before)
             written = results.write_chunk(part, chunk.chunk_id, chunk.static, chunk.run_ids, chunk.hashes, result)
         except Exception as e:  # a broken chunk must not stop the others
@@ -232,11 +257,21 @@ def run_sweep(sw: sweep_mod.Sweep, out: str | Path, *, layout: planning.Layout |
     if not report.failed and shard is None:
         report.complete = not results.finalize(out, sweep_mod.runs_table(sw))
     report.wall_s = time.perf_counter() - t_start
-    store.write_json(part / "manifest.json", {
-        **manifest, **(sharding if part == out else {}), "shard": list(shard) if shard else None,
-        "complete": report.complete,
-        "trained_this_call": report.trained, "chunks_this_call": report.chunks,
-        "failed_chunks": report.failed, "compiles": report.compiles,
-        "compile_s": round(report.compile_s, 3), "train_s": round(report.train_s, 3),
-        "wall_s": round(report.wall_s, 3), "model_steps_per_s": round(report.steps_per_s, 1)})
+    store.write_json(
+        part / "manifest.json",
+        {
+            **manifest,
+            **(sharding if part == out else {}),
+            "shard": list(shard) if shard else None,
+            "complete": report.complete,
+            "trained_this_call": report.trained,
+            "chunks_this_call": report.chunks,
+            "failed_chunks": report.failed,
+            "compiles": report.compiles,
+            "compile_s": round(report.compile_s, 3),
+            "train_s": round(report.train_s, 3),
+            "wall_s": round(report.wall_s, 3),
+            "model_steps_per_s": round(report.steps_per_s, 1),
+        },
+    )
     return report

@@ -59,29 +59,36 @@ import jax.numpy as jnp
 from calibjax import metrics, tasks
 
 ESTIMATORS = ("ece_width", "ece_mass", "ece_sweep", "ece_l2_debiased", "smece", "ece_classwise")
-TARGETS = {"ece_width": "true_ece", "ece_mass": "true_ece", "ece_sweep": "true_ece",
-           "ece_l2_debiased": "true_ece_l2", "smece": "true_smece", "ece_classwise": "true_ece_classwise"}
+TARGETS = {
+    "ece_width": "true_ece",
+    "ece_mass": "true_ece",
+    "ece_sweep": "true_ece",
+    "ece_l2_debiased": "true_ece_l2",
+    "smece": "true_smece",
+    "ece_classwise": "true_ece_classwise",
+}
 BOOTSTRAPPED = ("ece_width", "ece_mass", "ece_l2_debiased")
-INTERVAL = 0.9             # nominal coverage of the bootstrap intervals
-SWEEP_MAX_BINS = 2048      # ece_sweep's bin count is searched up to min(n, this)
-SMECE_GRID = 4097          # smooth ECE: points of the grid on [0, 1] the kernel sums are taken on
-SMECE_MIN_SIGMA = 1e-3     # ... smallest bandwidth (relplot's eps)
-SMECE_BISECTIONS = 20      # ... bisection steps for the bandwidth fixed point (relplot: 10)
-ESTIMATOR_STREAM = 0xE57   # a run's estimator samples: fold_in(fold_in(key(seed), this), draw)
-FORWARD_BLOCK = 8192       # examples per forward pass of the model (bounds the activations held)
+INTERVAL = 0.9  # nominal coverage of the bootstrap intervals
+SWEEP_MAX_BINS = 2048  # ece_sweep's bin count is searched up to min(n, this)
+SMECE_GRID = 4097  # smooth ECE: points of the grid on [0, 1] the kernel sums are taken on
+SMECE_MIN_SIGMA = 1e-3  # ... smallest bandwidth (relplot's eps)
+SMECE_BISECTIONS = 20  # ... bisection steps for the bandwidth fixed point (relplot: 10)
+ESTIMATOR_STREAM = 0xE57  # a run's estimator samples: fold_in(fold_in(key(seed), this), draw)
+FORWARD_BLOCK = 8192  # examples per forward pass of the model (bounds the activations held)
 
 
 class Estimates(NamedTuple):
     """One run at one checkpoint: rows of estimators.parquet, (Z sizes, D draws, E estimators) each,
     and the exact targets (E,)."""
 
-    value: jax.Array   # the estimate from the sample
-    lo: jax.Array      # its bootstrap interval (nan for estimators without one)
+    value: jax.Array  # the estimate from the sample
+    lo: jax.Array  # its bootstrap interval (nan for estimators without one)
     hi: jax.Array
     target: jax.Array  # (E,) the exact value it estimates (TARGETS)
 
 
 # ---------------------------------------------------------------- one sample
+
 
 def _prefix(v: jax.Array) -> jax.Array:
     """Prefix sums along the last axis with a leading 0: sums over [i, j) are p[j] - p[i]."""
@@ -141,11 +148,13 @@ def _multiplier_replicates(stats: jax.Array, key: jax.Array, replicates: int) ->
     cov = jnp.stack([jnp.stack([rr, r, rc], -1), jnp.stack([r, n, c], -1), jnp.stack([rc, c, c], -1)], -2)
     eye = jnp.eye(3)[None]
     jitter = (1e-6 * jnp.trace(cov, axis1=-2, axis2=-1)[:, None, None] + 1e-12) * eye
-    chol = _cholesky3(cov + jitter)                                             # (B, 3, 3)
-    z = jax.random.normal(key, (replicates,) + stats.shape[1:] + (3,))          # (R, B, 3)
+    chol = _cholesky3(cov + jitter)  # (B, 3, 3)
+    z = jax.random.normal(key, (replicates,) + stats.shape[1:] + (3,))  # (R, B, 3)
     # chol @ z written out (a dot's summation order would follow the CPU model XLA compiles for)
-    product = [sum((chol[None, :, i, j] * z[..., j] for j in range(1, i + 1)), chol[None, :, i, 0] * z[..., 0])
-               for i in range(3)]
+    product = [
+        sum((chol[None, :, i, j] * z[..., j] for j in range(1, i + 1)), chol[None, :, i, 0] * z[..., 0])
+        for i in range(3)
+    ]
     return jnp.stack([r, n, c], 0)[None] + jnp.stack(product, 1)
 
 
@@ -158,8 +167,9 @@ def _cholesky3(a: jax.Array) -> jax.Array:
     l21 = (a[..., 2, 1] - l20 * l10) / l11
     l22 = jnp.sqrt(a[..., 2, 2] - l20 * l20 - l21 * l21)
     zero = jnp.zeros_like(l00)
-    return jnp.stack([jnp.stack([l00, zero, zero], -1), jnp.stack([l10, l11, zero], -1),
-                      jnp.stack([l20, l21, l22], -1)], -2)
+    return jnp.stack(
+        [jnp.stack([l00, zero, zero], -1), jnp.stack([l10, l11, zero], -1), jnp.stack([l20, l21, l22], -1)], -2
+    )
 
 
 def ece_sweep(conf_s: jax.Array, correct_s: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -201,8 +211,9 @@ def ece_sweep(conf_s: jax.Array, correct_s: jax.Array) -> tuple[jax.Array, jax.A
     return jnp.sum(jnp.abs(jnp.diff(residual_p[starts]))) / n, b
 
 
-def smooth_ece(score: jax.Array, residual: jax.Array, weight: jax.Array,
-               bisections: int = SMECE_BISECTIONS) -> tuple[jax.Array, jax.Array]:
+def smooth_ece(
+    score: jax.Array, residual: jax.Array, weight: jax.Array, bisections: int = SMECE_BISECTIONS
+) -> tuple[jax.Array, jax.Array]:
     """Smooth ECE (Blasiok & Nakkiran 2023) of scores in [0, 1] with residuals (label - score) and
     weights (summing to 1): (smECE at the fixed-point bandwidth, that bandwidth).
 
@@ -233,8 +244,9 @@ def smooth_ece(score: jax.Array, residual: jax.Array, weight: jax.Array,
     freq = jnp.arange(spectrum.shape[1], dtype=jnp.float32) / 2.0  # cycles per unit of score
 
     def at(sigma):
-        smoothed = jnp.fft.irfft(spectrum * jnp.exp(-2.0 * (math.pi * sigma * freq) ** 2)[None, :], n=periodic.shape[1],
-                                 axis=1)[:, :k]
+        smoothed = jnp.fft.irfft(
+            spectrum * jnp.exp(-2.0 * (math.pi * sigma * freq) ** 2)[None, :], n=periodic.shape[1], axis=1
+        )[:, :k]
         return jnp.sum(jnp.abs(smoothed[0])) / jnp.maximum(jnp.sum(smoothed[1]), 1e-30)
 
     def step(_, bounds):
@@ -247,8 +259,9 @@ def smooth_ece(score: jax.Array, residual: jax.Array, weight: jax.Array,
     return at(sigma), sigma
 
 
-def sample_estimates(log_q: jax.Array, y: jax.Array, bins: int, replicates: int,
-                     key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def sample_estimates(
+    log_q: jax.Array, y: jax.Array, bins: int, replicates: int, key: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Every estimator of one labelled sample (log q (n, M), labels (n,)): (value, lo, hi), (E,) each."""
     n = y.shape[0]
     conf = jnp.exp(jnp.max(log_q, axis=-1))
@@ -259,9 +272,11 @@ def sample_estimates(log_q: jax.Array, y: jax.Array, bins: int, replicates: int,
     mass = _bin_stats(conf_s, correct_s, _mass_ends(n, bins))
 
     def binned(width, mass):  # width, mass: (..., 5 or 3, B) per-bin sums, r n c first
-        return {"ece_width": _ece(width[..., 0, :], width[..., 1, :]),
-                "ece_mass": _ece(mass[..., 0, :], mass[..., 1, :]),
-                "ece_l2_debiased": _debiased_l2(mass[..., 0, :], mass[..., 1, :], mass[..., 2, :])}
+        return {
+            "ece_width": _ece(width[..., 0, :], width[..., 1, :]),
+            "ece_mass": _ece(mass[..., 0, :], mass[..., 1, :]),
+            "ece_l2_debiased": _debiased_l2(mass[..., 0, :], mass[..., 1, :], mass[..., 2, :]),
+        }
 
     def classwise(c):
         q = jnp.exp(log_q[:, c])
@@ -278,8 +293,9 @@ def sample_estimates(log_q: jax.Array, y: jax.Array, bins: int, replicates: int,
     lo = hi = jnp.full((len(ESTIMATORS),), jnp.nan, jnp.float32)
     if replicates:
         k_width, k_mass = jax.random.split(key)
-        boot = binned(_multiplier_replicates(width, k_width, replicates),
-                      _multiplier_replicates(mass, k_mass, replicates))
+        boot = binned(
+            _multiplier_replicates(width, k_width, replicates), _multiplier_replicates(mass, k_mass, replicates)
+        )
         tail = (1.0 - INTERVAL) / 2.0
         for i, e in enumerate(ESTIMATORS):
             if e in boot:
@@ -290,6 +306,7 @@ def sample_estimates(log_q: jax.Array, y: jax.Array, bins: int, replicates: int,
 
 
 # ---------------------------------------------------------------- a run at a checkpoint
+
 
 def targets(ev: metrics.EvalSet, log_q: jax.Array, scalars: metrics.Scalars, levels: int) -> jax.Array:
     """(E,) the exact value each estimator targets (TARGETS), from the model's log q on the
@@ -303,15 +320,20 @@ def targets(ev: metrics.EvalSet, log_q: jax.Array, scalars: metrics.Scalars, lev
         residual = [metrics.score_curve(log_q[:, c], p[:, c], w, levels) for c in range(log_q.shape[-1])]
     else:
         residual = list(jax.vmap(lambda c: metrics.sample_curve(jnp.exp(log_q[:, c]), p[:, c])[0])(classes))
-    exact = {"true_ece": scalars.true_ece, "true_ece_l2": jnp.sqrt(scalars.cal_term), "true_smece": smece,
-             # each class summed on its own: XLA compiled the (classes x points) row sum differently
-             # for an emulated Haswell than for an AVX-512 Xeon (1 ulp; tests/test_portability.py)
-             "true_ece_classwise": jnp.mean(jnp.stack([jnp.sum(w * jnp.abs(r)) for r in residual]))}
+    exact = {
+        "true_ece": scalars.true_ece,
+        "true_ece_l2": jnp.sqrt(scalars.cal_term),
+        "true_smece": smece,
+        # each class summed on its own: XLA compiled the (classes x points) row sum differently
+        # for an emulated Haswell than for an AVX-512 Xeon (1 ulp; tests/test_portability.py)
+        "true_ece_classwise": jnp.mean(jnp.stack([jnp.sum(w * jnp.abs(r)) for r in residual])),
+    }
     return jnp.stack([exact[TARGETS[e]] for e in ESTIMATORS])
 
 
-def benchmark(task: tasks.GaussianTask, seed: jax.Array, forward, target: jax.Array,
-              spec: metrics.EvalSpec) -> Estimates:
+def benchmark(
+    task: tasks.GaussianTask, seed: jax.Array, forward, target: jax.Array, spec: metrics.EvalSpec
+) -> Estimates:
     """Every estimator on ``estimator_draws`` independent labelled samples of each size in
     ``estimator_sizes``, from the model ``forward`` (x (D,) -> log q (M,)).
 
@@ -327,8 +349,12 @@ def benchmark(task: tasks.GaussianTask, seed: jax.Array, forward, target: jax.Ar
         data_key, boot_key = jax.random.split(jax.random.fold_in(base, d))
         x, y = tasks.draw(task, data_key, jnp.arange(n_max, dtype=jnp.uint32))
         log_q = jax.lax.map(forward, x, batch_size=min(FORWARD_BLOCK, n_max))
-        per_size = [sample_estimates(log_q[:n], y[:n], spec.calibration_bins, spec.estimator_bootstrap,
-                                     jax.random.fold_in(boot_key, z)) for z, n in enumerate(sizes)]
+        per_size = [
+            sample_estimates(
+                log_q[:n], y[:n], spec.calibration_bins, spec.estimator_bootstrap, jax.random.fold_in(boot_key, z)
+            )
+            for z, n in enumerate(sizes)
+        ]
         return tuple(jnp.stack(v) for v in zip(*per_size, strict=True))  # (Z, E) each
 
     value, lo, hi = jax.lax.map(one_draw, jnp.arange(spec.estimator_draws))  # (D, Z, E)

@@ -38,8 +38,9 @@ FOCAL_MAX_GAMMA = 10.0
 _BISECTIONS = 60
 
 
-def loss_values(name: str, logits: jax.Array, labels: jax.Array, label_smoothing: jax.Array,
-                focal_gamma: jax.Array) -> jax.Array:
+def loss_values(
+    name: str, logits: jax.Array, labels: jax.Array, label_smoothing: jax.Array, focal_gamma: jax.Array
+) -> jax.Array:
     """Per-example training loss (B,) of logits (B, M) and integer labels (B,)."""
     if name == "cross_entropy":
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -64,14 +65,16 @@ def _log_h(v: jax.Array, gamma: jax.Array) -> jax.Array:
 
 def _focal_inverse(log_target: jax.Array, gamma: jax.Array) -> jax.Array:
     """v in (0, 1) with log h_g(v) = log_target, by bisection on logit v (h_g is increasing)."""
+
     def step(_, bounds):
         lo, hi = bounds
         mid = 0.5 * (lo + hi)
         below = _log_h(jax.nn.sigmoid(mid), gamma) < log_target
         return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
 
-    lo, hi = jax.lax.fori_loop(0, _BISECTIONS, step, (jnp.full_like(log_target, -40.0),
-                                                     jnp.full_like(log_target, 40.0)))
+    lo, hi = jax.lax.fori_loop(
+        0, _BISECTIONS, step, (jnp.full_like(log_target, -40.0), jnp.full_like(log_target, 40.0))
+    )
     return jax.nn.sigmoid(0.5 * (lo + hi))
 
 

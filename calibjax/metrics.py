@@ -34,20 +34,20 @@ CALIBRATION_STREAM = 0x5CA1  # a run's labelled test sample: fold_in(key(seed), 
 class EvalSpec:
     """Static evaluation settings (they fix array shapes)."""
 
-    points: int = 2048                 # grid points (D = 1) or Monte-Carlo samples (D > 1)
-    grid_sigmas: float = 8.0           # 1-D grid half-width around each component, in sigmas
-    hdr_mass: float = 0.999            # max_err is taken over the densest region holding this mass
+    points: int = 2048  # grid points (D = 1) or Monte-Carlo samples (D > 1)
+    grid_sigmas: float = 8.0  # 1-D grid half-width around each component, in sigmas
+    hdr_mass: float = 0.999  # max_err is taken over the densest region holding this mass
     density_edges: tuple[float, ...] = (-6.0, -5.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0)
-    dense_mass: float = 0.9            # err_dense: max error over the densest region holding this mass
-    sparse_mass: float = 0.01          # err_sparse: ... over the least dense this much of the hdr region
-    calibration_samples: int = 5000    # labelled test sample (per run) for the estimated calibration metrics
-    calibration_bins: int = 15         # equal-width / equal-mass bins of ECE and the reliability table
-    true_levels: int = 256             # 1-D: levels of -log(1 - conf) where the true calibration curve is solved
+    dense_mass: float = 0.9  # err_dense: max error over the densest region holding this mass
+    sparse_mass: float = 0.01  # err_sparse: ... over the least dense this much of the hdr region
+    calibration_samples: int = 5000  # labelled test sample (per run) for the estimated calibration metrics
+    calibration_bins: int = 15  # equal-width / equal-mass bins of ECE and the reliability table
+    true_levels: int = 256  # 1-D: levels of -log(1 - conf) where the true calibration curve is solved
     # The calibration-estimator benchmark (calibjax.estimators), off unless sizes are given:
     estimator_sizes: tuple[int, ...] = ()  # labelled-sample sizes each estimator is computed at
-    estimator_draws: int = 16              # independent samples of each size, per run and checkpoint
-    estimator_bootstrap: int = 200         # bootstrap replicates of the interval estimators (0: no intervals)
-    temperature_scaling: bool = False      # also measure each checkpoint after post-hoc temperature scaling
+    estimator_draws: int = 16  # independent samples of each size, per run and checkpoint
+    estimator_bootstrap: int = 200  # bootstrap replicates of the interval estimators (0: no intervals)
+    temperature_scaling: bool = False  # also measure each checkpoint after post-hoc temperature scaling
 
     @property
     def num_bins(self) -> int:
@@ -62,38 +62,38 @@ class EvalSpec:
 class Scalars(NamedTuple):
     """One run at one checkpoint: a row of metrics.parquet, in column order (float32 scalars)."""
 
-    kl: jax.Array              # E_x KL(P(C|x) || q(C|x)), nats
-    kl_rel: jax.Array          # kl / I(C;X): the share of the learnable information still missing
-    tv: jax.Array              # E_x total variation
-    max_err: jax.Array         # max_x max_c |P - q| over the hdr region
-    accuracy: jax.Array        # E_x P(argmax q | x) (quadrature in 1-D, Monte Carlo in D > 1)
+    kl: jax.Array  # E_x KL(P(C|x) || q(C|x)), nats
+    kl_rel: jax.Array  # kl / I(C;X): the share of the learnable information still missing
+    tv: jax.Array  # E_x total variation
+    max_err: jax.Array  # max_x max_c |P - q| over the hdr region
+    accuracy: jax.Array  # E_x P(argmax q | x) (quadrature in 1-D, Monte Carlo in D > 1)
     bayes_accuracy: jax.Array  # E_x max_c P(c | x)
-    loss: jax.Array            # mean training loss since the previous checkpoint (nan if none)
-    err_dense: jax.Array       # max error over the densest region holding dense_mass
-    err_sparse: jax.Array      # max error over the hdr region's least dense sparse_mass (by default the
-                               # points whose density quantile lies in 98.9-99.9 %: the tail edge of the hdr)
-    ece: jax.Array             # estimated from the labelled sample: equal-width ECE
-    ece_mass: jax.Array        # ... equal-mass ECE
-    brier: jax.Array           # ... Brier score
-    nll: jax.Array             # ... negative log-likelihood
-    true_ece: jax.Array        # against the exact posterior: E |m(conf) - conf|, m(c) = E[P_top | conf = c]
-    true_ece_se: jax.Array     # its Monte-Carlo standard error (D > 1); 0 in 1-D (deterministic quadrature)
-    excess_brier: jax.Array    # E sum_c (q_c - P_c)^2
-    cal_term: jax.Array        # E (conf - m)^2
-    grouping_term: jax.Array   # E (m - P_top)^2
-    kl_optimum: jax.Array      # E_x KL(P || q*), q* the training loss's population optimum: the kl a
-                               # perfectly trained network would keep (0 for proper losses; calibjax.losses)
-    kl_to_optimum: jax.Array   # E_x KL(q* || q): how far the network is from its own loss's optimum
+    loss: jax.Array  # mean training loss since the previous checkpoint (nan if none)
+    err_dense: jax.Array  # max error over the densest region holding dense_mass
+    err_sparse: jax.Array  # max error over the hdr region's least dense sparse_mass (by default the
+    # points whose density quantile lies in 98.9-99.9 %: the tail edge of the hdr)
+    ece: jax.Array  # estimated from the labelled sample: equal-width ECE
+    ece_mass: jax.Array  # ... equal-mass ECE
+    brier: jax.Array  # ... Brier score
+    nll: jax.Array  # ... negative log-likelihood
+    true_ece: jax.Array  # against the exact posterior: E |m(conf) - conf|, m(c) = E[P_top | conf = c]
+    true_ece_se: jax.Array  # its Monte-Carlo standard error (D > 1); 0 in 1-D (deterministic quadrature)
+    excess_brier: jax.Array  # E sum_c (q_c - P_c)^2
+    cal_term: jax.Array  # E (conf - m)^2
+    grouping_term: jax.Array  # E (m - P_top)^2
+    kl_optimum: jax.Array  # E_x KL(P || q*), q* the training loss's population optimum: the kl a
+    # perfectly trained network would keep (0 for proper losses; calibjax.losses)
+    kl_to_optimum: jax.Array  # E_x KL(q* || q): how far the network is from its own loss's optimum
     err_to_optimum: jax.Array  # max_x max_c |q* - q| over the hdr region
 
 
 class DensityBins(NamedTuple):
     """One run at one checkpoint, per log10-density bin: (NB,) each; rows of density.parquet."""
 
-    mass: jax.Array             # probability mass of the bin
-    kl_mean: jax.Array          # mean KL(P || q) within the bin, E[KL | bin]; nan for an empty bin
+    mass: jax.Array  # probability mass of the bin
+    kl_mean: jax.Array  # mean KL(P || q) within the bin, E[KL | bin]; nan for an empty bin
     kl_contribution: jax.Array  # the bin's share of kl: mass x kl_mean (the bins sum to kl)
-    max_err: jax.Array          # max error in the bin; nan for an empty bin
+    max_err: jax.Array  # max error in the bin; nan for an empty bin
     kl_optimum_mean: jax.Array  # E[KL(P || q*) | bin]: where the training loss's own optimum departs from P
 
 
@@ -101,11 +101,11 @@ class ReliabilityBins(NamedTuple):
     """One run at one checkpoint, per confidence bin: (CB,) each; rows of calibration.parquet."""
 
     est_count: jax.Array  # labelled examples in the bin
-    est_conf: jax.Array   # their mean confidence
-    est_acc: jax.Array    # their accuracy
+    est_conf: jax.Array  # their mean confidence
+    est_acc: jax.Array  # their accuracy
     true_mass: jax.Array  # probability mass of the bin under p(x)
     true_conf: jax.Array  # its mean confidence
-    true_acc: jax.Array   # its mean P(prediction right | x)
+    true_acc: jax.Array  # its mean P(prediction right | x)
 
 
 class Evaluation(NamedTuple):
@@ -122,8 +122,8 @@ class Recalibrated(NamedTuple):
     """One run at one checkpoint after post-hoc temperature scaling (q_T = softmax(log q / T), T
     fitted by NLL on the run's labelled sample): a row of recalibrated.parquet."""
 
-    temperature: jax.Array    # the fitted T (> 1: the network was overconfident)
-    kl: jax.Array             # the metrics of Scalars, of q_T
+    temperature: jax.Array  # the fitted T (> 1: the network was overconfident)
+    kl: jax.Array  # the metrics of Scalars, of q_T
     max_err: jax.Array
     err_dense: jax.Array
     err_sparse: jax.Array
@@ -138,21 +138,21 @@ def _pick(record: type, values: dict[str, jax.Array]):
 
 
 class EvalSet(NamedTuple):
-    x: jax.Array              # (G, D) evaluation points
-    weight: jax.Array         # (G,) probability mass of each point; sums to 1
-    log_post: jax.Array       # (G, M) exact log P(c | x)
+    x: jax.Array  # (G, D) evaluation points
+    weight: jax.Array  # (G,) probability mass of each point; sums to 1
+    log_post: jax.Array  # (G, M) exact log P(c | x)
     log10_density: jax.Array  # (G,) log10 p(x)
-    in_hdr: jax.Array         # (G,) bool, inside the densest region holding hdr_mass
-    in_dense: jax.Array       # (G,) bool, inside the densest region holding dense_mass
-    in_sparse: jax.Array      # (G,) bool, the hdr region's least dense sparse_mass
-    bins: jax.Array           # (G, NB) float32 one-hot of the log10-density bin
-    bin_index: jax.Array      # (G,) int32 the same bin as an index (its sums: _bin_sums)
-    cal_x: jax.Array          # (S, D) labelled test sample, the run's own (drawn from its seed)
-    cal_y: jax.Array          # (S,) int32 its labels
-    mutual_info: jax.Array    # () I(C; X) = H(C) - H(C | X) in nats: the kl of a classifier that ignores x
-                              # and outputs the priors (computed once per run, not per checkpoint)
-    log_opt: jax.Array        # (G, M) log q*: the training loss's population optimum (log_post for proper losses)
-    kl_optimum: jax.Array       # () E KL(P || q*): the kl of the loss's optimum (task and loss only: once per run)
+    in_hdr: jax.Array  # (G,) bool, inside the densest region holding hdr_mass
+    in_dense: jax.Array  # (G,) bool, inside the densest region holding dense_mass
+    in_sparse: jax.Array  # (G,) bool, the hdr region's least dense sparse_mass
+    bins: jax.Array  # (G, NB) float32 one-hot of the log10-density bin
+    bin_index: jax.Array  # (G,) int32 the same bin as an index (its sums: _bin_sums)
+    cal_x: jax.Array  # (S, D) labelled test sample, the run's own (drawn from its seed)
+    cal_y: jax.Array  # (S,) int32 its labels
+    mutual_info: jax.Array  # () I(C; X) = H(C) - H(C | X) in nats: the kl of a classifier that ignores x
+    # and outputs the priors (computed once per run, not per checkpoint)
+    log_opt: jax.Array  # (G, M) log q*: the training loss's population optimum (log_post for proper losses)
+    kl_optimum: jax.Array  # () E KL(P || q*): the kl of the loss's optimum (task and loss only: once per run)
     kl_optimum_bins: jax.Array  # (NB,) its weighted sum within each log10-density bin
 
 
@@ -195,14 +195,30 @@ def make_eval_set(task: tasks.GaussianTask, spec: EvalSpec, seed: jax.Array | in
     edges = jnp.asarray(spec.density_edges, jnp.float32)
     bin_index = jnp.searchsorted(edges, log10_density, side="left")  # bin i = (edge[i-1], edge[i]]
     bins = jax.nn.one_hot(bin_index, spec.num_bins, dtype=jnp.float32)
-    cal_x, cal_y = tasks.draw(task, calibration_key(jnp.asarray(seed, jnp.uint32)),
-                              jnp.arange(spec.calibration_samples, dtype=jnp.uint32))
+    cal_x, cal_y = tasks.draw(
+        task, calibration_key(jnp.asarray(seed, jnp.uint32)), jnp.arange(spec.calibration_samples, dtype=jnp.uint32)
+    )
     prior = jnp.exp(task.log_prior)
     mutual_info = -jnp.sum(jnp.where(prior > 0, prior * task.log_prior, 0.0)) - _conditional_entropy(weight, log_post)
     log_opt = optimum(log_post) if optimum is not None else log_post
     kl_opt = weight * pointwise_kl(log_post, log_opt)
-    return EvalSet(x, weight, log_post, log10_density, in_hdr, in_dense, in_sparse, bins, bin_index, cal_x, cal_y,
-                   mutual_info, log_opt, jnp.sum(kl_opt), _bin_sums(bin_index, spec.num_bins, kl_opt)[0])
+    return EvalSet(
+        x,
+        weight,
+        log_post,
+        log10_density,
+        in_hdr,
+        in_dense,
+        in_sparse,
+        bins,
+        bin_index,
+        cal_x,
+        cal_y,
+        mutual_info,
+        log_opt,
+        jnp.sum(kl_opt),
+        _bin_sums(bin_index, spec.num_bins, kl_opt)[0],
+    )
 
 
 def pointwise_kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
@@ -229,8 +245,9 @@ def _bin_sums(index: jax.Array, num: int, *values: jax.Array) -> list[jax.Array]
     for); on accelerators the one-hot product, which is fast there and, unlike atomic scatter-adds,
     deterministic.
     """
-    return jax.lax.platform_dependent(index, *values, cpu=functools.partial(_scatter_sums, num),
-                                      default=functools.partial(_onehot_sums, num))
+    return jax.lax.platform_dependent(
+        index, *values, cpu=functools.partial(_scatter_sums, num), default=functools.partial(_onehot_sums, num)
+    )
 
 
 def _scatter_sums(num: int, index: jax.Array, *values: jax.Array) -> list[jax.Array]:
@@ -307,7 +324,7 @@ def true_calibration(ev: EvalSet, log_q: jax.Array, spec: EvalSpec) -> dict[str,
     return {
         "true_ece": jnp.sum(w * jnp.abs(residual)),
         "true_ece_se": se,
-        "cal_term": jnp.sum(w * residual ** 2),
+        "cal_term": jnp.sum(w * residual**2),
         "grouping_term": jnp.sum(w * (m - p_top) ** 2),
         "excess_brier": jnp.sum(w * jnp.sum((jnp.exp(log_q) - p) ** 2, axis=-1)),
         "true_mass": rel_mass,
@@ -316,8 +333,8 @@ def true_calibration(ev: EvalSet, log_q: jax.Array, spec: EvalSpec) -> dict[str,
     }
 
 
-FLAT = 1e-6     # level differences below this count as a flat segment (a point mass at its level)
-STEEP = 1e-3    # halves spanning less than this in level use their mean P_top (see level_set_curve)
+FLAT = 1e-6  # level differences below this count as a flat segment (a point mass at its level)
+STEEP = 1e-3  # halves spanning less than this in level use their mean P_top (see level_set_curve)
 LEVEL_CAP = 30.0  # levels -log(1 - conf) above this (1 - conf < 1e-13) are one level: float32 saturation
 
 
@@ -374,12 +391,17 @@ def level_set_curve(log_q: jax.Array, p: jax.Array, w: jax.Array, levels: int) -
     t = jnp.where(switch, da / jnp.where(switch, da - db, 1.0), 0.5)
     lq_mid = (1 - t) * top[:-1] + t * pick(log_q[1:], pa)
     mid_level = jnp.where(switch, _level(lq_mid), 0.5 * (level[:-1] + level[1:]))
-    p_left = (1 - t) * p_top[:-1] + t * pick(p[1:], pa)   # P of class pa at the split
+    p_left = (1 - t) * p_top[:-1] + t * pick(p[1:], pa)  # P of class pa at the split
     p_right = (1 - t) * pick(p[:-1], pb) + t * p_top[1:]  # P of class pb at the split
     mass = 0.5 * (w[:-1] + w[1:])
-    u, m = _curve_at_levels(jnp.concatenate([level[:-1], mid_level]), jnp.concatenate([mid_level, level[1:]]),
-                            jnp.concatenate([p_top[:-1], p_right]), jnp.concatenate([p_left, p_top[1:]]),
-                            jnp.concatenate([t * mass, (1 - t) * mass]), solve_levels(level, w, levels))
+    u, m = _curve_at_levels(
+        jnp.concatenate([level[:-1], mid_level]),
+        jnp.concatenate([mid_level, level[1:]]),
+        jnp.concatenate([p_top[:-1], p_right]),
+        jnp.concatenate([p_left, p_top[1:]]),
+        jnp.concatenate([t * mass, (1 - t) * mass]),
+        solve_levels(level, w, levels),
+    )
     return jnp.interp(level, u, m + jnp.expm1(-u))  # m - conf, conf = 1 - exp(-u)
 
 
@@ -390,9 +412,14 @@ def score_curve(log_s: jax.Array, p: jax.Array, w: jax.Array, levels: int) -> ja
     level = jnp.clip(log_s - jnp.log(-jnp.expm1(jnp.minimum(log_s, -1e-30))), -LEVEL_CAP, LEVEL_CAP)
     mid, p_mid = 0.5 * (level[:-1] + level[1:]), 0.5 * (p[:-1] + p[1:])
     half = 0.25 * (w[:-1] + w[1:])
-    u, m = _curve_at_levels(jnp.concatenate([level[:-1], mid]), jnp.concatenate([mid, level[1:]]),
-                            jnp.concatenate([p[:-1], p_mid]), jnp.concatenate([p_mid, p[1:]]),
-                            jnp.concatenate([half, half]), solve_levels(level, w, levels))
+    u, m = _curve_at_levels(
+        jnp.concatenate([level[:-1], mid]),
+        jnp.concatenate([mid, level[1:]]),
+        jnp.concatenate([p[:-1], p_mid]),
+        jnp.concatenate([p_mid, p[1:]]),
+        jnp.concatenate([half, half]),
+        solve_levels(level, w, levels),
+    )
     return jnp.interp(level, u, m - jax.nn.sigmoid(u))
 
 
@@ -416,8 +443,9 @@ def _curve_at_levels(start, end, p_start, p_end, half_mass, u) -> tuple[jax.Arra
     columns = (density * q0, density * slope, density)
     uu = u[:, None]
     # A level at a half's end counts half: the neighbouring half counts the other half.
-    inside = 0.5 * ((uu >= lo[None, :]).astype(jnp.float32) + (uu > lo[None, :]) - (uu >= hi[None, :])
-                    - (uu > hi[None, :]))
+    inside = 0.5 * (
+        (uu >= lo[None, :]).astype(jnp.float32) + (uu > lo[None, :]) - (uu >= hi[None, :]) - (uu > hi[None, :])
+    )
     weighted = [jnp.sum(inside * c[None, :], axis=1) for c in columns]
     return u, (weighted[0] + u * weighted[1]) / jnp.maximum(weighted[2], 1e-30)
 
@@ -438,7 +466,7 @@ def sample_curve(conf: jax.Array, p_top: jax.Array) -> tuple[jax.Array, jax.Arra
     g = (jnp.arange(s) * groups) // s
     n, total, square = _bin_sums(g, groups, jnp.ones_like(r), r, r * r)
     mean = total / n
-    var = jnp.maximum(square - n * mean ** 2, 0.0) / jnp.maximum(n - 1, 1.0)
+    var = jnp.maximum(square - n * mean**2, 0.0) / jnp.maximum(n - 1, 1.0)
     residual = jnp.zeros_like(r).at[order].set(mean[g])
     return residual, jnp.sqrt(jnp.sum(n * var)) / s
 
@@ -476,14 +504,19 @@ def errors(ev: EvalSet, log_q: jax.Array) -> tuple[dict[str, jax.Array], Density
     }
     mass, kl_contribution = _bin_sums(ev.bin_index, ev.bins.shape[-1], ev.weight, ev.weight * kl_i)
     per_mass = lambda total: jnp.where(mass > 0, total / jnp.where(mass > 0, mass, 1.0), jnp.nan)  # noqa: E731
-    density = DensityBins(mass=mass, kl_mean=per_mass(kl_contribution), kl_contribution=kl_contribution,
-                          max_err=jnp.where(jnp.any(in_bin, axis=0), bin_max, jnp.nan),
-                          kl_optimum_mean=per_mass(ev.kl_optimum_bins))
+    density = DensityBins(
+        mass=mass,
+        kl_mean=per_mass(kl_contribution),
+        kl_contribution=kl_contribution,
+        max_err=jnp.where(jnp.any(in_bin, axis=0), bin_max, jnp.nan),
+        kl_optimum_mean=per_mass(ev.kl_optimum_bins),
+    )
     return scalars, density
 
 
-def evaluate(ev: EvalSet, log_q: jax.Array, log_q_cal: jax.Array, spec: EvalSpec,
-             loss: jax.Array | float = jnp.nan) -> Evaluation:
+def evaluate(
+    ev: EvalSet, log_q: jax.Array, log_q_cal: jax.Array, spec: EvalSpec, loss: jax.Array | float = jnp.nan
+) -> Evaluation:
     """Everything measured at a checkpoint, from the model's log q on the evaluation set (G, M)
     and on the labelled sample (S, M), and the mean training loss since the last checkpoint.
 
@@ -492,8 +525,12 @@ def evaluate(ev: EvalSet, log_q: jax.Array, log_q_cal: jax.Array, spec: EvalSpec
     in ``errors``); tables, columns, sort keys and memory estimates follow from the records.
     """
     scalars, density = errors(ev, log_q)
-    values = (scalars | estimated_calibration(log_q_cal, ev.cal_y, spec) | true_calibration(ev, log_q, spec)
-              | {"loss": jnp.asarray(loss, jnp.float32)})
+    values = (
+        scalars
+        | estimated_calibration(log_q_cal, ev.cal_y, spec)
+        | true_calibration(ev, log_q, spec)
+        | {"loss": jnp.asarray(loss, jnp.float32)}
+    )
     return Evaluation(_pick(Scalars, values), density, _pick(ReliabilityBins, values))
 
 

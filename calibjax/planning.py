@@ -40,9 +40,9 @@ from calibjax import sweep as sweep_mod
 # wide that a small sweep pays for thousands of padding runs (not re-measured since).
 CPU_INNER_BATCH = 8
 GPU_INNER_BATCH = 1024
-CPU_MAX_CHUNK = 1024    # most runs per chunk: bounds lost work on a kill
+CPU_MAX_CHUNK = 1024  # most runs per chunk: bounds lost work on a kill
 GPU_MAX_CHUNK = 16384
-MEMORY_FRACTION = 0.5   # of device (or, on CPU, host) memory a chunk may plan to use
+MEMORY_FRACTION = 0.5  # of device (or, on CPU, host) memory a chunk may plan to use
 # A chunk is the work an interruption can lose: at most this long by a nominal rate per device.
 # The rate is a fixed constant, not measured, so that chunk boundaries (and names) depend only on
 # the sweep and the layout, and processes sharing a directory plan the same chunks.
@@ -79,11 +79,16 @@ def memory_per_run(static: train.Static) -> tuple[int, int]:
     n_params = sum(a * b + b for a, b in itertools.pairwise(widths))
     units = sum(widths)
     g, m, nb = static.eval.points, static.num_classes, static.eval.num_bins
-    s, p = static.eval.calibration_samples, static.curve_points ** static.dim
-    working = F32 * (4 * n_params + 3 * static.batch_size * units
-                     + (g + s) * (static.dim + 2 * m + nb + 5) + 2 * (g + s) * units + p * (units + m)
-                     + 2 * g * static.eval.true_levels
-                     + _estimator_working(static, units))
+    s, p = static.eval.calibration_samples, static.curve_points**static.dim
+    working = F32 * (
+        4 * n_params
+        + 3 * static.batch_size * units
+        + (g + s) * (static.dim + 2 * m + nb + 5)
+        + 2 * (g + s) * units
+        + p * (units + m)
+        + 2 * g * static.eval.true_levels
+        + _estimator_working(static, units)
+    )
     table_bytes = sum(rows * cols * F64 for rows, cols in tables.row_counts(static).values())
     return working, tables.output_bytes(static) + table_bytes
 
@@ -101,10 +106,10 @@ def device_memory(device) -> int:
 class Layout:
     """How a group's runs are laid out on the hardware."""
 
-    devices: tuple      # devices the run axis is sharded over
-    inner_batch: int    # runs vmapped together on one device, always (lax.map over such batches)
-    max_chunk: int      # most runs per chunk (written, locked and resumed as a unit)
-    memory: int         # bytes per device a chunk may plan to use
+    devices: tuple  # devices the run axis is sharded over
+    inner_batch: int  # runs vmapped together on one device, always (lax.map over such batches)
+    max_chunk: int  # most runs per chunk (written, locked and resumed as a unit)
+    memory: int  # bytes per device a chunk may plan to use
     max_chunk_s: float = MAX_CHUNK_SECONDS  # most nominal seconds of work per chunk
     dense: str = "xla"  # how the dense layers are computed: "kernel" (calibjax's CPU kernel) or "xla"
 
@@ -136,17 +141,28 @@ class Layout:
         return runs, math.ceil(runs / per_call) * per_call
 
     def describe(self) -> dict:
-        return {"devices": len(self.devices), "backend": self.backend, "inner_batch": self.inner_batch,
-                "max_chunk": self.max_chunk, "memory_per_device": self.memory, "max_chunk_s": self.max_chunk_s,
-                "dense": self.dense}
+        return {
+            "devices": len(self.devices),
+            "backend": self.backend,
+            "inner_batch": self.inner_batch,
+            "max_chunk": self.max_chunk,
+            "memory_per_device": self.memory,
+            "max_chunk_s": self.max_chunk_s,
+            "dense": self.dense,
+        }
 
     def static(self, static: train.Static) -> train.Static:
         """A group's settings as this layout compiles them (its dense-layer products)."""
         return static if static.dense == self.dense else dataclasses.replace(static, dense=self.dense)
 
 
-def default_layout(chunk_size: int | None = None, inner_batch: int | None = None,
-                   devices=None, max_chunk_s: float = MAX_CHUNK_SECONDS, dense: str | None = None) -> Layout:
+def default_layout(
+    chunk_size: int | None = None,
+    inner_batch: int | None = None,
+    devices=None,
+    max_chunk_s: float = MAX_CHUNK_SECONDS,
+    dense: str | None = None,
+) -> Layout:
     """The fastest layout measured for the hardware at hand (benchmarks/throughput.py --explore).
 
     dense: "kernel", "xla" or "auto" (``cpu_kernel.resolve``; None: ``dense_choice(None)``).
@@ -181,7 +197,7 @@ class Chunk:
     group: int
     static: train.Static
     run_ids: np.ndarray  # int64, ascending
-    size: int    # runs per chunk of its group, rounded up to whole batches on every device
+    size: int  # runs per chunk of its group, rounded up to whole batches on every device
     sweep: sweep_mod.Sweep | None = field(default=None, repr=False)  # knows the runs' identities
 
     @functools.cached_property
@@ -220,7 +236,7 @@ def plan_chunks(sw: sweep_mod.Sweep, layout: Layout, run_ids=None, done=frozense
         if len(ids):
             runs, size = layout.chunk_size(len(ids), static)
             for start in range(0, len(ids), runs):
-                todo = ids[start:start + runs]
+                todo = ids[start : start + runs]
                 todo = todo[~np.isin(todo, done)] if len(done) else todo
                 if len(todo):
                     chunks.append(Chunk(g, static, todo, size, sw))
@@ -235,8 +251,13 @@ def estimate_seconds(chunks: list[Chunk], layout: Layout) -> float:
 
 
 def duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
-        f"{seconds / 3600:.1f} h"
+    return (
+        f"{seconds:.0f} s"
+        if seconds < 120
+        else f"{seconds / 60:.0f} min"
+        if seconds < 7200
+        else f"{seconds / 3600:.1f} h"
+    )
 
 
 def matmul_rate(seconds: float = 1.0, n: int = 1024) -> float:
@@ -261,12 +282,21 @@ def plan(sw: sweep_mod.Sweep, layout: Layout, shard=None, done=frozenset()) -> p
         st = cs[0].static
         working, held = memory_per_run(st)
         n = sum(len(c.run_ids) for c in cs)
-        rows.append({"group": g, "hidden": "-".join(map(str, st.hidden)), "optimizer": st.optimizer,
-                     "batch_size": st.batch_size, "steps": st.steps, "classes": st.num_classes,
-                     "dim": st.dim, "runs": n, "chunks": len(cs), "runs_per_chunk": cs[0].size,
-                     "inner_batch": layout.inner_batch,
-                     "memory_per_chunk_mb": (layout.inner_batch * working * len(layout.devices)
-                                             + cs[0].size * held) / 2**20,
-                     "est_seconds": COMPILE_S + n * st.flops_per_run / rate})
+        rows.append(
+            {
+                "group": g,
+                "hidden": "-".join(map(str, st.hidden)),
+                "optimizer": st.optimizer,
+                "batch_size": st.batch_size,
+                "steps": st.steps,
+                "classes": st.num_classes,
+                "dim": st.dim,
+                "runs": n,
+                "chunks": len(cs),
+                "runs_per_chunk": cs[0].size,
+                "inner_batch": layout.inner_batch,
+                "memory_per_chunk_mb": (layout.inner_batch * working * len(layout.devices) + cs[0].size * held) / 2**20,
+                "est_seconds": COMPILE_S + n * st.flops_per_run / rate,
+            }
+        )
     return pd.DataFrame(rows, columns=None if rows else ["group", "runs", "chunks", "est_seconds"])
-

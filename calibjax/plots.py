@@ -74,40 +74,60 @@ def posterior_curves(curves: pd.DataFrame, runs: pd.DataFrame, case: str, steps,
         for c, dc in d.groupby("class"):
             g = dc.groupby("x")
             stats = g["model_prob"].quantile([0.5, *BAND]).unstack()
-            line, = ax.plot(stats.index, stats[0.5], label=f"model P(c{c}|x)")
+            (line,) = ax.plot(stats.index, stats[0.5], label=f"model P(c{c}|x)")
             seeds = dc["run_id"].nunique()
-            ax.fill_between(stats.index, stats[BAND[0]], stats[BAND[1]], color=line.get_color(), alpha=0.25,
-                            label=f"min-max over {seeds} seeds" if c == 1 else None)
-            ax.plot(stats.index, g["true_prob"].first(), "--", color="k", lw=1,
-                    label="exact" if c == 1 else None)
+            ax.fill_between(
+                stats.index,
+                stats[BAND[0]],
+                stats[BAND[1]],
+                color=line.get_color(),
+                alpha=0.25,
+                label=f"min-max over {seeds} seeds" if c == 1 else None,
+            )
+            ax.plot(stats.index, g["true_prob"].first(), "--", color="k", lw=1, label="exact" if c == 1 else None)
         ax.set(title=f"{case}: step {step}", xlabel="x", ylim=(-0.02, 1.02))
     axes[0][0].set_ylabel("P(C | x)")
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False,
-                       title="lines: median over seeds", title_fontsize=7)
+    axes[0][-1].legend(
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        frameon=False,
+        title="lines: median over seeds",
+        title_fontsize=7,
+    )
     return _save(fig, path)
 
 
-def kl_vs_steps(metrics: pd.DataFrame, runs: pd.DataFrame, path: Path, by: str = "case",
-                title: str = "") -> Path:
+def kl_vs_steps(metrics: pd.DataFrame, runs: pd.DataFrame, path: Path, by: str = "case", title: str = "") -> Path:
     """kl against steps (log-log), median over the runs of each `by` value with an interquartile band."""
     df = metrics.merge(runs[["run_id", by]], on="run_id")
     df = df[df["step"] > 0]
     fig, ax = _subplots(1, (5.5, 3.8))
     for key, d in df.groupby(by, sort=False):
         q = d.groupby("step")["kl"].quantile([0.25, 0.5, 0.75]).unstack()
-        line, = ax.plot(q.index, q[0.5], marker="o", ms=3, label=f"{by} {fmt(key)}" if by != "case" else str(key))
+        (line,) = ax.plot(q.index, q[0.5], marker="o", ms=3, label=f"{by} {fmt(key)}" if by != "case" else str(key))
         ax.fill_between(q.index, q[0.25], q[0.75], color=line.get_color(), alpha=0.2)
     ax.fill_between([], [], [], color="grey", alpha=0.2, label="interquartile range over runs")
-    ax.set(xscale="log", yscale="log", xlabel="training steps (mini-batch updates)",
-           ylabel="E_x KL(P(C|x) || q(C|x))  [nats]", title=title)
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="training steps (mini-batch updates)",
+        ylabel="E_x KL(P(C|x) || q(C|x))  [nats]",
+        title=title,
+    )
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False,
-              title="median over runs", title_fontsize=7)
+    ax.legend(
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        frameon=False,
+        title="median over runs",
+        title_fontsize=7,
+    )
     return _save(fig, path)
 
 
-def error_by_density(density: pd.DataFrame, runs: pd.DataFrame, path: Path, by: str = "case",
-                     x: str = "step") -> Path:
+def error_by_density(density: pd.DataFrame, runs: pd.DataFrame, path: Path, by: str = "case", x: str = "step") -> Path:
     """max |P - q| per log10-density bin (median over seeds), one panel per `by`, against
     training steps or, at the last checkpoint, against a swept setting ``x`` (e.g. n_data;
     an infinite value, online, is drawn at the right end)."""
@@ -127,13 +147,32 @@ def error_by_density(density: pd.DataFrame, runs: pd.DataFrame, path: Path, by: 
         cmap = matplotlib.colormaps["viridis"].resampled(len(bins))
         for i, (lo, hi) in enumerate(bins):
             m = med.loc[(lo, hi)]
-            ax.plot(m.index, m["max_err"], color=cmap(i), marker="o" if x != "step" else None, ms=3,
-                    label=f"({lo:g}, {hi:g}]  mass {m['mass'].iloc[0]:.1e}")
-        ax.set(xscale="log", title=str(key), xlabel="training steps" if x == "step" else
-               f"{x} (at step {int(df['step'].max())}; rightmost point: online)"
-               if np.isinf(runs[x]).any() else x)
-        ax.legend(fontsize=6, title="log10 p(x) bin", title_fontsize=6, loc="upper center",
-                  bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
+            ax.plot(
+                m.index,
+                m["max_err"],
+                color=cmap(i),
+                marker="o" if x != "step" else None,
+                ms=3,
+                label=f"({lo:g}, {hi:g}]  mass {m['mass'].iloc[0]:.1e}",
+            )
+        ax.set(
+            xscale="log",
+            title=str(key),
+            xlabel="training steps"
+            if x == "step"
+            else f"{x} (at step {int(df['step'].max())}; rightmost point: online)"
+            if np.isinf(runs[x]).any()
+            else x,
+        )
+        ax.legend(
+            fontsize=6,
+            title="log10 p(x) bin",
+            title_fontsize=6,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.18),
+            ncol=2,
+            frameon=False,
+        )
     axes[0][0].set_ylabel("max |P - q| in bin (median over seeds)")
     return _save(fig, path)
 
@@ -196,8 +235,9 @@ def nearest_value(values: np.ndarray, x: float) -> float | None:
     if np.isclose(finite[i], x, rtol=1e-6, atol=0.0):
         return float(finite[i])
     gaps = np.diff(finite)
-    half = 0.5 * min([g for g in (gaps[i - 1] if i > 0 else None, gaps[i] if i < len(gaps) else None)
-                      if g is not None], default=0.0)
+    half = 0.5 * min(
+        [g for g in (gaps[i - 1] if i > 0 else None, gaps[i] if i < len(gaps) else None) if g is not None], default=0.0
+    )
     return float(finite[i]) if abs(finite[i] - x) < half else None
 
 
@@ -233,15 +273,25 @@ def standard_figures(out: str | Path) -> list[Path]:
     pooled = [a for a in axes if a != line_by]
     metrics = store.read_table(out, "metrics", columns=["run_id", "step", "kl"])
     last = int(metrics["step"].max())
-    figs.append(kl_vs_steps(metrics, runs, fig_dir / "kl_vs_steps.png", by=line_by,
-                            title=f"pooled over {', '.join(pooled)} and seeds" if pooled else ""))
+    figs.append(
+        kl_vs_steps(
+            metrics,
+            runs,
+            fig_dir / "kl_vs_steps.png",
+            by=line_by,
+            title=f"pooled over {', '.join(pooled)} and seeds" if pooled else "",
+        )
+    )
     if small:
         figs.append(error_by_density(t["density"], runs, fig_dir / "error_by_density.png"))
         for case in cases:
             ids = runs.loc[runs["case"] == case, "run_id"]
             if "calibration" in t:
-                figs.append(reliability(t["calibration"], ids, last, fig_dir / f"reliability_{case}.png",
-                                        title=f"{case}: step {last}"))
+                figs.append(
+                    reliability(
+                        t["calibration"], ids, last, fig_dir / f"reliability_{case}.png", title=f"{case}: step {last}"
+                    )
+                )
     if "curves" in t and small:
         plot_steps = (store.read_manifest(out) or {}).get("plot_steps") or {}
         checkpoints = sorted(t["curves"]["step"].unique())
@@ -262,8 +312,7 @@ def standard_figures(out: str | Path) -> list[Path]:
                 figs.append(summary_lines(agg, axes[0], value, fig_dir / f"{value}_vs_{axes[0]}.png"))
             if len(cases) <= MAX_PANELS:
                 density = store.read_table(out, "density", filters=[("step", "==", last)])
-                figs.append(error_by_density(density, runs, fig_dir / f"error_by_density_vs_{axes[0]}.png",
-                                             x=axes[0]))
+                figs.append(error_by_density(density, runs, fig_dir / f"error_by_density_vs_{axes[0]}.png", x=axes[0]))
         # A map's x and y must be numbers; a third axis (a number or a name, such as activation)
         # is drawn side by side.
         numeric = [c for c in axes if pd.api.types.is_numeric_dtype(agg[c])]
@@ -280,20 +329,35 @@ def standard_figures(out: str | Path) -> list[Path]:
             # Where the task varies, so does its learnable information I(C;X): thresholds on kl_rel
             # compare like with like; otherwise kl in nats.
             metric = "kl_rel" if any(TASK_COLUMN.match(c) for c in axes[:2]) else "kl"
-            timing = [c for c in agg.columns for prefix in summaries.TIMING_PREFIXES
-                      if c.startswith(f"{prefix}{metric}_") and _is_number(c[len(f"{prefix}{metric}_"):])]
+            timing = [
+                c
+                for c in agg.columns
+                for prefix in summaries.TIMING_PREFIXES
+                if c.startswith(f"{prefix}{metric}_") and _is_number(c[len(f"{prefix}{metric}_") :])
+            ]
             for value in timing + [f"final_{metric}"]:
                 for case, d in per_case:
                     name = f"heatmap_{value}.png" if case is None else f"heatmap_{value}_{case}.png"
-                    figs.append(heatmap(d, axes[0], axes[1], value, fig_dir / name, facet,
-                                        title=None if case is None else f"{case}: {value}, median over seeds"))
+                    figs.append(
+                        heatmap(
+                            d,
+                            axes[0],
+                            axes[1],
+                            value,
+                            fig_dir / name,
+                            facet,
+                            title=None if case is None else f"{case}: {value}, median over seeds",
+                        )
+                    )
     return figs
 
 
 # ---------------------------------------------------------------- learnability maps
 
-TASK_COLUMN = re.compile(r"^(?:(?:mu|sigma)\d+(?:_k\d+)?(?:_d\d+)?|prior\d+|weight\d+_k\d+"
-                         r"|num_classes|num_components|dim)$")
+TASK_COLUMN = re.compile(
+    r"^(?:(?:mu|sigma)\d+(?:_k\d+)?(?:_d\d+)?|prior\d+|weight\d+_k\d+"
+    r"|num_classes|num_components|dim)$"
+)
 
 
 def _is_number(text: str) -> bool:
@@ -332,8 +396,16 @@ def pooled_settings(agg: pd.DataFrame, *shown) -> str:
     return ", ".join(_varying(agg, [c for c in summaries.setting_columns(agg) if c not in shown]))
 
 
-def heatmap(agg: pd.DataFrame, x: str, y: str, value: str, path: Path, facet: str | None = None,
-            title: str | None = None, runs: pd.DataFrame | None = None) -> Path:
+def heatmap(
+    agg: pd.DataFrame,
+    x: str,
+    y: str,
+    value: str,
+    path: Path,
+    facet: str | None = None,
+    title: str | None = None,
+    runs: pd.DataFrame | None = None,
+) -> Path:
     """A summary (median over seeds) over two swept settings; 'never' cells hatched grey.
 
     ``agg`` is summary_by_setting; ``runs`` (optional) tells unswept settings from unknown names.
@@ -346,12 +418,16 @@ def heatmap(agg: pd.DataFrame, x: str, y: str, value: str, path: Path, facet: st
                 if runs[col].nunique() > 1:
                     first = runs.groupby("case", sort=False)[col].first()
                     per_case = ", ".join(f"{c} {fmt(v)}" for c, v in first.items())
-                    raise PlotError(f"{name} {col}: set per case ({per_case}), not a grid axis; a heatmap needs "
-                                    f"two grid axes; {axes}")
+                    raise PlotError(
+                        f"{name} {col}: set per case ({per_case}), not a grid axis; a heatmap needs "
+                        f"two grid axes; {axes}"
+                    )
                 raise PlotError(f"{name} {col}: this setting was not swept (one value: {runs[col].iloc[0]}); {axes}")
-            raise PlotError(f"{name} {col}: no such column; settings: "
-                            f"{', '.join(c for c in agg.columns if c in (runs.columns if runs is not None else []))}"
-                            f"; summaries: {', '.join(c for c in summaries.value_columns(agg) if '_q' not in c)}")
+            raise PlotError(
+                f"{name} {col}: no such column; settings: "
+                f"{', '.join(c for c in agg.columns if c in (runs.columns if runs is not None else []))}"
+                f"; summaries: {', '.join(c for c in summaries.value_columns(agg) if '_q' not in c)}"
+            )
     for name, col in (("--x", x), ("--y", y), ("--facet", facet)):
         if col is not None and agg[col].nunique() < 2:
             raise PlotError(f"{name} {col}: this setting was not swept (one value: {agg[col].iloc[0]})")
@@ -360,8 +436,11 @@ def heatmap(agg: pd.DataFrame, x: str, y: str, value: str, path: Path, facet: st
     finite = finite[np.isfinite(finite)]
     positive = len(finite) and finite.min() > 0
     log_color = bool(positive and finite.max() / finite.min() > 20)
-    norm = (matplotlib.colors.LogNorm(finite.min(), finite.max()) if log_color else
-            matplotlib.colors.Normalize(finite.min() if len(finite) else 0, finite.max() if len(finite) else 1))
+    norm = (
+        matplotlib.colors.LogNorm(finite.min(), finite.max())
+        if log_color
+        else matplotlib.colors.Normalize(finite.min() if len(finite) else 0, finite.max() if len(finite) else 1)
+    )
     fig, axes = _subplots(len(facets), figsize=(4.6 * len(facets) + 1.2, 4.0), squeeze=False)
     xs, ys = np.sort(agg[x].unique()), np.sort(agg[y].unique())
     xlog, ylog = _is_log_spaced(xs), _is_log_spaced(ys)
@@ -369,28 +448,45 @@ def heatmap(agg: pd.DataFrame, x: str, y: str, value: str, path: Path, facet: st
         d = agg if fv is None else agg[agg[facet] == fv]
         grid = d.pivot_table(index=y, columns=x, values=value, aggfunc="median", dropna=False)
         grid = grid.reindex(index=ys, columns=xs).to_numpy(float)
-        mesh = ax.pcolormesh(_edges(xs, xlog), _edges(ys, ylog), np.ma.masked_invalid(grid), norm=norm,
-                             cmap="viridis", shading="flat")
+        mesh = ax.pcolormesh(
+            _edges(xs, xlog), _edges(ys, ylog), np.ma.masked_invalid(grid), norm=norm, cmap="viridis", shading="flat"
+        )
         never = np.isposinf(grid)
         if never.any():
-            ax.pcolor(_edges(xs, xlog), _edges(ys, ylog), np.ma.masked_where(~never, np.ones_like(grid)),
-                      cmap=matplotlib.colors.ListedColormap(["#d9d9d9"]), hatch="///", edgecolor="#888888",
-                      shading="flat", linewidth=0)
+            ax.pcolor(
+                _edges(xs, xlog),
+                _edges(ys, ylog),
+                np.ma.masked_where(~never, np.ones_like(grid)),
+                cmap=matplotlib.colors.ListedColormap(["#d9d9d9"]),
+                hatch="///",
+                edgecolor="#888888",
+                shading="flat",
+                linewidth=0,
+            )
         for axis, values, log in ((ax.xaxis, xs, xlog), (ax.yaxis, ys, ylog)):
             if log:
                 (ax.set_xscale if axis is ax.xaxis else ax.set_yscale)("log")
-            shown = values[::max(1, len(values) // 6)]
+            shown = values[:: max(1, len(values) // 6)]
             axis.set_ticks(shown, [f"{v:.3g}" for v in shown])
             axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             axis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set(xlabel=x + (" (log)" if xlog else ""), ylabel=y + (" (log)" if ylog else ""),
-               title=(f"{facet} = {fv:g}" if isinstance(fv, float) else f"{facet} = {fv}") if facet else None)
+        ax.set(
+            xlabel=x + (" (log)" if xlog else ""),
+            ylabel=y + (" (log)" if ylog else ""),
+            title=(f"{facet} = {fv:g}" if isinstance(fv, float) else f"{facet} = {fv}") if facet else None,
+        )
     cbar = fig.colorbar(mesh, ax=axes[0].tolist())
     cbar.set_label(value + " (median over seeds)")
     if (np.isposinf(agg[value].to_numpy(float))).any():
-        axes[0][0].legend(handles=[matplotlib.patches.Patch(facecolor="#d9d9d9", hatch="///", edgecolor="#888888",
-                                                            label="never reached")], loc="upper left",
-                          bbox_to_anchor=(0.0, -0.13), fontsize=8, frameon=False)
+        axes[0][0].legend(
+            handles=[
+                matplotlib.patches.Patch(facecolor="#d9d9d9", hatch="///", edgecolor="#888888", label="never reached")
+            ],
+            loc="upper left",
+            bbox_to_anchor=(0.0, -0.13),
+            fontsize=8,
+            frameon=False,
+        )
     pooled = pooled_settings(agg, x, y, facet)
     fig.suptitle(title or f"{value}: median over seeds" + (f"; median over {pooled}" if pooled else ""))
     return _save(fig, path)
@@ -421,33 +517,59 @@ def reliability(calibration: pd.DataFrame, run_ids, step: int, path: Path, title
     d = calibration[calibration["run_id"].isin(run_ids) & (calibration["step"] == step)]
     if d.empty:
         steps = sorted(calibration.loc[calibration["run_id"].isin(run_ids), "step"].unique())
-        raise PlotError(f"--step {step}: not a checkpoint of the selected runs; checkpoints: "
-                        f"{', '.join(map(str, steps)) or 'none'}")
-    g = d.groupby("conf_lo").agg(est_count=("est_count", "sum"),
-                                 est_acc=("est_acc", "median"), est_conf=("est_conf", "median"),
-                                 true_mass=("true_mass", "mean"), true_acc=("true_acc", "median"),
-                                 true_conf=("true_conf", "median"))
+        raise PlotError(
+            f"--step {step}: not a checkpoint of the selected runs; checkpoints: {', '.join(map(str, steps)) or 'none'}"
+        )
+    g = d.groupby("conf_lo").agg(
+        est_count=("est_count", "sum"),
+        est_acc=("est_acc", "median"),
+        est_conf=("est_conf", "median"),
+        true_mass=("true_mass", "mean"),
+        true_acc=("true_acc", "median"),
+        true_conf=("true_conf", "median"),
+    )
     fig, ax = _subplots(1, (4.6, 4.4))
     ax.plot([0, 1], [0, 1], "k:", lw=1, label="perfect calibration")
     est = g[g["est_count"] > 0]
     runs = d["run_id"].nunique()
-    ax.plot(est["est_conf"], est["est_acc"], "o-", ms=4,
-            label=f"estimated: labelled samples of {runs} run(s) pooled\n(numbers: examples in the bin)")
+    ax.plot(
+        est["est_conf"],
+        est["est_acc"],
+        "o-",
+        ms=4,
+        label=f"estimated: labelled samples of {runs} run(s) pooled\n(numbers: examples in the bin)",
+    )
     for _, row in est.iterrows():
-        ax.annotate(f"{row['est_count']:.0f}", (row["est_conf"], row["est_acc"]), textcoords="offset points",
-                    xytext=(0, 5), ha="center", fontsize=6, color="C0")
+        ax.annotate(
+            f"{row['est_count']:.0f}",
+            (row["est_conf"], row["est_acc"]),
+            textcoords="offset points",
+            xytext=(0, 5),
+            ha="center",
+            fontsize=6,
+            color="C0",
+        )
     tru = g[g["true_mass"] > 0]
     ax.plot(tru["true_conf"], tru["true_acc"], "s--", ms=4, label="true (exact posterior; median over runs)")
     seen = pd.concat([est["est_conf"], tru["true_conf"]])
     lo = float(np.floor(seen.min() * 20) / 20) if len(seen) else 0.0
-    ax.set(xlim=(lo, 1), ylim=(lo, 1), xlabel="confidence max_c q(c|x)", ylabel="accuracy",
-           title=title or f"step {step}")
+    ax.set(
+        xlim=(lo, 1), ylim=(lo, 1), xlabel="confidence max_c q(c|x)", ylabel="accuracy", title=title or f"step {step}"
+    )
     ax.legend(fontsize=7)
     return _save(fig, path)
 
 
-CLASS_COLORS = np.array([[0.12, 0.47, 0.71], [1.0, 0.5, 0.05], [0.17, 0.63, 0.17], [0.84, 0.15, 0.16],
-                         [0.58, 0.4, 0.74], [0.55, 0.34, 0.29]])
+CLASS_COLORS = np.array(
+    [
+        [0.12, 0.47, 0.71],
+        [1.0, 0.5, 0.05],
+        [0.17, 0.63, 0.17],
+        [0.84, 0.15, 0.16],
+        [0.58, 0.4, 0.74],
+        [0.55, 0.34, 0.29],
+    ]
+)
 
 
 def posterior_map(curves: pd.DataFrame, runs: pd.DataFrame, case: str, steps, path: Path) -> Path:
@@ -470,8 +592,13 @@ def posterior_map(curves: pd.DataFrame, runs: pd.DataFrame, case: str, steps, pa
     panels += [(f"model, step {s}", image(d[d["step"] == s], "model_prob")) for s in steps]
     fig, axes = _subplots(len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False, sharey=True)
     for ax, (title, (xs, ys, prob)) in zip(axes[0], panels, strict=True):
-        ax.imshow(np.clip(prob @ colors, 0, 1), origin="lower", extent=(xs[0], xs[-1], ys[0], ys[-1]),
-                  aspect="auto", interpolation="bilinear")
+        ax.imshow(
+            np.clip(prob @ colors, 0, 1),
+            origin="lower",
+            extent=(xs[0], xs[-1], ys[0], ys[-1]),
+            aspect="auto",
+            interpolation="bilinear",
+        )
         label = prob.argmax(-1)
         for c in range(m):  # each class's region outlined once: shared borders overlap exactly
             if (label == c).any() and not (label == c).all():
@@ -498,7 +625,7 @@ def summary_lines(agg: pd.DataFrame, x: str, value: str, path: Path, hue: str = 
     for key, d in agg.groupby(hue, sort=False):
         d = d.sort_values(x)
         px = np.where(np.isinf(d[x]), inf_at if inf_at else np.nan, d[x])
-        line, = ax.plot(px, d[value], marker="o", ms=3, label=str(key))
+        (line,) = ax.plot(px, d[value], marker="o", ms=3, label=str(key))
         if f"{value}_q25" in d:
             ax.fill_between(px, d[f"{value}_q25"], d[f"{value}_q75"], color=line.get_color(), alpha=0.2)
     if log:
@@ -506,8 +633,10 @@ def summary_lines(agg: pd.DataFrame, x: str, value: str, path: Path, hue: str = 
     if inf_at:
         ticks = list(ax.get_xticks())
         ax.axvline(inf_at / (1.7 if log else 1.05), color="k", lw=0.5, ls=":")
-        ax.set_xticks([t for t in ticks if finite.min() <= t <= finite.max()] + [inf_at],
-                      [f"{t:g}" for t in ticks if finite.min() <= t <= finite.max()] + ["online"])
+        ax.set_xticks(
+            [t for t in ticks if finite.min() <= t <= finite.max()] + [inf_at],
+            [f"{t:g}" for t in ticks if finite.min() <= t <= finite.max()] + ["online"],
+        )
     ax.set(yscale="log", xlabel=x, ylabel=value + " (median, IQR over seeds)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -516,8 +645,14 @@ def summary_lines(agg: pd.DataFrame, x: str, value: str, path: Path, hue: str = 
 
 # ---------------------------------------------------------------- the estimator benchmark
 
-ESTIMATOR_STYLE = {"ece_width": ("C0", "o"), "ece_mass": ("C1", "s"), "ece_sweep": ("C2", "^"),
-                   "ece_l2_debiased": ("C3", "v"), "smece": ("C4", "D"), "ece_classwise": ("C5", "x")}
+ESTIMATOR_STYLE = {
+    "ece_width": ("C0", "o"),
+    "ece_mass": ("C1", "s"),
+    "ece_sweep": ("C2", "^"),
+    "ece_l2_debiased": ("C3", "v"),
+    "smece": ("C4", "D"),
+    "ece_classwise": ("C5", "x"),
+}
 
 
 def estimator_benchmark(bench: pd.DataFrame, path: Path, steps=None) -> Path:
@@ -526,9 +661,15 @@ def estimator_benchmark(bench: pd.DataFrame, path: Path, steps=None) -> Path:
     independent sample of the sweep at that checkpoint is pooled (``summaries.estimator_benchmark``);
     the dashed line is the median true ECE there: an RMSE above it is larger than what it measures."""
     all_steps = sorted(bench["step"].unique())
-    steps = list(steps) if steps is not None else (
-        all_steps if len(all_steps) <= 4 else [all_steps[0], all_steps[len(all_steps) // 3],
-                                                all_steps[2 * len(all_steps) // 3], all_steps[-1]])
+    steps = (
+        list(steps)
+        if steps is not None
+        else (
+            all_steps
+            if len(all_steps) <= 4
+            else [all_steps[0], all_steps[len(all_steps) // 3], all_steps[2 * len(all_steps) // 3], all_steps[-1]]
+        )
+    )
     fig = Figure(figsize=(3.3 * len(steps) + 1.6, 6.2))
     axes = fig.subplots(2, len(steps), squeeze=False, sharex=True, sharey="row")
     for j, step in enumerate(steps):
@@ -556,6 +697,7 @@ def estimator_benchmark(bench: pd.DataFrame, path: Path, steps=None) -> Path:
 
 # ---------------------------------------------------------------- losses
 
+
 def loss_comparison(summary: pd.DataFrame, path: Path, by: str = "case") -> Path:
     """Per training-loss variant (``by``, one row of markers each): the final kl to the posterior
     (measured), the kl of the loss's own population optimum (predicted: a perfectly trained network
@@ -563,16 +705,27 @@ def loss_comparison(summary: pd.DataFrame, path: Path, by: str = "case") -> Path
     panel per task (grid point of the task entries)."""
     tasks_cols = [c for c in summaries.swept_columns(summary) if TASK_COLUMN.match(c)]
     panels = list(summary.groupby(tasks_cols, sort=True)) if tasks_cols else [((), summary)]
-    fig, axes = _subplots(len(panels), (3.0 * len(panels) + 1.5, 0.32 * summary[by].nunique() + 2.2),
-                          squeeze=False, sharey=True, sharex=True)
+    fig, axes = _subplots(
+        len(panels),
+        (3.0 * len(panels) + 1.5, 0.32 * summary[by].nunique() + 2.2),
+        squeeze=False,
+        sharey=True,
+        sharex=True,
+    )
     labels = list(dict.fromkeys(summary[by]))
     floor = 1e-6  # kl_optimum is 0 for proper losses: drawn at the axis floor
     for ax, (key, d) in zip(axes[0], panels, strict=True):
         med = d.groupby(by)[[c for c in ("final_kl", "final_kl_optimum", "final_kl_ts") if c in d]].median()
         y = np.arange(len(labels))
         med = med.reindex(labels)
-        ax.scatter(np.maximum(med["final_kl_optimum"], floor), y, marker="|", s=160, color="k",
-                   label="predicted: kl of the loss's optimum (0, a proper loss, at the left edge)")
+        ax.scatter(
+            np.maximum(med["final_kl_optimum"], floor),
+            y,
+            marker="|",
+            s=160,
+            color="k",
+            label="predicted: kl of the loss's optimum (0, a proper loss, at the left edge)",
+        )
         ax.scatter(med["final_kl"], y, marker="o", color="C0", label="trained")
         if "final_kl_ts" in med:
             ax.scatter(med["final_kl_ts"], y, marker="x", color="C3", label="trained, temperature-scaled")

@@ -21,14 +21,25 @@ import numpy as np
 
 _LN2_HI = 6.93147180369123816490e-01  # ln 2 to 32 bits: k * _LN2_HI is exact for |k| < 2^20
 _LN2_LO = 1.90821492927058770002e-10  # ln 2 - _LN2_HI
-_INV_LN2 = 1.44269504088896338700e+00
-_EXP_P = (1.66666666666666019037e-01, -2.77777777770155933842e-03, 6.61375632143793436117e-05,
-          -1.65339022054652515390e-06, 4.13813679705723846039e-08)
-_EXP_OVER = 7.09782712893383973096e+02   # exp overflows above this
-_EXP_UNDER = -7.45133219101941108420e+02  # and is 0 below this
-_LOG_LG = (6.666666666666735130e-01, 3.999999999940941908e-01, 2.857142874366239149e-01,
-           2.222219843214978396e-01, 1.818357216161805012e-01, 1.531383769920937332e-01,
-           1.479819860511658591e-01)
+_INV_LN2 = 1.44269504088896338700e00
+_EXP_P = (
+    1.66666666666666019037e-01,
+    -2.77777777770155933842e-03,
+    6.61375632143793436117e-05,
+    -1.65339022054652515390e-06,
+    4.13813679705723846039e-08,
+)
+_EXP_OVER = 7.09782712893383973096e02  # exp overflows above this
+_EXP_UNDER = -7.45133219101941108420e02  # and is 0 below this
+_LOG_LG = (
+    6.666666666666735130e-01,
+    3.999999999940941908e-01,
+    2.857142874366239149e-01,
+    2.222219843214978396e-01,
+    1.818357216161805012e-01,
+    1.531383769920937332e-01,
+    1.479819860511658591e-01,
+)
 
 
 def _poly(x: np.ndarray, coefficients) -> np.ndarray:
@@ -73,9 +84,11 @@ def log(x) -> np.ndarray | float:
     big_r = z * _poly(w, _LOG_LG[0::2]) + w * _poly(w, _LOG_LG[1::2])
     half_f2 = 0.5 * f * f
     near_edge = (top >= 0x6147A) & (top <= 0x6B851)  # fdlibm's choice of the more accurate form
-    general = np.where(near_edge,
-                       k * _LN2_HI - ((half_f2 - (s * (half_f2 + big_r) + k * _LN2_LO)) - f),
-                       k * _LN2_HI - ((s * (f - big_r) - k * _LN2_LO) - f))
+    general = np.where(
+        near_edge,
+        k * _LN2_HI - ((half_f2 - (s * (half_f2 + big_r) + k * _LN2_LO)) - f),
+        k * _LN2_HI - ((s * (f - big_r) - k * _LN2_LO) - f),
+    )
     r_small = f * f * (0.5 - 0.33333333333333333 * f)
     small = k * _LN2_HI - ((r_small - k * _LN2_LO) - f)  # |f| < 2^-20
     out = np.where(np.abs(f) < 2.0**-20, small, general)

@@ -21,8 +21,16 @@ import pandas as pd
 from calibjax import store, summaries
 
 MAX_ROWS = 200  # rows of summary_by_setting shown (the parquet file has them all)
-SHOWN = ["final_kl", "final_kl_rel", "final_err_dense", "final_err_sparse", "final_true_ece", "steps_to_kl_0.01",
-         "steps_to_kl_rel_0.1", "kl_auc"]
+SHOWN = [
+    "final_kl",
+    "final_kl_rel",
+    "final_err_dense",
+    "final_err_sparse",
+    "final_true_ece",
+    "steps_to_kl_0.01",
+    "steps_to_kl_rel_0.1",
+    "kl_auc",
+]
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{margin-bottom:0}.sub{color:#666;margin-top:.2em}table{border-collapse:collapse;font-size:13px}
@@ -41,23 +49,42 @@ def _facts(manifest: dict, runs: pd.DataFrame | None) -> list[tuple[str, str]]:
     status = runs["status"].value_counts().to_dict() if runs is not None and "status" in runs else {}
     layout = manifest.get("layout") or {}
     facts = [
-        ("sweep", f"{manifest.get('sweep_name')} ({manifest.get('sweep_file')}, sha256 "
-                  f"{str(manifest.get('sweep_sha256'))[:12]})"),
+        (
+            "sweep",
+            f"{manifest.get('sweep_name')} ({manifest.get('sweep_file')}, sha256 "
+            f"{str(manifest.get('sweep_sha256'))[:12]})",
+        ),
         ("runs", f"{manifest.get('runs')} in the sweep; " + ", ".join(f"{v} {k}" for k, v in sorted(status.items()))),
         ("complete", str(manifest.get("complete"))),
-        ("calibjax", f"{versions.get('calibjax')} (numbers version {manifest.get('numbers_version')}); jax "
-                     f"{versions.get('jax')}, jaxlib {versions.get('jaxlib')}, python {manifest.get('python')}"),
-        ("backend", f"{manifest.get('backend')}, {len(manifest.get('devices') or [])} device(s), "
-                    f"{layout.get('inner_batch', manifest.get('vector_width'))} runs vmapped per device"),
+        (
+            "calibjax",
+            f"{versions.get('calibjax')} (numbers version {manifest.get('numbers_version')}); jax "
+            f"{versions.get('jax')}, jaxlib {versions.get('jaxlib')}, python {manifest.get('python')}",
+        ),
+        (
+            "backend",
+            f"{manifest.get('backend')}, {len(manifest.get('devices') or [])} device(s), "
+            f"{layout.get('inner_batch', manifest.get('vector_width'))} runs vmapped per device",
+        ),
         ("platform", str(manifest.get("platform"))),
     ]
     if manifest.get("wall_s") is not None:
-        facts.append(("last run", f"{manifest.get('trained_this_call')} runs trained in {manifest['wall_s']:.1f} s "
-                                  f"({manifest.get('compile_s', 0):.1f} s compiling), "
-                                  f"{manifest.get('model_steps_per_s', 0):,.0f} model-steps/s"))
+        facts.append(
+            (
+                "last run",
+                f"{manifest.get('trained_this_call')} runs trained in {manifest['wall_s']:.1f} s "
+                f"({manifest.get('compile_s', 0):.1f} s compiling), "
+                f"{manifest.get('model_steps_per_s', 0):,.0f} model-steps/s",
+            )
+        )
     if manifest.get("shards"):
-        facts.append(("shards", f"{manifest['shards']} (merged: {manifest.get('merged', False)}, missing runs: "
-                                f"{manifest.get('missing_runs', 0)})"))
+        facts.append(
+            (
+                "shards",
+                f"{manifest['shards']} (merged: {manifest.get('merged', False)}, missing runs: "
+                f"{manifest.get('missing_runs', 0)})",
+            )
+        )
     return facts
 
 
@@ -77,8 +104,9 @@ def _figures(out: Path) -> str:
     for png in sorted((out / "figures").glob("*.png")):
         data = base64.b64encode(png.read_bytes()).decode()
         name = html.escape(png.name)
-        parts.append(f'<figure><img alt="{name}" src="data:image/png;base64,{data}">'
-                     f"<figcaption>{name}</figcaption></figure>")
+        parts.append(
+            f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{name}</figcaption></figure>'
+        )
     return "\n".join(parts) or "<p>No figures (run <code>calibjax plot DIR</code>).</p>"
 
 
@@ -105,9 +133,10 @@ the exact posterior; steps_to_*: first checkpoint at which it held ("never": not
 {_summary_table(out)}
 <h2>Figures</h2>
 {_figures(out)}
-<h2>Sweep file</h2><pre>{html.escape(manifest.get('sweep_text', ''))}</pre>
-<h2>Manifest</h2><pre>{html.escape(json.dumps({k: v for k, v in manifest.items() if k != 'sweep_text'},
-                                                  indent=1, default=str))}</pre>
+<h2>Sweep file</h2><pre>{html.escape(manifest.get("sweep_text", ""))}</pre>
+<h2>Manifest</h2><pre>{
+        html.escape(json.dumps({k: v for k, v in manifest.items() if k != "sweep_text"}, indent=1, default=str))
+    }</pre>
 <script>{CHECK}</script>
 </body></html>
 """

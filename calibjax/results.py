@@ -32,14 +32,20 @@ def numbers_identity(backend: str, vector_width: int, dense: str, cpu_class: str
     (``cpu_kernel``) and, on CPU, the class of CPUs that give the same bits (``runtime.cpu_class``:
     with the kernel, every x86-64 CPU with AVX2 or AVX-512; None on other backends, whose numbers
     do not depend on the host CPU). Results join only if all five match."""
-    return {"numbers_version": train.NUMBERS_VERSION, "backend": backend, "vector_width": vector_width,
-            "dense": dense, "cpu_class": cpu_class}
+    return {
+        "numbers_version": train.NUMBERS_VERSION,
+        "backend": backend,
+        "vector_width": vector_width,
+        "dense": dense,
+        "cpu_class": cpu_class,
+    }
 
 
 def recorded_identity(manifest: dict) -> dict:
     """The numbers identity a manifest records (one written before 0.8.0 computed its products with XLA)."""
-    return numbers_identity(manifest.get("backend"), manifest.get("vector_width"), manifest.get("dense", "xla"),
-                            manifest.get("cpu_class"))
+    return numbers_identity(
+        manifest.get("backend"), manifest.get("vector_width"), manifest.get("dense", "xla"), manifest.get("cpu_class")
+    )
 
 
 # The numbers identity of a results directory that no run has written to yet: ``calibjax submit``
@@ -55,9 +61,15 @@ def numbers_pending(manifest: dict) -> bool:
 
 def sweep_manifest(sw: sweep_mod.Sweep) -> dict:
     """What identifies a sweep's results, and what the figures need to know about it."""
-    return {"sweep_name": sw.name, "sweep_file": sw.path, "sweep_sha256": sw.sha256, "sweep_text": sw.text,
-            "runs": len(sw.runs), "groups": len(sw.block_groups[0]),
-            "plot_steps": sw.plot_steps()}
+    return {
+        "sweep_name": sw.name,
+        "sweep_file": sw.path,
+        "sweep_sha256": sw.sha256,
+        "sweep_text": sw.text,
+        "runs": len(sw.runs),
+        "groups": len(sw.block_groups[0]),
+        "plot_steps": sw.plot_steps(),
+    }
 
 
 def check_same_numbers(manifest: dict, where: Path, name: str, identity: dict, hint: str) -> None:
@@ -65,24 +77,33 @@ def check_same_numbers(manifest: dict, where: Path, name: str, identity: dict, h
     another calibjax numbers version, backend, vectorisation width, product path or CPU class
     (``numbers_identity``)."""
     if manifest.get("sweep_name") != name:
-        raise ResultsExist(f"{where}: holds results of a different sweep ({manifest.get('sweep_name')!r}, "
-                           f"not {name!r}); {hint}")
+        raise ResultsExist(
+            f"{where}: holds results of a different sweep ({manifest.get('sweep_name')!r}, not {name!r}); {hint}"
+        )
     if numbers_pending(manifest):
         return
     theirs = manifest.get("numbers_version", 1)
     if theirs != identity["numbers_version"]:
-        raise ResultsExist(f"{where}: holds results of calibjax {manifest.get('versions', {}).get('calibjax', '?')}, "
-                           f"whose runs give other numbers (numbers_version {theirs}, this calibjax has "
-                           f"{identity['numbers_version']}); joining them would mix the two; {hint}")
+        raise ResultsExist(
+            f"{where}: holds results of calibjax {manifest.get('versions', {}).get('calibjax', '?')}, "
+            f"whose runs give other numbers (numbers_version {theirs}, this calibjax has "
+            f"{identity['numbers_version']}); joining them would mix the two; {hint}"
+        )
     recorded = recorded_identity(manifest)
-    for key, what in (("backend", "with backend"), ("vector_width", "with vectorisation width (--inner-batch)"),
-                      ("dense", "with dense-layer products (--dense)"), ("cpu_class", "on CPUs of class")):
+    for key, what in (
+        ("backend", "with backend"),
+        ("vector_width", "with vectorisation width (--inner-batch)"),
+        ("dense", "with dense-layer products (--dense)"),
+        ("cpu_class", "on CPUs of class"),
+    ):
         if recorded[key] != identity[key]:
             if key == "cpu_class":  # a cluster's tasks can land on nodes of several kinds
                 hint = f"keep its runs on CPUs of one kind (SLURM: sbatch --constraint); {hint}"
-            raise ResultsExist(f"{where}: holds results computed {what} {recorded[key]!r}, "
-                               f"not {identity[key]!r}; their runs' last bits differ, so joining them would mix "
-                               f"the two; {hint}")
+            raise ResultsExist(
+                f"{where}: holds results computed {what} {recorded[key]!r}, "
+                f"not {identity[key]!r}; their runs' last bits differ, so joining them would mix "
+                f"the two; {hint}"
+            )
 
 
 def manifest_sweep(manifest: dict) -> sweep_mod.Sweep:
@@ -96,9 +117,12 @@ def check_shard_count(manifest: dict | None, out: Path, shards: int | None, hint
     stored = (manifest or {}).get("shards")
     if shards is not None and stored is not None and shards != stored:
         first = manifest.get("shard_first", 0)
-        raise ResultsExist(f"{out}: split into {stored} shards (manifest.json, fixed when it was first sharded), "
-                           f"not {shards}; " + (hint or f"use --shard K/{stored} (array task ids "
-                                                f"{first}-{first + stored - 1})") + ", or --out for a new directory")
+        raise ResultsExist(
+            f"{out}: split into {stored} shards (manifest.json, fixed when it was first sharded), "
+            f"not {shards}; "
+            + (hint or f"use --shard K/{stored} (array task ids {first}-{first + stored - 1})")
+            + ", or --out for a new directory"
+        )
 
 
 def foreign(out: Path) -> bool:
@@ -115,19 +139,21 @@ def prepare_output(sw: sweep_mod.Sweep, out: Path, identity: dict, overwrite: bo
         # to a temporary file: read again, in case it did so since the first look.
         manifest = store.read_manifest(out)
         if manifest is None:
-            raise ResultsExist(f"{out}: exists and is not a calibjax results directory (no manifest.json); "
-                               "calibjax writes only into a new or empty directory or its own: choose another --out")
+            raise ResultsExist(
+                f"{out}: exists and is not a calibjax results directory (no manifest.json); "
+                "calibjax writes only into a new or empty directory or its own: choose another --out"
+            )
     if manifest is not None and not overwrite:
-        check_same_numbers(manifest, out, sw.name, identity,
-                           "use --overwrite to replace them or --out to write elsewhere")
+        check_same_numbers(
+            manifest, out, sw.name, identity, "use --overwrite to replace them or --out to write elsewhere"
+        )
     if overwrite and manifest is not None:
         store.remove_results(out)
     out.mkdir(parents=True, exist_ok=True)
     store.clean_debris(out)
 
 
-def write_chunk(part: Path, chunk_id: str, static: train.Static, run_ids, run_hashes,
-                result: train.RunResult) -> bool:
+def write_chunk(part: Path, chunk_id: str, static: train.Static, run_ids, run_hashes, result: train.RunResult) -> bool:
     """One finished chunk's tables, written as a unit (False: another process wrote it first)."""
     return store.write_chunk(part, chunk_id, tables.chunk_tables(static, run_ids, result), run_ids, run_hashes)
 
@@ -174,17 +200,32 @@ def merge(out: str | Path) -> list[int]:
     if manifest is None:
         raise sweep_mod.SweepError(f"{out}: no manifest.json here; is it a calibjax results directory?")
     identity = recorded_identity(manifest)
-    check_same_numbers(manifest, out, manifest.get("sweep_name"), identity, "rerun the sweep with this calibjax "
-                       "(calibjax run SWEEP --overwrite)")
+    check_same_numbers(
+        manifest,
+        out,
+        manifest.get("sweep_name"),
+        identity,
+        "rerun the sweep with this calibjax (calibjax run SWEEP --overwrite)",
+    )
     identity = None if numbers_pending(manifest) else identity
     for part in sorted(out.glob("shards/*")):
         m = store.read_manifest(part)
         if m is not None:  # (identity pending: submitted, and no task has filled it in: the first part's)
             identity = identity or recorded_identity(m)
-            check_same_numbers(m, part, manifest.get("sweep_name"), identity,
-                               f"it does not belong with {out}/manifest.json")
+            check_same_numbers(
+                m, part, manifest.get("sweep_name"), identity, f"it does not belong with {out}/manifest.json"
+            )
     sw = manifest_sweep(manifest)
     missing = finalize(out, sweep_mod.runs_table(sw))
-    store.write_json(out / "manifest.json", {**manifest, **(identity or {}), **sweep_manifest(sw),
-                                             "complete": not missing, "merged": True, "missing_runs": len(missing)})
+    store.write_json(
+        out / "manifest.json",
+        {
+            **manifest,
+            **(identity or {}),
+            **sweep_manifest(sw),
+            "complete": not missing,
+            "merged": True,
+            "missing_runs": len(missing),
+        },
+    )
     return missing

@@ -64,7 +64,7 @@ def open_uniform(bits: jax.Array) -> jax.Array:
     1 - 2^-24. With 24 bits, midpoints above 1/2 need a 25th bit and round, the top one to 1.0,
     where the normal quantile is inf (a NaN training example once in 2^24 draws).
     """
-    return ((bits >> np.uint32(9)).astype(jnp.float32) + 0.5) * (2.0 ** -23)
+    return ((bits >> np.uint32(9)).astype(jnp.float32) + 0.5) * (2.0**-23)
 
 
 def below(bits: jax.Array, n: jax.Array) -> jax.Array:

@@ -28,8 +28,8 @@ class SetupError(ValueError):
 class Runtime:
     """What setup() arranged."""
 
-    cpu_devices: int        # CPU devices JAX exposes (what the CPU layout shards runs over)
-    cache_dir: str | None   # persistent compilation cache, or None
+    cpu_devices: int  # CPU devices JAX exposes (what the CPU layout shards runs over)
+    cache_dir: str | None  # persistent compilation cache, or None
 
 
 def _positive_int(name: str) -> int | None:
@@ -119,9 +119,12 @@ def setup(cpu_devices: int | None = None, cache_dir: str | Path | None = None) -
         jax.config.update("jax_num_cpu_devices", devices)
     except RuntimeError:  # backends exist already (JAX accepts an unchanged value silently)
         have = len(jax.devices("cpu"))
-        warnings.warn(f"calibjax.setup: JAX was already initialised with {have} CPU device(s), so calibjax "
-                      f"uses {have}, not {devices}; call calibjax.setup() before any JAX computation",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"calibjax.setup: JAX was already initialised with {have} CPU device(s), so calibjax "
+            f"uses {have}, not {devices}; call calibjax.setup() before any JAX computation",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         devices = have
     else:
         if _xla_flag(PORTABLE_XLA_FLAG) is None:
@@ -144,7 +147,7 @@ def portable_xla() -> bool:
 
 def _xla_flag(prefix: str) -> str | None:
     """The value of the last "--name=value" in $XLA_FLAGS that starts with prefix ("--name="), or None."""
-    values = [f[len(prefix):] for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith(prefix)]
+    values = [f[len(prefix) :] for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith(prefix)]
     return values[-1] if values else None
 
 
@@ -173,8 +176,16 @@ def _compilation_cache(choice: str | Path | None) -> str | None:
 
 # Vector instruction sets, narrowest first, as calibjax names them; XLA's --xla_cpu_max_isa values map onto them.
 ISAS = ("sse4.2", "avx", "avx2", "avx512")
-_XLA_ISAS = {"SSE4_2": "sse4.2", "AVX": "avx", "AVX2": "avx2", "AVX512": "avx512", "AVX512_VNNI": "avx512",
-             "AVX512_BF16": "avx512", "AMX": "avx512", "AMX_FP16": "avx512"}
+_XLA_ISAS = {
+    "SSE4_2": "sse4.2",
+    "AVX": "avx",
+    "AVX2": "avx2",
+    "AVX512": "avx512",
+    "AVX512_VNNI": "avx512",
+    "AVX512_BF16": "avx512",
+    "AMX": "avx512",
+    "AMX_FP16": "avx512",
+}
 
 
 def xla_max_isa() -> str | None:
@@ -254,6 +265,11 @@ def environment() -> dict:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
-    return {"python": sys.version.split()[0], "platform": platform.platform(), "versions": versions,
-            "cpu": {"model": cpu_model(), "signature": cpu_signature(), "isa": cpu_isa(), "cores": usable_cpus()},
-            "backend": jax.default_backend(), "devices": [str(d) for d in jax.local_devices()]}
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "versions": versions,
+        "cpu": {"model": cpu_model(), "signature": cpu_signature(), "isa": cpu_isa(), "cores": usable_cpus()},
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.local_devices()],
+    }

@@ -41,9 +41,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 HOST = socket.gethostname()
-CHUNK_ID = re.compile(r"^g\d{3}-r\d{7}-n\d+-[0-9a-f]{8}$")   # planning.Chunk.chunk_id
+CHUNK_ID = re.compile(r"^g\d{3}-r\d{7}-n\d+-[0-9a-f]{8}$")  # planning.Chunk.chunk_id
 SHARD_PART = re.compile(r"^\d+-of-\d+$")
-LOCK_STALE_S = 120.0   # a lock whose holder has not touched it for this long is abandoned
+LOCK_STALE_S = 120.0  # a lock whose holder has not touched it for this long is abandoned
 HEARTBEAT_S = 20.0
 
 
@@ -71,14 +71,14 @@ def dead_local_writer(tag: str) -> bool:
     host that no longer runs. Writers on other hosts cannot be checked and count as alive."""
     if not tag.startswith(HOST + "-"):
         return False
-    pid = tag[len(HOST) + 1:].split("-")[0]
+    pid = tag[len(HOST) + 1 :].split("-")[0]
     return pid.isdigit() and not _pid_alive(int(pid))
 
 
 def in_flight(name: str) -> bool:
     """True for the name of a temporary file of a live calibjax writer on this host (``.tmp-<host>-<pid>-``)."""
     prefix = f".tmp-{HOST}-"
-    pid = name[len(prefix):].split("-")[0] if name.startswith(prefix) else ""
+    pid = name[len(prefix) :].split("-")[0] if name.startswith(prefix) else ""
     return pid.isdigit() and _pid_alive(int(pid))
 
 
@@ -134,8 +134,9 @@ def write_parquet(path: Path, df: pd.DataFrame, rows_per_group: int = ROWS_PER_G
     def write(tmp):
         writer = None
         for start in range(0, len(df), rows_per_group):
-            part = pa.Table.from_pandas(df.iloc[start:start + rows_per_group], preserve_index=False,
-                                        schema=writer.schema if writer else None)
+            part = pa.Table.from_pandas(
+                df.iloc[start : start + rows_per_group], preserve_index=False, schema=writer.schema if writer else None
+            )
             writer = _write_group(tmp, writer, [part])
         writer.close()
 
@@ -147,6 +148,7 @@ def write_json(path: Path, obj) -> None:
 
 
 # ---------------------------------------------------------------- chunks
+
 
 def chunk_info(d: Path) -> dict | None:
     """A finished chunk's chunk.json (written last), or None unless it lists tables that are all there."""
@@ -174,8 +176,17 @@ def write_chunk(out: Path, chunk_id: str, tables: dict[str, pd.DataFrame], run_i
     try:
         for name, df in tables.items():
             to_parquet(df, tmp / f"{name}.parquet")
-        (tmp / "chunk.json").write_text(json.dumps({"tables": sorted(tables), "run_ids": [int(i) for i in run_ids],
-                                                    "run_hashes": list(run_hashes), "writer": _writer()}) + "\n")
+        (tmp / "chunk.json").write_text(
+            json.dumps(
+                {
+                    "tables": sorted(tables),
+                    "run_ids": [int(i) for i in run_ids],
+                    "run_hashes": list(run_hashes),
+                    "writer": _writer(),
+                }
+            )
+            + "\n"
+        )
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
         target = chunks / chunk_id
         if target.exists():
@@ -203,8 +214,11 @@ def lock_state(path: Path) -> tuple[str, float, bool] | None:
 
 def live_locks(part: Path) -> list[tuple[str, str, float]]:
     """(chunk_id, holder, age) of the chunks being trained now in a results directory or shard part."""
-    return [(p.name[len(".lock-"):], s[0], s[1]) for p in sorted(Path(part).glob("chunks/.lock-*"))
-            if (s := lock_state(p)) is not None and s[2]]
+    return [
+        (p.name[len(".lock-") :], s[0], s[1])
+        for p in sorted(Path(part).glob("chunks/.lock-*"))
+        if (s := lock_state(p)) is not None and s[2]
+    ]
 
 
 class ChunkLock:
@@ -261,8 +275,10 @@ def finished_chunks(out: Path) -> dict[Path, dict[int, str]]:
     """Per finished chunk (its own and its shard parts'), the runs it owns (the run_id it was
     written with -> the run's hash); a run finished twice (say, by two shard layouts) counts once."""
     out = Path(out)
-    dirs = sorted((p for p in [*out.glob("chunks/*"), *out.glob("shards/*/chunks/*")]
-                   if p.is_dir() and CHUNK_ID.match(p.name)), key=lambda p: (p.name, str(p)))
+    dirs = sorted(
+        (p for p in [*out.glob("chunks/*"), *out.glob("shards/*/chunks/*")] if p.is_dir() and CHUNK_ID.match(p.name)),
+        key=lambda p: (p.name, str(p)),
+    )
     owners, seen = {}, set()
     for d in dirs:
         info = chunk_info(d)
@@ -406,7 +422,7 @@ def clean_debris(out: Path) -> None:
     for base in (out, out / "chunks", *out.glob("shards/*"), *out.glob("shards/*/chunks")):
         if base.is_dir():
             for p in [*base.glob(".tmp-*"), *base.glob(".lock-*")]:
-                owner = p.name[len(".tmp-"):] if p.name.startswith(".tmp-") else _read(p)
+                owner = p.name[len(".tmp-") :] if p.name.startswith(".tmp-") else _read(p)
                 if owner and dead_local_writer(owner):
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
@@ -418,8 +434,18 @@ def _read(p: Path) -> str:
         return ""
 
 
-FINAL_FILES = ("runs", "metrics", "density", "calibration", "curves", "estimators", "recalibrated", "summary",
-               "summary_by_setting", "estimator_benchmark")
+FINAL_FILES = (
+    "runs",
+    "metrics",
+    "density",
+    "calibration",
+    "curves",
+    "estimators",
+    "recalibrated",
+    "summary",
+    "summary_by_setting",
+    "estimator_benchmark",
+)
 
 
 def remove_results(out: Path) -> None:
@@ -428,8 +454,11 @@ def remove_results(out: Path) -> None:
     out = Path(out)
     for part in [out, *(p for p in out.glob("shards/*") if SHARD_PART.match(p.name))]:
         for d in part.glob("chunks/*"):
-            if d.is_dir() and CHUNK_ID.match(d.name) and all(
-                    f.suffix == ".parquet" or f.name == "chunk.json" for f in d.iterdir()):
+            if (
+                d.is_dir()
+                and CHUNK_ID.match(d.name)
+                and all(f.suffix == ".parquet" or f.name == "chunk.json" for f in d.iterdir())
+            ):
                 shutil.rmtree(d)
         _rmdir_if_empty(part / "chunks")
         (part / "manifest.json").unlink(missing_ok=True)
@@ -458,11 +487,13 @@ def read_manifest(out: Path) -> dict | None:
     try:
         manifest = json.loads(p.read_text())
     except (OSError, ValueError) as e:
-        raise CorruptResults(f"{p}: not a readable calibjax manifest ({e}); move the directory away, or use "
-                             "--out to write elsewhere") from None
+        raise CorruptResults(
+            f"{p}: not a readable calibjax manifest ({e}); move the directory away, or use --out to write elsewhere"
+        ) from None
     if not isinstance(manifest, dict) or "sweep_sha256" not in manifest:
-        raise CorruptResults(f"{p}: not a calibjax manifest (no sweep_sha256); move the directory away, or use "
-                             "--out to write elsewhere")
+        raise CorruptResults(
+            f"{p}: not a calibjax manifest (no sweep_sha256); move the directory away, or use --out to write elsewhere"
+        )
     return manifest
 
 
@@ -491,8 +522,12 @@ def read_table(out: str | Path, name: str, columns=None, filters=None) -> pd.Dat
     if name not in FINAL_FILES:
         raise ValueError(f"{name!r}: not a calibjax table; tables are {', '.join(FINAL_FILES)}")
     out = Path(out)
-    return read_parquet(out / f"{name}.parquet", columns, filters,
-                        hint=f"rerun the sweep's command (or calibjax merge {out}) to write it again")
+    return read_parquet(
+        out / f"{name}.parquet",
+        columns,
+        filters,
+        hint=f"rerun the sweep's command (or calibjax merge {out}) to write it again",
+    )
 
 
 def table_columns(out: str | Path, name: str) -> list[str]:

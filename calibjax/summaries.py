@@ -37,8 +37,19 @@ from calibjax import portable, store
 DEFAULT_EPS = (1e-2, 1e-3)
 DEFAULT_REL_EPS = (0.1, 0.01)
 FINAL_WINDOW = 0.1
-FINAL = ("kl", "kl_rel", "kl_optimum", "kl_to_optimum", "tv", "max_err", "err_dense", "err_sparse", "true_ece",
-         "cal_term", "ece")
+FINAL = (
+    "kl",
+    "kl_rel",
+    "kl_optimum",
+    "kl_to_optimum",
+    "tv",
+    "max_err",
+    "err_dense",
+    "err_sparse",
+    "true_ece",
+    "cal_term",
+    "ece",
+)
 # After temperature scaling (recalibrated.parquet), as final_<metric>_ts, where the sweep measured it:
 FINAL_SCALED = ("temperature", "kl", "err_sparse", "true_ece", "cal_term", "grouping_term")
 # The metrics columns the per-run summaries read.
@@ -68,11 +79,13 @@ def _crossing(steps: np.ndarray, values: np.ndarray, i: np.ndarray, eps: float) 
 
 def _rows(fn):
     """Let a function of (R, C) arrays also take one run's 1-D arrays (and return a float)."""
+
     def wrapper(steps, values, eps):
         steps, values = np.asarray(steps, float), np.asarray(values, float)
         if values.ndim == 1:
             return float(fn(steps[None], values[None], eps)[0])
         return fn(np.broadcast_to(steps, values.shape), values, eps)
+
     wrapper.__doc__, wrapper.__name__ = fn.__doc__, fn.__name__
     return wrapper
 
@@ -108,15 +121,25 @@ def _median(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return np.where(n == 0, math.nan, np.where(n % 2 == 1, lo, (lo + hi) / 2))
 
 
-def summarize(metrics: pd.DataFrame, runs: pd.DataFrame, eps=DEFAULT_EPS, rel_eps=DEFAULT_REL_EPS,
-              recalibrated: pd.DataFrame | None = None) -> pd.DataFrame:
+def summarize(
+    metrics: pd.DataFrame,
+    runs: pd.DataFrame,
+    eps=DEFAULT_EPS,
+    rel_eps=DEFAULT_REL_EPS,
+    recalibrated: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """One row per run: learnability summaries (see the module docstring), joined to the settings;
     with ``recalibrated`` (temperature scaling), final_<m>_ts of its FINAL_SCALED columns too."""
     return runs.merge(per_run(metrics, runs, eps, rel_eps, recalibrated), on="run_id", how="right")
 
 
-def per_run(metrics: pd.DataFrame, runs: pd.DataFrame, eps=DEFAULT_EPS, rel_eps=DEFAULT_REL_EPS,
-            recalibrated: pd.DataFrame | None = None) -> pd.DataFrame:
+def per_run(
+    metrics: pd.DataFrame,
+    runs: pd.DataFrame,
+    eps=DEFAULT_EPS,
+    rel_eps=DEFAULT_REL_EPS,
+    recalibrated: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """The summaries of ``summarize`` alone (run_id and the summary columns), sorted by run_id.
 
     Vectorised: the runs with the same number of checkpoints form one (runs x checkpoints) array
@@ -125,8 +148,9 @@ def per_run(metrics: pd.DataFrame, runs: pd.DataFrame, eps=DEFAULT_EPS, rel_eps=
     finals = list(FINAL)
     if recalibrated is not None:
         scaled = {k: f"{k}_ts" for k in FINAL_SCALED}
-        metrics = metrics.merge(recalibrated[["run_id", "step", *scaled]].rename(columns=scaled),
-                                on=["run_id", "step"], how="left")
+        metrics = metrics.merge(
+            recalibrated[["run_id", "step", *scaled]].rename(columns=scaled), on=["run_id", "step"], how="left"
+        )
         finals += list(scaled.values())
     step, run = metrics["step"].to_numpy(), metrics["run_id"].to_numpy()
     rows = np.flatnonzero(step > 0)
@@ -153,13 +177,19 @@ def per_run(metrics: pd.DataFrame, runs: pd.DataFrame, eps=DEFAULT_EPS, rel_eps=
         window = steps >= (1 - FINAL_WINDOW) * steps[:, -1:]
         out["n_final_checkpoints"] = window.sum(axis=1)
         for k in finals:
-            out[f"final_{k}"] = (np.full(len(steps), math.nan) if k not in columns else
-                                 np.where(diverged, math.nan, _median(col[k], window)))
+            out[f"final_{k}"] = (
+                np.full(len(steps), math.nan)
+                if k not in columns
+                else np.where(diverged, math.nan, _median(col[k], window))
+            )
         gap = col["bayes_accuracy"] - col["accuracy"]
         out["final_accuracy_gap"] = np.where(diverged, math.nan, _median(gap, window))
         logs = portable.log(steps)  # (the base cancels in the ratio)
-        auc = (np.trapezoid(col["kl"], logs, axis=1) / (logs[:, -1] - logs[:, 0]) if c >= 2
-               else np.full(len(steps), math.nan))
+        auc = (
+            np.trapezoid(col["kl"], logs, axis=1) / (logs[:, -1] - logs[:, 0])
+            if c >= 2
+            else np.full(len(steps), math.nan)
+        )
         out["kl_auc"] = np.where(diverged, math.nan, auc)
         parts.append(pd.DataFrame(out))
     done = pd.concat(parts).sort_values("run_id", kind="stable") if parts else pd.DataFrame({"run_id": []})
@@ -178,8 +208,11 @@ def swept_columns(runs: pd.DataFrame) -> list[str]:
             continue
         if runs.groupby("case")[c].nunique(dropna=False).max() > 1:
             cols.append(c)
-    if "hidden" in cols and {"width", "depth"} & set(cols) and \
-            runs.groupby(["width", "depth"])["hidden"].nunique().max() == 1:
+    if (
+        "hidden" in cols
+        and {"width", "depth"} & set(cols)
+        and runs.groupby(["width", "depth"])["hidden"].nunique().max() == 1
+    ):
         cols.remove("hidden")
     return cols
 
@@ -197,7 +230,7 @@ def _group_quantiles(values: np.ndarray, group: np.ndarray, n_groups: int, qs) -
     start = np.concatenate(([0], np.cumsum(n)[:-1]))
     out = []
     for q in qs:
-        virtual = n * q + (1 + q * (1 - 1 - 1)) - 1    # numpy's virtual index, method "linear"
+        virtual = n * q + (1 + q * (1 - 1 - 1)) - 1  # numpy's virtual index, method "linear"
         prev = np.floor(virtual)
         gamma = virtual - prev
         top = virtual >= n - 1
@@ -237,8 +270,9 @@ def aggregate(summary: pd.DataFrame, by: list[str] | None = None) -> pd.DataFram
     out = sizes.index.to_frame(index=False) if len(by) else pd.DataFrame(index=range(len(sizes)))
     n = len(sizes)
     out["n_runs"] = sizes.to_numpy()
-    out["n_diverged"] = np.bincount(code, weights=(summary["status"] == "diverged").to_numpy(), minlength=n
-                                    ).astype(np.int64)
+    out["n_diverged"] = np.bincount(code, weights=(summary["status"] == "diverged").to_numpy(), minlength=n).astype(
+        np.int64
+    )
     for c in value_columns(summary):
         v = summary[c].to_numpy(float)
         out[c], out[f"{c}_q25"], out[f"{c}_q75"] = _group_quantiles(v, code, n, (0.5, 0.25, 0.75))
@@ -250,8 +284,9 @@ def aggregate(summary: pd.DataFrame, by: list[str] | None = None) -> pd.DataFram
 BENCHMARK_KEYS = ("estimator", "n", "step")
 
 
-def estimator_benchmark(estimates: pd.DataFrame, runs: pd.DataFrame | None = None,
-                        by: tuple[str, ...] = ()) -> pd.DataFrame:
+def estimator_benchmark(
+    estimates: pd.DataFrame, runs: pd.DataFrame | None = None, by: tuple[str, ...] = ()
+) -> pd.DataFrame:
     """The calibration-estimator benchmark: per estimator x sample size x checkpoint (and ``by``,
     run columns such as ``case``), over every run and independent sample there:
 
@@ -268,15 +303,29 @@ def estimator_benchmark(estimates: pd.DataFrame, runs: pd.DataFrame | None = Non
         df = df.merge(runs[["run_id", *by]], on="run_id")
     keys = [*BENCHMARK_KEYS, *by]
     err = df["value"] - df["target"]
-    df = df.assign(err=err, sq=err ** 2, rel=err / df["target"], rel_sq=(err / df["target"]) ** 2,
-                   covered=((df["lo"] <= df["target"]) & (df["target"] <= df["hi"])).where(df["lo"].notna()),
-                   width=df["hi"] - df["lo"])
+    df = df.assign(
+        err=err,
+        sq=err**2,
+        rel=err / df["target"],
+        rel_sq=(err / df["target"]) ** 2,
+        covered=((df["lo"] <= df["target"]) & (df["target"] <= df["hi"])).where(df["lo"].notna()),
+        width=df["hi"] - df["lo"],
+    )
     spread = df.groupby([*keys, "run_id"], sort=True)["value"].var(ddof=1).groupby(keys).mean()
     g = df.groupby(keys, sort=True)
-    out = pd.DataFrame({"target": g["target"].mean(), "bias": g["err"].mean(), "sd": np.sqrt(spread),
-                        "rmse": np.sqrt(g["sq"].mean()), "rel_bias": g["rel"].mean(),
-                        "rel_rmse": np.sqrt(g["rel_sq"].mean()), "coverage": g["covered"].mean(),
-                        "width": g["width"].mean(), "samples": g.size()})
+    out = pd.DataFrame(
+        {
+            "target": g["target"].mean(),
+            "bias": g["err"].mean(),
+            "sd": np.sqrt(spread),
+            "rmse": np.sqrt(g["sq"].mean()),
+            "rel_bias": g["rel"].mean(),
+            "rel_rmse": np.sqrt(g["rel_sq"].mean()),
+            "coverage": g["covered"].mean(),
+            "width": g["width"].mean(),
+            "samples": g.size(),
+        }
+    )
     return out.reset_index()
 
 
@@ -289,8 +338,7 @@ def write_summaries(out: str | Path, eps=DEFAULT_EPS, rel_eps=DEFAULT_REL_EPS) -
         raise FileNotFoundError(f"{out}: no metrics.parquet; run (or merge) the sweep first")
     columns = [c for c in store.table_columns(out, "metrics") if c in USED]
     # The metrics are read where they are used, and freed before the join (a million runs' worth is 0.3 GB).
-    found = per_run(store.read_table(out, "metrics", columns=columns), t["runs"], eps, rel_eps,
-                    t.get("recalibrated"))
+    found = per_run(store.read_table(out, "metrics", columns=columns), t["runs"], eps, rel_eps, t.get("recalibrated"))
     summary = t.pop("runs").merge(found, on="run_id", how="right")
     del found
     agg = aggregate(summary)

@@ -62,57 +62,60 @@ _dynamic = functools.partial(_arg_default, train.make_dynamic)
 @dataclass(frozen=True)
 class Setting:
     section: str
-    default: Any   # REQUIRED: no default
-    kind: str      # which validator checks a value (VALIDATORS)
+    default: Any  # REQUIRED: no default
+    kind: str  # which validator checks a value (VALIDATORS)
 
 
 MAX_SAMPLE = 1_000_000  # largest labelled sample of the estimator benchmark (its memory grows with it)
 MAX_RUNS = 10_000_000  # a sweep with more runs is refused before it is expanded (--max-runs raises it)
 REQUIRED = object()
-SETTINGS: dict[str, Setting] = {name: Setting(*spec) for name, spec in {
-    "means": ("task", REQUIRED, "means"),
-    "sigmas": ("task", REQUIRED, "sigmas"),
-    "priors": ("task", None, "priors"),          # None: equal priors
-    "weights": ("task", None, "class_weights"),  # None: equal component weights
-    "hidden": ("model", list(_static("hidden")), "widths"),
-    "width": ("model", None, "pos_int"),         # with depth: hidden = [width] * depth
-    "depth": ("model", None, "nonneg_int"),
-    "activation": ("model", _static("activation"), "activation"),
-    "init": ("model", _static("init"), "init"),
-    "optimizer": ("train", _static("optimizer"), "optimizer"),
-    "loss": ("train", _static("loss"), "loss"),
-    "label_smoothing": ("train", _dynamic("label_smoothing"), "smoothing"),
-    "focal_gamma": ("train", _dynamic("focal_gamma"), "focal_gamma"),
-    "lr": ("train", _dynamic("lr"), "pos_float"),
-    "lr_schedule": ("train", _dynamic("lr_schedule"), "lr_schedule"),
-    "warmup_steps": ("train", _dynamic("warmup_steps"), "nonneg_int"),
-    "final_lr_ratio": ("train", _dynamic("final_lr_ratio"), "unit_float"),
-    "ema_decay": ("train", _dynamic("ema_decay"), "decay"),
-    "proposal_scale": ("train", _dynamic("proposal_scale"), "proposal_scale"),
-    "weight_decay": ("train", _dynamic("weight_decay"), "nonneg_float"),
-    "momentum": ("train", _dynamic("momentum"), "momentum"),
-    "batch_size": ("train", _static("batch_size"), "pos_int"),
-    "n_data": ("train", _dynamic("n_data"), "n_data"),
-    "matmul_precision": ("train", _static("matmul_precision"), "precision"),
-    "steps": ("train", REQUIRED, "pos_int"),
-    "checkpoints": ("train", None, "checkpoints"),  # None: 10, 20, 50, ..., then 0.9, 0.95 x steps and steps
-    "points": ("eval", _eval("points"), "pos_int"),
-    "hdr_mass": ("eval", _eval("hdr_mass"), "fraction"),
-    "density_edges": ("eval", list(_eval("density_edges")), "edges"),
-    "dense_mass": ("eval", _eval("dense_mass"), "fraction"),
-    "sparse_mass": ("eval", _eval("sparse_mass"), "fraction"),
-    "calibration_samples": ("eval", _eval("calibration_samples"), "pos_int"),
-    "calibration_bins": ("eval", _eval("calibration_bins"), "pos_int"),
-    "true_levels": ("eval", _eval("true_levels"), "levels"),
-    "estimator_sizes": ("eval", list(_eval("estimator_sizes")), "sizes"),
-    "estimator_draws": ("eval", _eval("estimator_draws"), "pos_int"),
-    "estimator_bootstrap": ("eval", _eval("estimator_bootstrap"), "nonneg_int"),
-    "temperature_scaling": ("eval", _eval("temperature_scaling"), "bool"),
-    "curves": ("eval", False, "bool"),
-    "curve_points": ("eval", 201, "pos_int"),      # per axis, when curves = true
-    "curve_range": ("eval", None, "range"),        # None: every component's mean +- 4 sigma
-    "plot_steps": ("eval", None, "checkpoints"),  # checkpoints the posterior figure shows; None: 3 spread out
-}.items()}
+SETTINGS: dict[str, Setting] = {
+    name: Setting(*spec)
+    for name, spec in {
+        "means": ("task", REQUIRED, "means"),
+        "sigmas": ("task", REQUIRED, "sigmas"),
+        "priors": ("task", None, "priors"),  # None: equal priors
+        "weights": ("task", None, "class_weights"),  # None: equal component weights
+        "hidden": ("model", list(_static("hidden")), "widths"),
+        "width": ("model", None, "pos_int"),  # with depth: hidden = [width] * depth
+        "depth": ("model", None, "nonneg_int"),
+        "activation": ("model", _static("activation"), "activation"),
+        "init": ("model", _static("init"), "init"),
+        "optimizer": ("train", _static("optimizer"), "optimizer"),
+        "loss": ("train", _static("loss"), "loss"),
+        "label_smoothing": ("train", _dynamic("label_smoothing"), "smoothing"),
+        "focal_gamma": ("train", _dynamic("focal_gamma"), "focal_gamma"),
+        "lr": ("train", _dynamic("lr"), "pos_float"),
+        "lr_schedule": ("train", _dynamic("lr_schedule"), "lr_schedule"),
+        "warmup_steps": ("train", _dynamic("warmup_steps"), "nonneg_int"),
+        "final_lr_ratio": ("train", _dynamic("final_lr_ratio"), "unit_float"),
+        "ema_decay": ("train", _dynamic("ema_decay"), "decay"),
+        "proposal_scale": ("train", _dynamic("proposal_scale"), "proposal_scale"),
+        "weight_decay": ("train", _dynamic("weight_decay"), "nonneg_float"),
+        "momentum": ("train", _dynamic("momentum"), "momentum"),
+        "batch_size": ("train", _static("batch_size"), "pos_int"),
+        "n_data": ("train", _dynamic("n_data"), "n_data"),
+        "matmul_precision": ("train", _static("matmul_precision"), "precision"),
+        "steps": ("train", REQUIRED, "pos_int"),
+        "checkpoints": ("train", None, "checkpoints"),  # None: 10, 20, 50, ..., then 0.9, 0.95 x steps and steps
+        "points": ("eval", _eval("points"), "pos_int"),
+        "hdr_mass": ("eval", _eval("hdr_mass"), "fraction"),
+        "density_edges": ("eval", list(_eval("density_edges")), "edges"),
+        "dense_mass": ("eval", _eval("dense_mass"), "fraction"),
+        "sparse_mass": ("eval", _eval("sparse_mass"), "fraction"),
+        "calibration_samples": ("eval", _eval("calibration_samples"), "pos_int"),
+        "calibration_bins": ("eval", _eval("calibration_bins"), "pos_int"),
+        "true_levels": ("eval", _eval("true_levels"), "levels"),
+        "estimator_sizes": ("eval", list(_eval("estimator_sizes")), "sizes"),
+        "estimator_draws": ("eval", _eval("estimator_draws"), "pos_int"),
+        "estimator_bootstrap": ("eval", _eval("estimator_bootstrap"), "nonneg_int"),
+        "temperature_scaling": ("eval", _eval("temperature_scaling"), "bool"),
+        "curves": ("eval", False, "bool"),
+        "curve_points": ("eval", 201, "pos_int"),  # per axis, when curves = true
+        "curve_range": ("eval", None, "range"),  # None: every component's mean +- 4 sigma
+        "plot_steps": ("eval", None, "checkpoints"),  # checkpoints the posterior figure shows; None: 3 spread out
+    }.items()
+}
 SECTIONS = ("task", "model", "train", "eval")
 TOP_LEVEL = ("name", "description", "seeds", *SECTIONS, "cases", "grid")
 ADDRESS = re.compile(r"^(?:(mu|sigma)(\d+)(?:_k(\d+))?(?:_d(\d+))?|(prior)(\d+)|(weight)(\d+)_k(\d+))$")
@@ -159,7 +162,7 @@ class Block:
     independent axes at their first values: what every point of the block shares."""
 
     run: Run
-    base_task: dict[str, np.ndarray]             # task arrays before entries set by address
+    base_task: dict[str, np.ndarray]  # task arrays before entries set by address
     addresses: tuple[tuple[str, Any, str], ...]  # (address, value, where), in the order applied
 
 
@@ -188,8 +191,17 @@ class Sweep:
     last grid axis fastest). Nothing is expanded up front: a run is made from its index, and the
     groups (compiled programs) and the runs table by index arithmetic over blocks (``Block``)."""
 
-    def __init__(self, name: str, path: str, text: str, base: dict, origin: dict,
-                 cases: list[tuple[str, dict]], axes: list[Axis], seeds: list[int]):
+    def __init__(
+        self,
+        name: str,
+        path: str,
+        text: str,
+        base: dict,
+        origin: dict,
+        cases: list[tuple[str, dict]],
+        axes: list[Axis],
+        seeds: list[int],
+    ):
         self.name, self.path, self.text = name, path, text
         self.base, self.origin, self.cases, self.axes, self.seeds = base, origin, cases, axes, seeds
         self.sizes = np.array([len(a.values) for a in axes], np.int64)
@@ -278,8 +290,9 @@ class Sweep:
         task = blk.run.task
         if by_address:
             task = {k: v.copy() for k, v in blk.base_task.items()}
-            apply_addresses({k: by_address.get(k, v) for k, v, _ in blk.addresses},
-                            {k: w for k, _, w in blk.addresses}, task)
+            apply_addresses(
+                {k: by_address.get(k, v) for k, v, _ in blk.addresses}, {k: w for k, _, w in blk.addresses}, task
+            )
         return Run(blk.run.case, 0, settings, blk.run.origin, task)
 
     def run(self, i: int) -> Run:
@@ -342,11 +355,14 @@ class Sweep:
     def plot_steps(self) -> dict[str, list[int]]:
         """Each case's plot_steps (those of its last block)."""
         per_case = self.n_blocks // len(self.cases)
-        return {name: self.block((c + 1) * per_case - 1).run.settings["plot_steps"]
-                for c, (name, _) in enumerate(self.cases)}
+        return {
+            name: self.block((c + 1) * per_case - 1).run.settings["plot_steps"]
+            for c, (name, _) in enumerate(self.cases)
+        }
 
 
 # ---------------------------------------------------------------- value checks
+
 
 class Invalid(ValueError):
     """A value check failed: what was expected (the caller adds the file, section and key) and the
@@ -365,6 +381,7 @@ def validator(*kinds: str):
         for kind in kinds:
             VALIDATORS[kind] = fn
         return fn
+
     return register
 
 
@@ -417,8 +434,7 @@ def _smoothing(v):
 
 @validator("focal_gamma")
 def _focal_gamma(v):
-    _expect(_is_finite(v) and 0 <= v <= losses.FOCAL_MAX_GAMMA,
-            f"expected a number in [0, {losses.FOCAL_MAX_GAMMA:g}]")
+    _expect(_is_finite(v) and 0 <= v <= losses.FOCAL_MAX_GAMMA, f"expected a number in [0, {losses.FOCAL_MAX_GAMMA:g}]")
     return float(v)
 
 
@@ -433,9 +449,11 @@ PROPOSAL_MAX = 100.0
 
 @validator("proposal_scale")
 def _proposal_scale(v):
-    _expect(_is_finite(v) and 1 <= v <= PROPOSAL_MAX,
-            f"expected a number in [1, {PROPOSAL_MAX:g}] (a proposal narrower than the task would give importance "
-            "weights of unbounded variance)")
+    _expect(
+        _is_finite(v) and 1 <= v <= PROPOSAL_MAX,
+        f"expected a number in [1, {PROPOSAL_MAX:g}] (a proposal narrower than the task would give importance "
+        "weights of unbounded variance)",
+    )
     return float(v)
 
 
@@ -447,9 +465,10 @@ def _levels(v):
 
 @validator("sizes")
 def _sizes(v):
-    _expect(isinstance(v, list) and all(_is_int(n, 2) and n <= MAX_SAMPLE for n in v)
-            and _increasing(v),
-            f"expected a list of increasing sample sizes, each from 2 to {MAX_SAMPLE:,}")
+    _expect(
+        isinstance(v, list) and all(_is_int(n, 2) and n <= MAX_SAMPLE for n in v) and _increasing(v),
+        f"expected a list of increasing sample sizes, each from 2 to {MAX_SAMPLE:,}",
+    )
     return [int(n) for n in v]
 
 
@@ -482,8 +501,10 @@ def _n_data(v):
 
 @validator("widths")
 def _widths(v):
-    _expect(isinstance(v, list) and all(_is_int(w, 1) for w in v),
-            "expected a list of positive integers (hidden layer widths)")
+    _expect(
+        isinstance(v, list) and all(_is_int(w, 1) for w in v),
+        "expected a list of positive integers (hidden layer widths)",
+    )
     return [int(w) for w in v]
 
 
@@ -491,12 +512,18 @@ def _choice(options: list[str]):
     def check(v):
         _expect(v in options, f"expected one of {options}")
         return v
+
     return check
 
 
-for _kind, _options in {"activation": sorted(model.ACTIVATIONS), "init": list(model.INITS),
-                        "optimizer": list(train.OPTIMIZERS), "precision": list(train.PRECISIONS),
-                        "lr_schedule": list(train.LR_SCHEDULES), "loss": list(losses.LOSSES)}.items():
+for _kind, _options in {
+    "activation": sorted(model.ACTIVATIONS),
+    "init": list(model.INITS),
+    "optimizer": list(train.OPTIMIZERS),
+    "precision": list(train.PRECISIONS),
+    "lr_schedule": list(train.LR_SCHEDULES),
+    "loss": list(losses.LOSSES),
+}.items():
     VALIDATORS[_kind] = _choice(_options)
 
 
@@ -506,23 +533,29 @@ def _increasing(v) -> bool:
 
 @validator("checkpoints")
 def _checkpoints(v):
-    _expect(isinstance(v, list) and bool(v) and all(_is_int(c, 0) for c in v),
-            "expected a non-empty list of integer steps >= 0")
+    _expect(
+        isinstance(v, list) and bool(v) and all(_is_int(c, 0) for c in v),
+        "expected a non-empty list of integer steps >= 0",
+    )
     _expect(_increasing(v), "expected strictly increasing steps")
     return [int(c) for c in v]
 
 
 @validator("edges")
 def _edges(v):
-    _expect(isinstance(v, list) and bool(v) and all(_is_finite(e) for e in v) and _increasing(v),
-            "expected a non-empty, strictly increasing list of log10-density edges")
+    _expect(
+        isinstance(v, list) and bool(v) and all(_is_finite(e) for e in v) and _increasing(v),
+        "expected a non-empty, strictly increasing list of log10-density edges",
+    )
     return [float(e) for e in v]
 
 
 @validator("range")
 def _range(v):
-    _expect(isinstance(v, list) and len(v) == 2 and all(_is_finite(e) for e in v) and v[1] > v[0],
-            "expected [lo, hi] with lo < hi")
+    _expect(
+        isinstance(v, list) and len(v) == 2 and all(_is_finite(e) for e in v) and v[1] > v[0],
+        "expected [lo, hi] with lo < hi",
+    )
     return [float(e) for e in v]
 
 
@@ -534,8 +567,10 @@ PRIOR_MIN = 1e-9
 
 @validator("priors")
 def _priors(v):
-    _expect(isinstance(v, list) and len(v) >= 2 and all(_is_finite(p) for p in v),
-            "expected a list of at least two numbers, one per class")
+    _expect(
+        isinstance(v, list) and len(v) >= 2 and all(_is_finite(p) for p in v),
+        "expected a list of at least two numbers, one per class",
+    )
     _expect(all(p > 0 for p in v), "priors must be > 0")
     _expect(all(p >= PRIOR_MIN for p in v), f"priors must be >= {PRIOR_MIN:g} (float32 truth)")
     _expect(abs(sum(v) - 1.0) <= 1e-6, f"priors must sum to 1 (they sum to {sum(v):.6g})")
@@ -567,8 +602,10 @@ def _sigmas(v):
 
 @validator("class_weights")
 def _class_weights(v):
-    _expect(isinstance(v, list) and len(v) >= 2,
-            "expected a list with one entry (a number or a list of component weights) per class")
+    _expect(
+        isinstance(v, list) and len(v) >= 2,
+        "expected a list with one entry (a number or a list of component weights) per class",
+    )
     out = []
     for e in v:
         w = e if isinstance(e, list) else [e]
@@ -594,11 +631,17 @@ def _class_entry(e, c: int) -> np.ndarray:
         return np.array([[float(e)]])
     if isinstance(e, list) and e and all(_is_finite(x) for x in e):
         return np.array([e], dtype=float)
-    if (isinstance(e, list) and e and all(isinstance(r, list) and r for r in e)
-            and all(_is_finite(x) for r in e for x in r) and len({len(r) for r in e}) == 1):
+    if (
+        isinstance(e, list)
+        and e
+        and all(isinstance(r, list) and r for r in e)
+        and all(_is_finite(x) for r in e for x in r)
+        and len({len(r) for r in e}) == 1
+    ):
         return np.array(e, dtype=float)
-    raise Invalid(f"class {c}: expected a number, a list of D numbers, or a list of K lists of D numbers "
-                  "(all finite)", e)
+    raise Invalid(
+        f"class {c}: expected a number, a list of D numbers, or a list of K lists of D numbers (all finite)", e
+    )
 
 
 def _grid_values(name: str, spec, where: str, max_runs: int) -> list:
@@ -608,13 +651,17 @@ def _grid_values(name: str, spec, where: str, max_runs: int) -> list:
             raise SweepError(f"{where} {name}: expected a non-empty list of values")
         return spec
     if not isinstance(spec, dict):
-        raise SweepError(f"{where} {name}: expected a list of values or a range table "
-                         f"like {{linspace = [0, 1], num = 5}}, got {spec!r}")
+        raise SweepError(
+            f"{where} {name}: expected a list of values or a range table "
+            f"like {{linspace = [0, 1], num = 5}}, got {spec!r}"
+        )
     unknown = set(spec) - RANGE_KEYS
     kinds = [k for k in ("linspace", "logspace", "range") if k in spec]
     if unknown or len(kinds) != 1:
-        raise SweepError(f"{where} {name}: a range table needs exactly one of linspace, logspace, range "
-                         f"(with num or step) and optionally int = true; got keys {sorted(spec)}")
+        raise SweepError(
+            f"{where} {name}: a range table needs exactly one of linspace, logspace, range "
+            f"(with num or step) and optionally int = true; got keys {sorted(spec)}"
+        )
     kind = kinds[0]
     ends = spec[kind]
     if not (isinstance(ends, list) and len(ends) == 2 and all(_is_finite(e) for e in ends)):
@@ -626,8 +673,9 @@ def _grid_values(name: str, spec, where: str, max_runs: int) -> list:
             raise SweepError(f"{where} {name}.step: range needs a finite step > 0 (and no num), got {step!r}")
         count = math.floor((b - a) / step + 1e-9) + 1
         if count > max_runs:
-            raise SweepError(f"{where} {name}.range: {count:,} values, more than the {max_runs:,} runs a sweep may "
-                             "have (--max-runs)")
+            raise SweepError(
+                f"{where} {name}.range: {count:,} values, more than the {max_runs:,} runs a sweep may have (--max-runs)"
+            )
         values = list(np.arange(a, b + step * 1e-9, step))
         if not values:
             raise SweepError(f"{where} {name}.range: no values from {a} to {b}")
@@ -636,8 +684,9 @@ def _grid_values(name: str, spec, where: str, max_runs: int) -> list:
         if not _is_int(num, 1) or "step" in spec:
             raise SweepError(f"{where} {name}.num: {kind} needs num, a positive integer, got {num!r}")
         if num > max_runs:
-            raise SweepError(f"{where} {name}.num: {num:,} values, more than the {max_runs:,} runs a sweep may "
-                             "have (--max-runs)")
+            raise SweepError(
+                f"{where} {name}.num: {num:,} values, more than the {max_runs:,} runs a sweep may have (--max-runs)"
+            )
         if kind == "logspace":
             if a <= 0 or b <= 0:
                 raise SweepError(f"{where} {name}.logspace: ends must be > 0, got {ends!r}")
@@ -660,8 +709,9 @@ def _check_setting(name: str, v, where: str):
     m = ADDRESS.match(name)
     if not m:
         known = ", ".join(sorted(SETTINGS))
-        raise SweepError(f"{where} unknown key {name!r}; settings are {known}, "
-                         "or task entries like mu2, sigma1, prior1, weight2_k1")
+        raise SweepError(
+            f"{where} unknown key {name!r}; settings are {known}, or task entries like mu2, sigma1, prior1, weight2_k1"
+        )
     if not _is_number(v) or not math.isfinite(v):
         raise SweepError(f"{where} {name}: expected a number, got {v!r}")
     if m.group(1) == "sigma" and v <= 0:
@@ -679,6 +729,7 @@ def _check_setting(name: str, v, where: str):
 
 # ---------------------------------------------------------------- loading
 
+
 def load(path: str | Path, max_runs: int = MAX_RUNS) -> Sweep:
     """Read, validate and expand a sweep file."""
     path = Path(path)
@@ -695,8 +746,9 @@ def load(path: str | Path, max_runs: int = MAX_RUNS) -> Sweep:
     return parse(doc, str(path), text, default_name=path.stem, max_runs=max_runs)
 
 
-def parse(doc: dict, path: str = "<sweep>", text: str = "", default_name: str = "sweep",
-          max_runs: int = MAX_RUNS) -> Sweep:
+def parse(
+    doc: dict, path: str = "<sweep>", text: str = "", default_name: str = "sweep", max_runs: int = MAX_RUNS
+) -> Sweep:
     f = path + ":"
     for key in doc:
         if key not in TOP_LEVEL:
@@ -704,8 +756,10 @@ def parse(doc: dict, path: str = "<sweep>", text: str = "", default_name: str = 
 
     name = doc.get("name", default_name)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
-        raise SweepError(f"{f} name: expected letters, digits, '_', '-' or '.', starting with a letter, digit or "
-                         f"'_' (results go to results/<name>), got {name!r}")
+        raise SweepError(
+            f"{f} name: expected letters, digits, '_', '-' or '.', starting with a letter, digit or "
+            f"'_' (results go to results/<name>), got {name!r}"
+        )
     seeds = _seeds(doc.get("seeds", 1), f, max_runs)
 
     base: dict[str, Any] = {}
@@ -742,10 +796,12 @@ def parse(doc: dict, path: str = "<sweep>", text: str = "", default_name: str = 
 
     n_runs = len(case_settings) * math.prod(len(a.values) for a in axes) * len(seeds)
     if n_runs > max_runs:
-        raise SweepError(f"{f} {len(case_settings)} case(s) x "
-                         f"{' x '.join(str(len(a.values)) for a in axes) or '1'} grid "
-                         f"point(s) x {len(seeds)} seed(s) = {n_runs:,} runs, more than the {max_runs:,} a sweep "
-                         "may have; split it, or raise the limit with --max-runs")
+        raise SweepError(
+            f"{f} {len(case_settings)} case(s) x "
+            f"{' x '.join(str(len(a.values)) for a in axes) or '1'} grid "
+            f"point(s) x {len(seeds)} seed(s) = {n_runs:,} runs, more than the {max_runs:,} a sweep "
+            "may have; split it, or raise the limit with --max-runs"
+        )
     sw = Sweep(name, path, text, base, origin, list(case_settings.items()), axes, seeds)
     _check_all(sw)
     return sw
@@ -766,8 +822,9 @@ def _check_all(sw: Sweep) -> None:
 def _seeds(v, f: str, max_runs: int) -> list[int]:
     if _is_int(v, 1):
         if v > max_runs:
-            raise SweepError(f"{f} seeds: {int(v):,} seeds, more than the {max_runs:,} runs a sweep may have "
-                             "(--max-runs)")
+            raise SweepError(
+                f"{f} seeds: {int(v):,} seeds, more than the {max_runs:,} runs a sweep may have (--max-runs)"
+            )
         return list(range(int(v)))
     if isinstance(v, list) and v and all(_is_int(s, 0) and s < 2**32 for s in v) and len(set(v)) == len(v):
         return [int(s) for s in v]
@@ -785,10 +842,10 @@ def _resolve(settings: dict, origin: dict, f: str) -> tuple[Run, dict, tuple]:
     resolve_checkpoints(settings, origin)
     resolve_hidden(settings)
     if settings["curves"] and task["mean"].shape[2] > 2:
-        raise SweepError(f"{origin['curves']} curves: posterior curves need a 1-D or 2-D task "
-                         f"(D = {task['mean'].shape[2]})")
+        raise SweepError(
+            f"{origin['curves']} curves: posterior curves need a 1-D or 2-D task (D = {task['mean'].shape[2]})"
+        )
     return Run("", 0, settings, origin, task), base_task, addresses
-
 
 
 def fill_defaults(settings: dict, origin: dict, f: str) -> None:
@@ -796,8 +853,10 @@ def fill_defaults(settings: dict, origin: dict, f: str) -> None:
     for key, spec in SETTINGS.items():
         if key not in settings:
             if spec.default is REQUIRED:
-                raise SweepError(f"{f} [{spec.section}] {key}: missing required setting "
-                                 "(set it in the section, in every case, or in [grid])")
+                raise SweepError(
+                    f"{f} [{spec.section}] {key}: missing required setting "
+                    "(set it in the section, in every case, or in [grid])"
+                )
             settings[key] = spec.default
             origin[key] = f"{f} [{spec.section}]"
 
@@ -814,8 +873,9 @@ def task_arrays(settings: dict, origin: dict) -> dict[str, np.ndarray]:
         raise SweepError(f"{where} sigmas: {len(sigmas)} classes, but means has {n_classes}")
     dim = means[0].shape[1]
     if any(m.shape[1] != dim for m in means):
-        raise SweepError(f"{origin['means']} means: every class needs the same dimension D, "
-                         f"got {[m.shape[1] for m in means]}")
+        raise SweepError(
+            f"{origin['means']} means: every class needs the same dimension D, got {[m.shape[1] for m in means]}"
+        )
     k_max = max(m.shape[0] for m in means)
     mean = np.zeros((n_classes, k_max, dim))
     sigma = np.ones((n_classes, k_max, dim))
@@ -828,15 +888,18 @@ def task_arrays(settings: dict, origin: dict) -> dict[str, np.ndarray]:
         try:
             sigma[c, :k] = np.broadcast_to(s, m.shape)
         except ValueError:
-            raise SweepError(f"{origin['sigmas']} sigmas: class {c + 1} has shape {s.shape}, "
-                             f"which does not fit its means' shape {m.shape} (K components x D dims)") from None
+            raise SweepError(
+                f"{origin['sigmas']} sigmas: class {c + 1} has shape {s.shape}, "
+                f"which does not fit its means' shape {m.shape} (K components x D dims)"
+            ) from None
         mean[c, :k] = m
         mean[c, k:] = m[0]
         if weights is None:
             weight[c, :k] = 1.0 / k
         elif len(weights[c]) != k:
-            raise SweepError(f"{origin['weights']} weights: class {c + 1} has {len(weights[c])} weights "
-                             f"but {k} components")
+            raise SweepError(
+                f"{origin['weights']} weights: class {c + 1} has {len(weights[c])} weights but {k} components"
+            )
         else:
             weight[c, :k] = weights[c] / weights[c].sum()
     priors = settings["priors"]
@@ -871,8 +934,10 @@ def apply_addresses(settings: dict, origin: dict, task: dict[str, np.ndarray]) -
         if m.group(1):  # mu / sigma
             name, (c, k, d) = _entry(m)
             if not 1 <= c <= n_classes or (k and not 1 <= k <= k_max) or (d and not 1 <= d <= dim):
-                raise SweepError(f"{where} {key}: no such entry (task has {n_classes} classes, "
-                                 f"{k_max} components, {dim} dimensions; indices start at 1)")
+                raise SweepError(
+                    f"{where} {key}: no such entry (task has {n_classes} classes, "
+                    f"{k_max} components, {dim} dimensions; indices start at 1)"
+                )
             task[name][_entry_index(c, k, d)] = v
         elif m.group(5):  # prior: the other classes keep their ratios and share 1 - v
             c = int(m.group(6))
@@ -884,8 +949,7 @@ def apply_addresses(settings: dict, origin: dict, task: dict[str, np.ndarray]) -
         else:  # weight
             c, k = int(m.group(8)), int(m.group(9))
             if not 1 <= c <= n_classes or not 1 <= k <= k_max:
-                raise SweepError(f"{where} {key}: no such entry (task has {n_classes} classes, "
-                                 f"{k_max} components)")
+                raise SweepError(f"{where} {key}: no such entry (task has {n_classes} classes, {k_max} components)")
             weight[c - 1, k - 1] = v
             if weight[c - 1].sum() <= 0:
                 raise SweepError(f"{where} {key}: class {c} would have no positive weight")
@@ -905,8 +969,9 @@ def resolve_checkpoints(settings: dict, origin: dict) -> None:
     indices within int32."""
     steps, n_data = settings["steps"], settings["n_data"]
     if steps * settings["batch_size"] >= 2**31 or (math.isfinite(n_data) and n_data >= 2**31):
-        raise SweepError(f"{origin['steps']} steps: steps x batch_size and n_data must stay below 2^31 "
-                         "(example indices are int32)")
+        raise SweepError(
+            f"{origin['steps']} steps: steps x batch_size and n_data must stay below 2^31 (example indices are int32)"
+        )
     if settings["checkpoints"] is None:
         settings["checkpoints"] = default_checkpoints(steps)
     bad = [c for c in settings["checkpoints"] if c > steps]
@@ -914,12 +979,16 @@ def resolve_checkpoints(settings: dict, origin: dict) -> None:
     if bad:
         raise SweepError(f"{where} checkpoints: step {bad[0]} is beyond steps = {steps}")
     if settings["checkpoints"][-1] != steps:
-        raise SweepError(f"{where} checkpoints: the last checkpoint must be steps = {steps} (training stops at "
-                         f"the last checkpoint), got {settings['checkpoints']}")
+        raise SweepError(
+            f"{where} checkpoints: the last checkpoint must be steps = {steps} (training stops at "
+            f"the last checkpoint), got {settings['checkpoints']}"
+        )
     for name, loss in (("label_smoothing", "label_smoothing"), ("focal_gamma", "focal")):
         if settings[name] and settings["loss"] != loss:
-            raise SweepError(f"{origin[name]} {name}: {settings[name]:g} is used only with loss = \"{loss}\", "
-                             f"and this run's loss is \"{settings['loss']}\" ({origin['loss']})")
+            raise SweepError(
+                f'{origin[name]} {name}: {settings[name]:g} is used only with loss = "{loss}", '
+                f'and this run\'s loss is "{settings["loss"]}" ({origin["loss"]})'
+            )
     if settings["warmup_steps"] > steps:
         where = origin["warmup_steps"] if origin["warmup_steps"] != origin["steps"] else origin["steps"]
         raise SweepError(f"{where} warmup_steps: {settings['warmup_steps']} is beyond steps = {steps}")
@@ -942,22 +1011,41 @@ def resolve_hidden(settings: dict) -> None:
 
 # ---------------------------------------------------------------- runs -> programs and tables
 
+
 def static_of(run: Run) -> train.Static:
     s = run.settings
     m, k, d = run.task["mean"].shape
     return train.Static(
-        steps=s["steps"], checkpoints=tuple(s["checkpoints"]), num_classes=m, num_components=k, dim=d,
-        hidden=tuple(s["hidden"]), activation=s["activation"], init=s["init"], optimizer=s["optimizer"], loss=s["loss"],
-        batch_size=s["batch_size"], matmul_precision=s["matmul_precision"],
-        eval=metrics.EvalSpec(points=s["points"], hdr_mass=s["hdr_mass"],
-                              density_edges=tuple(s["density_edges"]), dense_mass=s["dense_mass"],
-                              sparse_mass=s["sparse_mass"], calibration_samples=s["calibration_samples"],
-                              calibration_bins=s["calibration_bins"], true_levels=s["true_levels"],
-                              estimator_sizes=tuple(s["estimator_sizes"]), estimator_draws=s["estimator_draws"],
-                              estimator_bootstrap=s["estimator_bootstrap"],
-                              temperature_scaling=s["temperature_scaling"]),
+        steps=s["steps"],
+        checkpoints=tuple(s["checkpoints"]),
+        num_classes=m,
+        num_components=k,
+        dim=d,
+        hidden=tuple(s["hidden"]),
+        activation=s["activation"],
+        init=s["init"],
+        optimizer=s["optimizer"],
+        loss=s["loss"],
+        batch_size=s["batch_size"],
+        matmul_precision=s["matmul_precision"],
+        eval=metrics.EvalSpec(
+            points=s["points"],
+            hdr_mass=s["hdr_mass"],
+            density_edges=tuple(s["density_edges"]),
+            dense_mass=s["dense_mass"],
+            sparse_mass=s["sparse_mass"],
+            calibration_samples=s["calibration_samples"],
+            calibration_bins=s["calibration_bins"],
+            true_levels=s["true_levels"],
+            estimator_sizes=tuple(s["estimator_sizes"]),
+            estimator_draws=s["estimator_draws"],
+            estimator_bootstrap=s["estimator_bootstrap"],
+            temperature_scaling=s["temperature_scaling"],
+        ),
         curve_points=s["curve_points"] if s["curves"] else 0,
-        ema=s["ema_decay"] > 0, importance=s["proposal_scale"] != 1.0)
+        ema=s["ema_decay"] > 0,
+        importance=s["proposal_scale"] != 1.0,
+    )
 
 
 def run_hash(run: Run, static: train.Static) -> str:
@@ -977,8 +1065,12 @@ def hash_parts(run: Run, static_json: str) -> tuple[str, str]:
     """The text hashed for a run's identity (json.dumps of its settings, keys sorted), split
     around the seed: every seed of a grid point shares the two parts."""
     s = run.settings
-    content = {"static": "@static@", "task": {k: np.asarray(v, float).tolist() for k, v in sorted(run.task.items())},
-               "seed": "@seed@", **{k: s[k] for k in DYNAMIC_SETTINGS}}
+    content = {
+        "static": "@static@",
+        "task": {k: np.asarray(v, float).tolist() for k, v in sorted(run.task.items())},
+        "seed": "@seed@",
+        **{k: s[k] for k in DYNAMIC_SETTINGS},
+    }
     text = json.dumps(content, sort_keys=True, default=str).replace('"@static@"', static_json, 1)
     prefix, suffix = text.split('"@seed@"')
     return prefix, suffix
@@ -988,10 +1080,21 @@ def _sha(prefix: str, suffix: str, seed: int) -> str:
     return hashlib.sha256(f"{prefix}{seed}{suffix}".encode()).hexdigest()[:32]
 
 
-
 # The settings that enter a run's Dynamic besides its task and seed (train.make_dynamic's arguments).
-DYNAMIC_SETTINGS = ("lr", "weight_decay", "momentum", "n_data", "curve_range", "lr_schedule", "warmup_steps",
-                    "final_lr_ratio", "ema_decay", "proposal_scale", "label_smoothing", "focal_gamma")
+DYNAMIC_SETTINGS = (
+    "lr",
+    "weight_decay",
+    "momentum",
+    "n_data",
+    "curve_range",
+    "lr_schedule",
+    "warmup_steps",
+    "final_lr_ratio",
+    "ema_decay",
+    "proposal_scale",
+    "label_smoothing",
+    "focal_gamma",
+)
 
 
 def chunk_dynamic(sw: Sweep, run_ids) -> train.Dynamic:
@@ -1014,8 +1117,12 @@ def entry_suffixes(shape) -> list[tuple[tuple[int, int, int], str]]:
     """Each (class, component, dimension) of a task of shape (M, K, D) and its column suffix:
     _k<k> where K > 1, _d<d> where D > 1 (mu2, sigma1_k2, mu1_d2, ...)."""
     _, k_max, dim = shape
-    return [((c, k, d), (f"_k{k + 1}" if k_max > 1 else "") + (f"_d{d + 1}" if dim > 1 else ""))
-            for c in range(shape[0]) for k in range(k_max) for d in range(dim)]
+    return [
+        ((c, k, d), (f"_k{k + 1}" if k_max > 1 else "") + (f"_d{d + 1}" if dim > 1 else ""))
+        for c in range(shape[0])
+        for k in range(k_max)
+        for d in range(dim)
+    ]
 
 
 def task_columns(task: dict[str, np.ndarray]) -> dict[str, float]:
@@ -1041,8 +1148,9 @@ def task_from_row(row) -> tasks.GaussianTask:
     mean = np.array([row[f"mu{c + 1}{suffix}"] for (c, _, _), suffix in entries]).reshape(m, k, d)
     sigma = np.array([row[f"sigma{c + 1}{suffix}"] for (c, _, _), suffix in entries]).reshape(m, k, d)
     prior = np.array([row[f"prior{c + 1}"] for c in range(m)])
-    weight = (np.array([[row[f"weight{c + 1}_k{j + 1}"] for j in range(k)] for c in range(m)])
-              if k > 1 else np.ones((m, 1)))
+    weight = (
+        np.array([[row[f"weight{c + 1}_k{j + 1}"] for j in range(k)] for c in range(m)]) if k > 1 else np.ones((m, 1))
+    )
     return tasks.make_task(prior, mean, sigma, weight)
 
 
@@ -1051,17 +1159,32 @@ def run_row(run_id: int, run: Run) -> dict[str, Any]:
     s = run.settings
     m, k, d = run.task["mean"].shape
     return {
-        "run_id": run_id, "case": run.case, "seed": run.seed,
-        "num_classes": m, "num_components": k, "dim": d,
+        "run_id": run_id,
+        "case": run.case,
+        "seed": run.seed,
+        "num_classes": m,
+        "num_components": k,
+        "dim": d,
         **task_columns(run.task),
-        "hidden": "-".join(map(str, s["hidden"])), "width": s["hidden"][0] if s["hidden"] else 0,
+        "hidden": "-".join(map(str, s["hidden"])),
+        "width": s["hidden"][0] if s["hidden"] else 0,
         "depth": len(s["hidden"]),
-        "activation": s["activation"], "init": s["init"], "optimizer": s["optimizer"], "loss": s["loss"],
-        "label_smoothing": s["label_smoothing"], "focal_gamma": s["focal_gamma"],
-        "lr": s["lr"], "lr_schedule": s["lr_schedule"], "warmup_steps": s["warmup_steps"],
-        "final_lr_ratio": s["final_lr_ratio"], "weight_decay": s["weight_decay"], "momentum": s["momentum"],
-        "ema_decay": s["ema_decay"], "proposal_scale": s["proposal_scale"],
-        "batch_size": s["batch_size"], "matmul_precision": s["matmul_precision"],
+        "activation": s["activation"],
+        "init": s["init"],
+        "optimizer": s["optimizer"],
+        "loss": s["loss"],
+        "label_smoothing": s["label_smoothing"],
+        "focal_gamma": s["focal_gamma"],
+        "lr": s["lr"],
+        "lr_schedule": s["lr_schedule"],
+        "warmup_steps": s["warmup_steps"],
+        "final_lr_ratio": s["final_lr_ratio"],
+        "weight_decay": s["weight_decay"],
+        "momentum": s["momentum"],
+        "ema_decay": s["ema_decay"],
+        "proposal_scale": s["proposal_scale"],
+        "batch_size": s["batch_size"],
+        "matmul_precision": s["matmul_precision"],
         "n_data": float(s["n_data"]),  # inf: online
         "steps": s["steps"],
     }
@@ -1099,8 +1222,9 @@ def runs_table(sw: Sweep) -> pd.DataFrame:
 def _set_entries(df: pd.DataFrame, rows: np.ndarray, blk: Block, values: dict, digits: dict) -> None:
     """The mean and sigma columns of one block's rows: its task entries set by address re-applied
     in order (an independent axis's value per row, any other entry's fixed value)."""
-    arrays = {k: np.broadcast_to(blk.run.task[k], (len(rows),) + blk.run.task[k].shape).copy()
-              for k in ("mean", "sigma")}
+    arrays = {
+        k: np.broadcast_to(blk.run.task[k], (len(rows),) + blk.run.task[k].shape).copy() for k in ("mean", "sigma")
+    }
     for key, v, _ in blk.addresses:
         m = ADDRESS.match(key)
         if not m.group(1):

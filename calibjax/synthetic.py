@@ -30,14 +30,13 @@ def fake_result(static: train.Static, n_runs: int, seed: int, diverged: float = 
     kl = scale * (1.0 + steps) ** -rate * np.exp(rng.normal(0.0, 0.3, (n_runs, len(steps))))
     kl[rng.random(n_runs) < diverged, -1] = np.nan
     info = rng.uniform(0.05, 0.7, (n_runs, 1))
-    sc = out.checkpoints.scalars._replace(kl=kl.astype(np.float32), kl_rel=(kl / info).astype(np.float32),
-                                          loss=(kl + 0.3).astype(np.float32))
-    return out._replace(checkpoints=out.checkpoints._replace(scalars=sc),
-                        mutual_info=info[:, 0].astype(np.float32))
+    sc = out.checkpoints.scalars._replace(
+        kl=kl.astype(np.float32), kl_rel=(kl / info).astype(np.float32), loss=(kl + 0.3).astype(np.float32)
+    )
+    return out._replace(checkpoints=out.checkpoints._replace(scalars=sc), mutual_info=info[:, 0].astype(np.float32))
 
 
-def write_chunks(sw: sweep_mod.Sweep, out: Path, layout: planning.Layout, seed: int = 0,
-                 diverged: float = 0.02) -> int:
+def write_chunks(sw: sweep_mod.Sweep, out: Path, layout: planning.Layout, seed: int = 0, diverged: float = 0.02) -> int:
     """Write every chunk of a sweep, as training would, with synthetic results; returns the chunk count."""
     chunks = planning.plan_chunks(sw, layout)
     for chunk in chunks:

@@ -37,26 +37,49 @@ class TableSpec:
     """One results table: its key columns (also its sort order) and where its values come from."""
 
     name: str
-    keys: tuple[str, ...]    # identify a row; final tables are sorted by them (stable)
+    keys: tuple[str, ...]  # identify a row; final tables are sorted by them (stable)
     values: tuple[str, ...]  # value columns, in order
-    rows: str                # what one row is (for the docs)
+    rows: str  # what one row is (for the docs)
 
 
 # Curves of 2-D tasks have an x2 column after x; they sort by x then x2 (stable).
-TABLES = {t.name: t for t in (
-    TableSpec("status", ("run_id",), ("status", "bayes_loss", "mutual_info"), "run"),
-    TableSpec("metrics", ("run_id", "step"), metrics.Scalars._fields, "run x checkpoint"),
-    TableSpec("density", ("run_id", "step", "log10_density_lo"), ("log10_density_hi", *metrics.DensityBins._fields),
-              "run x checkpoint x log10-density bin"),
-    TableSpec("calibration", ("run_id", "step", "conf_lo"), ("conf_hi", *metrics.ReliabilityBins._fields),
-              "run x checkpoint x confidence bin"),
-    TableSpec("curves", ("run_id", "step", "class", "x"), ("model_prob", "true_prob"),
-              "run x checkpoint x curve point x class"),
-    TableSpec("estimators", ("run_id", "step", "estimator", "n", "draw"), estimators.Estimates._fields,
-              "run x checkpoint x calibration estimator x sample size x independent sample"),
-    TableSpec("recalibrated", ("run_id", "step"), metrics.Recalibrated._fields,
-              "run x checkpoint, after post-hoc temperature scaling"),
-)}
+TABLES = {
+    t.name: t
+    for t in (
+        TableSpec("status", ("run_id",), ("status", "bayes_loss", "mutual_info"), "run"),
+        TableSpec("metrics", ("run_id", "step"), metrics.Scalars._fields, "run x checkpoint"),
+        TableSpec(
+            "density",
+            ("run_id", "step", "log10_density_lo"),
+            ("log10_density_hi", *metrics.DensityBins._fields),
+            "run x checkpoint x log10-density bin",
+        ),
+        TableSpec(
+            "calibration",
+            ("run_id", "step", "conf_lo"),
+            ("conf_hi", *metrics.ReliabilityBins._fields),
+            "run x checkpoint x confidence bin",
+        ),
+        TableSpec(
+            "curves",
+            ("run_id", "step", "class", "x"),
+            ("model_prob", "true_prob"),
+            "run x checkpoint x curve point x class",
+        ),
+        TableSpec(
+            "estimators",
+            ("run_id", "step", "estimator", "n", "draw"),
+            estimators.Estimates._fields,
+            "run x checkpoint x calibration estimator x sample size x independent sample",
+        ),
+        TableSpec(
+            "recalibrated",
+            ("run_id", "step"),
+            metrics.Recalibrated._fields,
+            "run x checkpoint, after post-hoc temperature scaling",
+        ),
+    )
+}
 CHUNK_TABLES = ("status", "metrics", "density", "calibration")  # every chunk has these; the others if asked
 
 
@@ -99,39 +122,58 @@ def chunk_tables(static: train.Static, run_ids, result: train.RunResult) -> dict
     dead = diverged(static, result)
     per_ckpt = {"run_id": ids[:, None], "step": steps[None, :]}
     tables = {
-        "status": pd.DataFrame({"run_id": ids, "status": np.where(dead[:, -1], "diverged", "ok"),
-                                "bayes_loss": np.asarray(result.bayes_loss, np.float64),
-                                "mutual_info": np.asarray(result.mutual_info, np.float64)}),
+        "status": pd.DataFrame(
+            {
+                "run_id": ids,
+                "status": np.where(dead[:, -1], "diverged", "ok"),
+                "bayes_loss": np.asarray(result.bayes_loss, np.float64),
+                "mutual_info": np.asarray(result.mutual_info, np.float64),
+            }
+        ),
         "metrics": _long((r, c), per_ckpt | _f64(ev.scalars, dead)),
     }
     lo, hi = static.eval.bin_bounds()
     in_bins = {k: v[..., None] for k, v in per_ckpt.items()}
-    tables["density"] = _long((r, c, len(lo)), in_bins | {"log10_density_lo": np.asarray(lo),
-                                                          "log10_density_hi": np.asarray(hi)} | _f64(ev.density, dead))
+    tables["density"] = _long(
+        (r, c, len(lo)),
+        in_bins | {"log10_density_lo": np.asarray(lo), "log10_density_hi": np.asarray(hi)} | _f64(ev.density, dead),
+    )
     edges = np.linspace(0.0, 1.0, static.eval.calibration_bins + 1)
-    tables["calibration"] = _long((r, c, len(edges) - 1), in_bins | {"conf_lo": edges[:-1], "conf_hi": edges[1:]}
-                                  | _f64(ev.reliability, dead))
+    tables["calibration"] = _long(
+        (r, c, len(edges) - 1), in_bins | {"conf_lo": edges[:-1], "conf_hi": edges[1:]} | _f64(ev.reliability, dead)
+    )
     if result.curves is not None:
         cv = result.curves
         p, m = cv.true_prob.shape[-2:]
         x = np.asarray(cv.x, np.float64)[:, None, :, None, :]  # (R, 1, P, 1, D)
-        tables["curves"] = _long((r, c, p, m), {
-            "run_id": ids[:, None, None, None], "step": steps[None, :, None, None],
-            **{"x" if d == 0 else f"x{d + 1}": x[..., d] for d in range(static.dim)},
-            "class": np.arange(1, m + 1)[None, None, None, :],
-            "model_prob": np.where(dead[:, :, None, None], np.nan, np.asarray(cv.model_prob, np.float64)),
-            "true_prob": np.asarray(cv.true_prob, np.float64)[:, None]})
+        tables["curves"] = _long(
+            (r, c, p, m),
+            {
+                "run_id": ids[:, None, None, None],
+                "step": steps[None, :, None, None],
+                **{"x" if d == 0 else f"x{d + 1}": x[..., d] for d in range(static.dim)},
+                "class": np.arange(1, m + 1)[None, None, None, :],
+                "model_prob": np.where(dead[:, :, None, None], np.nan, np.asarray(cv.model_prob, np.float64)),
+                "true_prob": np.asarray(cv.true_prob, np.float64)[:, None],
+            },
+        )
     if ev.recalibrated is not None:
         tables["recalibrated"] = _long((r, c), per_ckpt | _f64(ev.recalibrated, dead))
     if ev.estimators is not None:
         est, spec = _f64(ev.estimators, dead), static.eval
         z, d, e = len(spec.estimator_sizes), spec.estimator_draws, len(estimators.ESTIMATORS)
-        tables["estimators"] = _long((r, c, z, d, e), {
-            "run_id": ids[:, None, None, None, None], "step": steps[None, :, None, None, None],
-            "estimator": np.asarray(estimators.ESTIMATORS)[None, None, None, None, :],
-            "n": np.asarray(spec.estimator_sizes, np.int64)[None, None, :, None, None],
-            "draw": np.arange(d)[None, None, None, :, None],
-            **{k: est[k] for k in ("value", "lo", "hi")}, "target": est["target"][:, :, None, None, :]})
+        tables["estimators"] = _long(
+            (r, c, z, d, e),
+            {
+                "run_id": ids[:, None, None, None, None],
+                "step": steps[None, :, None, None, None],
+                "estimator": np.asarray(estimators.ESTIMATORS)[None, None, None, None, :],
+                "n": np.asarray(spec.estimator_sizes, np.int64)[None, None, :, None, None],
+                "draw": np.arange(d)[None, None, None, :, None],
+                **{k: est[k] for k in ("value", "lo", "hi")},
+                "target": est["target"][:, :, None, None, :],
+            },
+        )
     return tables
 
 
@@ -140,10 +182,12 @@ def row_counts(static: train.Static) -> dict[str, tuple[int, int]]:
     shapes = train.output_shapes(static)
     c = len(static.checkpoints)
     ev = shapes.checkpoints
-    counts = {"status": (1, len(TABLES["status"].keys + TABLES["status"].values)),
-              "metrics": (c, 2 + len(ev.scalars)),
-              "density": (math.prod(ev.density.mass.shape), 4 + len(ev.density)),
-              "calibration": (math.prod(ev.reliability.est_count.shape), 4 + len(ev.reliability))}
+    counts = {
+        "status": (1, len(TABLES["status"].keys + TABLES["status"].values)),
+        "metrics": (c, 2 + len(ev.scalars)),
+        "density": (math.prod(ev.density.mass.shape), 4 + len(ev.density)),
+        "calibration": (math.prod(ev.reliability.est_count.shape), 4 + len(ev.reliability)),
+    }
     if shapes.curves is not None:
         counts["curves"] = (math.prod(shapes.curves.model_prob.shape), 4 + static.dim + 1)
     if ev.recalibrated is not None:
@@ -159,6 +203,11 @@ def output_bytes(static: train.Static) -> int:
 
 
 def empty_status() -> pd.DataFrame:
-    return pd.DataFrame({"run_id": pd.Series([], dtype=np.int64), "status": pd.Series([], dtype=str),
-                         "bayes_loss": pd.Series([], dtype=np.float64),
-                         "mutual_info": pd.Series([], dtype=np.float64)})
+    return pd.DataFrame(
+        {
+            "run_id": pd.Series([], dtype=np.int64),
+            "status": pd.Series([], dtype=str),
+            "bayes_loss": pd.Series([], dtype=np.float64),
+            "mutual_info": pd.Series([], dtype=np.float64),
+        }
+    )

@@ -24,10 +24,10 @@ LOG_2PI = 1.8378770664093453  # log(2 pi) as 0.8.0 computed it with glibc: a lit
 
 @struct.dataclass
 class GaussianTask:
-    log_prior: jax.Array    # (M,) float32, log P(c)
-    log_weight: jax.Array   # (M, K) float32, log w_ck; logsumexp over k is 0
-    mean: jax.Array         # (M, K, D) float32
-    sigma: jax.Array        # (M, K, D) float32, > 0
+    log_prior: jax.Array  # (M,) float32, log P(c)
+    log_weight: jax.Array  # (M, K) float32, log w_ck; logsumexp over k is 0
+    mean: jax.Array  # (M, K, D) float32
+    sigma: jax.Array  # (M, K, D) float32, > 0
 
     @property
     def dim(self) -> int:

@@ -62,7 +62,7 @@ class Static:
     matmul_precision: str = "float32"
     # Features that cost every step, compiled in only for the runs that use them (each is a dynamic
     # setting whose value is ignored when its flag is off; sweep.static_of sets the flags from it):
-    ema: bool = False         # keep a moving average of the weights (Dynamic.ema_decay > 0)
+    ema: bool = False  # keep a moving average of the weights (Dynamic.ema_decay > 0)
     importance: bool = False  # draw from a widened proposal with importance weights (proposal_scale != 1)
     # How the hidden layers' products are computed: "xla" (XLA's dot) or "kernel" (calibjax's CPU
     # kernel, ``cpu_kernel``). Set by the engine from its layout, not by the sweep: like the
@@ -86,8 +86,12 @@ class Static:
     @property
     def flops_per_run(self) -> float:
         """Training plus the forward passes of every checkpoint's evaluation."""
-        points = (self.eval.points + self.eval.calibration_samples + self.curve_points ** self.dim
-                  + self.eval.estimator_draws * max(self.eval.estimator_sizes, default=0))
+        points = (
+            self.eval.points
+            + self.eval.calibration_samples
+            + self.curve_points**self.dim
+            + self.eval.estimator_draws * max(self.eval.estimator_sizes, default=0)
+        )
         return self.steps * self.flops_per_step + len(self.checkpoints) * 2.0 * self.macs_per_example * points
 
 
@@ -98,28 +102,28 @@ class Dynamic(NamedTuple):
     """Per-run numbers; batched runs carry a leading run axis on every leaf."""
 
     task: tasks.GaussianTask
-    lr: jax.Array            # () float32, the peak learning rate
-    lr_schedule: jax.Array   # () int32, index into LR_SCHEDULES: decay from lr after warm-up
+    lr: jax.Array  # () float32, the peak learning rate
+    lr_schedule: jax.Array  # () int32, index into LR_SCHEDULES: decay from lr after warm-up
     warmup_steps: jax.Array  # () int32, linear warm-up from lr / warmup_steps to lr; 0: none
     final_lr_ratio: jax.Array  # () float32, cosine and linear decay end at lr x this at the last step
     weight_decay: jax.Array  # () float32; L2 for adam/sgd, decoupled for adamw
-    momentum: jax.Array      # () float32; sgd only
-    n_data: jax.Array        # () int32; dataset size; 0 inside the program stands for ONLINE
-    seed: jax.Array          # () uint32
-    curve_range: jax.Array   # (2,) float32 x range of the posterior curves; nan: mean +- 4 sigma
-    ema_decay: jax.Array     # () float32; > 0 (with static.ema): checkpoints evaluate an exponential moving
-                             # average of the weights (bias-corrected, as Adam's moments), not the weights
+    momentum: jax.Array  # () float32; sgd only
+    n_data: jax.Array  # () int32; dataset size; 0 inside the program stands for ONLINE
+    seed: jax.Array  # () uint32
+    curve_range: jax.Array  # (2,) float32 x range of the posterior curves; nan: mean +- 4 sigma
+    ema_decay: jax.Array  # () float32; > 0 (with static.ema): checkpoints evaluate an exponential moving
+    # average of the weights (bias-corrected, as Adam's moments), not the weights
     proposal_scale: jax.Array  # () float32 (with static.importance): training inputs drawn with every sigma
-                               # x this, importance-weighted by p(x|c) / r(x|c), so the expected loss is unchanged
+    # x this, importance-weighted by p(x|c) / r(x|c), so the expected loss is unchanged
     label_smoothing: jax.Array  # () float32, alpha of loss = "label_smoothing"
-    focal_gamma: jax.Array      # () float32, gamma of loss = "focal"
+    focal_gamma: jax.Array  # () float32, gamma of loss = "focal"
 
 
 class Curves(NamedTuple):
     """Posterior curves of one run (1-D and 2-D tasks): rows of curves.parquet."""
 
-    x: jax.Array           # (P, D) float32 points (a P-point line, or a grid of P = points^2)
-    true_prob: jax.Array   # (P, M) float32 exact P(c | x)
+    x: jax.Array  # (P, D) float32 points (a P-point line, or a grid of P = points^2)
+    true_prob: jax.Array  # (P, M) float32 exact P(c | x)
     model_prob: jax.Array  # (C, P, M) float32 the model's q(c | x) at each checkpoint
 
 
@@ -127,16 +131,16 @@ class RunResult(NamedTuple):
     """Everything one run returns; batched runs carry a leading run axis on every leaf."""
 
     checkpoints: metrics.Evaluation  # every leaf has a leading checkpoint axis (C, ...)
-    bayes_loss: jax.Array            # () float32, H(C | X): the floor of the expected loss
-    mutual_info: jax.Array           # () float32, I(C; X) = H(C) - H(C | X): kl of the priors-only classifier
-    curves: Curves | None            # None unless static.curve_points
+    bayes_loss: jax.Array  # () float32, H(C | X): the floor of the expected loss
+    mutual_info: jax.Array  # () float32, I(C; X) = H(C) - H(C | X): kl of the priors-only classifier
+    curves: Curves | None  # None unless static.curve_points
 
 
 class TrainState(NamedTuple):
     params: dict
-    ema: dict | None     # moving average of params (zero-initialised; debiased when read); static.ema only
+    ema: dict | None  # moving average of params (zero-initialised; debiased when read); static.ema only
     opt_state: optax.OptState
-    step: jax.Array      # () int32, updates done so far
+    step: jax.Array  # () int32, updates done so far
     loss_sum: jax.Array  # () float32, training loss summed since the last checkpoint
 
 
@@ -153,8 +157,11 @@ def learning_rate(dyn: Dynamic, steps: int, count: jax.Array) -> jax.Array:
     warm = jnp.where(dyn.warmup_steps > 0, jnp.minimum(1.0, (t + 1.0) / jnp.maximum(warmup, 1.0)), 1.0)
     progress = jnp.clip((t - warmup) / jnp.maximum(steps - warmup, 1.0), 0.0, 1.0)
     r = dyn.final_lr_ratio
-    decay = jnp.select([dyn.lr_schedule == 1, dyn.lr_schedule == 2],
-                       [r + (1.0 - r) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress)), 1.0 - (1.0 - r) * progress], 1.0)
+    decay = jnp.select(
+        [dyn.lr_schedule == 1, dyn.lr_schedule == 2],
+        [r + (1.0 - r) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress)), 1.0 - (1.0 - r) * progress],
+        1.0,
+    )
     return dyn.lr * warm * decay
 
 
@@ -171,8 +178,9 @@ def make_optimizer(name: str, dyn: Dynamic, steps: int) -> optax.GradientTransfo
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 
 
-def draw_batch(static: Static, dyn: Dynamic, data_key, batch_key, step) -> tuple[jax.Array, jax.Array,
-                                                                                jax.Array | None]:
+def draw_batch(
+    static: Static, dyn: Dynamic, data_key, batch_key, step
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """The mini-batch for update ``step`` (x, c and importance weights, None unless
     static.importance): examples are regenerated from their index.
 
@@ -226,8 +234,9 @@ def _train_run(static: Static, dyn: Dynamic) -> RunResult:
     init_key, data_key, batch_key = jax.random.split(jax.random.key(dyn.seed), 3)
     params = model.init(init_key, jnp.zeros((static.dim,), jnp.float32))
     optimizer = make_optimizer(static.optimizer, dyn, static.steps)
-    optimum = functools.partial(losses.log_optimum, static.loss, label_smoothing=dyn.label_smoothing,
-                                focal_gamma=dyn.focal_gamma)
+    optimum = functools.partial(
+        losses.log_optimum, static.loss, label_smoothing=dyn.label_smoothing, focal_gamma=dyn.focal_gamma
+    )
     ev = metrics.make_eval_set(dyn.task, static.eval, dyn.seed, optimum)
     curve_x = curve_grid(static, dyn) if static.curve_points else None
 
@@ -245,8 +254,11 @@ def _train_run(static: Static, dyn: Dynamic) -> RunResult:
         loss, grads = loss_and_grads(state.params, x, c, weight)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = (jax.tree.map(lambda e, p: dyn.ema_decay * e + (1.0 - dyn.ema_decay) * p, state.ema, params)
-               if static.ema else None)
+        ema = (
+            jax.tree.map(lambda e, p: dyn.ema_decay * e + (1.0 - dyn.ema_decay) * p, state.ema, params)
+            if static.ema
+            else None
+        )
         return TrainState(params, ema, opt_state, state.step + 1, state.loss_sum + loss)
 
     def evaluated_params(state: TrainState) -> dict:
@@ -255,8 +267,9 @@ def _train_run(static: Static, dyn: Dynamic) -> RunResult:
             return state.params
         use_ema = (dyn.ema_decay > 0) & (state.step > 0)
         debias = 1.0 - dyn.ema_decay ** state.step.astype(jnp.float32)
-        return jax.tree.map(lambda e, p: jnp.where(use_ema, e / jnp.where(use_ema, debias, 1.0), p),
-                            state.ema, state.params)
+        return jax.tree.map(
+            lambda e, p: jnp.where(use_ema, e / jnp.where(use_ema, debias, 1.0), p), state.ema, state.params
+        )
 
     def segment(state: TrainState, length):
         state = jax.lax.fori_loop(0, length, update, state)
@@ -271,13 +284,19 @@ def _train_run(static: Static, dyn: Dynamic) -> RunResult:
             target = estimators.targets(ev, log_q, evaluation.scalars, static.eval.true_levels)
             forward = lambda x: jax.nn.log_softmax(model.apply(params, x))  # noqa: E731
             evaluation = evaluation._replace(
-                estimators=estimators.benchmark(dyn.task, dyn.seed, forward, target, static.eval))
+                estimators=estimators.benchmark(dyn.task, dyn.seed, forward, target, static.eval)
+            )
         curve = jax.nn.softmax(model.apply(params, curve_x)) if curve_x is not None else None
         return state._replace(loss_sum=jnp.zeros_like(state.loss_sum)), (evaluation, curve)
 
     lengths = np.diff(np.asarray((0, *static.checkpoints))).astype(np.int32)
-    state = TrainState(params, jax.tree.map(jnp.zeros_like, params) if static.ema else None, optimizer.init(params),
-                       jnp.int32(0), jnp.float32(0.0))
+    state = TrainState(
+        params,
+        jax.tree.map(jnp.zeros_like, params) if static.ema else None,
+        optimizer.init(params),
+        jnp.int32(0),
+        jnp.float32(0.0),
+    )
     _, (evaluations, curve_model) = jax.lax.scan(segment, state, jnp.asarray(lengths))
     curves = None
     if curve_x is not None:
@@ -336,10 +355,22 @@ def output_shapes(static: Static) -> RunResult:
     return jax.eval_shape(functools.partial(train_run, static), placeholder_dynamic(static))
 
 
-def make_dynamic(task: tasks.GaussianTask, lr=1e-3, weight_decay=0.0, momentum=0.0,
-                 n_data=ONLINE, seed=0, curve_range=None, lr_schedule="constant", warmup_steps=0,
-                 final_lr_ratio=0.0, ema_decay=0.0, proposal_scale=1.0, label_smoothing=0.0,
-                 focal_gamma=0.0) -> Dynamic:
+def make_dynamic(
+    task: tasks.GaussianTask,
+    lr=1e-3,
+    weight_decay=0.0,
+    momentum=0.0,
+    n_data=ONLINE,
+    seed=0,
+    curve_range=None,
+    lr_schedule="constant",
+    warmup_steps=0,
+    final_lr_ratio=0.0,
+    ema_decay=0.0,
+    proposal_scale=1.0,
+    label_smoothing=0.0,
+    focal_gamma=0.0,
+) -> Dynamic:
     """One run's dynamic settings as numpy scalars; n_data is a count or ONLINE (inf).
 
     ema_decay and proposal_scale act only in a program compiled with Static(ema=True) and
@@ -350,9 +381,19 @@ def make_dynamic(task: tasks.GaussianTask, lr=1e-3, weight_decay=0.0, momentum=0
         raise ValueError(f"n_data must be a positive count or train.ONLINE, got {n_data!r}")
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose from {LR_SCHEDULES}")
-    return Dynamic(jax.tree.map(np.asarray, task), np.float32(lr), np.int32(LR_SCHEDULES.index(lr_schedule)),
-                   np.int32(warmup_steps), np.float32(final_lr_ratio), np.float32(weight_decay),
-                   np.float32(momentum), np.int32(n), np.uint32(seed),
-                   np.asarray(curve_range if curve_range is not None else (np.nan, np.nan), np.float32),
-                   np.float32(ema_decay), np.float32(proposal_scale), np.float32(label_smoothing),
-                   np.float32(focal_gamma))
+    return Dynamic(
+        jax.tree.map(np.asarray, task),
+        np.float32(lr),
+        np.int32(LR_SCHEDULES.index(lr_schedule)),
+        np.int32(warmup_steps),
+        np.float32(final_lr_ratio),
+        np.float32(weight_decay),
+        np.float32(momentum),
+        np.int32(n),
+        np.uint32(seed),
+        np.asarray(curve_range if curve_range is not None else (np.nan, np.nan), np.float32),
+        np.float32(ema_decay),
+        np.float32(proposal_scale),
+        np.float32(label_smoothing),
+        np.float32(focal_gamma),
+    )

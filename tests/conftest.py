@@ -34,9 +34,11 @@ from isa import lowered_isa_env  # noqa: E402, F401 (for the tests)
 from calibjax import metrics, tasks, train  # noqa: E402
 
 # Tests that start real outside systems run only when asked (their make targets install the packages).
-SYSTEMS = {"cluster": "starts a real SLURM cluster: make test-cluster",
-           "browser": "renders a page in Debian's chromium: make test-browser",
-           "qemu": "trains on an emulated AVX2 CPU (Debian's qemu-user): make test-isa"}
+SYSTEMS = {
+    "cluster": "starts a real SLURM cluster: make test-cluster",
+    "browser": "renders a page in Debian's chromium: make test-browser",
+    "qemu": "trains on an emulated AVX2 CPU (Debian's qemu-user): make test-isa",
+}
 
 
 def pytest_addoption(parser):
@@ -60,8 +62,9 @@ def example(n: int) -> tasks.GaussianTask:
 
 
 # A small static setting shared by the training tests, so they share one compile.
-SMALL = train.Static(steps=60, checkpoints=(0, 20, 60), hidden=(16, 16), batch_size=32,
-                     eval=metrics.EvalSpec(points=256), curve_points=9)
+SMALL = train.Static(
+    steps=60, checkpoints=(0, 20, 60), hidden=(16, 16), batch_size=32, eval=metrics.EvalSpec(points=256), curve_points=9
+)
 
 
 @pytest.fixture
@@ -131,6 +134,7 @@ def sweep_text(**changes) -> str:
 
 # ---------------------------------------------------------------- command line
 
+
 def cli(*args, cwd=None, env=None, timeout=600, cpu=None) -> subprocess.CompletedProcess:
     """``python -m calibjax ARGS`` in a fresh process on 2 CPU devices (env adds or, with None, removes
     variables); with cpu (a QEMU CPU model, e.g. "Haswell-noTSX"), on that CPU emulated by qemu-x86_64."""
@@ -138,16 +142,29 @@ def cli(*args, cwd=None, env=None, timeout=600, cpu=None) -> subprocess.Complete
     for k, v in (env or {}).items():
         full.pop(k, None) if v is None else full.__setitem__(k, v)
     emulator = ["qemu-x86_64", "-cpu", cpu] if cpu else []
-    return subprocess.run([*emulator, sys.executable, "-m", "calibjax", *map(str, args)], capture_output=True,
-                          text=True, env=full, cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [*emulator, sys.executable, "-m", "calibjax", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full,
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 # ---------------------------------------------------------------- processes
+
 
 def python_in(code: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """``python -c code`` in a fresh process (env adds or, with None, removes variables)."""
     full = dict(os.environ)
     for k, v in (env or {}).items():
         full.pop(k, None) if v is None else full.__setitem__(k, v)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=timeout,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=full,
+        timeout=timeout,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )

@@ -20,8 +20,10 @@ def lowered_isa_env(isa: str = "avx2") -> dict:
 
     keep = {"avx2": 1, "sse4.2": 0}[isa]
     flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_cpu_max_isa="))
-    return {"XLA_FLAGS": f"{flags} --xla_cpu_max_isa={isa.upper().replace('.', '_')}".strip(),
-            "NPY_DISABLE_CPU_FEATURES": ",".join(t for t in npy.__cpu_dispatch__ if level(t) > keep)}
+    return {
+        "XLA_FLAGS": f"{flags} --xla_cpu_max_isa={isa.upper().replace('.', '_')}".strip(),
+        "NPY_DISABLE_CPU_FEATURES": ",".join(t for t in npy.__cpu_dispatch__ if level(t) > keep),
+    }
 
 
 if __name__ == "__main__":

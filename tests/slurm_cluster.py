@@ -17,13 +17,16 @@ import time
 from pathlib import Path
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
-CPUS = 8           # more than the machine has (config_overrides): jobs that mostly wait share it
+CPUS = 8  # more than the machine has (config_overrides): jobs that mostly wait share it
 MEMORY_MB = 8000
 
 
 def missing_parts() -> list[str]:
-    return [p for p in ("/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd", "sbatch", "scontrol")
-            if shutil.which(p) is None]
+    return [
+        p
+        for p in ("/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd", "sbatch", "scontrol")
+        if shutil.which(p) is None
+    ]
 
 
 def _free_port() -> int:
@@ -43,24 +46,40 @@ class Cluster:
 
     def config(self) -> str:
         r = self.root
-        return "\n".join([
-            "ClusterName=calibjaxtest",
-            f"SlurmctldHost={self.host}(127.0.0.1)",
-            "SlurmUser=root", "SlurmdUser=root",
-            f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
-            "AuthType=auth/munge",
-            f"AuthInfo=socket={r}/munge/munge.socket,cred_expire=5",  # a requeued job may start again after 5 s
-            f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool",
-            f"SlurmctldPidFile={r}/slurmctld.pid", f"SlurmdPidFile={r}/slurmd.pid",
-            f"SlurmctldLogFile={r}/slurmctld.log", f"SlurmdLogFile={r}/slurmd.log",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
-            "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
-            "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core_Memory",
-            "SlurmdParameters=config_overrides", "ReturnToService=2", "MpiDefault=none",
-            "KillWait=5", "MinJobAge=3600", "DefMemPerCPU=500", "SchedulerParameters=sched_interval=2",
-            f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={CPUS} RealMemory={MEMORY_MB} State=UNKNOWN",
-            f"PartitionName=test Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
-            ""])
+        return "\n".join(
+            [
+                "ClusterName=calibjaxtest",
+                f"SlurmctldHost={self.host}(127.0.0.1)",
+                "SlurmUser=root",
+                "SlurmdUser=root",
+                f"SlurmctldPort={_free_port()}",
+                f"SlurmdPort={_free_port()}",
+                "AuthType=auth/munge",
+                f"AuthInfo=socket={r}/munge/munge.socket,cred_expire=5",  # a requeued job may start again after 5 s
+                f"StateSaveLocation={r}/state",
+                f"SlurmdSpoolDir={r}/spool",
+                f"SlurmctldPidFile={r}/slurmctld.pid",
+                f"SlurmdPidFile={r}/slurmd.pid",
+                f"SlurmctldLogFile={r}/slurmctld.log",
+                f"SlurmdLogFile={r}/slurmd.log",
+                "ProctrackType=proctrack/linuxproc",
+                "TaskPlugin=task/none",
+                "JobAcctGatherType=jobacct_gather/none",
+                "AccountingStorageType=accounting_storage/none",
+                "SelectType=select/cons_tres",
+                "SelectTypeParameters=CR_Core_Memory",
+                "SlurmdParameters=config_overrides",
+                "ReturnToService=2",
+                "MpiDefault=none",
+                "KillWait=5",
+                "MinJobAge=3600",
+                "DefMemPerCPU=500",
+                "SchedulerParameters=sched_interval=2",
+                f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={CPUS} RealMemory={MEMORY_MB} State=UNKNOWN",
+                f"PartitionName=test Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
+                "",
+            ]
+        )
 
     def start(self) -> Cluster:
         if os.geteuid() != 0:
@@ -71,9 +90,22 @@ class Cluster:
         self.root.chmod(0o755)
         self.conf.write_text(self.config())
         sock = self.root / "munge" / "munge.socket"
-        self._spawn("munged", ["runuser", "-u", "munge", "--", "/usr/sbin/munged", "--foreground", "--force",
-                               f"--socket={sock}", f"--pid-file={self.root}/munge/munged.pid",
-                               f"--log-file={self.root}/munge/munged.log", f"--seed-file={self.root}/munge/seed"])
+        self._spawn(
+            "munged",
+            [
+                "runuser",
+                "-u",
+                "munge",
+                "--",
+                "/usr/sbin/munged",
+                "--foreground",
+                "--force",
+                f"--socket={sock}",
+                f"--pid-file={self.root}/munge/munged.pid",
+                f"--log-file={self.root}/munge/munged.log",
+                f"--seed-file={self.root}/munge/seed",
+            ],
+        )
         self._wait(lambda: sock.exists(), "munged's socket")
         self._spawn("slurmctld", ["/usr/sbin/slurmctld", "-D", "-i", "-f", str(self.conf)])
         self._wait(lambda: self.run("scontrol", "ping", check=False).returncode == 0, "slurmctld")
@@ -96,9 +128,9 @@ class Cluster:
             time.sleep(0.2)
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.root.glob("*.log"))
-                         if p.is_file()) + "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}"
-                                                     for p in sorted(self.root.glob("*.stdout")))
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.root.glob("*.log")) if p.is_file()
+        ) + "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(self.root.glob("*.stdout")))
 
     def stop(self) -> None:
         """Stop the daemons this cluster started (by pid), and the jobs they still run."""

@@ -57,15 +57,21 @@ def steps_to_stay(steps: np.ndarray, values: np.ndarray, eps: float) -> float:
     return math.inf if i == len(values) else _crossing(steps, values, i, eps)
 
 
-def summarize(metrics: pd.DataFrame, runs: pd.DataFrame, eps=DEFAULT_EPS, rel_eps=DEFAULT_REL_EPS,
-              recalibrated: pd.DataFrame | None = None) -> pd.DataFrame:
+def summarize(
+    metrics: pd.DataFrame,
+    runs: pd.DataFrame,
+    eps=DEFAULT_EPS,
+    rel_eps=DEFAULT_REL_EPS,
+    recalibrated: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """One row per run: learnability summaries (see the module docstring), joined to the settings;
     with ``recalibrated`` (temperature scaling), final_<m>_ts of its FINAL_SCALED columns too."""
     finals = list(FINAL)
     if recalibrated is not None:
         scaled = {k: f"{k}_ts" for k in FINAL_SCALED}
-        metrics = metrics.merge(recalibrated[["run_id", "step", *scaled]].rename(columns=scaled),
-                                on=["run_id", "step"], how="left")
+        metrics = metrics.merge(
+            recalibrated[["run_id", "step", *scaled]].rename(columns=scaled), on=["run_id", "step"], how="left"
+        )
         finals += list(scaled.values())
     rows = []
     status = runs.set_index("run_id")["status"]
@@ -89,11 +95,9 @@ def summarize(metrics: pd.DataFrame, runs: pd.DataFrame, eps=DEFAULT_EPS, rel_ep
         row["final_accuracy_gap"] = math.nan if diverged else float(gap.median())
         kl = m["kl"].to_numpy(float)
         logs = log(steps)
-        row["kl_auc"] = (math.nan if diverged or len(steps) < 2 else
-                         float(np.trapezoid(kl, logs) / (logs[-1] - logs[0])))
+        row["kl_auc"] = math.nan if diverged or len(steps) < 2 else float(np.trapezoid(kl, logs) / (logs[-1] - logs[0]))
         rows.append(row)
     return runs.merge(pd.DataFrame(rows), on="run_id", how="right")
-
 
 
 def _quantile(values: pd.Series, q: float) -> float:
@@ -103,7 +107,6 @@ def _quantile(values: pd.Series, q: float) -> float:
         return math.nan
     r = float(np.quantile(np.where(np.isinf(v), np.sign(v) * _SENTINEL, v), q))
     return math.copysign(math.inf, r) if abs(r) >= _INF_FROM else r
-
 
 
 def aggregate(summary: pd.DataFrame, by: list[str] | None = None) -> pd.DataFrame:

@@ -28,8 +28,10 @@ def python(code: str) -> subprocess.CompletedProcess:
 def test_the_training_path_never_loads_matplotlib():
     training = [m for m in MODULES if m not in PLOTTING]
     assert {"calibjax.engine", "calibjax.results", "calibjax.planning", "calibjax.train"} <= set(training)
-    r = python(f"import sys\nfor m in {training!r}: __import__(m)\n"
-               "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))")
+    r = python(
+        f"import sys\nfor m in {training!r}: __import__(m)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))"
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]", r.stdout
     # ... and neither does the command line until it draws.
@@ -75,8 +77,13 @@ def test_tables_take_their_columns_from_the_records():
     out = jax.tree.map(np.asarray, train.batched_train_fn(SMALL, 2)(train.stack_dynamic(dyns)))
     t = tables.chunk_tables(SMALL, [3, 4], out)
     assert list(t["metrics"].columns) == ["run_id", "step", *metrics.Scalars._fields]
-    assert list(t["density"].columns) == ["run_id", "step", "log10_density_lo", "log10_density_hi",
-                                          *metrics.DensityBins._fields]
+    assert list(t["density"].columns) == [
+        "run_id",
+        "step",
+        "log10_density_lo",
+        "log10_density_hi",
+        *metrics.DensityBins._fields,
+    ]
     assert list(t["calibration"].columns)[4:] == list(metrics.ReliabilityBins._fields)
     c = len(SMALL.checkpoints)
     assert len(t["metrics"]) == 2 * c and len(t["density"]) == 2 * c * SMALL.eval.num_bins
@@ -85,7 +92,8 @@ def test_tables_take_their_columns_from_the_records():
     row = t["metrics"].set_index(["run_id", "step"]).loc[(4, SMALL.steps)]
     assert row["kl"] == float(out.checkpoints.scalars.kl[1, -1])
     assert {name: n for name, (n, _) in tables.row_counts(SMALL).items()} == {
-        name: len(df) // 2 for name, df in t.items()}
+        name: len(df) // 2 for name, df in t.items()
+    }
     # the memory model's device bytes are the real result's
     assert tables.output_bytes(SMALL) == sum(a[0].nbytes for a in jax.tree.leaves(out))
 

@@ -31,8 +31,17 @@ def test_run_writes_every_table_manifest_and_figure(tmp_path):
     assert list(runs["run_id"]) == [0, 1, 2, 3] and set(runs["status"]) == {"ok"}
     assert list(runs.loc[runs["case"] == "b", "mu2"]) == [1.0, 1.0]
     m = pd.read_parquet(out / "metrics.parquet")
-    assert list(m.columns[:9]) == ["run_id", "step", "kl", "kl_rel", "tv", "max_err", "accuracy", "bayes_accuracy",
-                                   "loss"]
+    assert list(m.columns[:9]) == [
+        "run_id",
+        "step",
+        "kl",
+        "kl_rel",
+        "tv",
+        "max_err",
+        "accuracy",
+        "bayes_accuracy",
+        "loss",
+    ]
     assert {"err_dense", "err_sparse", "ece", "true_ece", "cal_term", "grouping_term"} <= set(m.columns)
     cal = pd.read_parquet(out / "calibration.parquet")
     np.testing.assert_allclose(cal.groupby(["run_id", "step"])["true_mass"].sum(), 1.0, atol=1e-4)
@@ -41,12 +50,25 @@ def test_run_writes_every_table_manifest_and_figure(tmp_path):
     assert set(pd.read_parquet(out / "summary_by_setting.parquet")["case"]) == {"a", "b"}
     assert len(m) == 4 * 2 and np.isfinite(m[["kl", "tv", "loss"]].to_numpy()).all()
     d = pd.read_parquet(out / "density.parquet")
-    assert list(d.columns) == ["run_id", "step", "log10_density_lo", "log10_density_hi", "mass", "kl_mean",
-                               "kl_contribution", "max_err", "kl_optimum_mean"]
+    assert list(d.columns) == [
+        "run_id",
+        "step",
+        "log10_density_lo",
+        "log10_density_hi",
+        "mass",
+        "kl_mean",
+        "kl_contribution",
+        "max_err",
+        "kl_optimum_mean",
+    ]
     assert (d["kl_optimum_mean"].dropna() == 0).all()  # cross-entropy: its optimum is P everywhere
     np.testing.assert_allclose(d.groupby(["run_id", "step"])["mass"].sum(), 1.0, atol=1e-4)
-    np.testing.assert_allclose(d.groupby(["run_id", "step"])["kl_contribution"].sum().to_numpy(),
-                               m.set_index(["run_id", "step"])["kl"].to_numpy(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(
+        d.groupby(["run_id", "step"])["kl_contribution"].sum().to_numpy(),
+        m.set_index(["run_id", "step"])["kl"].to_numpy(),
+        rtol=1e-4,
+        atol=1e-7,
+    )
     c = pd.read_parquet(out / "curves.parquet")
     assert list(c.columns) == ["run_id", "step", "x", "class", "model_prob", "true_prob"]
     assert len(c) == 4 * 2 * 5 * 2
@@ -54,8 +76,7 @@ def test_run_writes_every_table_manifest_and_figure(tmp_path):
     manifest = (out / "manifest.json").read_text()
     assert '"complete": true' in manifest and "sweep_sha256" in manifest and '"backend": "cpu"' in manifest
     figs = {p.name for p in (out / "figures").glob("*.png")}
-    assert {"densities.png", "kl_vs_steps.png", "error_by_density.png", "posterior_a.png",
-            "reliability_a.png"} <= figs
+    assert {"densities.png", "kl_vs_steps.png", "error_by_density.png", "posterior_a.png", "reliability_a.png"} <= figs
 
     assert any(Path(os.environ["CALIBJAX_CACHE_DIR"]).iterdir())  # the compiled program was kept on disk
 
@@ -108,8 +129,12 @@ def test_missing_file_and_invalid_toml_are_clear_errors(tmp_path):
     assert r.returncode == 2 and "broken.toml: not valid TOML" in r.stderr and "Traceback" not in r.stderr
 
 
-RESUME = sweep_text(seeds=8, train={"steps": 3000, "checkpoints": [10, 3000]},
-                    eval={"curves": True, "curve_points": 5}, cases={"a": {}, "b": {"mu2": 1.0, "sigma1": 2.0}})
+RESUME = sweep_text(
+    seeds=8,
+    train={"steps": 3000, "checkpoints": [10, 3000]},
+    eval={"curves": True, "curve_points": 5},
+    cases={"a": {}, "b": {"mu2": 1.0, "sigma1": 2.0}},
+)
 
 
 @pytest.mark.slow
@@ -118,9 +143,12 @@ def test_sigkill_mid_sweep_then_resume_equals_an_uninterrupted_run(tmp_path):
     sweep.write_text(RESUME)
     out = tmp_path / "killed"
     env = {**os.environ, "CALIBJAX_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen([sys.executable, "-m", "calibjax", "run", sweep, "--out", out, "--quiet",
-                             "--chunk-size", "2", "--no-figures"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "calibjax", "run", sweep, "--out", out, "--quiet", "--chunk-size", "2", "--no-figures"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     chunks = out / "chunks"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -155,14 +183,21 @@ def test_shards_from_flag_and_slurm_array_then_merge_and_plan(tmp_path):
     r = calibjax("run", sweep, "--out", out, "--quiet", "--shard", "0/2")
     assert r.returncode == 0 and r.stdout.startswith(
         "tiny (shard 0 of 2): training 2 of 4 runs in 1 chunk(s), 1 compiled program(s); cpu, 2 device(s) x 8 runs "
-        "vmapped, dense layers by calibjax's CPU kernel; about ")
+        "vmapped, dense layers by calibjax's CPU kernel; about "
+    )
     again = calibjax("run", sweep, "--out", out, "--quiet", "--shard", "0/2")
     assert again.returncode == 0 and "tiny (shard 0 of 2): already complete (4 runs in the sweep)" in again.stdout
     assert "model-steps/s" not in again.stdout
     partial = calibjax("merge", out)
     assert partial.returncode == 1 and "2 run(s) missing: run_id 1, 3" in partial.stderr
-    r = calibjax("run", sweep, "--out", out, "--quiet",
-                 env={"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "0"})
+    r = calibjax(
+        "run",
+        sweep,
+        "--out",
+        out,
+        "--quiet",
+        env={"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "0"},
+    )
     assert r.returncode == 0 and "shards/1-of-2" in r.stdout, r.stderr
     merged = calibjax("merge", out)
     assert merged.returncode == 0, merged.stderr
@@ -188,22 +223,39 @@ def test_cpu_device_count_is_set_up_explicitly_and_wins_over_xla_flags(tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("setup,args,env,message", [
-    ("non-utf8", ["run", "{sweep}"], {}, "not UTF-8 text"),
-    ("", ["run", "{sweep}", "--out", "{out}"], {"SLURM_ARRAY_TASK_ID": "abc", "SLURM_ARRAY_TASK_COUNT": "2"},
-     "SLURM_ARRAY_TASK_ID: expected an integer, got 'abc'"),
-    ("", ["run", "{sweep}", "--out", "{out}", "--shard", "3/2"], {}, "--shard: need 0 <= K < N"),
-    ("", ["run", "{sweep}", "--out", "{out}", "--chunk-size", "0"], {}, "--chunk-size: expected a positive integer"),
-    ("", ["plan", "{sweep}", "--max-runs", "3"], {}, "= 4 runs, more than the 3"),
-    ("corrupt-manifest", ["run", "{sweep}", "--out", "{out}"], {}, "manifest.json: not a readable calibjax manifest"),
-    ("foreign-dir", ["run", "{sweep}", "--out", "{out}"], {}, "is not a calibjax results directory"),
-    ("foreign-dir", ["run", "{sweep}", "--out", "{out}", "--overwrite"], {}, "is not a calibjax results directory"),
-    ("", ["run", "{sweep}", "--out", "{out}"], {"CALIBJAX_CPU_DEVICES": "0"}, "expected a positive integer, got 0"),
-    ("corrupt-manifest", ["merge", "{out}"], {}, "manifest.json: not a readable calibjax manifest"),
-])
+@pytest.mark.parametrize(
+    "setup,args,env,message",
+    [
+        ("non-utf8", ["run", "{sweep}"], {}, "not UTF-8 text"),
+        (
+            "",
+            ["run", "{sweep}", "--out", "{out}"],
+            {"SLURM_ARRAY_TASK_ID": "abc", "SLURM_ARRAY_TASK_COUNT": "2"},
+            "SLURM_ARRAY_TASK_ID: expected an integer, got 'abc'",
+        ),
+        ("", ["run", "{sweep}", "--out", "{out}", "--shard", "3/2"], {}, "--shard: need 0 <= K < N"),
+        (
+            "",
+            ["run", "{sweep}", "--out", "{out}", "--chunk-size", "0"],
+            {},
+            "--chunk-size: expected a positive integer",
+        ),
+        ("", ["plan", "{sweep}", "--max-runs", "3"], {}, "= 4 runs, more than the 3"),
+        (
+            "corrupt-manifest",
+            ["run", "{sweep}", "--out", "{out}"],
+            {},
+            "manifest.json: not a readable calibjax manifest",
+        ),
+        ("foreign-dir", ["run", "{sweep}", "--out", "{out}"], {}, "is not a calibjax results directory"),
+        ("foreign-dir", ["run", "{sweep}", "--out", "{out}", "--overwrite"], {}, "is not a calibjax results directory"),
+        ("", ["run", "{sweep}", "--out", "{out}"], {"CALIBJAX_CPU_DEVICES": "0"}, "expected a positive integer, got 0"),
+        ("corrupt-manifest", ["merge", "{out}"], {}, "manifest.json: not a readable calibjax manifest"),
+    ],
+)
 def test_bad_input_outside_the_sweep_file_is_one_line_and_writes_nothing(tmp_path, setup, args, env, message):
     sweep, out = tmp_path / "tiny.toml", tmp_path / "res"
-    sweep.write_bytes(b"name = \"caf\xe9\"\n" if setup == "non-utf8" else TINY.encode())
+    sweep.write_bytes(b'name = "caf\xe9"\n' if setup == "non-utf8" else TINY.encode())
     if setup:
         out.mkdir()
         (out / ("manifest.json" if setup == "corrupt-manifest" else "thesis.tex")).write_text("{ not json")
@@ -240,13 +292,35 @@ def test_three_processes_on_one_directory_cooperate(tmp_path):
     out = tmp_path / "shared"
     env = {**os.environ, "CALIBJAX_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
     t0 = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-m", "calibjax", "run", sweep, "--out", out, "--quiet",
-                               "--chunk-size", "2", "--no-figures"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "calibjax",
+                "run",
+                sweep,
+                "--out",
+                out,
+                "--quiet",
+                "--chunk-size",
+                "2",
+                "--no-figures",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     outputs = [p.communicate(timeout=600) for p in procs]
     wall = time.perf_counter() - t0
-    failed = "\n".join(f"process {i} exited {p.returncode}\nstdout: {o}\nstderr: {e[-4000:]}"
-                       for i, (p, (o, e)) in enumerate(zip(procs, outputs, strict=True)) if p.returncode)
+    failed = "\n".join(
+        f"process {i} exited {p.returncode}\nstdout: {o}\nstderr: {e[-4000:]}"
+        for i, (p, (o, e)) in enumerate(zip(procs, outputs, strict=True))
+        if p.returncode
+    )
     assert not failed, failed  # the whole stderr of each failing process (a rare failure was cut off before)
     trained = [int(o.split(" runs trained")[0].rsplit(" ", 1)[-1]) for o, _ in outputs]
     assert sum(trained) == 16, trained  # 8 chunks of 2 runs, each trained by exactly one process
@@ -259,16 +333,22 @@ def test_three_processes_on_one_directory_cooperate(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig,code,when", [(signal.SIGTERM, 143, "chunks"), (signal.SIGINT, 130, "start-up"),
-                                           (signal.SIGTERM, 143, "start-up")])
+@pytest.mark.parametrize(
+    "sig,code,when",
+    [(signal.SIGTERM, 143, "chunks"), (signal.SIGINT, 130, "start-up"), (signal.SIGTERM, 143, "start-up")],
+)
 def test_a_signal_stops_within_seconds_keeps_finished_chunks_and_says_so(tmp_path, sig, code, when):
     sweep = tmp_path / "resume.toml"
     sweep.write_text(RESUME)
     out = tmp_path / "res"
     env = {**os.environ, "CALIBJAX_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen([sys.executable, "-m", "calibjax", "run", sweep, "--out", out, "--quiet",
-                             "--chunk-size", "2", "--no-figures"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "calibjax", "run", sweep, "--out", out, "--quiet", "--chunk-size", "2", "--no-figures"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     if when == "chunks":  # once a chunk is written, during the next one's training
         while time.time() < deadline and not any((out / "chunks").glob("g*")):
@@ -305,18 +385,33 @@ def test_pip_install_of_the_project_ships_the_command_and_the_sweeps(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", venv], check=True)
     py = venv / "bin" / "python"
-    r = subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", str(repo)], capture_output=True, text=True,
-                       cwd=tmp_path, timeout=300)
+    r = subprocess.run(
+        [py, "-m", "pip", "install", "-q", "--no-deps", str(repo)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
-    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     ours = [p for p in sys.path if p.endswith("site-packages")]
     Path(site, "test-deps.pth").write_text("\n".join(ours) + "\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    tool = lambda *a: subprocess.run([venv / "bin" / "calibjax", *map(str, a)], capture_output=True,  # noqa: E731
-                                     text=True, cwd=tmp_path, env=env)
-    where = subprocess.run([py, "-c", "import calibjax; print(calibjax.__file__)"], capture_output=True, text=True,
-                           cwd=tmp_path, env=env).stdout
+    tool = lambda *a: subprocess.run(
+        [venv / "bin" / "calibjax", *map(str, a)],
+        capture_output=True,  # noqa: E731
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    where = subprocess.run(
+        [py, "-c", "import calibjax; print(calibjax.__file__)"], capture_output=True, text=True, cwd=tmp_path, env=env
+    ).stdout
     assert where.startswith(site), where  # the installed copy, not the checkout
     import calibjax as package
 
@@ -336,8 +431,14 @@ def test_pip_install_of_the_project_ships_the_command_and_the_sweeps(tmp_path):
     assert by_name.returncode == 0 and "blog: 24 runs, 1 groups" in by_name.stdout, by_name.stderr
     assert "using the shipped sweep blog.toml" in by_name.stderr
     # The CPU kernel's source ships too, and the installed copy compiles it (into a cache of its own here).
-    built = subprocess.run([py, "-m", "calibjax.cpu_kernel"], capture_output=True, text=True, cwd=tmp_path,
-                           env={**env, "CALIBJAX_KERNEL_CACHE": str(tmp_path / "kernels")}, timeout=300)
+    built = subprocess.run(
+        [py, "-m", "calibjax.cpu_kernel"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**env, "CALIBJAX_KERNEL_CACHE": str(tmp_path / "kernels")},
+        timeout=300,
+    )
     assert built.returncode == 0 and "CPU kernel ready" in built.stdout, built.stderr
     assert len(list((tmp_path / "kernels").glob("calibjax_dense-*.so"))) == 1
 

@@ -36,8 +36,15 @@ from conftest import sweep_text
 
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[1]
-SWEEP = sweep_text(name="cluster", seeds=16, model={"hidden": [16]}, grid={"lr": [0.001, 0.003]},
-                   train={"steps": 1000, "checkpoints": [500, 1000]})
+SWEEP = sweep_text(
+    name="cluster",
+    seeds=16,
+    model={"hidden": [16]},
+    grid={"lr": [0.001, 0.003]},
+    train={"steps": 1000, "checkpoints": [500, 1000]},
+)
+
+
 def SLURM(cluster: Cluster) -> dict:  # noqa: N802
     """For calibjax commands that submit: SLURM's configuration, and no device count of the tests'
     (sbatch passes the environment on, and the tasks must take theirs from the allocation)."""
@@ -110,31 +117,73 @@ def test_submit_cancel_requeue_time_limit_resubmit_merge(cluster, tmp_path):
     ref = tmp_path / "ref"
     # The unsharded reference, on one device with calls of 8 runs like every task below: it also
     # puts that program in the compilation cache the tasks share.
-    r = calibjax("run", path, "--out", ref, "--quiet", "--no-figures", "--chunk-size", "8",
-                 env={"CALIBJAX_CPU_DEVICES": "1"})
+    r = calibjax(
+        "run", path, "--out", ref, "--quiet", "--no-figures", "--chunk-size", "8", env={"CALIBJAX_CPU_DEVICES": "1"}
+    )
     assert r.returncode == 0, r.stderr
     t_ref = time.time()
     JOB_LOGS[:] = [f"{tmp_path}/*.out", f"{tmp_path}/A/slurm/*.out"]
 
     # --- A: calibjax submit, 4 shards, 2 at a time, one chunk (of one run) per call
     a = tmp_path / "A"
-    r = calibjax("submit", path, "--out", a, "--tasks", "4", "--max-parallel", "2", "--cpus", "1", "--mem", "1G",
-                 "--time", "10", "--chunk-size", "1", env=SLURM(cluster))
+    r = calibjax(
+        "submit",
+        path,
+        "--out",
+        a,
+        "--tasks",
+        "4",
+        "--max-parallel",
+        "2",
+        "--cpus",
+        "1",
+        "--mem",
+        "1G",
+        "--time",
+        "10",
+        "--chunk-size",
+        "1",
+        env=SLURM(cluster),
+    )
     assert r.returncode == 0, r.stderr
     array, merge = re.search(r"array job (\d+) .* merge job (\d+)", r.stdout).groups()
     assert cluster.job(merge)["JobState"] == "PENDING" and f"afterany:{array}" in cluster.job(merge)["Dependency"]
 
     # --- B: the repository's script, a one-minute limit, an early warning 10 s before it
     b = tmp_path / "B"
-    r = cluster.run("sbatch", "--parsable", "--array=0-1", "-c", "1", "--mem=1G", "--time=1", "--signal=B:USR1@10",
-                    f"--output={tmp_path}/B-%A_%a.out", "sweeps/slurm_array.sh", path, "--out", b,
-                    "--chunk-size", "2", cwd=REPO)
+    r = cluster.run(
+        "sbatch",
+        "--parsable",
+        "--array=0-1",
+        "-c",
+        "1",
+        "--mem=1G",
+        "--time=1",
+        "--signal=B:USR1@10",
+        f"--output={tmp_path}/B-%A_%a.out",
+        "sweeps/slurm_array.sh",
+        path,
+        "--out",
+        b,
+        "--chunk-size",
+        "2",
+        cwd=REPO,
+    )
     b_job = r.stdout.strip()
 
     # --- C: a plain sbatch line, a one-minute limit, no early warning
     c = tmp_path / "C"
-    r = cluster.run("sbatch", "--parsable", "-c", "1", "--mem=1G", "--time=1", f"--output={tmp_path}/C.out",
-                    "--wrap", f"exec {sys.executable} -m calibjax run {path} --out {c} --chunk-size 2 --quiet")
+    r = cluster.run(
+        "sbatch",
+        "--parsable",
+        "-c",
+        "1",
+        "--mem=1G",
+        "--time=1",
+        f"--output={tmp_path}/C.out",
+        "--wrap",
+        f"exec {sys.executable} -m calibjax run {path} --out {c} --chunk-size 2 --quiet",
+    )
     c_job = r.stdout.strip()
 
     # Hold the last chunk of C and of B's shard 0 once their tasks have made the directories theirs.
@@ -160,8 +209,13 @@ def test_submit_cancel_requeue_time_limit_resubmit_merge(cluster, tmp_path):
     assert finished_chunks(a / "shards" / "1-of-4") < 8  # cancelled mid-run
 
     # B: the early warning came while the task waited for the held chunk: it requeued itself
-    wait_for(lambda: "requeued job" in log_of(f"{tmp_path}/B-{b_job}_0.out"), "B requeued itself", cluster,
-             timeout=150, every=0.5)
+    wait_for(
+        lambda: "requeued job" in log_of(f"{tmp_path}/B-{b_job}_0.out"),
+        "B requeued itself",
+        cluster,
+        timeout=150,
+        every=0.5,
+    )
     log = log_of(f"{tmp_path}/B-{b_job}_0.out")
     assert "calibjax: time limit near (SIGUSR1); the chunk in flight is abandoned" in log, log
     cluster.run("scontrol", "update", f"JobId={b_job}_0", "TimeLimit=5")  # the next attempt gets time

@@ -39,9 +39,22 @@ def reference(a, b, trans_a, trans_b):
 
 
 @pytest.mark.parametrize("trans_a,trans_b", MODES)
-@pytest.mark.parametrize("batch,m,k,n", [((), 64, 64, 64), ((8,), 64, 64, 64), ((3,), 7, 5, 9), ((2, 3), 13, 70, 17),
-                                         ((5,), 1, 1, 1), ((4,), 65, 33, 24), ((1,), 300, 64, 64), ((2,), 6, 3, 31),
-                                         ((3,), 70, 64, 2), ((2,), 9, 13, 5), ((2,), 33, 2, 64)])  # thin ones
+@pytest.mark.parametrize(
+    "batch,m,k,n",
+    [
+        ((), 64, 64, 64),
+        ((8,), 64, 64, 64),
+        ((3,), 7, 5, 9),
+        ((2, 3), 13, 70, 17),
+        ((5,), 1, 1, 1),
+        ((4,), 65, 33, 24),
+        ((1,), 300, 64, 64),
+        ((2,), 6, 3, 31),
+        ((3,), 70, 64, 2),
+        ((2,), 9, 13, 5),
+        ((2,), 33, 2, 64),
+    ],
+)  # thin ones
 def test_products_match_float64_numpy_to_float32_rounding(batch, m, k, n, trans_a, trans_b):
     rng = np.random.default_rng(m * 1000 + k * 10 + n)
     a, b = operands(rng, batch, m, k, n, trans_a, trans_b)
@@ -49,8 +62,9 @@ def test_products_match_float64_numpy_to_float32_rounding(batch, m, k, n, trans_
     want, bound = reference(a, b, trans_a, trans_b)
     assert got.shape == want.shape and got.dtype == np.float32
     assert np.all(np.abs(got - want) <= bound), np.max(np.abs(got - want) / bound)
-    xla = np.asarray(jnp.matmul(*(np.swapaxes(x, -1, -2) if t else x for x, t in ((a, trans_a), (b, trans_b))),
-                                precision="highest"))
+    xla = np.asarray(
+        jnp.matmul(*(np.swapaxes(x, -1, -2) if t else x for x, t in ((a, trans_a), (b, trans_b))), precision="highest")
+    )
     assert np.all(np.abs(got - xla) <= 2 * bound)  # and so XLA's dot, to the same rounding
 
 
@@ -63,7 +77,7 @@ def test_a_products_bits_do_not_depend_on_its_batch_mates_position_or_tile(trans
     mm = jax.jit(functools.partial(cpu_kernel.batched_matmul, trans_a=trans_a, trans_b=trans_b))
     whole = np.asarray(mm(a, b))
     for s in (0, 4, 8):
-        assert np.array_equal(np.asarray(mm(a[s:s + 1], b[s:s + 1])), whole[s:s + 1])
+        assert np.array_equal(np.asarray(mm(a[s : s + 1], b[s : s + 1])), whole[s : s + 1])
     assert np.array_equal(np.asarray(mm(a[::-1], b[::-1]))[::-1], whole)  # other positions, other mates
     # Rows 0..6 and columns 0..20 alone (edge tiles of 1-5 rows, 8-wide and scalar columns) are the
     # same bits as in the 64 x 64 product computed by full tiles.
@@ -82,8 +96,13 @@ def test_dense_gradients_match_xlas_and_vmap_is_one_batched_call():
         return jnp.sum(jnp.tanh(product(x, w)) * t)
 
     grad = jax.jit(jax.vmap(jax.value_and_grad(functools.partial(loss, cpu_kernel.dense), argnums=(0, 1))))
-    ref = jax.jit(jax.vmap(jax.value_and_grad(functools.partial(loss, lambda x, w: jnp.matmul(
-        x, w, precision="highest")), argnums=(0, 1))))
+    ref = jax.jit(
+        jax.vmap(
+            jax.value_and_grad(
+                functools.partial(loss, lambda x, w: jnp.matmul(x, w, precision="highest")), argnums=(0, 1)
+            )
+        )
+    )
     (v, (gx, gw)), (rv, (rgx, rgw)) = grad(x, w, t), ref(x, w, t)
     for got, want in ((v, rv), (gx, rgx), (gw, rgw)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
@@ -122,8 +141,9 @@ def model_loss(model, params, x, c, weight):
     return (loss if weight is None else weight * loss).mean()
 
 
-@pytest.mark.parametrize("hidden,classes,dim,batch", [((64, 64), 2, 1, 64), ((24, 7), 3, 2, 13), ((5,), 2, 1, 32),
-                                                      ((16, 16, 16), 4, 3, 8)])
+@pytest.mark.parametrize(
+    "hidden,classes,dim,batch", [((64, 64), 2, 1, 64), ((24, 7), 3, 2, 13), ((5,), 2, 1, 32), ((16, 16, 16), 4, 3, 8)]
+)
 @pytest.mark.parametrize("weighted", [False, True])
 def test_the_fused_step_gives_autodiffs_loss_and_gradients(hidden, classes, dim, batch, weighted):
     """cpu_kernel.loss_and_grads (the whole forward and backward pass in C++) against
@@ -220,11 +240,17 @@ def test_resolve_and_dense_choice(monkeypatch):
 def test_without_a_compiler_auto_falls_back_once_and_kernel_is_an_error(tmp_path):
     """In a fresh process with no usable compiler: auto says why once and uses XLA; --dense kernel
     stops with one line before anything is trained."""
-    code = ("import sys; from calibjax import cpu_kernel as k\n"
-            "print(k.resolve('auto', 'cpu'), k.resolve('auto', 'cpu'))\n"
-            "try: k.resolve('kernel', 'cpu')\nexcept k.KernelError as e: print('error:', e)\n")
-    env = {"CXX": str(tmp_path / "no-such-compiler"), "CALIBJAX_KERNEL_CACHE": str(tmp_path / "cache"),
-           "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
+    code = (
+        "import sys; from calibjax import cpu_kernel as k\n"
+        "print(k.resolve('auto', 'cpu'), k.resolve('auto', 'cpu'))\n"
+        "try: k.resolve('kernel', 'cpu')\nexcept k.KernelError as e: print('error:', e)\n"
+    )
+    env = {
+        "CXX": str(tmp_path / "no-such-compiler"),
+        "CALIBJAX_KERNEL_CACHE": str(tmp_path / "cache"),
+        "PATH": "/usr/bin:/bin",
+        "JAX_PLATFORMS": "cpu",
+    }
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0] == "xla xla"
@@ -246,13 +272,18 @@ def test_the_build_is_cached_by_source_and_flags(tmp_path, monkeypatch):
 def test_on_a_cpu_without_avx2_auto_falls_back_once_and_kernel_is_an_error():
     """A CPU without AVX2/FMA (an older x86 or, by the same path, another architecture), simulated by
     capping the instruction set: nothing is compiled, auto says why once, kernel is refused."""
-    code = ("from calibjax import cpu_kernel as k\n"
-            "print(k.resolve('auto', 'cpu'), k.resolve('auto', 'cpu'))\n"
-            "try: k.resolve('kernel', 'cpu')\nexcept k.KernelError as e: print('error:', e)\n")
+    code = (
+        "from calibjax import cpu_kernel as k\n"
+        "print(k.resolve('auto', 'cpu'), k.resolve('auto', 'cpu'))\n"
+        "try: k.resolve('kernel', 'cpu')\nexcept k.KernelError as e: print('error:', e)\n"
+    )
     out = python_in(code, env=lowered_isa_env("sse4.2"))
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["xla xla", "error: the calibjax CPU kernel is unavailable: it needs AVX2 and "
-                                       "FMA, and this CPU computes with sse4.2 (--xla_cpu_max_isa)"]
+    assert out.stdout.splitlines() == [
+        "xla xla",
+        "error: the calibjax CPU kernel is unavailable: it needs AVX2 and "
+        "FMA, and this CPU computes with sse4.2 (--xla_cpu_max_isa)",
+    ]
     assert out.stderr.count("the CPU kernel is unavailable") == 1 and "built the CPU kernel" not in out.stderr
 
 

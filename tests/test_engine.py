@@ -17,17 +17,24 @@ from calibjax import cli, cpu_kernel, engine, planning, results, store, sweep
 
 from conftest import sweep_doc, to_toml
 
-DOC = sweep_doc(name="eng", train={"steps": 20, "checkpoints": [5, 20], "n_data": 300}, eval={"points": 64},
-                grid={"mu2": [1.0, 2.0, 3.0], "lr": [1e-3, 1e-2]})
+DOC = sweep_doc(
+    name="eng",
+    train={"steps": 20, "checkpoints": [5, 20], "n_data": 300},
+    eval={"points": 64},
+    grid={"mu2": [1.0, 2.0, 3.0], "lr": [1e-3, 1e-2]},
+)
 TEXT = to_toml(DOC)
 N_RUNS = 12
 WIDTH = 4  # runs vmapped together per device in these tests (small, so padding stays cheap)
 
 # 3 cases x 2 batch sizes (two static groups) x 2 seeds; case "wild" diverges.
 MATRIX_DOC = sweep_doc(
-    name="matrix", train={"steps": 1000, "checkpoints": [10, 100, 1000], "n_data": 300},
+    name="matrix",
+    train={"steps": 1000, "checkpoints": [10, 100, 1000], "n_data": 300},
     eval={"points": 64, "calibration_samples": 200, "curves": True, "curve_points": 5},
-    cases={"a": {}, "b": {"mu2": 1.0, "sigma1": 2.0}, "wild": {"lr": 1e30}}, grid={"batch_size": [16, 32]})
+    cases={"a": {}, "b": {"mu2": 1.0, "sigma1": 2.0}, "wild": {"lr": 1e30}},
+    grid={"batch_size": [16, 32]},
+)
 MATRIX = to_toml(MATRIX_DOC)
 # The matrix with a hidden-to-hidden layer (24 x 24: a 16-column and an 8-column panel, batches of
 # 16 and 32 rows), the layer calibjax's CPU kernel computes.
@@ -86,10 +93,10 @@ def kernel_reference(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.skipif(not cpu_kernel.available(), reason="the CPU kernel cannot be built or run here")
 @pytest.mark.parametrize("chunk,devices", [(7, 4), (None, 2), (5, 1)])
-def test_with_the_cpu_kernel_a_runs_bits_do_not_depend_on_chunk_size_or_device_count(tmp_path, kernel_reference,
-                                                                                      chunk, devices):
-    report = engine.run_sweep(load(KERNEL_MATRIX), tmp_path, layout=layout(chunk, devices, dense="kernel"),
-                              quiet=True)
+def test_with_the_cpu_kernel_a_runs_bits_do_not_depend_on_chunk_size_or_device_count(
+    tmp_path, kernel_reference, chunk, devices
+):
+    report = engine.run_sweep(load(KERNEL_MATRIX), tmp_path, layout=layout(chunk, devices, dense="kernel"), quiet=True)
     assert report.complete
     assert_identical(finished(tmp_path), kernel_reference)
 
@@ -166,7 +173,8 @@ def test_a_failing_chunk_is_reported_and_retried_alone(tmp_path, monkeypatch):
     engine.run_sweep(load(), tmp_path / "b", layout=layout(), quiet=True)
     for name in ("runs", "metrics", "density", "calibration"):
         assert pd.read_parquet(tmp_path / "a" / f"{name}.parquet").equals(
-            pd.read_parquet(tmp_path / "b" / f"{name}.parquet")), name
+            pd.read_parquet(tmp_path / "b" / f"{name}.parquet")
+        ), name
 
 
 def test_chunks_shrink_to_fit_memory():
@@ -198,24 +206,35 @@ def test_plan_counts_runs_groups_and_chunks():
 def test_capacity_axes_make_one_group_per_architecture():
     """width x depth x activation in one sweep: one compiled group per architecture, holding the runs
     of every case and seed (a group compiles once: matrix_reference counts the compiles)."""
-    doc = sweep_doc(name="cap", seeds=2, train={"steps": 20, "checkpoints": [5, 20]}, model={"hidden": None},
-                    cases={"a": {}, "b": {"mu2": 1.0}},
-                    grid={"width": [4, 8], "depth": [1, 2], "activation": ["relu", "tanh"]})
+    doc = sweep_doc(
+        name="cap",
+        seeds=2,
+        train={"steps": 20, "checkpoints": [5, 20]},
+        model={"hidden": None},
+        cases={"a": {}, "b": {"mu2": 1.0}},
+        grid={"width": [4, 8], "depth": [1, 2], "activation": ["relu", "tanh"]},
+    )
     sw = load(to_toml(doc))
     assert len(sw.runs) == 32 and len(sw.groups[0]) == 8
     runs = sweep.runs_table(sw)
     assert runs.groupby("group").size().eq(4).all() and runs.groupby("group")["case"].nunique().eq(2).all()
     assert set(runs["hidden"]) == {"4", "8", "4-4", "8-8"}
     assert {(s.hidden, s.activation) for s in map(sweep.static_of, sw.runs)} == {
-        (h, a) for h in ((4,), (8,), (4, 4), (8, 8)) for a in ("relu", "tanh")}
+        (h, a) for h in ((4,), (8,), (4, 4), (8, 8)) for a in ("relu", "tanh")
+    }
 
 
-TWO_D = to_toml(sweep_doc(
-    name="two_d",
-    task={"means": [[-1.0, 0.0], [1.0, 0.0], [[0.0, 2.0], [0.0, -2.0]]],
-          "sigmas": [[1.0, 1.0], [1.0, 1.0], [[0.5, 0.5], [0.5, 0.5]]]},
-    train={"steps": 20, "checkpoints": [5, 20], "n_data": 300},
-    eval={"points": 256, "calibration_samples": 200, "curves": True, "curve_points": 7, "curve_range": [-3.0, 3.0]}))
+TWO_D = to_toml(
+    sweep_doc(
+        name="two_d",
+        task={
+            "means": [[-1.0, 0.0], [1.0, 0.0], [[0.0, 2.0], [0.0, -2.0]]],
+            "sigmas": [[1.0, 1.0], [1.0, 1.0], [[0.5, 0.5], [0.5, 0.5]]],
+        },
+        train={"steps": 20, "checkpoints": [5, 20], "n_data": 300},
+        eval={"points": 256, "calibration_samples": 200, "curves": True, "curve_points": 7, "curve_range": [-3.0, 3.0]},
+    )
+)
 
 
 @pytest.mark.slow
@@ -247,8 +266,9 @@ def test_results_of_a_calibjax_with_other_numbers_are_not_mixed(tmp_path):
     store.write_json(part, old)
     with pytest.raises(results.ResultsExist, match="calibjax 0.1.0.*numbers_version 1"):
         results.merge(tmp_path)
-    store.write_json(part, {**old, "numbers_version": store.read_manifest(tmp_path)["numbers_version"],
-                            "sweep_name": "another"})  # a part copied from another sweep
+    store.write_json(
+        part, {**old, "numbers_version": store.read_manifest(tmp_path)["numbers_version"], "sweep_name": "another"}
+    )  # a part copied from another sweep
     with pytest.raises(results.ResultsExist, match="0-of-2: holds results of a different sweep .'another'"):
         results.merge(tmp_path)
     store.write_json(part, old)

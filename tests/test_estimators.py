@@ -17,13 +17,14 @@ from calibjax import tables as tables_mod
 from conftest import example, sweep_doc, to_toml
 
 calibration = pytest.importorskip("calibration")  # Kumar et al.'s package (uncertainty-calibration)
-relplot = pytest.importorskip("relplot")          # Blasiok & Nakkiran's package
+relplot = pytest.importorskip("relplot")  # Blasiok & Nakkiran's package
 
 
 def _estimate(log_q, y, bins=15, replicates=0, key=0):
     fn = jax.jit(estimators.sample_estimates, static_argnums=(2, 3))
-    value, lo, hi = fn(jnp.asarray(log_q, jnp.float32), jnp.asarray(y, jnp.int32), bins, replicates,
-                       jax.random.key(key))
+    value, lo, hi = fn(
+        jnp.asarray(log_q, jnp.float32), jnp.asarray(y, jnp.int32), bins, replicates, jax.random.key(key)
+    )
     return {e: (float(value[i]), float(lo[i]), float(hi[i])) for i, e in enumerate(estimators.ESTIMATORS)}
 
 
@@ -75,8 +76,9 @@ def test_estimators_match_the_published_reference_implementations(n):
     # Kumar, Liang & Ma's package: equal-width and equal-mass ECE, and the debiased L2 estimator.
     np.testing.assert_allclose(got["ece_width"][0], calibration.get_ece(probs, correct), rtol=2e-5)
     np.testing.assert_allclose(got["ece_mass"][0], calibration.get_ece_em(probs, correct), rtol=2e-5)
-    np.testing.assert_allclose(got["ece_l2_debiased"][0],
-                               calibration.get_top_calibration_error(probs, correct, p=2, debias=True), rtol=2e-5)
+    np.testing.assert_allclose(
+        got["ece_l2_debiased"][0], calibration.get_top_calibration_error(probs, correct, p=2, debias=True), rtol=2e-5
+    )
     # Roelofs et al.'s sweep, value and the bin count it stops at.
     want, bins = _sweep_reference(f, correct)
     np.testing.assert_allclose(got["ece_sweep"][0], want, rtol=2e-5)
@@ -84,8 +86,9 @@ def test_estimators_match_the_published_reference_implementations(n):
     _, b = estimators.ece_sweep(jnp.asarray(f[order]), jnp.asarray(correct[order], jnp.float32))
     assert int(b) == bins
     # relplot's smooth ECE (its grid and kernel discretisation differ from ours: agree to 1 %).
-    np.testing.assert_allclose(got["smece"][0], relplot.smECE(f.astype(np.float64), correct.astype(np.float64)),
-                               rtol=0.01)
+    np.testing.assert_allclose(
+        got["smece"][0], relplot.smECE(f.astype(np.float64), correct.astype(np.float64)), rtol=0.01
+    )
 
 
 def test_classwise_ece_matches_the_reference_marginal_ece_for_three_classes():
@@ -97,8 +100,9 @@ def test_classwise_ece_matches_the_reference_marginal_ece_for_three_classes():
     y = np.array([rng.choice(3, p=p) for p in true])
     got = _estimate(np.log(probs), y)["ece_classwise"][0]
     # Kumar et al.'s marginal (class-wise) L1 error with 15 equal-width bins is the class-wise ECE.
-    want = calibration.utils._get_ce(probs, y, p=1, debias=False, num_bins=15,
-                                     binning_scheme=calibration.utils.get_equal_prob_bins, mode="marginal")
+    want = calibration.utils._get_ce(
+        probs, y, p=1, debias=False, num_bins=15, binning_scheme=calibration.utils.get_equal_prob_bins, mode="marginal"
+    )
     np.testing.assert_allclose(got, want, rtol=2e-5)
 
 
@@ -121,8 +125,9 @@ def test_calibrated_scores_give_estimates_near_zero_and_a_known_curve_gives_its_
     # The smooth ECE's population value on the same curve (its own definition, by quadrature): the
     # estimate from 200,000 examples converges to it, and it lies below the ECE (smoothing averages).
     grid = np.linspace(0.5, 1.0, 200_001, dtype=np.float32)
-    population, _ = estimators.smooth_ece(jnp.asarray(grid), jnp.asarray(_wavy(grid) - grid),
-                                          jnp.full(grid.shape, 1.0 / grid.size, jnp.float32))
+    population, _ = estimators.smooth_ece(
+        jnp.asarray(grid), jnp.asarray(_wavy(grid) - grid), jnp.full(grid.shape, 1.0 / grid.size, jnp.float32)
+    )
     np.testing.assert_allclose(wavy["smece"][0], float(population), rtol=0.05)
     assert float(population) < l1
 
@@ -155,6 +160,7 @@ def test_bootstrap_intervals_cover_a_known_value_at_their_nominal_rate():
 
 
 # ---------------------------------------------------------------- exact targets
+
 
 def _tilted(ev, a, b):
     q1 = jax.nn.sigmoid(a * (ev.log_post[:, 0] - ev.log_post[:, 1]) + b)
@@ -202,6 +208,7 @@ def test_population_smooth_ece_is_the_large_sample_limit_of_the_estimate():
 
 # ---------------------------------------------------------------- the benchmark table
 
+
 def test_benchmark_table_matches_a_direct_computation():
     rng = np.random.default_rng(6)
     rows = []
@@ -221,7 +228,7 @@ def test_benchmark_table_matches_a_direct_computation():
         err = d.value - d.target
         assert row["samples"] == len(d) == 15
         np.testing.assert_allclose(row["bias"], err.mean())
-        np.testing.assert_allclose(row["rmse"], np.sqrt((err ** 2).mean()))
+        np.testing.assert_allclose(row["rmse"], np.sqrt((err**2).mean()))
         np.testing.assert_allclose(row["rel_rmse"], np.sqrt(((err / d.target) ** 2).mean()))
         np.testing.assert_allclose(row["sd"], np.sqrt(np.mean([g.value.var(ddof=1) for _, g in d.groupby("run_id")])))
         if e == "smece":
@@ -232,10 +239,20 @@ def test_benchmark_table_matches_a_direct_computation():
 
 # ---------------------------------------------------------------- inside a sweep
 
-BENCH_DOC = sweep_doc(name="bench", seeds=2, train={"steps": 1000, "checkpoints": [10, 1000], "n_data": 300},
-                      eval={"points": 256, "calibration_samples": 200, "estimator_sizes": [50, 400],
-                            "estimator_draws": 3, "estimator_bootstrap": 20, "temperature_scaling": True},
-                      cases={"a": {}, "b": {"mu2": 1.0, "sigma1": 2.0}, "wild": {"lr": 1e30}})
+BENCH_DOC = sweep_doc(
+    name="bench",
+    seeds=2,
+    train={"steps": 1000, "checkpoints": [10, 1000], "n_data": 300},
+    eval={
+        "points": 256,
+        "calibration_samples": 200,
+        "estimator_sizes": [50, 400],
+        "estimator_draws": 3,
+        "estimator_bootstrap": 20,
+        "temperature_scaling": True,
+    },
+    cases={"a": {}, "b": {"mu2": 1.0, "sigma1": 2.0}, "wild": {"lr": 1e30}},
+)
 
 
 @pytest.mark.slow

@@ -12,8 +12,7 @@ from calibjax import losses, metrics, tasks, train
 
 from conftest import example
 
-PARAMS = {"cross_entropy": {}, "brier": {}, "label_smoothing": {"label_smoothing": 0.15},
-          "focal": {"focal_gamma": 2.0}}
+PARAMS = {"cross_entropy": {}, "brier": {}, "label_smoothing": {"label_smoothing": 0.15}, "focal": {"focal_gamma": 2.0}}
 
 
 def _loss_np(name, q, c, label_smoothing=0.0, focal_gamma=0.0):
@@ -26,7 +25,7 @@ def _loss_np(name, q, c, label_smoothing=0.0, focal_gamma=0.0):
     if name == "label_smoothing":
         t = (1 - label_smoothing) * onehot + label_smoothing / len(q)
         return -np.sum(t * np.log(q))
-    return -(1 - q[c]) ** focal_gamma * np.log(q[c])
+    return -((1 - q[c]) ** focal_gamma) * np.log(q[c])
 
 
 @pytest.mark.parametrize("name", losses.LOSSES)
@@ -35,8 +34,15 @@ def test_loss_values_match_their_formulas(name):
     logits = rng.normal(size=(50, 3)).astype(np.float32) * 3
     labels = rng.integers(0, 3, 50)
     kw = {"label_smoothing": 0.0, "focal_gamma": 0.0} | PARAMS[name]
-    got = np.asarray(losses.loss_values(name, jnp.asarray(logits), jnp.asarray(labels),
-                                        jnp.float32(kw["label_smoothing"]), jnp.float32(kw["focal_gamma"])))
+    got = np.asarray(
+        losses.loss_values(
+            name,
+            jnp.asarray(logits),
+            jnp.asarray(labels),
+            jnp.float32(kw["label_smoothing"]),
+            jnp.float32(kw["focal_gamma"]),
+        )
+    )
     q = special.softmax(logits.astype(np.float64), axis=1)
     want = [_loss_np(name, q[i], labels[i], **kw) for i in range(50)]
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
@@ -47,13 +53,15 @@ def test_focal_with_gamma_zero_and_smoothing_zero_are_cross_entropy():
     labels = jnp.arange(20) % 2
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     for name in ("focal", "label_smoothing"):
-        np.testing.assert_allclose(losses.loss_values(name, logits, labels, jnp.float32(0), jnp.float32(0)), ce,
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            losses.loss_values(name, logits, labels, jnp.float32(0), jnp.float32(0)), ce, rtol=1e-6
+        )
 
 
 @pytest.mark.parametrize("name", losses.LOSSES)
-@pytest.mark.parametrize("p", [[0.5, 0.5], [0.7, 0.3], [0.97, 0.03], [0.999, 0.001], [0.6, 0.3, 0.1],
-                               [0.05, 0.15, 0.8]])
+@pytest.mark.parametrize(
+    "p", [[0.5, 0.5], [0.7, 0.3], [0.97, 0.03], [0.999, 0.001], [0.6, 0.3, 0.1], [0.05, 0.15, 0.8]]
+)
 def test_each_optimum_minimises_the_expected_loss(name, p):
     """q* against scipy: minimise sum_c P_c l(q, c) over the simplex (softmax parametrisation)."""
     p = np.asarray(p)
@@ -63,13 +71,26 @@ def test_each_optimum_minimises_the_expected_loss(name, p):
         q = special.softmax(z)
         return sum(pc * _loss_np(name, q, c, **kw) for c, pc in enumerate(p))
 
-    best = min((optimize.minimize(risk, z0, method="Nelder-Mead", options={"xatol": 1e-10, "fatol": 1e-14,
-                                                                          "maxiter": 20_000})
-                for z0 in (np.log(p), np.zeros(len(p)))), key=lambda r: r.fun)
+    best = min(
+        (
+            optimize.minimize(
+                risk, z0, method="Nelder-Mead", options={"xatol": 1e-10, "fatol": 1e-14, "maxiter": 20_000}
+            )
+            for z0 in (np.log(p), np.zeros(len(p)))
+        ),
+        key=lambda r: r.fun,
+    )
     want = special.softmax(best.x)
-    got = np.exp(np.asarray(losses.log_optimum(name, jnp.log(jnp.asarray(p, jnp.float32)),
-                                               label_smoothing=jnp.float32(kw.get("label_smoothing", 0.0)),
-                                               focal_gamma=jnp.float32(kw.get("focal_gamma", 0.0)))))
+    got = np.exp(
+        np.asarray(
+            losses.log_optimum(
+                name,
+                jnp.log(jnp.asarray(p, jnp.float32)),
+                label_smoothing=jnp.float32(kw.get("label_smoothing", 0.0)),
+                focal_gamma=jnp.float32(kw.get("focal_gamma", 0.0)),
+            )
+        )
+    )
     np.testing.assert_allclose(got, want, atol=2e-4)
     if name in ("cross_entropy", "brier"):
         np.testing.assert_allclose(got, p, rtol=1e-6)  # proper: the optimum is the posterior
@@ -127,9 +148,9 @@ def test_a_short_run_on_example_1_approaches_its_losss_optimum_not_the_posterior
     st = train.Static(steps=3000, checkpoints=(10, 3000), loss=name)
     sc = train.train_single(st, train.make_dynamic(task, n_data=train.ONLINE, seed=0, **kw)).checkpoints.scalars
     kl, kl_opt, to_opt = (np.asarray(v) for v in (sc.kl, sc.kl_optimum, sc.kl_to_optimum))
-    assert kl_opt[0] == kl_opt[1] > 0.02          # the optimum itself is far from P
-    assert to_opt[1] < 0.1 * kl_opt[1]            # the network is near its own optimum ...
-    assert to_opt[1] < to_opt[0]                  # ... and got there by training
+    assert kl_opt[0] == kl_opt[1] > 0.02  # the optimum itself is far from P
+    assert to_opt[1] < 0.1 * kl_opt[1]  # the network is near its own optimum ...
+    assert to_opt[1] < to_opt[0]  # ... and got there by training
     np.testing.assert_allclose(kl[1], kl_opt[1], rtol=0.25)  # so its kl to P is the loss's bias
 
 

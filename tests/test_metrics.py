@@ -67,9 +67,20 @@ def test_bayes_accuracy_and_entropy_match_closed_forms():
     ev = metrics.make_eval_set(example(1), metrics.EvalSpec())
     m = evaluate(ev, ev.log_post)
     np.testing.assert_allclose(float(m["bayes_accuracy"]), stats.norm.cdf(1.5), rtol=1e-4)
-    ref, _ = integrate.quad(lambda v: -sum(
-        pc * np.log(pc) for pc in [1 / (1 + np.exp((6 * v - 9) / 2)), 1 / (1 + np.exp(-(6 * v - 9) / 2))] if pc > 0)
-        * 0.5 * (stats.norm(0, 1).pdf(v) + stats.norm(3, 1).pdf(v)), -12, 15, limit=200)
+    ref, _ = integrate.quad(
+        lambda v: (
+            -sum(
+                pc * np.log(pc)
+                for pc in [1 / (1 + np.exp((6 * v - 9) / 2)), 1 / (1 + np.exp(-(6 * v - 9) / 2))]
+                if pc > 0
+            )
+            * 0.5
+            * (stats.norm(0, 1).pdf(v) + stats.norm(3, 1).pdf(v))
+        ),
+        -12,
+        15,
+        limit=200,
+    )
     np.testing.assert_allclose(float(metrics.conditional_entropy(ev)), ref, rtol=1e-3)
 
 
@@ -136,8 +147,10 @@ def test_calibrated_but_coarse_q_has_zero_calibration_term_and_positive_grouping
     for name, lo, hi in (("left", -30.0, 0.5), ("right", 0.5, 30.0)):
         mass = integrate.quad(dens, lo, hi, epsabs=1e-13, limit=200)[0]
         mean = integrate.quad(lambda x: dens(x) * post(x), lo, hi, epsabs=1e-13, limit=200)[0] / mass
-        var = integrate.quad(lambda x, mean=mean: dens(x) * (post(x) - mean) ** 2, lo, hi, epsabs=1e-13,
-                             limit=200)[0] / mass
+        var = (
+            integrate.quad(lambda x, mean=mean: dens(x) * (post(x) - mean) ** 2, lo, hi, epsabs=1e-13, limit=200)[0]
+            / mass
+        )
         side[name] = (mass, mean, var)
 
     def coarse(ev, pts):
@@ -179,8 +192,13 @@ def test_estimated_ece_brier_nll_match_numpy():
     ece = sum(abs(((pred == y) & (b == i)).sum() - conf[b == i].sum()) for i in range(10)) / 1000
     np.testing.assert_allclose(float(m["ece"]), ece, atol=1e-5)
     order = np.argsort(conf)
-    ece_mass = sum(abs((pred == y)[order][i * 100:(i + 1) * 100].sum() - conf[order][i * 100:(i + 1) * 100].sum())
-                   for i in range(10)) / 1000
+    ece_mass = (
+        sum(
+            abs((pred == y)[order][i * 100 : (i + 1) * 100].sum() - conf[order][i * 100 : (i + 1) * 100].sum())
+            for i in range(10)
+        )
+        / 1000
+    )
     np.testing.assert_allclose(float(m["ece_mass"]), ece_mass, atol=1e-5)
     np.testing.assert_allclose(float(m["brier"]), np.mean(((q - np.eye(3)[y]) ** 2).sum(1)), rtol=1e-5)
     np.testing.assert_allclose(float(m["nll"]), -np.mean(log_q[np.arange(1000), y]), rtol=1e-5)
@@ -218,6 +236,7 @@ def _sigmoid_model(a, b):
     def log_q(ev, _):
         q1 = jax.nn.sigmoid(a * (ev.log_post[:, 0] - ev.log_post[:, 1]) + b)
         return jnp.log(jnp.stack([q1, 1 - q1], -1))
+
     return log_q
 
 
@@ -264,6 +283,7 @@ def test_true_calibration_in_2d_is_monte_carlo_with_a_standard_error():
 
 # ---------------------------------------------------------------- per-run samples, relative error, names
 
+
 def test_labelled_sample_is_the_runs_own():
     task = example(1)
     a, b, a2 = (metrics.make_eval_set(task, SPEC, seed) for seed in (0, 1, 0))
@@ -292,8 +312,9 @@ def test_mutual_information_and_kl_rel_of_the_priors_only_classifier():
         task = tasks.make_task([prior, 1 - prior], [[[m1]], [[m2]]], [[[s1]], [[s2]]])
         ev = metrics.make_eval_set(task, SPEC)
         entropy = -(prior * np.log(prior) + (1 - prior) * np.log(1 - prior))
-        info = entropy - integrate.quad(_h_given_x, -30, 30, args=(prior, m1, s1, m2, s2), points=[m1, m2],
-                                        limit=200)[0]
+        info = (
+            entropy - integrate.quad(_h_given_x, -30, 30, args=(prior, m1, s1, m2, s2), points=[m1, m2], limit=200)[0]
+        )
         np.testing.assert_allclose(float(ev.mutual_info), info, rtol=1e-4)
         priors_only = jnp.broadcast_to(task.log_prior, ev.log_post.shape)
         m = evaluate(ev, priors_only)

@@ -24,9 +24,14 @@ from conftest import cli, sweep_doc, to_toml
 # Without the estimator benchmark and temperature scaling, whose programs take the emulated CPU
 # minutes more to compile (the same sweep with both, by hand, gave equal tables too: README).
 SWEEP = sweep_doc(
-    name="isa", seeds=2,
-    task={"priors": [0.3, 0.7], "means": [0.0, [[2.5], [5.0]]], "sigmas": [1.0, [[1.0], [0.7]]],
-          "weights": [1.0, [0.35, 0.65]]},
+    name="isa",
+    seeds=2,
+    task={
+        "priors": [0.3, 0.7],
+        "means": [0.0, [[2.5], [5.0]]],
+        "sigmas": [1.0, [[1.0], [0.7]]],
+        "weights": [1.0, [0.35, 0.65]],
+    },
     model={"hidden": [16, 16]},
     train={"steps": 1000, "checkpoints": [10, 300, 1000], "batch_size": 32, "n_data": 1000},
     eval={"curves": True, "curve_points": 41, "points": 1024},

@@ -16,8 +16,16 @@ from calibjax import cli, planning, results, store, synthetic
 from calibjax import sweep as sweep_mod
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +49,7 @@ def test_the_report_holds_the_sweep_facts_summary_and_every_figure(blog):
     assert "MLP 1-64-64-2 ReLU, Adam 1e-3, batch 64" in page  # the sweep's description
     assert html.escape((REPO / "sweeps" / "blog.toml").read_text().splitlines()[0]) in page  # the sweep file
     assert "<th>final_kl</th>" in page and "<td>example3</td>" in page and "24 in the sweep; 24 ok" in page
-    assert "src=\"http" not in page and "href=\"http" not in page  # self-contained: nothing fetched
+    assert 'src="http' not in page and 'href="http' not in page  # self-contained: nothing fetched
     copy = blog.parent / "copy"
     shutil.copytree(blog, copy)
     store.remove_results(copy)  # --overwrite removes the report with the rest calibjax wrote
@@ -54,11 +62,18 @@ def test_the_report_renders_in_chromium_with_every_figure_loaded(blog, tmp_path)
     assert chromium, "chromium is not installed; make test-browser installs Debian's package"
     profile = ["--user-data-dir=" + str(tmp_path / "profile")]
     url = (blog / "report.html").as_uri()
-    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, *profile, "--virtual-time-budget=10000", "--dump-dom", url],
-                         capture_output=True, text=True, timeout=120)
+    dom = subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, *profile, "--virtual-time-budget=10000", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     n = len(list((blog / "figures").glob("*.png")))
     assert f'data-images="{n}/{n}"' in dom.stdout, dom.stderr[-2000:]  # every image decoded, none broken
     shot = tmp_path / "report.png"
-    subprocess.run([chromium, *CHROMIUM_FLAGS, *profile, "--window-size=1200,2400", f"--screenshot={shot}", url],
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, *profile, "--window-size=1200,2400", f"--screenshot={shot}", url],
+        capture_output=True,
+        timeout=120,
+    )
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000

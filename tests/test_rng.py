@@ -69,7 +69,7 @@ def test_finite_data_uses_exactly_its_n_examples_uniformly():
     np.testing.assert_allclose(x, ex_x[index], rtol=1e-6)  # every example is one of the N (to 1 ulp)
     np.testing.assert_array_equal(c, np.asarray(ex_c)[index])
     counts = np.bincount(index, minlength=n)
-    assert stats.chisquare(counts).pvalue > 1e-3        # drawn uniformly, with replacement
+    assert stats.chisquare(counts).pvalue > 1e-3  # drawn uniformly, with replacement
 
 
 def test_online_data_never_repeats_and_follows_the_task():

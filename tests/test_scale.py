@@ -70,8 +70,11 @@ def naive(sw: sweep.Sweep) -> tuple[pd.DataFrame, list]:
 
 @pytest.mark.parametrize("name", [*SHIPPED, "mixed"])
 def test_lazy_expansion_equals_resolving_every_run(name):
-    sw = sweep.parse(tomllib.loads(MIXED), "mixed.toml", MIXED) if name == "mixed" else sweep.load(
-        ROOT / "sweeps" / name)
+    sw = (
+        sweep.parse(tomllib.loads(MIXED), "mixed.toml", MIXED)
+        if name == "mixed"
+        else sweep.load(ROOT / "sweeps" / name)
+    )
     if sw.n_runs > 3000:
         pytest.skip("the naive expansion takes too long here")
     table, statics = naive(sw)
@@ -85,7 +88,7 @@ def test_lazy_expansion_equals_resolving_every_run(name):
 
 
 def test_an_error_in_any_value_of_an_independent_axis_is_found_before_anything_runs():
-    doc = tomllib.loads(MIXED.replace('n_data = [100, "online"]', 'n_data = [100, 3_000_000_000]'))
+    doc = tomllib.loads(MIXED.replace('n_data = [100, "online"]', "n_data = [100, 3_000_000_000]"))
     with pytest.raises(sweep.SweepError, match=r"steps x batch_size and n_data must stay below 2\^31"):
         sweep.parse(doc, "mixed.toml")
     doc = tomllib.loads(MIXED.replace("sigma1_d1 = [0.5, 2.0]", "sigma1_d3 = [0.5, 2.0]"))
@@ -113,16 +116,25 @@ def in_memory(out: Path, runs: pd.DataFrame, name: str) -> pd.DataFrame | None:
 SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("name,chunk", [("blog.toml", 5), ("estimators.toml", 5),
-                                        pytest.param("capacity.toml", 7, marks=SLOW),
-                                        pytest.param("losses.toml", 16, marks=SLOW),
-                                        pytest.param("multiclass2d.toml", 3, marks=SLOW),
-                                        pytest.param("mixed", 100, marks=SLOW)])
+@pytest.mark.parametrize(
+    "name,chunk",
+    [
+        ("blog.toml", 5),
+        ("estimators.toml", 5),
+        pytest.param("capacity.toml", 7, marks=SLOW),
+        pytest.param("losses.toml", 16, marks=SLOW),
+        pytest.param("multiclass2d.toml", 3, marks=SLOW),
+        pytest.param("mixed", 100, marks=SLOW),
+    ],
+)
 def test_streamed_tables_and_vectorised_summaries_equal_the_in_memory_ones(tmp_path, name, chunk):
     """Synthetic results for every run of a shipped sweep, in small chunks (capacity's 48 groups
     interleave, so chunks overlap in run_id), with rows small enough that row groups split them."""
-    sw = sweep.parse(tomllib.loads(MIXED), "mixed.toml", MIXED) if name == "mixed" else sweep.load(
-        ROOT / "sweeps" / name)
+    sw = (
+        sweep.parse(tomllib.loads(MIXED), "mixed.toml", MIXED)
+        if name == "mixed"
+        else sweep.load(ROOT / "sweeps" / name)
+    )
     layout = planning.default_layout(chunk_size=chunk, inner_batch=1)
     out = tmp_path / "r"
     synthetic.new_results(sw, out, layout)
@@ -155,6 +167,7 @@ def test_row_groups_split_a_table_and_filters_read_only_what_they_ask(tmp_path):
     path = out / "density.parquet"
     assert store.write_merged(path, parts, list(tables.TABLES["density"].keys), rows_per_group=100)
     import pyarrow.parquet as pq
+
     assert pq.ParquetFile(path).num_row_groups > 5
     assert store.read_table(out, "density").equals(in_memory(out, runs, "density"))
     last = store.read_table(out, "density", columns=["run_id", "step", "max_err"], filters=[("step", "==", 20000)])
@@ -176,13 +189,30 @@ def test_vectorised_summaries_equal_the_loops_on_random_tables(seed):
         if rng.random() < 0.1:
             kl[:] = kl[0]
         for s, v in zip(steps, kl, strict=True):
-            rows.append({"run_id": run, "step": int(s), "kl": v, "kl_rel": v * 3, "accuracy": rng.random(),
-                         "bayes_accuracy": 0.9, "tv": v, "max_err": v, "err_dense": rng.random(),
-                         "err_sparse": np.inf if rng.random() < 0.05 else rng.random()})
+            rows.append(
+                {
+                    "run_id": run,
+                    "step": int(s),
+                    "kl": v,
+                    "kl_rel": v * 3,
+                    "accuracy": rng.random(),
+                    "bayes_accuracy": 0.9,
+                    "tv": v,
+                    "max_err": v,
+                    "err_dense": rng.random(),
+                    "err_sparse": np.inf if rng.random() < 0.05 else rng.random(),
+                }
+            )
     metrics = pd.DataFrame(rows)
-    runs = pd.DataFrame({"run_id": np.arange(290), "case": rng.choice(["a", "b"], 290),
-                         "mu2": rng.choice([1.0, 2.0, np.nan], 290), "seed": 0,
-                         "status": rng.choice(["ok", "diverged"], 290, p=[0.9, 0.1])})
+    runs = pd.DataFrame(
+        {
+            "run_id": np.arange(290),
+            "case": rng.choice(["a", "b"], 290),
+            "mu2": rng.choice([1.0, 2.0, np.nan], 290),
+            "seed": 0,
+            "status": rng.choice(["ok", "diverged"], 290, p=[0.9, 0.1]),
+        }
+    )
     got = summaries.summarize(metrics, runs, eps=(0.01, 1e-3, 0.5), rel_eps=(0.1,))
     want = reference.summarize(metrics, runs, eps=(0.01, 1e-3, 0.5), rel_eps=(0.1,))
     assert got.equals(want) and len(got) > 200
@@ -200,20 +230,29 @@ def test_a_chunks_inputs_are_its_runs_own_made_once_per_grid_point():
     ids = np.arange(5, 400, 7)
     got = sweep.chunk_dynamic(sw, ids)
     want = train.stack_dynamic([sweep.dynamic_of(sw.runs[int(i)]) for i in ids])
-    same = jax.tree.map(lambda a, b: a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=True),
-                        got, want)
+    same = jax.tree.map(
+        lambda a, b: a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=True), got, want
+    )
     assert all(jax.tree.leaves(same))
     assert len(set(got.seed.tolist())) == 3 and len(np.unique(got.lr)) == 2
 
 
 def test_a_large_table_written_in_row_groups_reads_back_equal(tmp_path):
     rng = np.random.default_rng(0)
-    df = pd.DataFrame({"run_id": np.arange(1000), "case": rng.choice(["a", "bb"], 1000),
-                       "x": rng.random(1000), "never": np.where(rng.random(1000) < 0.3, np.inf, 1.0),
-                       "ok": rng.random(1000) < 0.5, "n": rng.integers(0, 5, 1000)})
+    df = pd.DataFrame(
+        {
+            "run_id": np.arange(1000),
+            "case": rng.choice(["a", "bb"], 1000),
+            "x": rng.random(1000),
+            "never": np.where(rng.random(1000) < 0.3, np.inf, 1.0),
+            "ok": rng.random(1000) < 0.5,
+            "n": rng.integers(0, 5, 1000),
+        }
+    )
     df.loc[:600, "x"] = np.nan  # a first row group without a single value
     store.write_parquet(tmp_path / "runs.parquet", df, rows_per_group=256)
     import pyarrow.parquet as pq
+
     assert pq.ParquetFile(tmp_path / "runs.parquet").num_row_groups == 4
     assert store.read_table(tmp_path, "runs").equals(df)
     store.write_parquet(tmp_path / "metrics.parquet", df)  # one piece

@@ -50,8 +50,9 @@ CHUNK = "g000-r0000000-n2-0123abcd"
 
 def _chunk(out, run_ids=(0, 1)):
     df = pd.DataFrame({"run_id": list(run_ids), "status": "ok", "bayes_loss": 0.5})
-    return store.write_chunk(out, CHUNK, {"status": df, "metrics": df[["run_id"]]}, run_ids,
-                             [f"hash{i}" for i in run_ids])
+    return store.write_chunk(
+        out, CHUNK, {"status": df, "metrics": df[["run_id"]]}, run_ids, [f"hash{i}" for i in run_ids]
+    )
 
 
 def test_an_unfinished_chunk_is_not_finished_and_is_replaced_not_deleted(tmp_path):
@@ -119,7 +120,7 @@ def test_load_results_reads_only_calibjax_tables_never_a_writers_temporary_file(
     store.write_parquet(tmp_path / "metrics.parquet", pd.DataFrame({"run_id": [0], "step": [10], "kl": [0.1]}))
     store.write_parquet(tmp_path / "runs.parquet", pd.DataFrame({"run_id": [0]}))
     (tmp_path / ".tmp-otherhost-12345-abcd.parquet").write_bytes(b"")  # another writer, mid-write
-    pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "mine.parquet")     # the user's own file
+    pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "mine.parquet")  # the user's own file
     t = store.load_results(tmp_path)
     assert set(t) == {"metrics", "runs"} and t["metrics"]["kl"].tolist() == [0.1]
     (tmp_path / "metrics.parquet").write_bytes(b"PAR1 damaged")

@@ -19,8 +19,12 @@ NO_SLURM = {k: None for k in os.environ if k.startswith("SLURM_")}
 
 def slurm(task, count, first=0, last=None):
     last = first + count - 1 if last is None else last
-    return {"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": str(count),
-            "SLURM_ARRAY_TASK_MIN": str(first), "SLURM_ARRAY_TASK_MAX": str(last)}
+    return {
+        "SLURM_ARRAY_TASK_ID": str(task),
+        "SLURM_ARRAY_TASK_COUNT": str(count),
+        "SLURM_ARRAY_TASK_MIN": str(first),
+        "SLURM_ARRAY_TASK_MAX": str(last),
+    }
 
 
 def test_a_resubmitted_task_trains_its_shard_of_the_stored_count(tmp_path):
@@ -42,8 +46,10 @@ def test_a_resubmitted_task_trains_its_shard_of_the_stored_count(tmp_path):
     assert cluster.resolve_shard(None, stored, out, {}) is None  # outside an array: every run
 
 
-@pytest.mark.parametrize("text,minutes", [("10", 10), ("1:30", 1.5), ("02:00:00", 120), ("1-0", 1440),
-                                          ("1-02:30", 1590), ("0-00:00:30", 0.5)])
+@pytest.mark.parametrize(
+    "text,minutes",
+    [("10", 10), ("1:30", 1.5), ("02:00:00", 120), ("1-0", 1440), ("1-02:30", 1590), ("0-00:00:30", 0.5)],
+)
 def test_time_limits_in_slurms_formats(text, minutes):
     assert cluster.parse_minutes(text) == pytest.approx(minutes)
 
@@ -85,32 +91,70 @@ def test_submit_dry_run_prints_the_scripts_and_writes_nothing(tmp_path):
     path = tmp_path / "s.toml"
     path.write_text(sweep_text(seeds=8))
     out = tmp_path / "res"
-    r = calibjax("submit", path, "--out", out, "--tasks", "4", "--max-parallel", "2", "--cpus", "3", "--mem", "6G",
-                 "--time", "2:00:00", "--gres", "gpu:1", "--partition", "gpu", "--chunk-size", "64", "--dry-run",
-                 "--", "--account=lab", "--qos=long")
+    r = calibjax(
+        "submit",
+        path,
+        "--out",
+        out,
+        "--tasks",
+        "4",
+        "--max-parallel",
+        "2",
+        "--cpus",
+        "3",
+        "--mem",
+        "6G",
+        "--time",
+        "2:00:00",
+        "--gres",
+        "gpu:1",
+        "--partition",
+        "gpu",
+        "--chunk-size",
+        "64",
+        "--dry-run",
+        "--",
+        "--account=lab",
+        "--qos=long",
+    )
     assert r.returncode == 0, r.stderr
     assert not out.exists()
     cut = r.stdout.index("/slurm/merge.sh, submitted as")
     array, merge = r.stdout[:cut], r.stdout[cut:]
     assert "sbatch --parsable --array 0-3%2 --account=lab --qos=long" in array
-    for line in ("--job-name=tiny", "--cpus-per-task=3", "--mem=6G", "--time=2:00:00", "--gres=gpu:1",
-                 "--partition=gpu", "--requeue", "--signal=B:USR1@90", "--open-mode=append",
-                 f"--output={out.resolve()}/slurm/%x-%A_%a.out"):
+    for line in (
+        "--job-name=tiny",
+        "--cpus-per-task=3",
+        "--mem=6G",
+        "--time=2:00:00",
+        "--gres=gpu:1",
+        "--partition=gpu",
+        "--requeue",
+        "--signal=B:USR1@90",
+        "--open-mode=append",
+        f"--output={out.resolve()}/slurm/%x-%A_%a.out",
+    ):
         assert f"#SBATCH {line}\n" in array, line
-    assert re.search(r"exec \S+ -m calibjax run \S+/slurm/tiny-[0-9a-f]{12}\.toml --out \S+ --quiet "
-                     r"--chunk-minutes 5\.0 --chunk-size 64\n", array), array
+    assert re.search(
+        r"exec \S+ -m calibjax run \S+/slurm/tiny-[0-9a-f]{12}\.toml --out \S+ --quiet "
+        r"--chunk-minutes 5\.0 --chunk-size 64\n",
+        array,
+    ), array
     assert "--dependency afterany:<array job id> --account=lab --qos=long" in merge
     assert "#SBATCH --gres" not in merge and "#SBATCH --cpus-per-task=1\n" in merge and " merge " in merge
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args,message", [
-    (["--tasks", "4", "--time", "soon"], "--time: expected minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]], got 'soon'"),
-    (["--tasks", "9"], "--tasks 9: more shards than the sweep's 8 runs"),
-    (["--tasks", "4", "--only", "4"], "--only 4: shard indices must lie in 0-3"),
-    (["--tasks", "0"], "--tasks: expected a positive integer, got 0"),
-    (["--tasks", "4"], "sbatch not found"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--tasks", "4", "--time", "soon"], "--time: expected minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]], got 'soon'"),
+        (["--tasks", "9"], "--tasks 9: more shards than the sweep's 8 runs"),
+        (["--tasks", "4", "--only", "4"], "--only 4: shard indices must lie in 0-3"),
+        (["--tasks", "0"], "--tasks: expected a positive integer, got 0"),
+        (["--tasks", "4"], "sbatch not found"),
+    ],
+)
 def test_bad_submissions_are_one_line_and_write_nothing(tmp_path, args, message):
     path = tmp_path / "s.toml"
     path.write_text(sweep_text(seeds=8))
@@ -132,7 +176,9 @@ def test_status_and_merge_name_the_missing_shard_and_the_command_that_trains_it(
         engine.run_sweep(sw, out, layout=planning.default_layout(devices=jax.devices()[:1]), shard=(0, 3), quiet=True)
     st = cluster.status(out)
     assert st.table[["shard", "runs", "done", "missing", "state"]].values.tolist() == [
-        [0, 4, 4, 0, "done"], [1, 4, 0, 4, "missing"]]
+        [0, 4, 4, 0, "done"],
+        [1, 4, 0, 4, "missing"],
+    ]
     text = cluster.format_status(st)
     assert "tiny: 4 of 8 runs done, 4 missing; 2 shards" in text
     assert f"--out {out} --shard 1/2" in text and "sbatch --array=1 sweeps/slurm_array.sh" in text
@@ -140,8 +186,7 @@ def test_status_and_merge_name_the_missing_shard_and_the_command_that_trains_it(
     assert r.returncode == 1 and "4 run(s) missing: run_id 1, 3, 5, 7" in r.stderr
     assert "--shard 1/2" in r.stdout
     # A resubmitted array of one task (--array=1: SLURM_ARRAY_TASK_COUNT=1) trains shard 1 of 2.
-    r = calibjax("run", path, "--out", out, "--quiet", "--no-figures",
-                 env={**NO_SLURM, **slurm(1, 1, first=1)})
+    r = calibjax("run", path, "--out", out, "--quiet", "--no-figures", env={**NO_SLURM, **slurm(1, 1, first=1)})
     assert r.returncode == 0 and "shards/1-of-2" in r.stdout, r.stderr
     assert cluster.status(out).missing == 0
     assert calibjax("merge", out, "--no-figures", env=NO_SLURM).returncode == 0

@@ -29,26 +29,74 @@ def synthetic_results(root):
         for sigma1 in (0.5, 1.0):
             for seed in (0, 1):
                 diverged = run_id == 5
-                runs.append({"run_id": run_id, "case": "default", "seed": seed, "mu1": 0.0, "mu2": mu2,
-                             "sigma1": sigma1, "sigma2": 1.0, "lr": 1e-3, "group": 0,
-                             "status": "diverged" if diverged else "ok", "bayes_loss": 0.2})
+                runs.append(
+                    {
+                        "run_id": run_id,
+                        "case": "default",
+                        "seed": seed,
+                        "mu1": 0.0,
+                        "mu2": mu2,
+                        "sigma1": sigma1,
+                        "sigma2": 1.0,
+                        "lr": 1e-3,
+                        "group": 0,
+                        "status": "diverged" if diverged else "ok",
+                        "bayes_loss": 0.2,
+                    }
+                )
                 for s in steps:
                     kl = np.nan if diverged and s == 1000 else 1.0 / (mu2 * s) * (1 if sigma1 == 0.5 else 1e3)
-                    metrics.append({"run_id": run_id, "step": s, "kl": kl, "kl_rel": kl / 0.5, "tv": kl, "max_err": kl,
-                                    "accuracy": 0.9, "bayes_accuracy": 0.91, "loss": 0.3, "err_dense": kl,
-                                    "err_sparse": 2 * kl, "ece": 0.02, "ece_mass": 0.02, "brier": 0.1,
-                                    "nll": 0.3, "true_ece": 0.01, "excess_brier": kl, "cal_term": kl / 2,
-                                    "grouping_term": kl / 2})
+                    metrics.append(
+                        {
+                            "run_id": run_id,
+                            "step": s,
+                            "kl": kl,
+                            "kl_rel": kl / 0.5,
+                            "tv": kl,
+                            "max_err": kl,
+                            "accuracy": 0.9,
+                            "bayes_accuracy": 0.91,
+                            "loss": 0.3,
+                            "err_dense": kl,
+                            "err_sparse": 2 * kl,
+                            "ece": 0.02,
+                            "ece_mass": 0.02,
+                            "brier": 0.1,
+                            "nll": 0.3,
+                            "true_ece": 0.01,
+                            "excess_brier": kl,
+                            "cal_term": kl / 2,
+                            "grouping_term": kl / 2,
+                        }
+                    )
                     for lo, hi, mass in ((-np.inf, -2.0, 0.05), (-2.0, 0.0, 0.95)):
-                        density.append({"run_id": run_id, "step": s, "log10_density_lo": lo,
-                                        "log10_density_hi": hi, "mass": mass, "kl_mean": kl,
-                                        "kl_contribution": kl * mass,
-                                        "max_err": kl * (10 if lo < -2 else 1)})
+                        density.append(
+                            {
+                                "run_id": run_id,
+                                "step": s,
+                                "log10_density_lo": lo,
+                                "log10_density_hi": hi,
+                                "mass": mass,
+                                "kl_mean": kl,
+                                "kl_contribution": kl * mass,
+                                "max_err": kl * (10 if lo < -2 else 1),
+                            }
+                        )
                     for lo in np.linspace(0, 1, 5, endpoint=False):
-                        calib.append({"run_id": run_id, "step": s, "conf_lo": lo, "conf_hi": lo + 0.2,
-                                      "est_count": 10.0 if lo >= 0.4 else 0.0, "est_conf": lo + 0.1,
-                                      "est_acc": lo + 0.05, "true_mass": 0.3 if lo >= 0.4 else 0.0,
-                                      "true_conf": lo + 0.1, "true_acc": lo + 0.1})
+                        calib.append(
+                            {
+                                "run_id": run_id,
+                                "step": s,
+                                "conf_lo": lo,
+                                "conf_hi": lo + 0.2,
+                                "est_count": 10.0 if lo >= 0.4 else 0.0,
+                                "est_conf": lo + 0.1,
+                                "est_acc": lo + 0.05,
+                                "true_mass": 0.3 if lo >= 0.4 else 0.0,
+                                "true_conf": lo + 0.1,
+                                "true_acc": lo + 0.1,
+                            }
+                        )
                 run_id += 1
     root.mkdir(parents=True, exist_ok=True)
     for name, rows in (("runs", runs), ("metrics", metrics), ("density", density), ("calibration", calib)):
@@ -85,8 +133,9 @@ def test_sustained_crossing_and_final_median_ride_out_noise():
     assert summaries.steps_to_stay(steps, kl, 0.001) == math.inf
     assert summaries.steps_to_stay(steps, kl, 2.0) == 10
     assert math.isnan(summaries.steps_to_stay(steps, np.array([1, np.nan, 0, 0, 0, 0.0]), 0.01))
-    metrics = pd.DataFrame({"run_id": 0, "step": steps, "kl": kl, "kl_rel": kl, "accuracy": 0.9,
-                            "bayes_accuracy": 0.92})
+    metrics = pd.DataFrame(
+        {"run_id": 0, "step": steps, "kl": kl, "kl_rel": kl, "accuracy": 0.9, "bayes_accuracy": 0.92}
+    )
     runs = pd.DataFrame({"run_id": [0], "case": "c", "status": "ok"})
     s = summaries.summarize(metrics, runs).iloc[0]
     # the last 10 % of training holds 900, 950 and 1000: their median, not the last value
@@ -95,10 +144,17 @@ def test_sustained_crossing_and_final_median_ride_out_noise():
 
 
 def test_aggregation_over_seeds_keeps_never_infinite_and_counts():
-    df = pd.DataFrame({"run_id": range(8), "case": "c", "seed": [0, 1, 2, 3] * 2, "mu2": [1.0] * 4 + [2.0] * 4,
-                       "status": ["ok"] * 7 + ["diverged"],
-                       "steps_to_kl_0.01": [100, 200, np.inf, np.inf, 100, 200, 300, np.nan],
-                       "final_kl": [1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, np.nan]})
+    df = pd.DataFrame(
+        {
+            "run_id": range(8),
+            "case": "c",
+            "seed": [0, 1, 2, 3] * 2,
+            "mu2": [1.0] * 4 + [2.0] * 4,
+            "status": ["ok"] * 7 + ["diverged"],
+            "steps_to_kl_0.01": [100, 200, np.inf, np.inf, 100, 200, 300, np.nan],
+            "final_kl": [1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, np.nan],
+        }
+    )
     agg = summaries.aggregate(df).set_index("mu2")
     assert agg.loc[1.0, "steps_to_kl_0.01"] == math.inf and agg.loc[1.0, "n_never_steps_to_kl_0.01"] == 2
     assert agg.loc[1.0, "steps_to_kl_0.01_q25"] == pytest.approx(175.0)
@@ -135,8 +191,9 @@ def test_bad_plot_arguments_are_clear_errors(tmp_path):
         plots.select_runs(runs, {"mu2": "7"})
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    cli = lambda *a: subprocess.run([sys.executable, "-m", "calibjax", *map(str, a)], capture_output=True,
-                                    text=True, env=env)
+    cli = lambda *a: subprocess.run(
+        [sys.executable, "-m", "calibjax", *map(str, a)], capture_output=True, text=True, env=env
+    )
     r = cli("plot", tmp_path, "heatmap", "--x", "mu2", "--y", "seed2", "--value", "final_kl")
     assert r.returncode == 2 and "--y seed2: no such column" in r.stderr and "Traceback" not in r.stderr
     r = cli("plot", tmp_path, "heatmap", "--x", "mu2", "--y", "sigma1", "--value", "steps_to_kl_0.01")
@@ -154,19 +211,26 @@ def test_selections_name_what_they_pool_and_list_what_exists(tmp_path):
     assert plots.pooled_axes(runs, plots.select_runs(runs, {"mu2": "2"})) == "pooled over sigma1 (2 values), seeds"
     assert plots.pooled_axes(runs, plots.select_runs(runs, {"mu2": "2", "sigma1": "1"})) == "pooled over seeds"
     assert plots.pooled_axes(runs, [3]) == ""
-    with pytest.raises(plots.PlotError, match="--step 1500: not a checkpoint of the selected runs; checkpoints: "
-                                              "10, 100, 1000"):
+    with pytest.raises(
+        plots.PlotError, match="--step 1500: not a checkpoint of the selected runs; checkpoints: 10, 100, 1000"
+    ):
         plots.reliability(calib, [0, 1], 1500, tmp_path / "r.png")
-    agg3 = summaries.aggregate(summaries.summarize(pd.read_parquet(tmp_path / "metrics.parquet"),
-                                                   runs.assign(lr=np.where(runs["seed"] == 0, 1e-3, 2e-3))))
+    agg3 = summaries.aggregate(
+        summaries.summarize(
+            pd.read_parquet(tmp_path / "metrics.parquet"), runs.assign(lr=np.where(runs["seed"] == 0, 1e-3, 2e-3))
+        )
+    )
     assert plots.pooled_settings(agg3, "mu2", "sigma1", None) == "lr (2 values)"  # named in the title
     assert plots.pooled_settings(agg3, "mu2", "sigma1", "lr") == ""
     # The study's layout: mu2 set per case, no grid axis at all (the message used to say "not swept").
     cases = runs.assign(case=np.where(runs["mu2"] == 1.0, "example2", "example1"), sigma1=1.0)
     cases = cases[cases["mu2"] < 4]
     agg = summaries.aggregate(summaries.summarize(pd.read_parquet(tmp_path / "metrics.parquet"), cases))
-    with pytest.raises(plots.PlotError, match="--x mu2: set per case .example2 1, example1 2., not a grid axis; "
-                                              "a heatmap needs two grid axes; this sweep has no grid axes"):
+    with pytest.raises(
+        plots.PlotError,
+        match="--x mu2: set per case .example2 1, example1 2., not a grid axis; "
+        "a heatmap needs two grid axes; this sweep has no grid axes",
+    ):
         plots.heatmap(agg, "mu2", "sigma1", "final_kl", tmp_path / "x.png", runs=cases)
 
 
@@ -187,8 +251,9 @@ def test_finals_after_temperature_scaling_and_the_loss_figure(tmp_path):
     runs, metrics = synthetic_results(tmp_path)
     runs = runs.assign(case=np.where(runs["run_id"] % 4 < 2, "cross_entropy", "focal_2"))
     metrics = metrics.assign(kl_optimum=np.where(metrics["run_id"] % 4 < 2, 0.0, 0.09))
-    rec = metrics[["run_id", "step"]].assign(temperature=0.5, kl=metrics["kl"] / 10, err_sparse=0.1,
-                                               true_ece=0.01, cal_term=1e-4, grouping_term=1e-3)
+    rec = metrics[["run_id", "step"]].assign(
+        temperature=0.5, kl=metrics["kl"] / 10, err_sparse=0.1, true_ece=0.01, cal_term=1e-4, grouping_term=1e-3
+    )
     summary = summaries.summarize(metrics, runs, recalibrated=rec).set_index("run_id")
     np.testing.assert_allclose(summary["final_kl_ts"], summary["final_kl"] / 10)
     assert (summary.loc[summary["status"] == "ok", "final_temperature_ts"] == 0.5).all()
@@ -201,8 +266,9 @@ def test_standard_heatmaps_never_pool_cases_or_a_named_third_axis(tmp_path):
     """Two numeric axes (mu2 x sigma1), a named third (activation) and two cases: the maps put
     activation side by side, one file per case; with the cases alone, one file with a panel each."""
     runs, metrics = synthetic_results(tmp_path)
-    runs = runs.assign(case=np.where(runs["seed"] == 0, "a", "b"), dim=1,
-                       activation=np.where(runs["run_id"] % 4 < 2, "relu", "tanh"))
+    runs = runs.assign(
+        case=np.where(runs["seed"] == 0, "a", "b"), dim=1, activation=np.where(runs["run_id"] % 4 < 2, "relu", "tanh")
+    )
     runs.to_parquet(tmp_path / "runs.parquet", index=False)
     summaries.write_summaries(tmp_path)
     names = {p.name for p in plots.standard_figures(tmp_path)}
@@ -217,11 +283,17 @@ def test_standard_heatmaps_never_pool_cases_or_a_named_third_axis(tmp_path):
 
 
 def test_where_picks_the_nearest_existing_value_and_lists_them_when_none_is_near():
-    runs = pd.DataFrame({"run_id": range(6), "case": ["a", "b"] * 3, "mu2": [0.5, 1.4375, 2.375] * 2,
-                         "n_data": [100.0, math.inf, 1000.0] * 2})
-    assert list(plots.select_runs(runs, {"mu2": "1.4"})) == [1, 4]      # a tick label of 1.4375
+    runs = pd.DataFrame(
+        {
+            "run_id": range(6),
+            "case": ["a", "b"] * 3,
+            "mu2": [0.5, 1.4375, 2.375] * 2,
+            "n_data": [100.0, math.inf, 1000.0] * 2,
+        }
+    )
+    assert list(plots.select_runs(runs, {"mu2": "1.4"})) == [1, 4]  # a tick label of 1.4375
     assert list(plots.select_runs(runs, {"mu2": "2.4"})) == [2, 5]
-    assert list(plots.select_runs(runs, {"mu2": "1.9"})) == [1, 4]      # nearer 1.4375, within half the gap
+    assert list(plots.select_runs(runs, {"mu2": "1.9"})) == [1, 4]  # nearer 1.4375, within half the gap
     assert list(plots.select_runs(runs, {"n_data": "inf"})) == [1, 4]
     with pytest.raises(plots.PlotError, match=r"mu2=3.0: no run matches; mu2 takes 0.5, 1.4375, 2.375$"):
         plots.select_runs(runs, {"mu2": "3.0"})

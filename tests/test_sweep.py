@@ -28,13 +28,16 @@ def test_cases_times_seeds_expand_in_order_with_overrides():
 
 
 def test_grid_ranges_priors_and_one_group_for_dynamic_settings():
-    sw = parse(BASE + """
+    sw = parse(
+        BASE
+        + """
 [grid]
 lr = {logspace = [1e-4, 1e-2], num = 3}
 prior1 = [0.5, 0.9]
 n_data = [100, "online"]
 mu2 = {linspace = [1.0, 2.0], num = 2}
-""")
+"""
+    )
     runs = sweep.runs_table(sw)
     assert len(runs) == 3 * 2 * 2 * 2 * 2
     np.testing.assert_allclose(sorted(runs["lr"].unique()), [1e-4, 1e-3, 1e-2])
@@ -44,22 +47,26 @@ mu2 = {linspace = [1.0, 2.0], num = 2}
 
 
 def test_static_settings_make_groups():
-    sw = parse(BASE + "[grid]\nwidth = [16, 32]\ndepth = [1, 2]\n"
-               "batch_size = {range = [32, 64], step = 32, int = true}\n")
+    sw = parse(
+        BASE + "[grid]\nwidth = [16, 32]\ndepth = [1, 2]\nbatch_size = {range = [32, 64], step = 32, int = true}\n"
+    )
     runs = sweep.runs_table(sw)
     assert runs["group"].nunique() == 8
     assert set(runs["hidden"]) == {"16", "32", "16-16", "32-32"}
 
 
 def test_mixture_classes_are_padded_with_zero_weight_components():
-    sw = parse(BASE.replace("means = [0.0, 3.0]", "means = [0.0, [[-2.0], [2.0]]]")
-               .replace("sigmas = [1.0, 1.0]", "sigmas = [1.0, 0.5]\nweights = [1.0, [1.0, 3.0]]"))
+    sw = parse(
+        BASE.replace("means = [0.0, 3.0]", "means = [0.0, [[-2.0], [2.0]]]").replace(
+            "sigmas = [1.0, 1.0]", "sigmas = [1.0, 0.5]\nweights = [1.0, [1.0, 3.0]]"
+        )
+    )
     t = sw.runs[0].task
     assert t["mean"].shape == (2, 2, 1)
     np.testing.assert_allclose(t["weight"], [[1.0, 0.0], [0.25, 0.75]])
 
 
-def bad_text(task='means = [0.0, 3.0]\nsigmas = [1.0, 1.0]', train="steps = 100", extra=""):
+def bad_text(task="means = [0.0, 3.0]\nsigmas = [1.0, 1.0]", train="steps = 100", extra=""):
     return f"seeds = 1\n{extra}\n[task]\n{task}\n[train]\n{train}\n"
 
 
@@ -99,19 +106,36 @@ def test_bad_input_names_file_key_and_problem(text, message):
 
 def test_every_validator_accepts_good_values_and_rejects_bad_ones_with_its_message():
     cases = {  # kind: (good value, normalised, bad value)
-        "pos_float": (2, 2.0, 0.0), "nonneg_float": (0, 0.0, float("nan")), "fraction": (0.5, 0.5, 1.0),
-        "momentum": (0.0, 0.0, 1.0), "decay": (0.99, 0.99, 1.0), "unit_float": (1, 1.0, 1.5),
-        "proposal_scale": (2, 2.0, 0.5), "levels": (16, 16, 3), "lr_schedule": ("cosine", "cosine", "step"),
-        "pos_int": (3.0, 3, 2.5), "nonneg_int": (0, 0, -1), "bool": (True, True, 1),
-        "n_data": ("online", float("inf"), 0), "widths": ([8, 8.0], [8, 8], [8, 0]),
-        "activation": ("tanh", "tanh", "swish2"), "init": ("lecun", "lecun", "he"),
-        "optimizer": ("sgd", "sgd", "lion"), "precision": ("float32", "float32", "fp8"),
-        "checkpoints": ([0, 10], [0, 10], [10, 10]), "edges": ([-1, 0], [-1.0, 0.0], [0, -1]),
-        "range": ([0, 1], [0.0, 1.0], [1, 0]), "priors": ([0.25, 0.75], [0.25, 0.75], [0.5, 0.6]),
-        "class_weights": ([1, [1, 3]], None, [1, [-1, 3]]), "class_array": ([0, [1, 2]], None, [0]),
-        "sigmas": ([1, 2], None, [1, -2]), "means": ([0, [1, 2]], None, [0, 1e300]),
-        "sizes": ([100, 1000.0], [100, 1000], [1000, 100]), "loss": ("focal", "focal", "hinge"),
-        "smoothing": (0.1, 0.1, 1.0), "focal_gamma": (2, 2.0, 11.0),
+        "pos_float": (2, 2.0, 0.0),
+        "nonneg_float": (0, 0.0, float("nan")),
+        "fraction": (0.5, 0.5, 1.0),
+        "momentum": (0.0, 0.0, 1.0),
+        "decay": (0.99, 0.99, 1.0),
+        "unit_float": (1, 1.0, 1.5),
+        "proposal_scale": (2, 2.0, 0.5),
+        "levels": (16, 16, 3),
+        "lr_schedule": ("cosine", "cosine", "step"),
+        "pos_int": (3.0, 3, 2.5),
+        "nonneg_int": (0, 0, -1),
+        "bool": (True, True, 1),
+        "n_data": ("online", float("inf"), 0),
+        "widths": ([8, 8.0], [8, 8], [8, 0]),
+        "activation": ("tanh", "tanh", "swish2"),
+        "init": ("lecun", "lecun", "he"),
+        "optimizer": ("sgd", "sgd", "lion"),
+        "precision": ("float32", "float32", "fp8"),
+        "checkpoints": ([0, 10], [0, 10], [10, 10]),
+        "edges": ([-1, 0], [-1.0, 0.0], [0, -1]),
+        "range": ([0, 1], [0.0, 1.0], [1, 0]),
+        "priors": ([0.25, 0.75], [0.25, 0.75], [0.5, 0.6]),
+        "class_weights": ([1, [1, 3]], None, [1, [-1, 3]]),
+        "class_array": ([0, [1, 2]], None, [0]),
+        "sigmas": ([1, 2], None, [1, -2]),
+        "means": ([0, [1, 2]], None, [0, 1e300]),
+        "sizes": ([100, 1000.0], [100, 1000], [1000, 100]),
+        "loss": ("focal", "focal", "hinge"),
+        "smoothing": (0.1, 0.1, 1.0),
+        "focal_gamma": (2, 2.0, 11.0),
     }
     assert set(cases) == set(sweep.VALIDATORS), "every registered kind is tested"
     for kind, (good, normal, bad) in cases.items():
@@ -123,8 +147,13 @@ def test_every_validator_accepts_good_values_and_rejects_bad_ones_with_its_messa
 
 
 def test_resolver_steps_alone():
-    settings = {"means": [np.array([[0.0]]), np.array([[-1.0], [1.0]])], "sigmas": [np.array([[1.0]])] * 2,
-                "mu2_k2": 5.0, "prior1": 0.8, "steps": 300}
+    settings = {
+        "means": [np.array([[0.0]]), np.array([[-1.0], [1.0]])],
+        "sigmas": [np.array([[1.0]])] * 2,
+        "mu2_k2": 5.0,
+        "prior1": 0.8,
+        "steps": 300,
+    }
     origin = {k: "f: [task]" for k in settings}
     sweep.fill_defaults(settings, origin, "f:")
     assert settings["lr"] == 1e-3 and settings["n_data"] == float("inf") and settings["hidden"] == [64, 64]
@@ -150,6 +179,7 @@ def test_defaults_are_the_dataclasses_own():
 
 # ---------------------------------------------------------------- every bad input, as a table
 
+
 def _bad_inputs():
     """(id, sweep document, words the one-line error must contain): at least 100 cases."""
     nan, inf = float("nan"), float("inf")
@@ -158,30 +188,41 @@ def _bad_inputs():
     def case(what, words, **changes):
         cases.append((what, sweep_doc(**changes), words))
 
-    for key, section in (("steps", "train"), ("batch_size", "train"), ("n_data", "train"), ("points", "eval"),
-                         ("calibration_samples", "eval"), ("calibration_bins", "eval"), ("curve_points", "eval"),
-                         ("estimator_draws", "eval"), ("width", "model")):
+    for key, section in (
+        ("steps", "train"),
+        ("batch_size", "train"),
+        ("n_data", "train"),
+        ("points", "eval"),
+        ("calibration_samples", "eval"),
+        ("calibration_bins", "eval"),
+        ("curve_points", "eval"),
+        ("estimator_draws", "eval"),
+        ("width", "model"),
+    ):
         for v in (nan, inf, -inf, 0, -1, 2.5, "x", True, [1]):
             case(f"{key}={v!r}", [f"[{section}] {key}", "expected"], **{section: {key: v}})
     for v in (nan, inf, -1, 1.5, "x"):
         case(f"depth={v!r}", ["[model] depth", "expected"], model={"depth": v})
-    for key, section, bads in (("label_smoothing", "train", (nan, -0.1, 1.0, "x")),
-                               ("focal_gamma", "train", (nan, -1.0, 10.5, inf)),
-                               ("lr", "train", (nan, inf, 0.0, -1.0, "x", True)),
-                               ("weight_decay", "train", (nan, inf, -1.0, "x")),
-                               ("momentum", "train", (nan, 1.0, -0.5, "x")),
-                               ("hdr_mass", "eval", (nan, 0.0, 1.0, "x")),
-                               ("dense_mass", "eval", (nan, 1.5, "x")),
-                               ("sparse_mass", "eval", (inf, 0.0, "x"))):
+    for key, section, bads in (
+        ("label_smoothing", "train", (nan, -0.1, 1.0, "x")),
+        ("focal_gamma", "train", (nan, -1.0, 10.5, inf)),
+        ("lr", "train", (nan, inf, 0.0, -1.0, "x", True)),
+        ("weight_decay", "train", (nan, inf, -1.0, "x")),
+        ("momentum", "train", (nan, 1.0, -0.5, "x")),
+        ("hdr_mass", "eval", (nan, 0.0, 1.0, "x")),
+        ("dense_mass", "eval", (nan, 1.5, "x")),
+        ("sparse_mass", "eval", (inf, 0.0, "x")),
+    ):
         for v in bads:
             case(f"{key}={v!r}", [f"[{section}] {key}", "expected"], **{section: {key: v}})
-    for key, section, bads in (("hidden", "model", ([64, nan], [0], [1.5], "x", [inf])),
-                               ("checkpoints", "train", ([], [0, nan], [10, 5], [10], [0], [10, 40])),
-                               ("density_edges", "eval", ([nan], [1.0, 0.0], [], [-inf, 0.0])),
-                               ("curve_range", "eval", ([0.0, inf], [nan, 1.0], [1.0, 0.0], [0.0])),
-                               ("plot_steps", "eval", ([15], [nan])),
-                               ("estimator_sizes", "eval", ([1000, 100], [1, 10], [100, 2_000_000], [100, 100.5],
-                                                            [100, 100], "x"))):
+    for key, section, bads in (
+        ("hidden", "model", ([64, nan], [0], [1.5], "x", [inf])),
+        ("checkpoints", "train", ([], [0, nan], [10, 5], [10], [0], [10, 40])),
+        ("density_edges", "eval", ([nan], [1.0, 0.0], [], [-inf, 0.0])),
+        ("curve_range", "eval", ([0.0, inf], [nan, 1.0], [1.0, 0.0], [0.0])),
+        ("plot_steps", "eval", ([15], [nan])),
+        ("estimator_sizes", "eval", ([1000, 100], [1, 10], [100, 2_000_000], [100, 100.5], [100, 100], "x")),
+    ):
         for v in bads:
             case(f"{key}={v!r}", [f"{key}"], **{section: {key: v}})
     for v in ([0.0, nan], [0.0, inf], [0.0, 1e300], [0.0, "x"], [0.0]):
@@ -192,36 +233,71 @@ def _bad_inputs():
         case(f"priors={v!r}", ["[task] priors"], task={"priors": v})
     for v in ([1.0, nan], [1.0, inf], [1.0, -1.0], [1.0, [nan, 1.0]]):
         case(f"weights={v!r}", ["[task] weights"], task={"weights": v})
-    for key, section in (("activation", "model"), ("init", "model"), ("optimizer", "train"),
-                         ("matmul_precision", "train"), ("loss", "train")):
+    for key, section in (
+        ("activation", "model"),
+        ("init", "model"),
+        ("optimizer", "train"),
+        ("matmul_precision", "train"),
+        ("loss", "train"),
+    ):
         for v in ("nope", 1):
             case(f"{key}={v!r}", [f"[{section}] {key}", "expected one of"], **{section: {key: v}})
     for v in (0, nan, inf, -1, [1, 1], [-1], 10**12, "x"):
         case(f"seeds={v!r}", ["seeds"], seeds=v)
     for v in ("..", ".", "a/b", "", ".hidden"):
         case(f"name={v!r}", ["name"], name=v)
-    for axis, words in (({"num": nan, "linspace": [0.0, 1.0]}, ["lr.num"]),
-                        ({"num": 10**9, "linspace": [0.1, 1.0]}, ["lr.num", "--max-runs"]),
-                        ({"range": [0.1, 1.0], "step": 0.0}, ["lr.step"]),
-                        ({"range": [0.1, 1.0], "step": nan}, ["lr.step"]),
-                        ({"range": [0.0, 1e12], "step": 1e-3}, ["lr.range", "--max-runs"]),
-                        ({"linspace": [0.0, inf], "num": 3}, ["lr.linspace"]),
-                        ({"logspace": [0.0, 1.0], "num": 3}, ["lr.logspace"]),
-                        ({"linspace": [0.1, 1.0], "num": 3, "int": "yes"}, ["lr.int"]),
-                        ([], ["lr"]), ([nan], ["lr"]), ("fast", ["lr"])):
+    for axis, words in (
+        ({"num": nan, "linspace": [0.0, 1.0]}, ["lr.num"]),
+        ({"num": 10**9, "linspace": [0.1, 1.0]}, ["lr.num", "--max-runs"]),
+        ({"range": [0.1, 1.0], "step": 0.0}, ["lr.step"]),
+        ({"range": [0.1, 1.0], "step": nan}, ["lr.step"]),
+        ({"range": [0.0, 1e12], "step": 1e-3}, ["lr.range", "--max-runs"]),
+        ({"linspace": [0.0, inf], "num": 3}, ["lr.linspace"]),
+        ({"logspace": [0.0, 1.0], "num": 3}, ["lr.logspace"]),
+        ({"linspace": [0.1, 1.0], "num": 3, "int": "yes"}, ["lr.int"]),
+        ([], ["lr"]),
+        ([nan], ["lr"]),
+        ("fast", ["lr"]),
+    ):
         case(f"grid lr={axis!r}", words, grid={"lr": axis})
-    case("a grid of 1e12 runs", ["runs, more than", "--max-runs"],
-         grid={"mu2": {"linspace": [0.0, 1.0], "num": 10**4}, "lr": {"linspace": [0.1, 1.0], "num": 10**4},
-               "sigma1": {"linspace": [0.5, 1.0], "num": 10**4}})
-    case("steps x batch_size >= 2^31", ["steps x batch_size"], train={"steps": 2**30, "checkpoints": [2**30]},
-         model={"hidden": [8]})
-    for key, v in (("mu2", nan), ("mu2", 1e300), ("sigma1", 0.0), ("sigma1", 1e300), ("prior1", 1.0),
-                   ("prior1", nan), ("mu9", 1.0), ("weight1_k1", -1.0), ("bogus", 1.0)):
+    case(
+        "a grid of 1e12 runs",
+        ["runs, more than", "--max-runs"],
+        grid={
+            "mu2": {"linspace": [0.0, 1.0], "num": 10**4},
+            "lr": {"linspace": [0.1, 1.0], "num": 10**4},
+            "sigma1": {"linspace": [0.5, 1.0], "num": 10**4},
+        },
+    )
+    case(
+        "steps x batch_size >= 2^31",
+        ["steps x batch_size"],
+        train={"steps": 2**30, "checkpoints": [2**30]},
+        model={"hidden": [8]},
+    )
+    for key, v in (
+        ("mu2", nan),
+        ("mu2", 1e300),
+        ("sigma1", 0.0),
+        ("sigma1", 1e300),
+        ("prior1", 1.0),
+        ("prior1", nan),
+        ("mu9", 1.0),
+        ("weight1_k1", -1.0),
+        ("bogus", 1.0),
+    ):
         case(f"case {key}={v!r}", [key], cases={"c": {key: v}})
-    case("label_smoothing without its loss", ["label_smoothing", "used only with loss", "cross_entropy"],
-         train={"label_smoothing": 0.1})
-    case("focal_gamma with another loss", ["focal_gamma", "used only with loss", "brier"],
-         train={"loss": "brier"}, cases={"c": {"focal_gamma": 2.0}})
+    case(
+        "label_smoothing without its loss",
+        ["label_smoothing", "used only with loss", "cross_entropy"],
+        train={"label_smoothing": 0.1},
+    )
+    case(
+        "focal_gamma with another loss",
+        ["focal_gamma", "used only with loss", "brier"],
+        train={"loss": "brier"},
+        cases={"c": {"focal_gamma": 2.0}},
+    )
     return cases
 
 

@@ -43,8 +43,11 @@ def scipy_log_posterior(params, x):
     prior, mean, sigma, weight = (np.asarray(a, np.float64) for a in params)
     log_joint = []
     for c in range(3):
-        comps = [np.log(weight[c, k]) + stats.multivariate_normal(mean[c, k], np.diag(sigma[c, k] ** 2)).logpdf(x)
-                 for k in range(2) if weight[c, k] > 0]
+        comps = [
+            np.log(weight[c, k]) + stats.multivariate_normal(mean[c, k], np.diag(sigma[c, k] ** 2)).logpdf(x)
+            for k in range(2)
+            if weight[c, k] > 0
+        ]
         log_joint.append(np.log(prior[c]) + np_logsumexp(comps))
     log_joint = np.array(log_joint)
     return log_joint - np_logsumexp(log_joint)
@@ -61,8 +64,7 @@ def test_three_class_2d_mixture_matches_scipy_bayes():
     far = np.array([[40.0, -45.0], [-60.0, 30.0]], np.float32)
     far_post = np.array(jax.vmap(tasks.log_posterior, (None, 0))(task, jnp.asarray(far)))
     assert np.isfinite(far_post).all()
-    np.testing.assert_allclose(far_post, [scipy_log_posterior(params, p) for p in far.astype(np.float64)],
-                               rtol=1e-4)
+    np.testing.assert_allclose(far_post, [scipy_log_posterior(params, p) for p in far.astype(np.float64)], rtol=1e-4)
 
 
 def draw(task, n, seed=0):
@@ -81,8 +83,9 @@ def test_class_frequencies_follow_priors():
 
 @pytest.mark.slow
 def test_class_conditionals_pass_ks_and_a_wrong_distribution_fails():
-    task = tasks.make_task([0.4, 0.6], [[[0.0], [0.0]], [[-2.0], [2.0]]], [[[2.0], [2.0]], [[0.5], [1.0]]],
-                           [[1.0, 0.0], [0.3, 0.7]])
+    task = tasks.make_task(
+        [0.4, 0.6], [[[0.0], [0.0]], [[-2.0], [2.0]]], [[[2.0], [2.0]], [[0.5], [1.0]]], [[1.0, 0.0], [0.3, 0.7]]
+    )
     x, c = draw(task, 20_000, seed=1)
     x = x[:, 0]
     cdf1 = stats.norm(0.0, 2.0).cdf

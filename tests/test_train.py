@@ -14,8 +14,16 @@ from conftest import SMALL, example
 def fields(r: train.RunResult) -> dict:
     """The numbers compared between runs: scalars, density bins and curves."""
     sc, d = r.checkpoints.scalars, r.checkpoints.density
-    return {"kl": sc.kl, "tv": sc.tv, "max_err": sc.max_err, "accuracy": sc.accuracy, "loss": sc.loss,
-            "bin_kl": d.kl_contribution, "curve_model": r.curves.model_prob, "true_ece": sc.true_ece}
+    return {
+        "kl": sc.kl,
+        "tv": sc.tv,
+        "max_err": sc.max_err,
+        "accuracy": sc.accuracy,
+        "loss": sc.loss,
+        "bin_kl": d.kl_contribution,
+        "curve_model": r.curves.model_prob,
+        "true_ece": sc.true_ece,
+    }
 
 
 def run(r: train.RunResult, i: int) -> train.RunResult:
@@ -33,8 +41,13 @@ def assert_same(a, b, rtol=1e-5, atol=1e-6):
 
 
 def mixed_runs():
-    return [dyn(1, seed=0), dyn(2, lr=3e-3, seed=1), dyn(3, n_data=train.ONLINE, seed=2),
-            dyn(2, lr=1e-2, n_data=50, seed=3, weight_decay=1e-3), dyn(1, lr=2e-4, seed=4)]
+    return [
+        dyn(1, seed=0),
+        dyn(2, lr=3e-3, seed=1),
+        dyn(3, n_data=train.ONLINE, seed=2),
+        dyn(2, lr=1e-2, n_data=50, seed=3, weight_decay=1e-3),
+        dyn(1, lr=2e-4, seed=4),
+    ]
 
 
 @pytest.mark.slow
@@ -63,10 +76,10 @@ def test_finite_data_is_memorised_and_online_data_is_not():
     out = train.batched_train_fn(static, inner_batch=4)(train.stack_dynamic(runs))
     bayes = float(out.bayes_loss[0])  # H(C|X) = 0.43 nats for example 2
     final_loss = np.asarray(out.checkpoints.scalars.loss[:, -1])
-    assert np.all(final_loss[:2] < 0.25 * bayes), (final_loss, bayes)   # 8 examples: memorised
-    assert np.all(final_loss[2:] > 0.8 * bayes), (final_loss, bayes)    # online: cannot beat Bayes
+    assert np.all(final_loss[:2] < 0.25 * bayes), (final_loss, bayes)  # 8 examples: memorised
+    assert np.all(final_loss[2:] > 0.8 * bayes), (final_loss, bayes)  # online: cannot beat Bayes
     kl = np.asarray(out.checkpoints.scalars.kl[:, -1])
-    assert np.all(kl[:2] > 5 * kl[2:])                                 # and memorising is not learning P
+    assert np.all(kl[:2] > 5 * kl[2:])  # and memorising is not learning P
 
 
 @pytest.mark.slow
@@ -82,8 +95,11 @@ def test_a_diverging_run_is_marked_and_leaves_its_batch_mates_alone():
     for name, df in t.items():
         if name == "status":
             continue
-        values = [c for c in df.columns if c not in ("run_id", "step", "class", "x", "log10_density_lo",
-                                                    "log10_density_hi", "conf_lo", "conf_hi")]
+        values = [
+            c
+            for c in df.columns
+            if c not in ("run_id", "step", "class", "x", "log10_density_lo", "log10_density_hi", "conf_lo", "conf_hi")
+        ]
         wild = df[(df["run_id"] == 11) & (df["step"] > 0)]
         for col in values:
             assert wild[col].isna().all() != (col in tables.TRUTH_COLUMNS), (name, col)
@@ -100,10 +116,20 @@ def test_dynamic_settings_do_not_retrace(monkeypatch):
     monkeypatch.setattr(train, "train_run", lambda s, d: traces.append(1) or original(s, d))
     fn = train.batched_train_fn(SMALL, inner_batch=2)
     fn(train.stack_dynamic([dyn(1), dyn(2)]))
-    varied = [train.make_dynamic(example(3), lr=5e-2, weight_decay=0.1, momentum=0.5, n_data=train.ONLINE, seed=99),
-              train.make_dynamic(example(2).replace(log_prior=np.log(np.array([0.9, 0.1], np.float32))),
-                                 lr=1e-4, n_data=7, seed=3, lr_schedule="cosine", warmup_steps=10,
-                                 final_lr_ratio=0.1, ema_decay=0.9, proposal_scale=2.0)]
+    varied = [
+        train.make_dynamic(example(3), lr=5e-2, weight_decay=0.1, momentum=0.5, n_data=train.ONLINE, seed=99),
+        train.make_dynamic(
+            example(2).replace(log_prior=np.log(np.array([0.9, 0.1], np.float32))),
+            lr=1e-4,
+            n_data=7,
+            seed=3,
+            lr_schedule="cosine",
+            warmup_steps=10,
+            final_lr_ratio=0.1,
+            ema_decay=0.9,
+            proposal_scale=2.0,
+        ),
+    ]
     fn(train.stack_dynamic(varied))
     assert len(traces) == 1
     # with the per-step features compiled in, their values are dynamic too
@@ -125,8 +151,14 @@ def test_every_optimizer_reduces_the_error(name):
 def test_learning_rate_schedules_match_their_closed_forms():
     steps, lr = 1000, 1e-3
     count = jax.numpy.arange(steps)
-    rate = lambda **kw: np.asarray(train.learning_rate(jax.tree.map(jax.numpy.asarray, dyn(lr=lr, **kw)),  # noqa: E731
-                                                       steps, count), np.float64)
+    rate = lambda **kw: np.asarray(
+        train.learning_rate(
+            jax.tree.map(jax.numpy.asarray, dyn(lr=lr, **kw)),  # noqa: E731
+            steps,
+            count,
+        ),
+        np.float64,
+    )
     # constant, and any schedule that cannot decay, is exactly lr: the same bits as a plain lr
     assert (rate() == np.float32(lr)).all()
     assert (rate(lr_schedule="cosine", final_lr_ratio=1.0) == np.float32(lr)).all()
@@ -144,8 +176,9 @@ def test_proposal_draws_wider_inputs_whose_weights_keep_the_expected_loss():
     static = train.Static(steps=1, checkpoints=(1,), batch_size=4096, importance=True)
     d = jax.tree.map(jax.numpy.asarray, dyn(3, n_data=train.ONLINE, proposal_scale=2.0))
     data_key, batch_key = jax.random.split(jax.random.key(3))
-    x, c, w = (np.asarray(v) for v in jax.jit(lambda: train.draw_batch(static, d, data_key, batch_key,
-                                                                          jax.numpy.int32(0)))())
+    x, c, w = (
+        np.asarray(v) for v in jax.jit(lambda: train.draw_batch(static, d, data_key, batch_key, jax.numpy.int32(0)))()
+    )
     x = x[:, 0].astype(np.float64)
     # example 3: class 0 ~ N(0, 2), class 1 ~ N(3, 1); drawn with sigmas x 2
     assert abs(x[c == 0].std() - 4.0) < 0.2 and abs(x[c == 1].std() - 2.0) < 0.1

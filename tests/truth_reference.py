@@ -59,9 +59,11 @@ def _true_calibration(prior, mu, sigma, a, b):
                 den += weight
         m[:] = num / den
     w = density / np.trapezoid(density, x)
-    return {"true_ece": np.trapezoid(w * np.abs(m - conf), x),
-            "cal_term": np.trapezoid(w * (conf - m) ** 2, x),
-            "grouping_term": np.trapezoid(w * (m - p_top) ** 2, x)}
+    return {
+        "true_ece": np.trapezoid(w * np.abs(m - conf), x),
+        "cal_term": np.trapezoid(w * (conf - m) ** 2, x),
+        "grouping_term": np.trapezoid(w * (m - p_top) ** 2, x),
+    }
 
 
 def _roots(A, B, C):
