@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --progress-bar off -e '.[test]'
-	$(VENV)/bin/python -m calibjax.cpu_kernel  # compile the CPU kernel now (else on first use; XLA if it cannot)
+	$(VENV)/bin/python -m calibjax.execution.kernel_loader  # compile the CPU kernel now (else on first use; XLA if it cannot)
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -20,7 +20,7 @@ calibjax.setup(cpu_devices=4, cache_dir="off")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from calibjax import metrics, tasks, train  # noqa: E402
+from calibjax.core import metrics, tasks, train  # noqa: E402
 
 W = 32
 STATIC = train.Static(steps=1000, checkpoints=(100, 1000), eval=metrics.EvalSpec(points=512))

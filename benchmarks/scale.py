@@ -13,7 +13,7 @@ memory, sampled every 5 ms from /proc/self/statm, is its own; JAX and the sweep 
 - chunks:   chunk tables from the results, written atomically (``results.write_chunk``)
 - final:    the runs table (identities included) and the final tables (``results.finalize``)
 - summaries:``summaries.write_summaries`` (per run, over seeds)
-- figures:  ``plots.standard_figures`` (kl against steps, the summary heatmaps)
+- figures:  ``figures.standard_figures`` (kl against steps, the summary heatmaps)
 
 ``--old`` also times, in the same processes, 0.5.0's summaries (tests/summaries_reference.py)
 and 0.5.0's expansion (every run resolved, tests/test_scale.py's ``naive``) on the same sweep.
@@ -92,7 +92,10 @@ def one(runs: int, stage_name: str, out: Path, old: bool) -> list[dict]:
     calibjax.setup()
     import tomllib
 
-    from calibjax import planning, plots, results, summaries, sweep, synthetic
+    from calibjax import sweep
+    from calibjax.analysis import figures, summaries
+    from calibjax.execution import planning, synthetic
+    from calibjax.storage import results
 
     side = round(math.sqrt(runs / 16))
     text = SWEEP.format(runs=runs, side=side)
@@ -154,14 +157,14 @@ def one(runs: int, stage_name: str, out: Path, old: bool) -> list[dict]:
         if old:
             import summaries_reference as ref
 
-            from calibjax import store
+            from calibjax.storage import reader
 
-            t = store.load_results(out, ("runs", "metrics"))
+            t = reader.load_results(out, ("runs", "metrics"))
             summary = stage("summaries", lambda: ref.summarize(t["metrics"], t["runs"]), "old")
             stage("aggregate", lambda: ref.aggregate(summary), "old")
             stage("aggregate", lambda: summaries.aggregate(summary), "new")
     elif stage_name == "figures":
-        stage("figures", lambda: plots.standard_figures(out))
+        stage("figures", lambda: figures.standard_figures(out))
     return rows
 
 

@@ -141,7 +141,7 @@ def product_ceiling(layout, static, seconds: float = 2.0) -> float:
     import jax.numpy as jnp
     import numpy as np
 
-    from calibjax import cpu_kernel
+    from calibjax.core import kernel
 
     width, b, r = static.hidden[-1], static.batch_size, layout.inner_batch
     n_dev = len(layout.devices)
@@ -151,9 +151,9 @@ def product_ceiling(layout, static, seconds: float = 2.0) -> float:
         def body(_, c):
             h, w, dz = c
             if layout.dense == "kernel":
-                z = cpu_kernel.batched_matmul(h, w)
-                dh = cpu_kernel.batched_matmul(dz, w, trans_b=True)
-                dw = cpu_kernel.batched_matmul(h, dz, trans_a=True)
+                z = kernel.batched_matmul(h, w)
+                dh = kernel.batched_matmul(dz, w, trans_b=True)
+                dw = kernel.batched_matmul(h, dz, trans_a=True)
             else:
                 z = jnp.einsum("rbi,rio->rbo", h, w)
                 dh = jnp.einsum("rbo,rio->rbi", dz, w)
@@ -178,9 +178,9 @@ def product_ceiling(layout, static, seconds: float = 2.0) -> float:
 
 
 def cpu_model() -> str:
-    from calibjax import cpu_kernel, runtime
+    from calibjax.execution import kernel_loader, runtime
 
-    kernel = f", kernel variant {cpu_kernel.loaded_variant()}" if cpu_kernel.available() else ""
+    kernel = f", kernel variant {kernel_loader.loaded_variant()}" if kernel_loader.available() else ""
     return (
         f"{runtime.cpu_model() or 'unknown CPU'}, {len(os.sched_getaffinity(0))} cores, vector ISA "
         f"{runtime.cpu_isa()}{kernel}"
@@ -205,14 +205,15 @@ def main():
     calibjax.setup()  # one XLA CPU device per core ($CALIBJAX_CPU_DEVICES), compilation cache
     import jax
 
-    from calibjax import cpu_kernel, engine, planning, tasks, train
+    from calibjax.core import tasks, train
+    from calibjax.execution import engine, kernel_loader, planning
 
     task = tasks.make_task([0.5, 0.5], [[[0.0]], [[3.0]]], [[[1.0]], [[1.0]]])
     static = train.Static(steps=args.steps, checkpoints=(args.steps,), matmul_precision=args.precision)
     one_step = train.Static(steps=1, checkpoints=(1,), matmul_precision=args.precision)
     flops = static.flops_per_step
     product_flops = 3 * 2 * static.batch_size * static.hidden[-1] ** 2  # the three hidden products of a step
-    paths = ["xla"] + (["kernel"] if jax.default_backend() == "cpu" and cpu_kernel.available() else [])
+    paths = ["xla"] + (["kernel"] if jax.default_backend() == "cpu" and kernel_loader.available() else [])
     layouts = {
         p: planning.default_layout(inner_batch=args.inner_batch, chunk_size=max(args.runs), dense=p) for p in paths
     }
@@ -322,7 +323,8 @@ def compare_widths(args, rounds: int = 4):
     """Model-steps/s of each vectorisation width, timed in one process, interleaved (the machine
     drifts by 20 % within minutes, so separate processes would compare drift)."""
     calibjax.setup()
-    from calibjax import engine, planning, tasks, train
+    from calibjax.core import tasks, train
+    from calibjax.execution import engine, planning
 
     r = max(args.runs)
     task = tasks.make_task([0.5, 0.5], [[[0.0]], [[3.0]]], [[[1.0]], [[1.0]]])

@@ -18,7 +18,7 @@ import calibjax
 calibjax.setup(cpu_devices=1)
 import jax  # noqa: E402
 
-from calibjax import tasks, train  # noqa: E402
+from calibjax.core import tasks, train  # noqa: E402
 
 task = tasks.make_task([0.5, 0.5], [[[0.0]], [[3.0]]], [[[2.0]], [[1.0]]])
 R = 64

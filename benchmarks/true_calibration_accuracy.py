@@ -15,7 +15,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from calibjax import metrics, tasks  # noqa: E402
+from calibjax.core import metrics, tasks  # noqa: E402
 
 import truth_reference  # noqa: E402
 

@@ -1,15 +1,51 @@
 """calibjax: how well, how fast and where classifiers learn the exact Bayesian posterior P(C|x).
 
-Importing calibjax changes no environment variable, JAX setting or matplotlib backend. Call
-``calibjax.setup()`` before any JAX computation to expose one XLA CPU device per core (runs are
-sharded over them) and keep compiled programs on disk; the command line does this itself.
+Importing calibjax changes no environment variable, JAX setting or matplotlib backend, and loads
+nothing heavy: the names below are imported on first use. Call ``calibjax.setup()`` before any
+JAX computation to expose one XLA CPU device per core (runs are sharded over them) and keep
+compiled programs on disk; the command line does this itself.
+
+    calibjax.setup()
+    report = calibjax.run("sweeps/blog.toml")     # train or resume, tables, summaries, figures, report
+    t = calibjax.load_results(report.out)          # dict of DataFrames: runs, metrics, density, ...
+
+The package, by layer (each imports only those above it; tests/test_architecture.py checks it):
+
+- ``calibjax.core``: the traceable program and its truth (no I/O)
+- ``calibjax.sweep``: sweep files: schema, validation, parsing, resolution, expansion, run identity
+- ``calibjax.storage``: results directories: file mechanics, table schemas, reading tables back
+- ``calibjax.execution``: runtime, the CPU kernel's build, planning, the engine
+- ``calibjax.analysis``: summaries, figures, the HTML report
+- ``calibjax.cluster``: SLURM; ``calibjax.pipeline``: run, merge and plan; ``calibjax.cli``
 """
 
-__version__ = "0.9.0"
+from calibjax.errors import CalibjaxError
+
+__version__ = "0.10.0"
+
+# Public names, imported on first use: name -> module.
+_LAZY = {
+    "setup": "calibjax.execution.runtime",
+    "run": "calibjax.pipeline",
+    "plan": "calibjax.pipeline",
+    "merge": "calibjax.pipeline",
+    "finish": "calibjax.pipeline",
+    "load_sweep": "calibjax.sweep",
+    "load_results": "calibjax.storage.reader",
+    "read_table": "calibjax.storage.reader",
+    "Results": "calibjax.storage.reader",
+    "summarize": "calibjax.analysis.summaries",
+    "standard_figures": "calibjax.analysis.figures",
+}
+__all__ = ["CalibjaxError", "__version__", *_LAZY]
 
 
-def setup(cpu_devices: int | None = None, cache_dir=None):
-    """See ``calibjax.runtime.setup`` (imported on first use, so ``import calibjax`` stays light)."""
-    from calibjax.runtime import setup as _setup
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'calibjax' has no attribute {name!r}")
+    import importlib
 
-    return _setup(cpu_devices, cache_dir)
+    module = importlib.import_module(_LAZY[name])
+    value = getattr(module, "load" if name == "load_sweep" else name)
+    globals()[name] = value
+    return value

@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from calibjax import results, store
 from calibjax import sweep as sweep_mod
+from calibjax.errors import CalibjaxError
+from calibjax.storage import files, results
 
 
-class ClusterError(ValueError):
+class ClusterError(CalibjaxError):
     """A bad submit or shard setting, or a SLURM command that failed (the message says which)."""
 
 
@@ -274,8 +275,11 @@ def submit(sub: Submission, sw: sweep_mod.Sweep, dry_run: bool = False, echo=pri
     Before anything is submitted: the results directory must be new, empty or this sweep's, and
     split into ``sub.tasks`` shards if it was split before; its manifest then records the count.
     """
+    if sub.tasks > len(sw.runs):
+        raise ClusterError(f"--tasks {sub.tasks}: more shards than the sweep's {len(sw.runs)} runs")
+    parse_minutes(sub.time)  # a bad --time is refused before anything is written
     out = Path(sub.out)
-    manifest = store.read_manifest(out)
+    manifest = files.read_manifest(out)
     if manifest is None and results.foreign(out):
         raise ClusterError(
             f"{out}: exists and is not a calibjax results directory (no manifest.json); choose another --out"
@@ -303,15 +307,15 @@ def submit(sub: Submission, sw: sweep_mod.Sweep, dry_run: bool = False, echo=pri
     if shutil.which("sbatch") is None:
         raise ClusterError(NO_SBATCH)
     if manifest is None:
-        store.write_json(
+        files.write_json(
             out / "manifest.json",
             {**results.sweep_manifest(sw), **results.PENDING, "complete": False, "shards": sub.tasks, "shard_first": 0},
         )
     elif "shards" not in manifest:
-        store.write_json(out / "manifest.json", {**manifest, "shards": sub.tasks, "shard_first": 0})
-    store.write_atomic(sweep_copy, lambda tmp: Path(tmp).write_text(sw.text))
+        files.write_json(out / "manifest.json", {**manifest, "shards": sub.tasks, "shard_first": 0})
+    files.write_atomic(sweep_copy, lambda tmp: Path(tmp).write_text(sw.text))
     for name, text in (("array.sh", array), ("merge.sh", merge)):
-        store.write_atomic(logs / name, lambda tmp, text=text: Path(tmp).write_text(text))
+        files.write_atomic(logs / name, lambda tmp, text=text: Path(tmp).write_text(text))
     array_id = _sbatch([*array_args, str(logs / "array.sh")])
     merge_id = _sbatch(["--dependency", f"afterany:{array_id}", *sub.sbatch_args, str(logs / "merge.sh")])
     record = {
@@ -322,7 +326,7 @@ def submit(sub: Submission, sw: sweep_mod.Sweep, dry_run: bool = False, echo=pri
         "submission": asdict(sub),
     }
     history = submissions(out)
-    store.write_json(logs / SUBMISSIONS, [*history, record])
+    files.write_json(logs / SUBMISSIONS, [*history, record])
     return record
 
 
@@ -373,7 +377,7 @@ class Status:
 
 def status(out: Path) -> Status:
     """What is done and missing in a results directory, per shard and per group."""
-    manifest = store.read_manifest(out)
+    manifest = files.read_manifest(out)
     if manifest is None:
         raise ClusterError(f"{out}: no manifest.json here; is it a calibjax results directory?")
     sw = results.manifest_sweep(manifest)
@@ -398,12 +402,12 @@ def status(out: Path) -> Status:
     writers, busy, failed = [], set(), []
     parts = [(k, out / "shards" / f"{k}-of-{shards}") for k in range(shards)] if shards else [(0, out)]
     for k, part in parts:
-        for chunk_id, holder, age in store.live_locks(part):
+        for chunk_id, holder, age in files.live_locks(part):
             writers.append(
                 f"{part.relative_to(out) if part != out else '.'} {chunk_id}: {holder}, heartbeat {age:.0f} s ago"
             )
             busy.add(k)
-        m = manifest if part == out else store.read_manifest(part)
+        m = manifest if part == out else files.read_manifest(part)
         failed += [f"{part.name}/{c}" for c in (m or {}).get("failed_chunks", [])]
     rows = []
     for k in range(shards or 1):

@@ -31,7 +31,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 from isa import lowered_isa_env  # noqa: E402, F401 (for the tests)
 
-from calibjax import metrics, tasks, train  # noqa: E402
+from calibjax.core import metrics, tasks, train  # noqa: E402
 
 # Tests that start real outside systems run only when asked (their make targets install the packages).
 SYSTEMS = {

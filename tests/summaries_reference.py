@@ -8,8 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from calibjax.portable import exp, log
-from calibjax.summaries import (
+from calibjax.analysis.summaries import (
     _INF_FROM,
     _SENTINEL,
     DEFAULT_EPS,
@@ -22,6 +21,7 @@ from calibjax.summaries import (
     swept_columns,
     value_columns,
 )
+from calibjax.core.portable import exp, log
 
 
 def _crossing(steps: np.ndarray, values: np.ndarray, i: int, eps: float) -> float:

@@ -432,7 +432,7 @@ def test_pip_install_of_the_project_ships_the_command_and_the_sweeps(tmp_path):
     assert "using the shipped sweep blog.toml" in by_name.stderr
     # The CPU kernel's source ships too, and the installed copy compiles it (into a cache of its own here).
     built = subprocess.run(
-        [py, "-m", "calibjax.cpu_kernel"],
+        [py, "-m", "calibjax.execution.kernel_loader"],
         capture_output=True,
         text=True,
         cwd=tmp_path,

@@ -29,7 +29,9 @@ import pandas as pd
 import pytest
 from slurm_cluster import Cluster, missing_parts
 
-from calibjax import planning, store, sweep
+from calibjax import sweep
+from calibjax.execution import planning
+from calibjax.storage import files
 
 from conftest import cli as calibjax
 from conftest import sweep_text
@@ -85,15 +87,15 @@ def wait_for(predicate, what: str, cluster: Cluster, timeout: float = 180, every
 
 
 def finished_chunks(part: Path) -> int:
-    return sum(store.chunk_complete(d) for d in part.glob("chunks/g*"))
+    return sum(files.chunk_complete(d) for d in part.glob("chunks/g*"))
 
 
-def hold_last_chunk(sw, part: Path, shard, chunk_size: int) -> store.ChunkLock:
+def hold_last_chunk(sw, part: Path, shard, chunk_size: int) -> files.ChunkLock:
     """Lock the last chunk a task of this directory will train, as a process training it would:
     the task trains the others, then waits for this one."""
     layout = planning.Layout(tuple(jax.devices()[:1]), planning.CPU_INNER_BATCH, chunk_size, 1 << 40)
     chunk = planning.plan_chunks(sw, layout, planning.shard_run_ids(len(sw.runs), shard))[-1]
-    lock = store.ChunkLock(part, chunk.chunk_id)
+    lock = files.ChunkLock(part, chunk.chunk_id)
     assert lock.acquire(), f"the task took {chunk.chunk_id} first"
     return lock
 
@@ -247,7 +249,7 @@ def test_submit_cancel_requeue_time_limit_resubmit_merge(cluster, tmp_path):
     assert cluster.wait_state(merge2, ("COMPLETED", "FAILED"))["JobState"] == "COMPLETED", log_of(f"{a}/slurm/*")
     assert cluster.job(f"{array2}_1")["JobState"] == "COMPLETED"
     assert_same_tables(a, ref)
-    shard = store.read_manifest(a / "shards" / "2-of-4")
+    shard = files.read_manifest(a / "shards" / "2-of-4")
     assert shard["layout"]["devices"] == 1  # from --cpus 1, not the node's cores
     assert shard["layout"]["memory_per_device"] == (1 << 30) * planning.MEMORY_FRACTION  # from --mem 1G
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from calibjax import metrics, train
+from calibjax.core import metrics, train
 
 from conftest import example
 

@@ -15,12 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from calibjax import cpu_kernel, losses, planning, runtime, train
-from calibjax.model import MLP
+from calibjax.core import kernel, losses, train
+from calibjax.core.model import MLP
+from calibjax.execution import kernel_loader, planning, runtime
 
 from conftest import SMALL, example, lowered_isa_env, python_in
 
-pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="the CPU kernel cannot be built or run here")
+pytestmark = pytest.mark.skipif(not kernel_loader.available(), reason="the CPU kernel cannot be built or run here")
 
 MODES = [(False, False), (False, True), (True, False)]  # forward, input gradient, weight gradient
 
@@ -58,7 +59,7 @@ def reference(a, b, trans_a, trans_b):
 def test_products_match_float64_numpy_to_float32_rounding(batch, m, k, n, trans_a, trans_b):
     rng = np.random.default_rng(m * 1000 + k * 10 + n)
     a, b = operands(rng, batch, m, k, n, trans_a, trans_b)
-    got = np.asarray(jax.jit(functools.partial(cpu_kernel.batched_matmul, trans_a=trans_a, trans_b=trans_b))(a, b))
+    got = np.asarray(jax.jit(functools.partial(kernel.batched_matmul, trans_a=trans_a, trans_b=trans_b))(a, b))
     want, bound = reference(a, b, trans_a, trans_b)
     assert got.shape == want.shape and got.dtype == np.float32
     assert np.all(np.abs(got - want) <= bound), np.max(np.abs(got - want) / bound)
@@ -74,7 +75,7 @@ def test_a_products_bits_do_not_depend_on_its_batch_mates_position_or_tile(trans
     element's place in it, or which tile (full 6 x 16, an edge tile, a scalar column) computes it."""
     rng = np.random.default_rng(1)
     a, b = operands(rng, (9,), 64, 64, 64, trans_a, trans_b)
-    mm = jax.jit(functools.partial(cpu_kernel.batched_matmul, trans_a=trans_a, trans_b=trans_b))
+    mm = jax.jit(functools.partial(kernel.batched_matmul, trans_a=trans_a, trans_b=trans_b))
     whole = np.asarray(mm(a, b))
     for s in (0, 4, 8):
         assert np.array_equal(np.asarray(mm(a[s : s + 1], b[s : s + 1])), whole[s : s + 1])
@@ -95,7 +96,7 @@ def test_dense_gradients_match_xlas_and_vmap_is_one_batched_call():
     def loss(product, x, w, t):
         return jnp.sum(jnp.tanh(product(x, w)) * t)
 
-    grad = jax.jit(jax.vmap(jax.value_and_grad(functools.partial(loss, cpu_kernel.dense), argnums=(0, 1))))
+    grad = jax.jit(jax.vmap(jax.value_and_grad(functools.partial(loss, kernel.dense), argnums=(0, 1))))
     ref = jax.jit(
         jax.vmap(
             jax.value_and_grad(
@@ -108,9 +109,9 @@ def test_dense_gradients_match_xlas_and_vmap_is_one_batched_call():
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
     # Under vmap the three products are three kernel calls for all runs (broadcast_all), not a loop.
     hlo = grad.lower(x, w, t).as_text()
-    assert hlo.count(cpu_kernel.TARGET) == 3 and "while" not in hlo
+    assert hlo.count(kernel.TARGET) == 3 and "while" not in hlo
     # A single run's gradient through the kernel is the same bits as the same run inside the batch.
-    one = jax.jit(jax.value_and_grad(functools.partial(loss, cpu_kernel.dense), argnums=(0, 1)))(x[3], w[3], t[3])
+    one = jax.jit(jax.value_and_grad(functools.partial(loss, kernel.dense), argnums=(0, 1)))(x[3], w[3], t[3])
     assert np.array_equal(np.asarray(one[1][1]), np.asarray(gw[3]))
 
 
@@ -118,10 +119,10 @@ def test_every_float32_layer_thin_ones_too_goes_through_the_kernel_and_other_dty
     """No product of the model is left to XLA's dot, whose summation order follows the CPU model."""
     x = jnp.ones((4, 64))
     for w in (jnp.ones((64, 2)), jnp.ones((64, 64))):
-        assert cpu_kernel.TARGET in jax.jit(cpu_kernel.dense).lower(x, w).as_text()
-    assert cpu_kernel.TARGET in jax.jit(cpu_kernel.dense).lower(jnp.ones((4, 1)), jnp.ones((1, 64))).as_text()
+        assert kernel.TARGET in jax.jit(kernel.dense).lower(x, w).as_text()
+    assert kernel.TARGET in jax.jit(kernel.dense).lower(jnp.ones((4, 1)), jnp.ones((1, 64))).as_text()
     half = jnp.ones((4, 64), jnp.bfloat16)
-    assert cpu_kernel.TARGET not in jax.jit(cpu_kernel.dense).lower(half, half.T @ half).as_text()
+    assert kernel.TARGET not in jax.jit(kernel.dense).lower(half, half.T @ half).as_text()
 
 
 def test_sharded_over_devices_each_device_calls_its_own_products():
@@ -131,7 +132,7 @@ def test_sharded_over_devices_each_device_calls_its_own_products():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((8, 16, 64)).astype(np.float32)
     w = rng.standard_normal((8, 64, 64)).astype(np.float32)
-    grads = jax.vmap(jax.grad(lambda x, w: jnp.sum(cpu_kernel.dense(x, w) ** 2), argnums=1))
+    grads = jax.vmap(jax.grad(lambda x, w: jnp.sum(kernel.dense(x, w) ** 2), argnums=1))
     sharded = jax.jit(jax.shard_map(grads, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
     assert np.array_equal(np.asarray(sharded(x, w)), np.asarray(jax.jit(grads)(x, w)))
 
@@ -146,7 +147,7 @@ def model_loss(model, params, x, c, weight):
 )
 @pytest.mark.parametrize("weighted", [False, True])
 def test_the_fused_step_gives_autodiffs_loss_and_gradients(hidden, classes, dim, batch, weighted):
-    """cpu_kernel.loss_and_grads (the whole forward and backward pass in C++) against
+    """kernel.loss_and_grads (the whole forward and backward pass in C++) against
     jax.value_and_grad of the same flax model in XLA, float32 rounding apart; narrow layers
     (5 and 7 wide, the logits) included."""
     model = MLP(hidden, classes)
@@ -156,7 +157,7 @@ def test_the_fused_step_gives_autodiffs_loss_and_gradients(hidden, classes, dim,
     c = jnp.asarray(rng.integers(0, classes, batch), jnp.int32)
     weight = jnp.asarray(rng.uniform(0.2, 3.0, batch), jnp.float32) if weighted else None
     want_loss, want = jax.value_and_grad(functools.partial(model_loss, model))(params, x, c, weight)
-    got_loss, got = jax.jit(cpu_kernel.loss_and_grads)(params, x, c, weight)
+    got_loss, got = jax.jit(kernel.loss_and_grads)(params, x, c, weight)
     np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5)
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
@@ -170,10 +171,10 @@ def test_the_fused_step_of_a_run_is_the_same_bits_alone_and_in_any_batch():
     rng = np.random.default_rng(7)
     x = jnp.asarray(rng.standard_normal((6, 64, 1)), jnp.float32)
     c = jnp.asarray(rng.integers(0, 2, (6, 64)), jnp.int32)
-    step = jax.jit(jax.vmap(lambda p, x, c: cpu_kernel.loss_and_grads(p, x, c, None)))
+    step = jax.jit(jax.vmap(lambda p, x, c: kernel.loss_and_grads(p, x, c, None)))
     whole = step(params, x, c)
     part = step(*jax.tree.map(lambda v: v[3:5], (params, x, c)))
-    alone = jax.jit(cpu_kernel.loss_and_grads)(*jax.tree.map(lambda v: v[4], (params, x, c)), None)
+    alone = jax.jit(kernel.loss_and_grads)(*jax.tree.map(lambda v: v[4], (params, x, c)), None)
     for w, p, a in zip(jax.tree.leaves(whole), jax.tree.leaves(part), jax.tree.leaves(alone), strict=True):
         assert np.array_equal(np.asarray(w)[3:5], np.asarray(p)) and np.array_equal(np.asarray(w)[4], np.asarray(a))
 
@@ -182,19 +183,19 @@ def test_the_fused_step_lets_nan_through_so_divergence_is_seen():
     model = MLP((16, 16), 2)
     params = model.init(jax.random.key(0), jnp.zeros((1,)))
     params["params"]["TorchDense_1"]["kernel"] = params["params"]["TorchDense_1"]["kernel"].at[0, 0].set(jnp.nan)
-    loss, grads = jax.jit(cpu_kernel.loss_and_grads)(params, jnp.ones((8, 1)), jnp.zeros(8, jnp.int32), None)
+    loss, grads = jax.jit(kernel.loss_and_grads)(params, jnp.ones((8, 1)), jnp.zeros(8, jnp.int32), None)
     assert np.isnan(float(loss)) and np.isnan(np.asarray(grads["params"]["TorchDense_2"]["kernel"])).any()
 
 
 def test_which_steps_are_fused():
-    assert cpu_kernel.fuses("relu", "cross_entropy")
-    assert not cpu_kernel.fuses("tanh", "cross_entropy") and not cpu_kernel.fuses("relu", "focal")
+    assert kernel.fuses("relu", "cross_entropy")
+    assert not kernel.fuses("tanh", "cross_entropy") and not kernel.fuses("relu", "focal")
     dyns = train.stack_dynamic([train.make_dynamic(example(1), seed=s) for s in range(2)])
     for changes, fused in (({}, True), ({"activation": "tanh"}, False), ({"loss": "brier"}, False)):
         static = dataclasses.replace(SMALL, dense="kernel", **changes)
         hlo = train.batched_train_fn(static, 2).lower(dyns).as_text()
-        assert (cpu_kernel.STEP_TARGET in hlo) == fused
-        assert cpu_kernel.TARGET in hlo  # the 16 x 16 layer's products elsewhere (evaluation, or the step)
+        assert (kernel.STEP_TARGET in hlo) == fused
+        assert kernel.TARGET in hlo  # the 16 x 16 layer's products elsewhere (evaluation, or the step)
 
 
 @pytest.mark.slow
@@ -210,22 +211,24 @@ def test_the_study_model_trains_through_the_kernel_like_through_xla():
     # It learned: the posterior error is a small part of the priors-only classifier's (I(C; X)).
     assert np.all(np.asarray(k.kl)[:, 0] < 0.1 * np.asarray(out["kernel"].mutual_info))
     hlo = train.batched_train_fn(dataclasses.replace(static, dense="kernel"), 2).lower(dyns).as_text()
-    assert cpu_kernel.STEP_TARGET in hlo  # the training step in one call
+    assert kernel.STEP_TARGET in hlo  # the training step in one call
 
 
 def test_the_run_identity_does_not_include_the_product_path():
     from calibjax import sweep
 
-    assert sweep._static_json(SMALL) == sweep._static_json(dataclasses.replace(SMALL, dense="kernel"))
+    assert sweep.static_json(SMALL) == sweep.static_json(dataclasses.replace(SMALL, dense="kernel"))
 
 
 def test_resolve_and_dense_choice(monkeypatch):
-    assert cpu_kernel.resolve("kernel", "cpu") == "kernel" and cpu_kernel.resolve("auto", "cpu") == "kernel"
-    assert cpu_kernel.resolve("xla", "cpu") == "xla" and cpu_kernel.resolve("auto", "gpu") == "xla"
-    with pytest.raises(cpu_kernel.KernelError, match="CPU only"):
-        cpu_kernel.resolve("kernel", "gpu")
-    with pytest.raises(runtime.SetupError, match="CALIBJAX_DENSE: expected one of auto, kernel, xla, got 'fast'"):
-        cpu_kernel.resolve("fast", "cpu")
+    assert kernel_loader.resolve("kernel", "cpu") == "kernel" and kernel_loader.resolve("auto", "cpu") == "kernel"
+    assert kernel_loader.resolve("xla", "cpu") == "xla" and kernel_loader.resolve("auto", "gpu") == "xla"
+    with pytest.raises(kernel_loader.KernelError, match="CPU only"):
+        kernel_loader.resolve("kernel", "gpu")
+    with pytest.raises(
+        kernel_loader.KernelError, match="CALIBJAX_DENSE: expected one of auto, kernel, xla, got 'fast'"
+    ):
+        kernel_loader.resolve("fast", "cpu")
     monkeypatch.delenv("CALIBJAX_DENSE", raising=False)
     assert planning.dense_choice(None) == planning.DEFAULT_DENSE == "auto"
     assert planning.dense_choice(None, {"backend": "cpu", "dense": "kernel"}) == "kernel"  # resume keeps it
@@ -241,7 +244,7 @@ def test_without_a_compiler_auto_falls_back_once_and_kernel_is_an_error(tmp_path
     """In a fresh process with no usable compiler: auto says why once and uses XLA; --dense kernel
     stops with one line before anything is trained."""
     code = (
-        "import sys; from calibjax import cpu_kernel as k\n"
+        "import sys; from calibjax.execution import kernel_loader as k\n"
         "print(k.resolve('auto', 'cpu'), k.resolve('auto', 'cpu'))\n"
         "try: k.resolve('kernel', 'cpu')\nexcept k.KernelError as e: print('error:', e)\n"
     )
@@ -261,19 +264,19 @@ def test_without_a_compiler_auto_falls_back_once_and_kernel_is_an_error(tmp_path
 
 def test_the_build_is_cached_by_source_and_flags(tmp_path, monkeypatch):
     monkeypatch.setenv("CALIBJAX_KERNEL_CACHE", str(tmp_path))
-    lib = cpu_kernel.build()
+    lib = kernel_loader.build()
     assert lib.parent == tmp_path and lib.exists() and [p.name for p in tmp_path.iterdir()] == [lib.name]
-    assert cpu_kernel.build() == lib and lib.stat().st_mtime_ns == cpu_kernel.build().stat().st_mtime_ns
-    monkeypatch.setitem(cpu_kernel.VARIANTS, "avx2", (*cpu_kernel.FLAGS, "-DCALIBJAX_TEST"))
-    assert cpu_kernel.library_path(cpu_kernel.compiler()) != lib  # other flags: another build
-    assert cpu_kernel.library_path(cpu_kernel.compiler(), "avx512").name.startswith("calibjax_dense-avx512-")
+    assert kernel_loader.build() == lib and lib.stat().st_mtime_ns == kernel_loader.build().stat().st_mtime_ns
+    monkeypatch.setitem(kernel_loader.VARIANTS, "avx2", (*kernel_loader.FLAGS, "-DCALIBJAX_TEST"))
+    assert kernel_loader.library_path(kernel_loader.compiler()) != lib  # other flags: another build
+    assert kernel_loader.library_path(kernel_loader.compiler(), "avx512").name.startswith("calibjax_dense-avx512-")
 
 
 def test_on_a_cpu_without_avx2_auto_falls_back_once_and_kernel_is_an_error():
     """A CPU without AVX2/FMA (an older x86 or, by the same path, another architecture), simulated by
     capping the instruction set: nothing is compiled, auto says why once, kernel is refused."""
     code = (
-        "from calibjax import cpu_kernel as k\n"
+        "from calibjax.execution import kernel_loader as k\n"
         "print(k.resolve('auto', 'cpu'), k.resolve('auto', 'cpu'))\n"
         "try: k.resolve('kernel', 'cpu')\nexcept k.KernelError as e: print('error:', e)\n"
     )
@@ -289,22 +292,24 @@ def test_on_a_cpu_without_avx2_auto_falls_back_once_and_kernel_is_an_error():
 
 VARIANT_DIGEST = """
 import hashlib, functools, jax, jax.numpy as jnp, numpy as np
-from calibjax import cpu_kernel
-from calibjax.model import MLP
+from calibjax.core import kernel
+from calibjax.execution import kernel_loader
+from calibjax.core.model import MLP
+kernel_loader.require()  # build, load and register the kernel with XLA
 rng, parts = np.random.default_rng(7), []
 for m, k, n in [(64, 64, 64), (67, 33, 70), (8, 5, 32), (9, 64, 95), (300, 64, 64), (7, 3, 33)]:
     for ta, tb in [(False, False), (False, True), (True, False)]:
         a = rng.standard_normal((3, k, m) if ta else (3, m, k)).astype(np.float32)
         b = rng.standard_normal((3, n, k) if tb else (3, k, n)).astype(np.float32)
-        f = jax.jit(functools.partial(cpu_kernel.batched_matmul, trans_a=ta, trans_b=tb))
+        f = jax.jit(functools.partial(kernel.batched_matmul, trans_a=ta, trans_b=tb))
         parts.append(np.asarray(f(a, b)))
 for hidden, classes, dim, batch in [((64, 64), 2, 1, 64), ((40, 17), 5, 3, 33)]:
     params = MLP(hidden=hidden, num_classes=classes).init(jax.random.key(1), jnp.zeros((1, dim)))
     x = rng.standard_normal((batch, dim)).astype(np.float32)
     c = rng.integers(0, classes, batch).astype(np.int32)
-    loss, grads = jax.jit(cpu_kernel.loss_and_grads)(params, x, c, None)
+    loss, grads = jax.jit(kernel.loss_and_grads)(params, x, c, None)
     parts += [np.asarray(loss)] + [np.asarray(g) for g in jax.tree.leaves(grads)]
-print(cpu_kernel.loaded_variant(), hashlib.sha256(b"".join(p.tobytes() for p in parts)).hexdigest())
+print(kernel_loader.loaded_variant(), hashlib.sha256(b"".join(p.tobytes() for p in parts)).hexdigest())
 """
 
 

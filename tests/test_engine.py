@@ -13,7 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from calibjax import cli, cpu_kernel, engine, planning, results, store, sweep
+from calibjax import pipeline, sweep
+from calibjax.core import kernel
+from calibjax.execution import engine, kernel_loader, planning
+from calibjax.storage import files, reader, results
 
 from conftest import sweep_doc, to_toml
 
@@ -52,8 +55,8 @@ def layout(chunk=None, devices=4, width=WIDTH, dense="xla"):
 
 def finished(out) -> dict[str, pd.DataFrame]:
     """Every final table of a results directory, after summaries (as `calibjax run` leaves it)."""
-    cli.finish(out, figures=False)
-    return {k: v for k, v in store.load_results(out).items() if k in TABLES}
+    pipeline.finish(out, figures=False)
+    return {k: v for k, v in reader.load_results(out).items() if k in TABLES}
 
 
 def assert_identical(a: dict, b: dict):
@@ -84,14 +87,14 @@ def test_a_runs_bits_do_not_depend_on_chunk_size_or_device_count(tmp_path, matri
 def kernel_reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("matrix-kernel")
     report = engine.run_sweep(load(KERNEL_MATRIX), out, layout=layout(dense="kernel"), quiet=True)
-    assert report.complete and store.read_manifest(out)["dense"] == "kernel"
+    assert report.complete and files.read_manifest(out)["dense"] == "kernel"
     t = finished(out)
     assert (t["runs"]["status"] == "diverged").sum() == 4 and (t["runs"]["status"] == "ok").sum() == 8
     return t
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not cpu_kernel.available(), reason="the CPU kernel cannot be built or run here")
+@pytest.mark.skipif(not kernel_loader.available(), reason="the CPU kernel cannot be built or run here")
 @pytest.mark.parametrize("chunk,devices", [(7, 4), (None, 2), (5, 1)])
 def test_with_the_cpu_kernel_a_runs_bits_do_not_depend_on_chunk_size_or_device_count(
     tmp_path, kernel_reference, chunk, devices
@@ -101,16 +104,16 @@ def test_with_the_cpu_kernel_a_runs_bits_do_not_depend_on_chunk_size_or_device_c
     assert_identical(finished(tmp_path), kernel_reference)
 
 
-@pytest.mark.skipif(not cpu_kernel.available(), reason="the CPU kernel cannot be built or run here")
+@pytest.mark.skipif(not kernel_loader.available(), reason="the CPU kernel cannot be built or run here")
 def test_results_of_the_other_product_path_are_refused_and_a_resume_keeps_the_recorded_one(tmp_path):
     sw = load(to_toml(DOC | {"model": {"hidden": [16, 16]}}))
     engine.run_sweep(sw, tmp_path, layout=layout(chunk=4, dense="kernel"), quiet=True)
-    assert store.read_manifest(tmp_path)["dense"] == "kernel"
+    assert files.read_manifest(tmp_path)["dense"] == "kernel"
     with pytest.raises(results.ResultsExist, match=r"dense-layer products \(--dense\) 'kernel', not 'xla'"):
         engine.run_sweep(sw, tmp_path, layout=layout(), quiet=True)
-    assert planning.dense_choice(None, store.read_manifest(tmp_path)) == "kernel"
+    assert planning.dense_choice(None, files.read_manifest(tmp_path)) == "kernel"
     program = engine.Trainer(layout(dense="kernel")).executable(sw.block_groups[0][0])
-    assert cpu_kernel.TARGET in program.as_text()  # the engine's program calls the kernel
+    assert kernel.TARGET in program.as_text()  # the engine's program calls the kernel
 
 
 @pytest.mark.slow
@@ -132,7 +135,7 @@ def test_results_of_another_vectorisation_width_are_refused(tmp_path):
     sw = load(to_toml(doc | {"train": MATRIX_DOC["train"] | {"steps": 100, "checkpoints": [10, 100]}}))
     engine.run_sweep(sw, tmp_path / "w4", layout=layout(devices=1), quiet=True)
     engine.run_sweep(sw, tmp_path / "w2", layout=layout(devices=1, width=2), quiet=True)
-    assert store.read_manifest(tmp_path / "w2")["vector_width"] == 2
+    assert files.read_manifest(tmp_path / "w2")["vector_width"] == 2
     with pytest.raises(results.ResultsExist, match="vectorisation width .*4.*not 2"):
         engine.run_sweep(sw, tmp_path / "w4", layout=layout(devices=1, width=2), quiet=True)
 
@@ -239,12 +242,12 @@ TWO_D = to_toml(
 
 @pytest.mark.slow
 def test_two_d_three_class_mixture_sweep_writes_posterior_maps(tmp_path):
-    from calibjax import tasks
+    from calibjax.core import tasks
 
     sw = load(TWO_D)
     report = engine.run_sweep(sw, tmp_path, layout=layout(), quiet=True)
     assert report.complete
-    cli.finish(tmp_path)
+    pipeline.finish(tmp_path)
     curves = pd.read_parquet(tmp_path / "curves.parquet")
     assert {"x", "x2"} <= set(curves.columns) and len(curves) == 2 * 2 * 7 * 7 * 3
     assert curves["x"].min() == -3.0 and curves["x2"].max() == 3.0
@@ -262,18 +265,18 @@ def test_two_d_three_class_mixture_sweep_writes_posterior_maps(tmp_path):
 def test_results_of_a_calibjax_with_other_numbers_are_not_mixed(tmp_path):
     engine.run_sweep(load(), tmp_path, layout=layout(), shard=(0, 2), quiet=True)
     part = tmp_path / "shards" / "0-of-2" / "manifest.json"
-    old = {**store.read_manifest(part.parent), "numbers_version": 1, "versions": {"calibjax": "0.1.0"}}
-    store.write_json(part, old)
+    old = {**files.read_manifest(part.parent), "numbers_version": 1, "versions": {"calibjax": "0.1.0"}}
+    files.write_json(part, old)
     with pytest.raises(results.ResultsExist, match="calibjax 0.1.0.*numbers_version 1"):
         results.merge(tmp_path)
-    store.write_json(
-        part, {**old, "numbers_version": store.read_manifest(tmp_path)["numbers_version"], "sweep_name": "another"}
+    files.write_json(
+        part, {**old, "numbers_version": files.read_manifest(tmp_path)["numbers_version"], "sweep_name": "another"}
     )  # a part copied from another sweep
     with pytest.raises(results.ResultsExist, match="0-of-2: holds results of a different sweep .'another'"):
         results.merge(tmp_path)
-    store.write_json(part, old)
-    top = {k: v for k, v in store.read_manifest(tmp_path).items() if k != "numbers_version"}  # written before the key
-    store.write_json(tmp_path / "manifest.json", top)
+    files.write_json(part, old)
+    top = {k: v for k, v in files.read_manifest(tmp_path).items() if k != "numbers_version"}  # written before the key
+    files.write_json(tmp_path / "manifest.json", top)
     with pytest.raises(results.ResultsExist, match="numbers_version 1"):
         engine.run_sweep(load(), tmp_path, layout=layout(), shard=(1, 2), quiet=True)
     report = engine.run_sweep(load(), tmp_path, layout=layout(), overwrite=True, quiet=True)

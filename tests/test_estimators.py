@@ -11,8 +11,12 @@ import pandas as pd
 import pytest
 from scipy import integrate
 
-from calibjax import cli, engine, estimators, metrics, planning, store, summaries, sweep, tasks
-from calibjax import tables as tables_mod
+from calibjax import pipeline, sweep
+from calibjax.analysis import summaries
+from calibjax.core import estimators, metrics, tasks
+from calibjax.execution import engine, planning
+from calibjax.storage import reader
+from calibjax.storage import tables as tables_mod
 
 from conftest import example, sweep_doc, to_toml
 
@@ -267,8 +271,8 @@ def test_a_sweep_benchmarks_the_estimators_with_the_same_bits_under_any_layout(t
     for out, (chunk, devices) in ((tmp_path / "a", (None, 4)), (tmp_path / "b", (1, 1))):
         lay = planning.default_layout(chunk_size=chunk, inner_batch=2, devices=jax.devices()[:devices])
         assert engine.run_sweep(sw, out, layout=lay, quiet=True).complete
-        cli.finish(out, figures=False)
-        tables.append(store.load_results(out))
+        pipeline.finish(out, figures=False)
+        tables.append(reader.load_results(out))
     a, b = tables
     assert set(a) == set(b) and {"estimators", "estimator_benchmark", "recalibrated"} <= set(a)
     rec = a["recalibrated"].merge(a["runs"][["run_id", "case"]])

@@ -8,7 +8,7 @@ import optax
 import pytest
 from scipy import optimize, special
 
-from calibjax import losses, metrics, tasks, train
+from calibjax.core import losses, metrics, tasks, train
 
 from conftest import example
 
@@ -160,3 +160,12 @@ def test_cross_entropy_runs_keep_their_numbers_and_measure_against_p():
     sc = train.train_single(st, train.make_dynamic(example(2), seed=1)).checkpoints.scalars
     np.testing.assert_array_equal(np.asarray(sc.kl_to_optimum), np.asarray(sc.kl))
     assert np.all(np.asarray(sc.kl_optimum) == 0)
+
+
+def test_the_one_bisection_brackets_a_root_from_either_end():
+    from calibjax.core.bisection import bisect
+
+    lo, hi = bisect(lambda m: m * m < 2.0, jnp.float32(0.0), jnp.float32(2.0), 30)
+    assert float(lo) <= 2**0.5 <= float(hi) and float(hi - lo) < 1e-6
+    lo, hi = bisect(lambda m: m * m > 2.0, jnp.float32(2.0), jnp.float32(0.0), 30)  # lo the larger end
+    assert float(hi) <= 2**0.5 <= float(lo) and float(lo - hi) < 1e-6

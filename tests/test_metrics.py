@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from calibjax import metrics, tasks
+from calibjax.core import metrics, tasks
 
 import truth_reference
 from conftest import example

@@ -17,7 +17,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from calibjax import cpu_kernel, results, runtime, store
+from calibjax.execution import kernel_loader, runtime
+from calibjax.storage import files, results
 
 from conftest import cli, sweep_doc, to_toml
 
@@ -85,9 +86,9 @@ def test_shards_trained_on_an_emulated_haswell_and_on_this_cpu_merge_into_this_o
     assert_same_tables(native, mixed)
     ok(cli("summarize", mixed, cpu=HASWELL, timeout=1800))  # numpy's code for the Haswell
     assert_same_tables(native, mixed)
-    haswell = store.read_manifest(mixed / "shards" / "0-of-2")
-    assert haswell["cpu"]["isa"] == "avx2" and haswell["dense"] == ("kernel" if cpu_kernel.available() else "xla")
-    assert haswell["cpu_class"] == store.read_manifest(native)["cpu_class"] == "x86-64-fma"
+    haswell = files.read_manifest(mixed / "shards" / "0-of-2")
+    assert haswell["cpu"]["isa"] == "avx2" and haswell["dense"] == ("kernel" if kernel_loader.available() else "xla")
+    assert haswell["cpu_class"] == files.read_manifest(native)["cpu_class"] == "x86-64-fma"
 
 
 def test_the_identity_check_names_the_cpu_class(tmp_path):

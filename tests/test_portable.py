@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibjax import portable
+from calibjax.core import portable
 
 from conftest import lowered_isa_env, python_in
 
@@ -92,7 +92,7 @@ def test_geomspace_keeps_its_ends_and_spaces_evenly_in_log():
 
 DIGEST = """
 import hashlib, numpy as np
-from calibjax import portable
+from calibjax.core import portable
 rng = np.random.default_rng(1)
 x = np.ldexp(rng.uniform(0.5, 1.0, 200_000), rng.integers(-1070, 1024, 200_000))  # (no np.exp: its bits vary)
 y = rng.uniform(-740, 700, 200_000)

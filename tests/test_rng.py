@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from calibjax import rng, tasks, train
+from calibjax.core import rng, tasks, train
 
 
 def test_threefry_is_bit_identical_to_jax():

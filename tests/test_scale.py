@@ -12,7 +12,10 @@ import pandas as pd
 import pytest
 import summaries_reference as reference
 
-from calibjax import planning, results, store, summaries, sweep, synthetic, tables
+from calibjax import sweep
+from calibjax.analysis import summaries
+from calibjax.execution import planning, synthetic
+from calibjax.storage import files, reader, results, tables
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(p.name for p in (ROOT / "sweeps").glob("*.toml"))
@@ -56,7 +59,7 @@ def naive(sw: sweep.Sweep) -> tuple[pd.DataFrame, list]:
                 settings[key], origin[key] = v, where
             for key, v, where in point:
                 settings[key], origin[key] = v, where
-            run = sweep._resolve(settings, origin, "x:")[0]
+            run = sweep.resolve.resolve(settings, origin, "x:")[0]
             for seed in sw.seeds:
                 r = sweep.Run(name, seed, run.settings, run.origin, run.task)
                 static = sweep.static_of(r)
@@ -98,7 +101,7 @@ def test_an_error_in_any_value_of_an_independent_axis_is_found_before_anything_r
 
 def in_memory(out: Path, runs: pd.DataFrame, name: str) -> pd.DataFrame | None:
     """The final table as 0.5.0 built it: every chunk read whole, concatenated, sorted."""
-    owners = store.finished_chunks(out)
+    owners = files.finished_chunks(out)
     parts = []
     for d, owned in owners.items():
         if (d / f"{name}.parquet").exists():
@@ -147,8 +150,8 @@ def test_streamed_tables_and_vectorised_summaries_equal_the_in_memory_ones(tmp_p
             expected = in_memory(out, runs, table)
             assert (expected is None) == (not (out / f"{table}.parquet").exists())
             if expected is not None:
-                assert store.read_table(out, table).equals(expected), table
-    t = store.load_results(out)
+                assert reader.read_table(out, table).equals(expected), table
+    t = reader.load_results(out)
     got = summaries.summarize(t["metrics"], t["runs"], recalibrated=t.get("recalibrated"))
     want = reference.summarize(t["metrics"], t["runs"], recalibrated=t.get("recalibrated"))
     assert got.equals(want)
@@ -163,14 +166,14 @@ def test_row_groups_split_a_table_and_filters_read_only_what_they_ask(tmp_path):
     synthetic.new_results(sw, out, layout)
     synthetic.write_chunks(sw, out, layout)
     runs = sweep.runs_table(sw)
-    parts = [(d, (np.fromiter(o, np.int64), np.fromiter(o, np.int64))) for d, o in store.finished_chunks(out).items()]
+    parts = [(d, (np.fromiter(o, np.int64), np.fromiter(o, np.int64))) for d, o in files.finished_chunks(out).items()]
     path = out / "density.parquet"
-    assert store.write_merged(path, parts, list(tables.TABLES["density"].keys), rows_per_group=100)
+    assert files.write_merged(path, parts, list(tables.TABLES["density"].keys), rows_per_group=100)
     import pyarrow.parquet as pq
 
     assert pq.ParquetFile(path).num_row_groups > 5
-    assert store.read_table(out, "density").equals(in_memory(out, runs, "density"))
-    last = store.read_table(out, "density", columns=["run_id", "step", "max_err"], filters=[("step", "==", 20000)])
+    assert reader.read_table(out, "density").equals(in_memory(out, runs, "density"))
+    last = reader.read_table(out, "density", columns=["run_id", "step", "max_err"], filters=[("step", "==", 20000)])
     full = in_memory(out, runs, "density")
     assert last.equals(full.loc[full["step"] == 20000, ["run_id", "step", "max_err"]].reset_index(drop=True))
 
@@ -224,7 +227,7 @@ def test_vectorised_summaries_equal_the_loops_on_random_tables(seed):
 def test_a_chunks_inputs_are_its_runs_own_made_once_per_grid_point():
     import jax
 
-    from calibjax import train
+    from calibjax.core import train
 
     sw = sweep.parse(tomllib.loads(MIXED), "mixed.toml", MIXED)
     ids = np.arange(5, 400, 7)
@@ -250,10 +253,10 @@ def test_a_large_table_written_in_row_groups_reads_back_equal(tmp_path):
         }
     )
     df.loc[:600, "x"] = np.nan  # a first row group without a single value
-    store.write_parquet(tmp_path / "runs.parquet", df, rows_per_group=256)
+    files.write_parquet(tmp_path / "runs.parquet", df, rows_per_group=256)
     import pyarrow.parquet as pq
 
     assert pq.ParquetFile(tmp_path / "runs.parquet").num_row_groups == 4
-    assert store.read_table(tmp_path, "runs").equals(df)
-    store.write_parquet(tmp_path / "metrics.parquet", df)  # one piece
-    assert store.read_table(tmp_path, "metrics").equals(df)
+    assert reader.read_table(tmp_path, "runs").equals(df)
+    files.write_parquet(tmp_path / "metrics.parquet", df)  # one piece
+    assert reader.read_table(tmp_path, "metrics").equals(df)

@@ -7,7 +7,7 @@ import sys
 import pandas as pd
 import pytest
 
-from calibjax import store
+from calibjax.storage import files, reader
 
 
 def dead_pid() -> int:
@@ -19,27 +19,27 @@ def dead_pid() -> int:
 def test_debris_of_dead_local_writers_goes_and_everything_else_stays(tmp_path):
     chunks = tmp_path / "chunks"
     chunks.mkdir()
-    dead = chunks / f".tmp-{store.HOST}-{dead_pid()}-abc"
-    live = chunks / f".tmp-{store.HOST}-{os.getpid()}-def"
+    dead = chunks / f".tmp-{files.HOST}-{dead_pid()}-abc"
+    live = chunks / f".tmp-{files.HOST}-{os.getpid()}-def"
     remote = chunks / ".tmp-otherhost-1-ghi"
     users = tmp_path / ".tmp-notes"
     for p in (dead, live, remote):
         p.mkdir()
     users.write_text("mine")
     stale_lock = chunks / f".lock-{CHUNK}"
-    stale_lock.write_text(f"{store.HOST}-{dead_pid()}\n")
-    store.clean_debris(tmp_path)
+    stale_lock.write_text(f"{files.HOST}-{dead_pid()}\n")
+    files.clean_debris(tmp_path)
     assert not dead.exists() and not stale_lock.exists()
     assert live.exists() and remote.exists() and users.read_text() == "mine"
 
 
 def test_a_chunk_lock_is_held_once_and_taken_over_from_a_dead_holder(tmp_path):
-    a, b = store.ChunkLock(tmp_path, CHUNK), store.ChunkLock(tmp_path, CHUNK)
+    a, b = files.ChunkLock(tmp_path, CHUNK), files.ChunkLock(tmp_path, CHUNK)
     assert a.acquire() and not b.acquire() and b.held_elsewhere()
     a.release()
     assert b.acquire()
     b.release()
-    a.path.write_text(f"{store.HOST}-{dead_pid()}\n")  # a holder killed with -9
+    a.path.write_text(f"{files.HOST}-{dead_pid()}\n")  # a holder killed with -9
     assert b.acquire()
     b.release()
     assert not a.path.exists()
@@ -50,18 +50,18 @@ CHUNK = "g000-r0000000-n2-0123abcd"
 
 def _chunk(out, run_ids=(0, 1)):
     df = pd.DataFrame({"run_id": list(run_ids), "status": "ok", "bayes_loss": 0.5})
-    return store.write_chunk(
+    return files.write_chunk(
         out, CHUNK, {"status": df, "metrics": df[["run_id"]]}, run_ids, [f"hash{i}" for i in run_ids]
     )
 
 
 def test_an_unfinished_chunk_is_not_finished_and_is_replaced_not_deleted(tmp_path):
-    assert _chunk(tmp_path) and store.finished_hashes(tmp_path) == {"hash0", "hash1"}
+    assert _chunk(tmp_path) and files.finished_hashes(tmp_path) == {"hash0", "hash1"}
     assert not _chunk(tmp_path)  # finished already (say, by another process): nothing written
     d = tmp_path / "chunks" / CHUNK
     (d / "metrics.parquet").unlink()
-    assert store.finished_hashes(tmp_path) == set()  # a table missing: unfinished, so retrained
-    assert _chunk(tmp_path) and store.finished_hashes(tmp_path) == {"hash0", "hash1"}
+    assert files.finished_hashes(tmp_path) == set()  # a table missing: unfinished, so retrained
+    assert _chunk(tmp_path) and files.finished_hashes(tmp_path) == {"hash0", "hash1"}
     broken = list((tmp_path / "chunks").glob(f".broken-{CHUNK}-*"))
     assert len(broken) == 1 and (broken[0] / "status.parquet").exists()  # moved aside, kept
 
@@ -69,21 +69,22 @@ def test_an_unfinished_chunk_is_not_finished_and_is_replaced_not_deleted(tmp_pat
 def test_a_damaged_table_is_named_with_the_way_out(tmp_path):
     _chunk(tmp_path)
     (tmp_path / "chunks" / CHUNK / "status.parquet").write_bytes(b"not parquet")
-    with pytest.raises(store.CorruptResults, match="status.parquet: cannot read.*move that chunk directory away"):
-        store.read_chunk_table(tmp_path / "chunks" / CHUNK, "status")
+    with pytest.raises(files.CorruptResults, match="status.parquet: cannot read.*move that chunk directory away"):
+        files.read_chunk_table(tmp_path / "chunks" / CHUNK, "status")
 
 
 def test_a_directory_another_process_is_starting_is_not_foreign(tmp_path):
     """Between creating the directory and renaming manifest.json into place, a starting process
     leaves only its temporary file: a second process joins; a user's look-alike file still refuses."""
-    from calibjax import results, sweep
+    from calibjax import sweep
+    from calibjax.storage import results
 
     from conftest import sweep_doc
 
     sw = sweep.parse(sweep_doc())
     out = tmp_path / "out"
     out.mkdir()
-    (out / f".tmp-{store.HOST}-{os.getpid()}-manifest").write_text("{}")
+    (out / f".tmp-{files.HOST}-{os.getpid()}-manifest").write_text("{}")
     results.prepare_output(sw, out, {}, overwrite=False)
     (out / ".tmp-notes").write_text("mine")
     with pytest.raises(results.ResultsExist, match="not a calibjax results directory"):
@@ -93,7 +94,8 @@ def test_a_directory_another_process_is_starting_is_not_foreign(tmp_path):
 def test_a_manifest_renamed_into_place_between_two_looks_is_seen(tmp_path, monkeypatch):
     """The other process renames its manifest after this one found none but before it lists the
     directory: the directory is the other process's, not foreign."""
-    from calibjax import results, sweep
+    from calibjax import sweep
+    from calibjax.storage import results
 
     from conftest import sweep_doc
 
@@ -101,14 +103,14 @@ def test_a_manifest_renamed_into_place_between_two_looks_is_seen(tmp_path, monke
     out = tmp_path / "out"
     out.mkdir()
     identity = results.numbers_identity("cpu", 8, "xla", "x86-64-fma")
-    store.write_json(out / "manifest.json", {**results.sweep_manifest(sw), **identity})
-    real, looks = store.read_manifest, []
+    files.write_json(out / "manifest.json", {**results.sweep_manifest(sw), **identity})
+    real, looks = files.read_manifest, []
 
     def read_manifest(d):  # the first look comes just before the rename
         looks.append(d)
         return None if len(looks) == 1 else real(d)
 
-    monkeypatch.setattr(store, "read_manifest", read_manifest)
+    monkeypatch.setattr(files, "read_manifest", read_manifest)
     results.prepare_output(sw, out, identity, overwrite=False)
     assert len(looks) == 2
 
@@ -117,23 +119,23 @@ def test_load_results_reads_only_calibjax_tables_never_a_writers_temporary_file(
     """Three processes sharing a directory: one read the final tables while another's temporary
     parquet file (empty, being written) lay beside them, and failed with a traceback. Only
     calibjax's table names are read; a damaged table is a CorruptResults naming it."""
-    store.write_parquet(tmp_path / "metrics.parquet", pd.DataFrame({"run_id": [0], "step": [10], "kl": [0.1]}))
-    store.write_parquet(tmp_path / "runs.parquet", pd.DataFrame({"run_id": [0]}))
+    files.write_parquet(tmp_path / "metrics.parquet", pd.DataFrame({"run_id": [0], "step": [10], "kl": [0.1]}))
+    files.write_parquet(tmp_path / "runs.parquet", pd.DataFrame({"run_id": [0]}))
     (tmp_path / ".tmp-otherhost-12345-abcd.parquet").write_bytes(b"")  # another writer, mid-write
     pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "mine.parquet")  # the user's own file
-    t = store.load_results(tmp_path)
+    t = reader.load_results(tmp_path)
     assert set(t) == {"metrics", "runs"} and t["metrics"]["kl"].tolist() == [0.1]
     (tmp_path / "metrics.parquet").write_bytes(b"PAR1 damaged")
-    with pytest.raises(store.CorruptResults, match="metrics.parquet: cannot read"):
-        store.load_results(tmp_path)
+    with pytest.raises(files.CorruptResults, match="metrics.parquet: cannot read"):
+        reader.load_results(tmp_path)
 
 
 def test_a_damaged_final_table_is_an_error_not_a_missing_table(tmp_path):
     pd.DataFrame({"run_id": [0]}).to_parquet(tmp_path / "runs.parquet")
     (tmp_path / "metrics.parquet").write_bytes(b"not parquet")
-    t = store.Results(tmp_path)
+    t = reader.Results(tmp_path)
     assert "metrics" in t and "density" not in t and len(t["runs"]) == 1
-    with pytest.raises(store.CorruptResults, match="metrics.parquet: cannot read"):
+    with pytest.raises(files.CorruptResults, match="metrics.parquet: cannot read"):
         t["metrics"]
     with pytest.raises(KeyError):
         t["bogus"]

@@ -9,7 +9,9 @@ from pathlib import Path
 import jax
 import pytest
 
-from calibjax import cluster, engine, planning, results, runtime, store, sweep
+from calibjax import cluster, sweep
+from calibjax.execution import engine, planning, runtime
+from calibjax.storage import files, results
 
 from conftest import cli as calibjax
 from conftest import sweep_text
@@ -171,7 +173,7 @@ def test_status_and_merge_name_the_missing_shard_and_the_command_that_trains_it(
     out = tmp_path / "res"
     sw = sweep.load(path)
     engine.run_sweep(sw, out, layout=planning.default_layout(devices=jax.devices()[:1]), shard=(0, 2), quiet=True)
-    assert store.read_manifest(out)["shards"] == 2
+    assert files.read_manifest(out)["shards"] == 2
     with pytest.raises(results.ResultsExist, match="split into 2 shards"):  # a shard of another count
         engine.run_sweep(sw, out, layout=planning.default_layout(devices=jax.devices()[:1]), shard=(0, 3), quiet=True)
     st = cluster.status(out)

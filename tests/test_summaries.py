@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from calibjax import plots, summaries
+from calibjax.analysis import figures, plots, summaries
 
 
 def test_steps_to_reach_interpolates_on_log_axes_and_keeps_never_apart_from_nan():
@@ -188,7 +188,7 @@ def test_bad_plot_arguments_are_clear_errors(tmp_path):
     with pytest.raises(plots.PlotError, match="--y lr: this setting was not swept"):
         plots.heatmap(agg, "mu2", "lr", "final_kl", tmp_path / "x.png", runs=runs)
     with pytest.raises(plots.PlotError, match="no run matches"):
-        plots.select_runs(runs, {"mu2": "7"})
+        figures.select_runs(runs, {"mu2": "7"})
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     cli = lambda *a: subprocess.run(
@@ -208,9 +208,9 @@ def test_bad_plot_arguments_are_clear_errors(tmp_path):
 def test_selections_name_what_they_pool_and_list_what_exists(tmp_path):
     runs, _ = synthetic_results(tmp_path)
     calib = pd.read_parquet(tmp_path / "calibration.parquet")
-    assert plots.pooled_axes(runs, plots.select_runs(runs, {"mu2": "2"})) == "pooled over sigma1 (2 values), seeds"
-    assert plots.pooled_axes(runs, plots.select_runs(runs, {"mu2": "2", "sigma1": "1"})) == "pooled over seeds"
-    assert plots.pooled_axes(runs, [3]) == ""
+    assert figures.pooled_axes(runs, figures.select_runs(runs, {"mu2": "2"})) == "pooled over sigma1 (2 values), seeds"
+    assert figures.pooled_axes(runs, figures.select_runs(runs, {"mu2": "2", "sigma1": "1"})) == "pooled over seeds"
+    assert figures.pooled_axes(runs, [3]) == ""
     with pytest.raises(
         plots.PlotError, match="--step 1500: not a checkpoint of the selected runs; checkpoints: 10, 100, 1000"
     ):
@@ -271,14 +271,14 @@ def test_standard_heatmaps_never_pool_cases_or_a_named_third_axis(tmp_path):
     )
     runs.to_parquet(tmp_path / "runs.parquet", index=False)
     summaries.write_summaries(tmp_path)
-    names = {p.name for p in plots.standard_figures(tmp_path)}
+    names = {p.name for p in figures.standard_figures(tmp_path)}
     assert {"heatmap_final_kl_rel_a.png", "heatmap_final_kl_rel_b.png"} <= names  # mu2 is a task entry: kl_rel
     assert "heatmap_final_kl_rel.png" not in names
     two = tmp_path / "two"
     runs, metrics = synthetic_results(two)
     runs.assign(case=np.where(runs["seed"] == 0, "a", "b"), dim=1).to_parquet(two / "runs.parquet", index=False)
     summaries.write_summaries(two)
-    names = {p.name for p in plots.standard_figures(two)}
+    names = {p.name for p in figures.standard_figures(two)}
     assert "heatmap_final_kl_rel.png" in names and not any(n.startswith("heatmap_final_kl_rel_") for n in names)
 
 
@@ -291,15 +291,15 @@ def test_where_picks_the_nearest_existing_value_and_lists_them_when_none_is_near
             "n_data": [100.0, math.inf, 1000.0] * 2,
         }
     )
-    assert list(plots.select_runs(runs, {"mu2": "1.4"})) == [1, 4]  # a tick label of 1.4375
-    assert list(plots.select_runs(runs, {"mu2": "2.4"})) == [2, 5]
-    assert list(plots.select_runs(runs, {"mu2": "1.9"})) == [1, 4]  # nearer 1.4375, within half the gap
-    assert list(plots.select_runs(runs, {"n_data": "inf"})) == [1, 4]
+    assert list(figures.select_runs(runs, {"mu2": "1.4"})) == [1, 4]  # a tick label of 1.4375
+    assert list(figures.select_runs(runs, {"mu2": "2.4"})) == [2, 5]
+    assert list(figures.select_runs(runs, {"mu2": "1.9"})) == [1, 4]  # nearer 1.4375, within half the gap
+    assert list(figures.select_runs(runs, {"n_data": "inf"})) == [1, 4]
     with pytest.raises(plots.PlotError, match=r"mu2=3.0: no run matches; mu2 takes 0.5, 1.4375, 2.375$"):
-        plots.select_runs(runs, {"mu2": "3.0"})
+        figures.select_runs(runs, {"mu2": "3.0"})
     with pytest.raises(plots.PlotError, match=r"case=c: no run matches; case takes a, b$"):
-        plots.select_runs(runs, {"case": "c"})
+        figures.select_runs(runs, {"case": "c"})
     with pytest.raises(plots.PlotError, match="expected a number; n_data takes 100, 1000, inf"):
-        plots.select_runs(runs, {"n_data": "online"})
+        figures.select_runs(runs, {"n_data": "online"})
     with pytest.raises(plots.PlotError, match="no run matches all of these together"):
-        plots.select_runs(runs, {"mu2": "0.5", "n_data": "inf"})
+        figures.select_runs(runs, {"mu2": "0.5", "n_data": "inf"})

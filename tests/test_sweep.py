@@ -137,13 +137,13 @@ def test_every_validator_accepts_good_values_and_rejects_bad_ones_with_its_messa
         "smoothing": (0.1, 0.1, 1.0),
         "focal_gamma": (2, 2.0, 11.0),
     }
-    assert set(cases) == set(sweep.VALIDATORS), "every registered kind is tested"
+    assert set(cases) == set(sweep.validate.VALIDATORS), "every registered kind is tested"
     for kind, (good, normal, bad) in cases.items():
-        got = sweep.VALIDATORS[kind](good)
+        got = sweep.validate.VALIDATORS[kind](good)
         if normal is not None:
             assert got == normal and type(got) is type(normal), (kind, got)
-        with pytest.raises(sweep.Invalid):
-            sweep.VALIDATORS[kind](bad)
+        with pytest.raises(sweep.validate.Invalid):
+            sweep.validate.VALIDATORS[kind](bad)
 
 
 def test_resolver_steps_alone():
@@ -155,22 +155,22 @@ def test_resolver_steps_alone():
         "steps": 300,
     }
     origin = {k: "f: [task]" for k in settings}
-    sweep.fill_defaults(settings, origin, "f:")
+    sweep.resolve.fill_defaults(settings, origin, "f:")
     assert settings["lr"] == 1e-3 and settings["n_data"] == float("inf") and settings["hidden"] == [64, 64]
-    task = sweep.task_arrays(settings, origin)
+    task = sweep.resolve.task_arrays(settings, origin)
     assert task["mean"].shape == (2, 2, 1) and task["weight"].tolist() == [[1.0, 0.0], [0.5, 0.5]]
-    sweep.apply_addresses(settings, origin, task)
+    sweep.resolve.apply_addresses(settings, origin, task)
     assert "mu2_k2" not in settings and task["mean"][1, :, 0].tolist() == [-1.0, 5.0]
     np.testing.assert_allclose(task["prior"], [0.8, 0.2])
-    sweep.resolve_checkpoints(settings, origin)
+    sweep.resolve.resolve_checkpoints(settings, origin)
     assert settings["checkpoints"] == [10, 20, 50, 100, 200, 270, 285, 300] and settings["plot_steps"] == [10, 200, 300]
     settings |= {"width": 16, "depth": 3}
-    sweep.resolve_hidden(settings)
+    sweep.resolve.resolve_hidden(settings)
     assert settings["hidden"] == [16, 16, 16]
 
 
 def test_defaults_are_the_dataclasses_own():
-    from calibjax import metrics, train
+    from calibjax.core import metrics, train
 
     assert sweep.SETTINGS["hidden"].default == list(train.Static(steps=1, checkpoints=(1,)).hidden)
     assert sweep.SETTINGS["points"].default == metrics.EvalSpec().points

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 from scipy.special import logsumexp as np_logsumexp
 
-from calibjax import tasks
+from calibjax.core import tasks
 
 from conftest import example
 

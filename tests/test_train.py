@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from calibjax import tables, train
+from calibjax.core import train
+from calibjax.storage import tables
 
 from conftest import SMALL, example
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from calibjax import cpu_kernel
+from calibjax.core import kernel as cpu_kernel
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -40,7 +40,7 @@ class Dense(nn.Module):
     """y = x @ kernel + bias, kernel (fan_in, features).
 
     init "torch": PyTorch's nn.Linear (``_torch_uniform``); "lecun": flax's nn.Dense (LeCun normal
-    weights, zero biases). product "kernel": the product by calibjax's CPU kernel (``cpu_kernel``),
+    weights, zero biases). product "kernel": the product by calibjax's CPU kernel (``calibjax.core.kernel``),
     else XLA's dot.
     """
 

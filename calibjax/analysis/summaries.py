@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from calibjax import portable, store
+from calibjax.core import portable
+from calibjax.storage import files, reader
 
 DEFAULT_EPS = (1e-2, 1e-3)
 DEFAULT_REL_EPS = (0.1, 0.01)
@@ -333,17 +334,17 @@ def write_summaries(out: str | Path, eps=DEFAULT_EPS, rel_eps=DEFAULT_REL_EPS) -
     """summary.parquet (per run) and summary_by_setting.parquet (over seeds) in a results directory;
     estimator_benchmark.parquet too where the sweep ran the estimator benchmark."""
     out = Path(out)
-    t = store.load_results(out, ("runs", "recalibrated", "estimators"))
+    t = reader.load_results(out, ("runs", "recalibrated", "estimators"))
     if not (out / "metrics.parquet").exists():
         raise FileNotFoundError(f"{out}: no metrics.parquet; run (or merge) the sweep first")
-    columns = [c for c in store.table_columns(out, "metrics") if c in USED]
+    columns = [c for c in reader.table_columns(out, "metrics") if c in USED]
     # The metrics are read where they are used, and freed before the join (a million runs' worth is 0.3 GB).
-    found = per_run(store.read_table(out, "metrics", columns=columns), t["runs"], eps, rel_eps, t.get("recalibrated"))
+    found = per_run(reader.read_table(out, "metrics", columns=columns), t["runs"], eps, rel_eps, t.get("recalibrated"))
     summary = t.pop("runs").merge(found, on="run_id", how="right")
     del found
     agg = aggregate(summary)
-    store.write_parquet(out / "summary.parquet", summary)
-    store.write_parquet(out / "summary_by_setting.parquet", agg)
+    files.write_parquet(out / "summary.parquet", summary)
+    files.write_parquet(out / "summary_by_setting.parquet", agg)
     if "estimators" in t:
-        store.write_parquet(out / "estimator_benchmark.parquet", estimator_benchmark(t["estimators"]))
+        files.write_parquet(out / "estimator_benchmark.parquet", estimator_benchmark(t["estimators"]))
     return summary, agg

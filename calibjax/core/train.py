@@ -23,16 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 
-from calibjax import cpu_kernel, estimators, losses, metrics, rng, tasks
-from calibjax.model import MLP
+from calibjax.core import estimators, kernel, losses, metrics, rng, tasks
+from calibjax.core.model import MLP
+from calibjax.core.settings import declared, setting
 
 # Bumped whenever a change alters the numbers a run gives (data streams, initialisation, metrics),
-# so that resume and merge refuse to join results of two such versions. 2: calibjax.rng streams.
-# 3: a fixed vectorisation width (small chunks were narrowed before, which changed their bits).
-# 4: true calibration from level sets, per-run labelled samples, kl_rel, schedules, EMA, proposals.
-# 5: the same bits on AVX2 and AVX-512 CPUs: task logarithms from calibjax.portable, thin layers
-#    through the CPU kernel, density-bin sums by scatter-add, XLA without YNNPACK, estimators' sums.
+# so that resume and merge refuse to join results of two such versions; CHANGELOG.md says what each
+# version changed.
 NUMBERS_VERSION = 5
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -42,30 +41,33 @@ LR_SCHEDULES = ("constant", "cosine", "linear")  # the decay after warm-up; inde
 PRECISIONS = ("float32", "tensorfloat32", "bfloat16", "default")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Static:
-    """Settings that change shapes or the program; runs are grouped by them."""
+    """Settings that change shapes or the program; runs are grouped by them. Each field declared
+    with ``setting`` is the sweep setting of the same name (``calibjax.core.settings``)."""
 
-    steps: int
-    checkpoints: tuple[int, ...]
+    steps: int = setting("train", "pos_int", column=18)
+    # None in a sweep file: 10, 20, 50, ..., then 0.9, 0.95 x steps and steps
+    checkpoints: tuple[int, ...] = setting("train", "checkpoints", sweep_default=None)
     num_classes: int = 2
     num_components: int = 1
     dim: int = 1
-    hidden: tuple[int, ...] = (64, 64)
-    activation: str = "relu"
-    init: str = "torch"
-    optimizer: str = "adam"
-    loss: str = "cross_entropy"  # losses.LOSSES; its parameters are dynamic (label_smoothing, focal_gamma)
-    batch_size: int = 64
+    hidden: tuple[int, ...] = setting("model", "widths", (64, 64))
+    activation: str = setting("model", "activation", "relu", column=1)
+    init: str = setting("model", "init", "torch", column=2)
+    optimizer: str = setting("train", "optimizer", "adam", column=3)
+    # losses.LOSSES; its parameters are dynamic (label_smoothing, focal_gamma)
+    loss: str = setting("train", "loss", "cross_entropy", column=4)
+    batch_size: int = setting("train", "pos_int", 64, column=15)
     eval: metrics.EvalSpec = field(default_factory=metrics.EvalSpec)
     curve_points: int = 0  # 0: no posterior curves; else points per axis (1-D and 2-D tasks)
-    matmul_precision: str = "float32"
+    matmul_precision: str = setting("train", "precision", "float32", column=16)
     # Features that cost every step, compiled in only for the runs that use them (each is a dynamic
     # setting whose value is ignored when its flag is off; sweep.static_of sets the flags from it):
     ema: bool = False  # keep a moving average of the weights (Dynamic.ema_decay > 0)
     importance: bool = False  # draw from a widened proposal with importance weights (proposal_scale != 1)
     # How the hidden layers' products are computed: "xla" (XLA's dot) or "kernel" (calibjax's CPU
-    # kernel, ``cpu_kernel``). Set by the engine from its layout, not by the sweep: like the
+    # kernel, ``kernel``). Set by the engine from its layout, not by the sweep: like the
     # vectorisation width it is recorded per results directory, so it is not part of a run's identity.
     dense: str = "xla"
 
@@ -98,25 +100,63 @@ class Static:
 ONLINE = math.inf  # n_data of online training (fresh examples every step): infinitely many examples
 
 
-class Dynamic(NamedTuple):
-    """Per-run numbers; batched runs carry a leading run axis on every leaf."""
+def _n_data(n) -> np.int32:
+    """A dataset size, or ONLINE: 0 inside the program."""
+    if n == ONLINE:
+        return np.int32(0)
+    if int(n) < 1:
+        raise ValueError(f"n_data must be a positive count or train.ONLINE, got {n!r}")
+    return np.int32(n)
+
+
+def _schedule(name: str) -> np.int32:
+    if name not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr_schedule {name!r}; choose from {LR_SCHEDULES}")
+    return np.int32(LR_SCHEDULES.index(name))
+
+
+def _curve_range(r) -> np.ndarray:
+    return np.asarray(r if r is not None else (np.nan, np.nan), np.float32)
+
+
+def dynamic(section: str, kind: str, default, encode=np.float32, **kw):
+    """A field of ``Dynamic`` that is a sweep setting: ``make_dynamic`` encodes its value with ``encode``."""
+    return setting(section, kind, default, encode=encode, **kw)
+
+
+@struct.dataclass(kw_only=True)
+class Dynamic:
+    """Per-run numbers; batched runs carry a leading run axis on every leaf. Every field but task
+    and seed is the sweep setting of the same name (``setting``): ``make_dynamic`` builds it from
+    those settings, and a run's hash covers them."""
 
     task: tasks.GaussianTask
-    lr: jax.Array  # () float32, the peak learning rate
-    lr_schedule: jax.Array  # () int32, index into LR_SCHEDULES: decay from lr after warm-up
-    warmup_steps: jax.Array  # () int32, linear warm-up from lr / warmup_steps to lr; 0: none
-    final_lr_ratio: jax.Array  # () float32, cosine and linear decay end at lr x this at the last step
-    weight_decay: jax.Array  # () float32; L2 for adam/sgd, decoupled for adamw
-    momentum: jax.Array  # () float32; sgd only
-    n_data: jax.Array  # () int32; dataset size; 0 inside the program stands for ONLINE
+    lr: jax.Array = dynamic("train", "pos_float", 1e-3, column=7, independent=True)  # () float32, the peak lr
+    # () int32, index into LR_SCHEDULES: decay from lr after warm-up
+    lr_schedule: jax.Array = dynamic("train", "lr_schedule", "constant", _schedule, column=8, independent=True)
+    # () int32, linear warm-up from lr / warmup_steps to lr; 0: none
+    warmup_steps: jax.Array = dynamic("train", "nonneg_int", 0, np.int32, column=9)
+    # () float32, cosine and linear decay end at lr x this at the last step
+    final_lr_ratio: jax.Array = dynamic("train", "unit_float", 0.0, column=10, independent=True)
+    # () float32; L2 for adam/sgd, decoupled for adamw
+    weight_decay: jax.Array = dynamic("train", "nonneg_float", 0.0, column=11, independent=True)
+    momentum: jax.Array = dynamic("train", "momentum", 0.0, column=12, independent=True)  # () float32; sgd only
+    # () int32; dataset size; 0 inside the program stands for ONLINE (n_data = "online" in a sweep file)
+    n_data: jax.Array = dynamic("train", "n_data", ONLINE, _n_data, column=17, column_type=float, independent=True)
     seed: jax.Array  # () uint32
-    curve_range: jax.Array  # (2,) float32 x range of the posterior curves; nan: mean +- 4 sigma
-    ema_decay: jax.Array  # () float32; > 0 (with static.ema): checkpoints evaluate an exponential moving
-    # average of the weights (bias-corrected, as Adam's moments), not the weights
-    proposal_scale: jax.Array  # () float32 (with static.importance): training inputs drawn with every sigma
-    # x this, importance-weighted by p(x|c) / r(x|c), so the expected loss is unchanged
-    label_smoothing: jax.Array  # () float32, alpha of loss = "label_smoothing"
-    focal_gamma: jax.Array  # () float32, gamma of loss = "focal"
+    # (2,) float32 x range of the posterior curves; nan: mean +- 4 sigma
+    curve_range: jax.Array = dynamic("eval", "range", None, _curve_range)
+    # () float32; > 0 (with static.ema): checkpoints evaluate an exponential moving average of the
+    # weights (bias-corrected, as Adam's moments), not the weights
+    ema_decay: jax.Array = dynamic("train", "decay", 0.0, column=13)
+    # () float32 (with static.importance): training inputs drawn with every sigma x this,
+    # importance-weighted by p(x|c) / r(x|c), so the expected loss is unchanged
+    proposal_scale: jax.Array = dynamic("train", "proposal_scale", 1.0, column=14)
+    label_smoothing: jax.Array = dynamic("train", "smoothing", 0.0, column=5)  # () float32, alpha of "label_smoothing"
+    focal_gamma: jax.Array = dynamic("train", "focal_gamma", 0.0, column=6)  # () float32, gamma of loss = "focal"
+
+
+DYNAMIC_SETTINGS = declared(Dynamic)  # the settings a run's Dynamic holds besides its task and seed
 
 
 class Curves(NamedTuple):
@@ -245,9 +285,9 @@ def _train_run(static: Static, dyn: Dynamic) -> RunResult:
         return (loss if weight is None else weight * loss).mean()
 
     # With calibjax's CPU kernel, a ReLU network's cross-entropy and its gradients are one kernel
-    # call (cpu_kernel.loss_and_grads); otherwise autodiff, through the kernel's products if on.
-    fused = static.dense == "kernel" and cpu_kernel.fuses(static.activation, static.loss)
-    loss_and_grads = cpu_kernel.loss_and_grads if fused else jax.value_and_grad(loss_fn)
+    # call (kernel.loss_and_grads); otherwise autodiff, through the kernel's products if on.
+    fused = static.dense == "kernel" and kernel.fuses(static.activation, static.loss)
+    loss_and_grads = kernel.loss_and_grads if fused else jax.value_and_grad(loss_fn)
 
     def update(_, state: TrainState) -> TrainState:
         x, c, weight = draw_batch(static, dyn, data_key, batch_key, state.step)
@@ -355,45 +395,15 @@ def output_shapes(static: Static) -> RunResult:
     return jax.eval_shape(functools.partial(train_run, static), placeholder_dynamic(static))
 
 
-def make_dynamic(
-    task: tasks.GaussianTask,
-    lr=1e-3,
-    weight_decay=0.0,
-    momentum=0.0,
-    n_data=ONLINE,
-    seed=0,
-    curve_range=None,
-    lr_schedule="constant",
-    warmup_steps=0,
-    final_lr_ratio=0.0,
-    ema_decay=0.0,
-    proposal_scale=1.0,
-    label_smoothing=0.0,
-    focal_gamma=0.0,
-) -> Dynamic:
-    """One run's dynamic settings as numpy scalars; n_data is a count or ONLINE (inf).
+def make_dynamic(task: tasks.GaussianTask, seed: int = 0, **settings) -> Dynamic:
+    """One run's dynamic settings as numpy scalars, by keyword (``DYNAMIC_SETTINGS``; each omitted
+    one takes its default); n_data is a count or ONLINE (inf).
 
     ema_decay and proposal_scale act only in a program compiled with Static(ema=True) and
     Static(importance=True) respectively (sweep.static_of sets both from these values).
     """
-    n = 0 if n_data == ONLINE else int(n_data)
-    if n < 1 and n_data != ONLINE:
-        raise ValueError(f"n_data must be a positive count or train.ONLINE, got {n_data!r}")
-    if lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose from {LR_SCHEDULES}")
-    return Dynamic(
-        jax.tree.map(np.asarray, task),
-        np.float32(lr),
-        np.int32(LR_SCHEDULES.index(lr_schedule)),
-        np.int32(warmup_steps),
-        np.float32(final_lr_ratio),
-        np.float32(weight_decay),
-        np.float32(momentum),
-        np.int32(n),
-        np.uint32(seed),
-        np.asarray(curve_range if curve_range is not None else (np.nan, np.nan), np.float32),
-        np.float32(ema_decay),
-        np.float32(proposal_scale),
-        np.float32(label_smoothing),
-        np.float32(focal_gamma),
-    )
+    unknown = set(settings) - set(DYNAMIC_SETTINGS)
+    if unknown:
+        raise TypeError(f"make_dynamic: unknown setting(s) {sorted(unknown)}; known: {', '.join(DYNAMIC_SETTINGS)}")
+    values = {name: s.encode(settings.get(name, s.default)) for name, s in DYNAMIC_SETTINGS.items()}
+    return Dynamic(task=jax.tree.map(np.asarray, task), seed=np.uint32(seed), **values)

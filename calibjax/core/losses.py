@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from calibjax.core.bisection import bisect
+
 LOSSES = ("cross_entropy", "brier", "label_smoothing", "focal")
 FOCAL_MAX_GAMMA = 10.0
 _BISECTIONS = 60
@@ -66,15 +68,8 @@ def _log_h(v: jax.Array, gamma: jax.Array) -> jax.Array:
 def _focal_inverse(log_target: jax.Array, gamma: jax.Array) -> jax.Array:
     """v in (0, 1) with log h_g(v) = log_target, by bisection on logit v (h_g is increasing)."""
 
-    def step(_, bounds):
-        lo, hi = bounds
-        mid = 0.5 * (lo + hi)
-        below = _log_h(jax.nn.sigmoid(mid), gamma) < log_target
-        return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
-
-    lo, hi = jax.lax.fori_loop(
-        0, _BISECTIONS, step, (jnp.full_like(log_target, -40.0), jnp.full_like(log_target, 40.0))
-    )
+    below = lambda mid: _log_h(jax.nn.sigmoid(mid), gamma) < log_target  # noqa: E731
+    lo, hi = bisect(below, jnp.full_like(log_target, -40.0), jnp.full_like(log_target, 40.0), _BISECTIONS)
     return jax.nn.sigmoid(0.5 * (lo + hi))
 
 
@@ -85,14 +80,8 @@ def focal_optimum(p: jax.Array, gamma: jax.Array) -> jax.Array:
     def total(log_t):
         return jnp.sum(_focal_inverse(log_p + log_t[..., None], gamma), axis=-1)
 
-    def step(_, bounds):
-        lo, hi = bounds
-        mid = 0.5 * (lo + hi)
-        below = total(mid) < 1.0
-        return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
-
     shape = p.shape[:-1]
-    lo, hi = jax.lax.fori_loop(0, _BISECTIONS, step, (jnp.full(shape, -60.0), jnp.full(shape, 60.0)))
+    lo, hi = bisect(lambda mid: total(mid) < 1.0, jnp.full(shape, -60.0), jnp.full(shape, 60.0), _BISECTIONS)
     q = _focal_inverse(log_p + (0.5 * (lo + hi))[..., None], gamma)
     return q / jnp.sum(q, axis=-1, keepdims=True)
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from calibjax import store, summaries
+from calibjax.analysis import summaries
+from calibjax.storage import files, reader
 
 MAX_ROWS = 200  # rows of summary_by_setting shown (the parquet file has them all)
 SHOWN = [
@@ -90,7 +91,7 @@ def _facts(manifest: dict, runs: pd.DataFrame | None) -> list[tuple[str, str]]:
 
 def _summary_table(out: Path) -> str:
     try:
-        agg = store.read_table(out, "summary_by_setting")
+        agg = reader.read_table(out, "summary_by_setting")
     except FileNotFoundError:
         return "<p>No summary_by_setting.parquet (run <code>calibjax summarize</code>).</p>"
     values = [c for c in SHOWN if c in agg.columns]
@@ -113,10 +114,10 @@ def _figures(out: Path) -> str:
 def write_report(out: str | Path) -> Path:
     """Write ``DIR/report.html`` (atomically) from the directory's manifest, tables and figures."""
     out = Path(out)
-    manifest = store.read_manifest(out)
+    manifest = files.read_manifest(out)
     if manifest is None:
         raise FileNotFoundError(f"{out}: no manifest.json here; run or merge a sweep first")
-    runs = store.read_table(out, "runs", columns=["status"]) if (out / "runs.parquet").exists() else None
+    runs = reader.read_table(out, "runs", columns=["status"]) if (out / "runs.parquet").exists() else None
     title = html.escape(f"calibjax: {manifest.get('sweep_name')}")
     try:
         description = tomllib.loads(manifest.get("sweep_text", "")).get("description", "")
@@ -141,5 +142,5 @@ the exact posterior; steps_to_*: first checkpoint at which it held ("never": not
 </body></html>
 """
     path = out / "report.html"
-    store.write_atomic(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+    files.write_atomic(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
     return path

@@ -31,7 +31,6 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from calibjax.errors import CalibjaxError
+
 HOST = socket.gethostname()
 CHUNK_ID = re.compile(r"^g\d{3}-r\d{7}-n\d+-[0-9a-f]{8}$")  # planning.Chunk.chunk_id
 SHARD_PART = re.compile(r"^\d+-of-\d+$")
@@ -47,7 +48,7 @@ LOCK_STALE_S = 120.0  # a lock whose holder has not touched it for this long is 
 HEARTBEAT_S = 20.0
 
 
-class CorruptResults(ValueError):
+class CorruptResults(CalibjaxError):
     """A results file calibjax cannot read; the message names it and the way out."""
 
 
@@ -109,9 +110,8 @@ def write_atomic(path: Path, write) -> None:
 
 def parquet_options(columns: list[str], floats: set[str]) -> dict:
     """Dictionary encoding and row-group statistics (what filters skip row groups by) for all but
-    the float columns. A float column of results has nearly as many values as rows: encoding it by
-    dictionary first made writing a calibration chunk 4x slower (32 ms against 8 ms, and larger),
-    and its statistics cost about as much again."""
+    the float columns: a float column of results has nearly as many values as rows, and encoding it
+    by dictionary made writing slower and larger (docs/performance.md, "Planning constants")."""
     keyed = [c for c in columns if c not in floats]
     return {"use_dictionary": keyed, "write_statistics": keyed}
 
@@ -495,73 +495,3 @@ def read_manifest(out: Path) -> dict | None:
             f"{p}: not a calibjax manifest (no sweep_sha256); move the directory away, or use --out to write elsewhere"
         )
     return manifest
-
-
-def load_results(out: str | Path, names=FINAL_FILES) -> dict[str, pd.DataFrame]:
-    """The final tables of a results directory, by name (runs, metrics, density, calibration, curves,
-    estimators, recalibrated, summary, summary_by_setting, estimator_benchmark): those present
-    among ``names``. For a large sweep, ``read_table`` reads only the columns and rows asked for.
-
-    Only calibjax's own table names are read, never another writer's temporary file (``.tmp-*``,
-    still being written while processes share the directory) or a file of the user's.
-    """
-    found = {}
-    for name in names:
-        try:
-            found[name] = read_table(out, name)
-        except FileNotFoundError:
-            continue
-    return found
-
-
-def read_table(out: str | Path, name: str, columns=None, filters=None) -> pd.DataFrame:
-    """One final table of a results directory: only ``columns`` (default all), only the rows that
-    pass ``filters``, in pyarrow's form, e.g. ``[("step", "==", 1000)]`` or
-    ``[("run_id", "in", ids)]`` (row groups whose statistics rule them out are not read).
-    FileNotFoundError if the directory has no such table."""
-    if name not in FINAL_FILES:
-        raise ValueError(f"{name!r}: not a calibjax table; tables are {', '.join(FINAL_FILES)}")
-    out = Path(out)
-    return read_parquet(
-        out / f"{name}.parquet",
-        columns,
-        filters,
-        hint=f"rerun the sweep's command (or calibjax merge {out}) to write it again",
-    )
-
-
-def table_columns(out: str | Path, name: str) -> list[str]:
-    """The columns of a final table, read from its footer (no rows read)."""
-    with open(Path(out) / f"{name}.parquet", "rb") as f:
-        return pq.read_schema(f).names
-
-
-class Results(Mapping):
-    """A results directory's final tables by name, each read when first asked for (figures of a
-    large sweep then read only the tables they draw)."""
-
-    def __init__(self, out: str | Path):
-        self.out = Path(out)
-        self._read: dict[str, pd.DataFrame] = {}
-
-    def __getitem__(self, name: str) -> pd.DataFrame:
-        if name not in self._read:
-            if name not in FINAL_FILES:
-                raise KeyError(name)
-            try:
-                self._read[name] = read_table(self.out, name)
-            except FileNotFoundError:  # a damaged table is a CorruptResults, not a missing one
-                raise KeyError(name) from None
-        return self._read[name]
-
-    def __setitem__(self, name: str, df: pd.DataFrame) -> None:
-        self._read[name] = df
-
-    def __contains__(self, name) -> bool:
-        return name in self._read or (name in FINAL_FILES and (self.out / f"{name}.parquet").is_file())
-
-    def __iter__(self):
-        return (n for n in FINAL_FILES if n in self)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)

@@ -56,7 +56,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from calibjax import metrics, tasks
+from calibjax.core import metrics, tasks
+from calibjax.core.bisection import bisect
 
 ESTIMATORS = ("ece_width", "ece_mass", "ece_sweep", "ece_l2_debiased", "smece", "ece_classwise")
 TARGETS = {
@@ -249,13 +250,10 @@ def smooth_ece(
         )[:, :k]
         return jnp.sum(jnp.abs(smoothed[0])) / jnp.maximum(jnp.sum(smoothed[1]), 1e-30)
 
-    def step(_, bounds):
-        hi, lo = bounds  # hi: smECE_hi <= hi (relplot's start); lo: the other side
-        mid = 0.5 * (hi + lo)
-        below = (mid < SMECE_MIN_SIGMA) | (mid < at(mid))
-        return jnp.where(below, hi, mid), jnp.where(below, mid, lo)
-
-    sigma, _ = jax.lax.fori_loop(0, bisections, step, (jnp.float32(1.0), jnp.float32(0.0)))
+    # Where the fixed-point condition holds the root lies below mid: "lo" is the end at 0, and sigma
+    # the end that starts at 1 (relplot's start).
+    below = lambda mid: (mid < SMECE_MIN_SIGMA) | (mid < at(mid))  # noqa: E731
+    _, sigma = bisect(below, jnp.float32(0.0), jnp.float32(1.0), bisections)
     return at(sigma), sigma
 
 

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import jax
 
+from calibjax.errors import CalibjaxError
 
-class SetupError(ValueError):
+
+class SetupError(CalibjaxError):
     """A bad device-count setting (the message names it)."""
 
 

@@ -1,7 +1,7 @@
 """Figures drawn from the result files alone (never by retraining, never from the sweep file).
 
-Each function takes tables (pandas) and a path; ``standard_figures`` draws the default set for a
-results directory. Figures are ``matplotlib.figure.Figure`` objects rendered straight to PNG, so
+Each function takes tables (pandas) and a path; ``calibjax.analysis.figures`` chooses which to
+draw for a results directory. Figures are ``matplotlib.figure.Figure`` objects rendered straight to PNG, so
 drawing them changes no global matplotlib state (no pyplot, no backend switch).
 """
 
@@ -19,8 +19,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from calibjax import store, summaries, tasks
 from calibjax import sweep as sweep_mod
+from calibjax.analysis import summaries
+from calibjax.core import tasks
+from calibjax.errors import CalibjaxError
+from calibjax.storage import files
 
 BAND = (0.0, 1.0)  # quantiles of the seed band: min to max over seeds
 
@@ -33,7 +36,7 @@ def _subplots(ncols: int, figsize, **kw):
 
 def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    store.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    files.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
     return path
 
 
@@ -180,176 +183,14 @@ def error_by_density(density: pd.DataFrame, runs: pd.DataFrame, path: Path, by: 
 MAX_PANELS = 6  # per-case figures are drawn when a sweep has at most this many cases
 
 
-def select_runs(runs: pd.DataFrame, where: dict | None = None, run_id: int | None = None) -> pd.Series:
-    """run_ids matching setting=value pairs (floats compared with a tolerance), or one run_id."""
-    if run_id is not None:
-        if run_id not in set(runs["run_id"]):
-            raise PlotError(f"--run-id {run_id}: no such run (0 to {runs['run_id'].max()})")
-        return pd.Series([run_id])
-    mask = np.ones(len(runs), bool)
-    for key, value in (where or {}).items():
-        if key not in runs.columns:
-            raise PlotError(f"--where {key}: no such column in runs.parquet")
-        col = runs[key]
-        if pd.api.types.is_numeric_dtype(col):
-            try:
-                x = float(value)
-            except ValueError:
-                raise PlotError(f"--where {key}={value}: expected a number; {_values_of(key, col)}") from None
-            match = nearest_value(col.to_numpy(float), x)
-            if match is None:
-                raise PlotError(f"--where {key}={value}: no run matches; {_values_of(key, col)}")
-            mask &= col.to_numpy(float) == match
-        else:
-            if not (col.astype(str) == str(value)).any():
-                raise PlotError(f"--where {key}={value}: no run matches; {_values_of(key, col)}")
-            mask &= (col.astype(str) == str(value)).to_numpy()
-    if not mask.any():
-        raise PlotError(f"--where {where}: no run matches all of these together")
-    return runs.loc[mask, "run_id"]
-
-
-def _varying(table: pd.DataFrame, columns) -> list[str]:
+def varying(table: pd.DataFrame, columns) -> list[str]:
     """'sigma1 (6 values)' for each of ``columns`` that takes more than one value in ``table``."""
     return [f"{c} ({n} values)" for c in columns if (n := table[c].nunique(dropna=False)) > 1]
-
-
-def pooled_axes(runs: pd.DataFrame, run_ids) -> str:
-    """'pooled over sigma1 (6 values), seeds': the grid axes and cases left free by a selection."""
-    sel = runs[runs["run_id"].isin(run_ids)]
-    free = _varying(sel, ["case", *summaries.swept_columns(runs)])
-    free += ["seeds"] if sel["seed"].nunique() > 1 else []
-    return f"pooled over {', '.join(free)}" if free else ""
-
-
-def nearest_value(values: np.ndarray, x: float) -> float | None:
-    """The existing value nearest x if x lies within half the spacing to its neighbours (a tick
-    label such as 2.3 for 2.3125 picks it), else None; infinite values match only themselves."""
-    v = np.unique(values[~np.isnan(values)])
-    if np.isinf(x) or not len(v):
-        return x if x in v else None
-    finite = v[np.isfinite(v)]
-    if not len(finite):
-        return None
-    i = int(np.argmin(np.abs(finite - x)))
-    if np.isclose(finite[i], x, rtol=1e-6, atol=0.0):
-        return float(finite[i])
-    gaps = np.diff(finite)
-    half = 0.5 * min(
-        [g for g in (gaps[i - 1] if i > 0 else None, gaps[i] if i < len(gaps) else None) if g is not None], default=0.0
-    )
-    return float(finite[i]) if abs(finite[i] - x) < half else None
 
 
 def fmt(v) -> str:
     """A setting's value as a label: numbers short (%g), anything else as it is."""
     return f"{v:g}" if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) else str(v)
-
-
-def _values_of(key: str, col: pd.Series, shown: int = 20) -> str:
-    """'KEY takes v1, v2, ...': the values a runs column has (at most ``shown`` of them)."""
-    values = sorted(col.dropna().unique())
-    text = ", ".join(map(fmt, values[:shown]))
-    return f"{key} takes {text}" + (f" ... ({len(values)} values)" if len(values) > shown else "")
-
-
-def standard_figures(out: str | Path) -> list[Path]:
-    """The default figures of a results directory, from its tables and manifest."""
-    out = Path(out)
-    t = store.Results(out)  # each table read when a figure needs it
-    runs, figs = t["runs"], []
-    fig_dir = out / "figures"
-    cases = list(dict.fromkeys(runs["case"]))
-    axes = summaries.swept_columns(runs)
-    # Per-case figures pool a case's seeds; with grid axes they would pool unlike runs, so the
-    # grid gets its own figures (summary heatmaps and lines) instead.
-    small = len(cases) <= MAX_PANELS and not axes
-    if (runs["dim"] == 1).any() and small:
-        figs.append(densities(runs, fig_dir / "densities.png"))
-    # Lines of a grid sweep: one per value of its first grid axis of at most 12 values, the others
-    # pooled (and named in the title); otherwise one per case.
-    few = [a for a in axes if runs[a].nunique() <= 12] if len(cases) == 1 else []
-    line_by = few[0] if few else "case"
-    pooled = [a for a in axes if a != line_by]
-    metrics = store.read_table(out, "metrics", columns=["run_id", "step", "kl"])
-    last = int(metrics["step"].max())
-    figs.append(
-        kl_vs_steps(
-            metrics,
-            runs,
-            fig_dir / "kl_vs_steps.png",
-            by=line_by,
-            title=f"pooled over {', '.join(pooled)} and seeds" if pooled else "",
-        )
-    )
-    if small:
-        figs.append(error_by_density(t["density"], runs, fig_dir / "error_by_density.png"))
-        for case in cases:
-            ids = runs.loc[runs["case"] == case, "run_id"]
-            if "calibration" in t:
-                figs.append(
-                    reliability(
-                        t["calibration"], ids, last, fig_dir / f"reliability_{case}.png", title=f"{case}: step {last}"
-                    )
-                )
-    if "curves" in t and small:
-        plot_steps = (store.read_manifest(out) or {}).get("plot_steps") or {}
-        checkpoints = sorted(t["curves"]["step"].unique())
-        spread = sorted({checkpoints[0], checkpoints[len(checkpoints) // 2], checkpoints[-1]})
-        dims = runs.groupby("case")["dim"].first()
-        for case in runs.loc[runs["run_id"].isin(t["curves"]["run_id"].unique()), "case"].unique():
-            draw = posterior_curves if dims[case] == 1 else posterior_map
-            figs.append(draw(t["curves"], runs, case, plot_steps.get(case, spread), fig_dir / f"posterior_{case}.png"))
-    if "summary" in t and "loss" in runs and runs["loss"].nunique() > 1:
-        figs.append(loss_comparison(t["summary"], fig_dir / "losses.png"))
-    if "estimator_benchmark" in t:
-        figs.append(estimator_benchmark(t["estimator_benchmark"], fig_dir / "estimator_benchmark.png"))
-    if "summary_by_setting" in t:
-        agg = t["summary_by_setting"]
-        axes = [c for c in axes if c in agg.columns and agg[c].nunique() > 1]
-        if len(axes) == 1:
-            for value in ("final_kl", "final_err_dense", "final_err_sparse"):
-                figs.append(summary_lines(agg, axes[0], value, fig_dir / f"{value}_vs_{axes[0]}.png"))
-            if len(cases) <= MAX_PANELS:
-                density = store.read_table(out, "density", filters=[("step", "==", last)])
-                figs.append(error_by_density(density, runs, fig_dir / f"error_by_density_vs_{axes[0]}.png", x=axes[0]))
-        # A map's x and y must be numbers; a third axis (a number or a name, such as activation)
-        # is drawn side by side.
-        numeric = [c for c in axes if pd.api.types.is_numeric_dtype(agg[c])]
-        axes = numeric + [c for c in axes if c not in numeric]
-        if len(numeric) >= 2:
-            # A map pooled over unlike tasks would mislead: with two axes the cases sit side by
-            # side; with a third axis (its values side by side) each case gets its own file.
-            facet = axes[2] if len(axes) > 2 and agg[axes[2]].nunique() <= MAX_PANELS else None
-            per_case = [(None, agg)]
-            if len(cases) > 1 and facet is None and len(cases) <= MAX_PANELS:
-                facet = "case"
-            elif len(cases) > 1:
-                per_case = [(case, agg[agg["case"] == case]) for case in cases]
-            # Where the task varies, so does its learnable information I(C;X): thresholds on kl_rel
-            # compare like with like; otherwise kl in nats.
-            metric = "kl_rel" if any(TASK_COLUMN.match(c) for c in axes[:2]) else "kl"
-            timing = [
-                c
-                for c in agg.columns
-                for prefix in summaries.TIMING_PREFIXES
-                if c.startswith(f"{prefix}{metric}_") and _is_number(c[len(f"{prefix}{metric}_") :])
-            ]
-            for value in timing + [f"final_{metric}"]:
-                for case, d in per_case:
-                    name = f"heatmap_{value}.png" if case is None else f"heatmap_{value}_{case}.png"
-                    figs.append(
-                        heatmap(
-                            d,
-                            axes[0],
-                            axes[1],
-                            value,
-                            fig_dir / name,
-                            facet,
-                            title=None if case is None else f"{case}: {value}, median over seeds",
-                        )
-                    )
-    return figs
 
 
 # ---------------------------------------------------------------- learnability maps
@@ -360,7 +201,7 @@ TASK_COLUMN = re.compile(
 )
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
     try:
         float(text)
     except ValueError:
@@ -368,7 +209,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
-class PlotError(ValueError):
+class PlotError(CalibjaxError):
     """A plot request that the tables cannot answer (unknown column, setting not swept)."""
 
 
@@ -393,7 +234,7 @@ def _edges(values: np.ndarray, log: bool) -> np.ndarray:
 def pooled_settings(agg: pd.DataFrame, *shown) -> str:
     """The settings of summary_by_setting a heatmap's cells pool (not on an axis or facet), e.g.
     'lr (3 values)'; empty when each cell is one grid point."""
-    return ", ".join(_varying(agg, [c for c in summaries.setting_columns(agg) if c not in shown]))
+    return ", ".join(varying(agg, [c for c in summaries.setting_columns(agg) if c not in shown]))
 
 
 def heatmap(

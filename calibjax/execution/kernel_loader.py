@@ -1,4 +1,4 @@
-"""calibjax's CPU kernel, through ``jax.ffi``, with XLA as fallback.
+"""Building and loading calibjax's CPU kernel (its operations in a program: ``calibjax.core.kernel``).
 
 Two entry points into ``csrc/dense.cc`` (single-threaded: one XLA CPU device per core), built in two
 variants: "avx2" (AVX2 and FMA) and, where the CPU has AVX-512, "avx512" (wider tiles, the same
@@ -20,7 +20,7 @@ on its batch mates, the batch size or the device.
 The kernel is compiled from source on first use, with the system's C++ compiler against the XLA FFI
 headers that jaxlib ships, into a cache keyed by the source, the flags, jaxlib and the compiler
 (``$CALIBJAX_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/calibjax/kernels``, else
-``~/.cache/calibjax/kernels``); ``make install`` (``python -m calibjax.cpu_kernel``) builds it
+``~/.cache/calibjax/kernels``); ``make install`` (``python -m calibjax.execution.kernel_loader``) builds it
 once. Where it cannot be built or run (no compiler, a CPU without AVX2/FMA, a GPU), ``resolve``
 falls back to XLA's dot and says why once.
 
@@ -45,14 +45,12 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from calibjax import runtime
+from calibjax.core import kernel
+from calibjax.errors import CalibjaxError
+from calibjax.execution import runtime
 
 SOURCE = Path(__file__).with_name("csrc") / "dense.cc"
-TARGET = "calibjax_batched_matmul"
-STEP_TARGET = "calibjax_mlp_step"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fPIC", "-shared", "-std=c++17")
 VARIANTS = {"avx2": FLAGS, "avx512": (*FLAGS, "-mavx512f")}
 CHOICES = ("auto", "kernel", "xla")
@@ -61,7 +59,7 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-class KernelError(runtime.SetupError):
+class KernelError(CalibjaxError):
     """The kernel cannot be built or used here (an error where it was asked for explicitly)."""
 
 
@@ -170,8 +168,10 @@ def _load() -> str | None:
                         file=sys.stderr,
                     )
                     chosen, lib = "avx2", _open("avx2")
-                jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.CalibjaxBatchedMatmul), platform="cpu")
-                jax.ffi.register_ffi_target(STEP_TARGET, jax.ffi.pycapsule(lib.CalibjaxMlpStep), platform="cpu")
+                targets = ((kernel.TARGET, lib.CalibjaxBatchedMatmul), (kernel.STEP_TARGET, lib.CalibjaxMlpStep))
+                for target, fn in targets:
+                    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
+                    kernel._registered.add(target)
                 _state.update(error=None, lib=lib, variant=chosen)
             except (KernelError, OSError, AttributeError) as e:
                 _state["error"] = str(e)
@@ -187,7 +187,7 @@ def available() -> bool:
     return _load() is None
 
 
-def _require() -> None:
+def require() -> None:
     """Raise why the kernel cannot run here (it is registered with XLA once this returns)."""
     error = _load()
     if error is not None:
@@ -209,7 +209,7 @@ def resolve(choice: str, backend: str) -> str:
             raise KernelError(f"the calibjax kernel runs on CPU only, and this backend is {backend}")
         return "xla"
     if choice == "kernel":
-        _require()
+        require()
         return "kernel"
     error = _load()
     if error is not None:
@@ -223,73 +223,8 @@ def _warn_once(error: str) -> None:
     print(f"calibjax: the CPU kernel is unavailable ({error}); the dense layers use XLA's dot", file=sys.stderr)
 
 
-def batched_matmul(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
-    """op(a) @ op(b) over matching leading (batch) dimensions, by the kernel (float32, CPU)."""
-    _require()  # registered with XLA before any program that calls it is compiled
-    m = a.shape[-1] if trans_a else a.shape[-2]
-    n = b.shape[-2] if trans_b else b.shape[-1]
-    out = jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out, vmap_method="broadcast_all")(
-        a, b, trans_a=np.int32(trans_a), trans_b=np.int32(trans_b)
-    )
-
-
-@jax.custom_vjp
-def _product(x, w):
-    return batched_matmul(x, w)
-
-
-def _product_fwd(x, w):
-    return batched_matmul(x, w), (x, w)
-
-
-def _product_bwd(res, g):
-    x, w = res
-    return batched_matmul(g, w, trans_b=True), batched_matmul(x, g, trans_a=True)
-
-
-_product.defvjp(_product_fwd, _product_bwd)
-
-
-def dense(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x @ w`` for x (..., K) and a weight w (K, N) by the kernel: forward, input and weight
-    gradients, every width (thin ones too: XLA's dot orders its sums by the CPU model, the kernel
-    the same way on every CPU). Other dtypes go to XLA's dot."""
-    k, n = w.shape
-    if x.dtype != jnp.float32 or w.dtype != jnp.float32:
-        return x @ w
-    lead = x.shape[:-1]
-    return _product(x.reshape(-1, k), w).reshape(*lead, n)
-
-
-def fuses(activation: str, loss: str) -> bool:
-    """Whether ``loss_and_grads`` computes a training step of this model and loss (else the step is
-    XLA's, with the kernel's products)."""
-    return activation == "relu" and loss == "cross_entropy"
-
-
-def loss_and_grads(params: dict, x: jax.Array, c: jax.Array, weight: jax.Array | None):
-    """The mean (weighted) cross-entropy of a ReLU MLP's logits on a batch, and its gradients with
-    respect to ``params`` (flax's tree of Dense layers), by one kernel call: what
-    ``jax.value_and_grad`` of the model's loss gives, computed in C++ (``csrc/dense.cc``, MlpStep).
-
-    x (B, D) float32, c (B,) integer labels, weight (B,) or None. Under vmap, one call for all runs.
-    """
-    _require()
-    tree = params["params"]
-    names = sorted(tree, key=lambda name: int(name.rsplit("_", 1)[1]))  # layer order: Dense_0, Dense_1, ...
-    flat = [tree[name][leaf] for name in names for leaf in ("kernel", "bias")]
-    w = jnp.ones(c.shape, jnp.float32) if weight is None else weight.astype(jnp.float32)
-    shapes = [jax.ShapeDtypeStruct((), jnp.float32)] + [jax.ShapeDtypeStruct(p.shape, jnp.float32) for p in flat]
-    loss, *grads = jax.ffi.ffi_call(STEP_TARGET, shapes, vmap_method="broadcast_all")(
-        x.astype(jnp.float32), c.astype(jnp.int32), w, *flat
-    )
-    out = {name: {"kernel": grads[2 * i], "bias": grads[2 * i + 1]} for i, name in enumerate(names)}
-    return loss, {"params": out}
-
-
 def main() -> int:
-    """``python -m calibjax.cpu_kernel``: build the kernel now (``make install`` does), say where."""
+    """``python -m calibjax.execution.kernel_loader``: build the kernel now (``make install`` does), say where."""
     try:
         lib = build(verbose=True, variant=variant())
     except KernelError as e:

@@ -23,7 +23,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from calibjax import tasks
+from calibjax.core import tasks
+from calibjax.core.bisection import bisect
+from calibjax.core.settings import setting
 
 LOG10_E = 0.43429448190325176  # 1 / log(10) as 0.8.0 computed it with glibc: a literal, the same on every machine
 EVAL_SEED = 20250428  # the fixed Monte-Carlo evaluation sample (D > 1) comes from this key
@@ -32,22 +34,24 @@ CALIBRATION_STREAM = 0x5CA1  # a run's labelled test sample: fold_in(key(seed), 
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """Static evaluation settings (they fix array shapes)."""
+    """Static evaluation settings (they fix array shapes); each field declared with ``setting`` is
+    the [eval] setting of the same name."""
 
-    points: int = 2048  # grid points (D = 1) or Monte-Carlo samples (D > 1)
+    points: int = setting("eval", "pos_int", 2048)  # grid points (D = 1) or Monte-Carlo samples (D > 1)
     grid_sigmas: float = 8.0  # 1-D grid half-width around each component, in sigmas
-    hdr_mass: float = 0.999  # max_err is taken over the densest region holding this mass
-    density_edges: tuple[float, ...] = (-6.0, -5.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0)
-    dense_mass: float = 0.9  # err_dense: max error over the densest region holding this mass
-    sparse_mass: float = 0.01  # err_sparse: ... over the least dense this much of the hdr region
-    calibration_samples: int = 5000  # labelled test sample (per run) for the estimated calibration metrics
-    calibration_bins: int = 15  # equal-width / equal-mass bins of ECE and the reliability table
-    true_levels: int = 256  # 1-D: levels of -log(1 - conf) where the true calibration curve is solved
-    # The calibration-estimator benchmark (calibjax.estimators), off unless sizes are given:
-    estimator_sizes: tuple[int, ...] = ()  # labelled-sample sizes each estimator is computed at
-    estimator_draws: int = 16  # independent samples of each size, per run and checkpoint
-    estimator_bootstrap: int = 200  # bootstrap replicates of the interval estimators (0: no intervals)
-    temperature_scaling: bool = False  # also measure each checkpoint after post-hoc temperature scaling
+    hdr_mass: float = setting("eval", "fraction", 0.999)  # max_err is taken over the densest region holding this mass
+    density_edges: tuple[float, ...] = setting("eval", "edges", (-6.0, -5.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0))
+    dense_mass: float = setting("eval", "fraction", 0.9)  # err_dense: max error over the densest region holding this
+    sparse_mass: float = setting("eval", "fraction", 0.01)  # err_sparse: ... over the least dense this much of hdr
+    # labelled test sample (per run) for the estimated calibration metrics
+    calibration_samples: int = setting("eval", "pos_int", 5000)
+    calibration_bins: int = setting("eval", "pos_int", 15)  # equal-width / equal-mass bins of ECE and reliability
+    true_levels: int = setting("eval", "levels", 256)  # 1-D: levels of -log(1 - conf) of the true calibration curve
+    # The calibration-estimator benchmark (calibjax.core.estimators), off unless sizes are given:
+    estimator_sizes: tuple[int, ...] = setting("eval", "sizes", ())  # labelled-sample sizes each estimator gets
+    estimator_draws: int = setting("eval", "pos_int", 16)  # independent samples of each size, per run and checkpoint
+    estimator_bootstrap: int = setting("eval", "nonneg_int", 200)  # bootstrap replicates (0: no intervals)
+    temperature_scaling: bool = setting("eval", "bool", False)  # also measure after post-hoc temperature scaling
 
     @property
     def num_bins(self) -> int:
@@ -547,13 +551,7 @@ def fit_temperature(log_q: jax.Array, y: jax.Array, iterations: int = 40) -> jax
         q = jax.nn.softmax(jnp.exp(log_b) * log_q)
         return jnp.mean(jnp.sum(q * log_q, axis=-1) - z_y)
 
-    def step(_, bounds):
-        lo, hi = bounds
-        mid = 0.5 * (lo + hi)
-        below = slope(mid) < 0
-        return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
-
-    lo, hi = jax.lax.fori_loop(0, iterations, step, (jnp.float32(-7.0), jnp.float32(7.0)))
+    lo, hi = bisect(lambda mid: slope(mid) < 0, jnp.float32(-7.0), jnp.float32(7.0), iterations)
     return jnp.exp(-0.5 * (lo + hi))
 
 

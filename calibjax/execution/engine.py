@@ -19,8 +19,10 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from calibjax import planning, results, runtime, store, train
 from calibjax import sweep as sweep_mod
+from calibjax.core import train
+from calibjax.execution import planning, runtime
+from calibjax.storage import files, results
 
 POLL_S = 1.0  # how often a process waits for chunks that another process is training
 
@@ -106,6 +108,11 @@ class Trainer:
 
 @dataclass
 class Report:
+    """What a call of ``run_sweep`` did, filled in as chunks finish (an interrupted caller reads it)."""
+
+    sweep: sweep_mod.Sweep | None = None
+    out: Path | None = None
+    shard: tuple[int, int] | None = None
     runs: int = 0
     trained: int = 0
     chunks: int = 0
@@ -120,6 +127,13 @@ class Report:
     @property
     def steps_per_s(self) -> float:
         return self.model_steps / self.train_s if self.train_s else 0.0
+
+    @property
+    def where(self) -> Path | None:
+        """Where this call wrote its chunks: the directory, or its shard's part."""
+        if self.out is None or self.shard is None:
+            return self.out
+        return self.out / "shards" / f"{self.shard[0]}-of-{self.shard[1]}"
 
 
 def product(layout: planning.Layout) -> str:
@@ -168,10 +182,43 @@ def run_sweep(
     t_start = time.perf_counter()
     out = Path(out)
     layout = layout or planning.default_layout()
+    report = report if report is not None else Report()
+    report.sweep, report.out, report.shard = sw, out, shard
+    opened = open_manifest(sw, out, layout, shard, shard_first, overwrite)
+    chunks = planning.plan_chunks(
+        sw, layout, planning.shard_run_ids(len(sw.runs), shard), done=results.finished_run_ids(out, sw)
+    )
+    report.runs, report.chunks = len(sw.runs), len(chunks)
+    print(describe_plan(sw, layout, chunks, shard), flush=True)
+    trainer = Trainer(layout)
+    ChunkLoop(sw, opened.part, trainer, report, quiet, stop).run(chunks)
+    report.compiles, report.compile_s = trainer.compiles, trainer.compile_s
+    if not report.failed and shard is None:
+        report.complete = not results.finalize(out, sweep_mod.runs_table(sw))
+    report.wall_s = time.perf_counter() - t_start
+    close_manifest(opened, shard, report)
+    return report
+
+
+@dataclass
+class Opened:
+    """A results directory (or shard part) opened for training: the manifest it will be closed with."""
+
+    out: Path
+    part: Path  # where chunks go: out, or out/shards/K-of-N
+    manifest: dict
+    sharding: dict  # shards and shard_first, once a directory is sharded
+
+
+def open_manifest(
+    sw: sweep_mod.Sweep, out: Path, layout: planning.Layout, shard, shard_first: int, overwrite: bool
+) -> Opened:
+    """Check that ``out`` may take this sweep's runs (``results.prepare_output``, the shard count)
+    and record the sweep, the environment and the numbers identity in its manifest."""
     identity = layout.identity
     results.prepare_output(sw, out, identity, overwrite)
     manifest = {**results.sweep_manifest(sw), **runtime.environment(), **identity, "layout": layout.describe()}
-    previous = store.read_manifest(out) or {}
+    previous = files.read_manifest(out) or {}
     results.check_shard_count(previous, out, shard and shard[1])
     sharding = {k: previous[k] for k in ("shards", "shard_first") if k in previous}
     if shard and not sharding:
@@ -181,87 +228,18 @@ def run_sweep(
         or results.numbers_pending(previous)  # new, edited, submitted
         or sharding.keys() - previous.keys()
     ):
-        store.write_json(out / "manifest.json", {**previous, **manifest, **sharding, "complete": False})
+        files.write_json(out / "manifest.json", {**previous, **manifest, **sharding, "complete": False})
     part = out / "shards" / f"{shard[0]}-of-{shard[1]}" if shard else out
+    return Opened(out, part, manifest, sharding)
 
-    chunks = planning.plan_chunks(
-        sw, layout, planning.shard_run_ids(len(sw.runs), shard), done=results.finished_run_ids(out, sw)
-    )
-    report = report if report is not None else Report()
-    report.runs, report.chunks = len(sw.runs), len(chunks)
-    print(describe_plan(sw, layout, chunks, shard), flush=True)
-    trainer = Trainer(layout)
-    bar = tqdm(
-        total=sum(len(c.run_ids) for c in chunks),
-        unit="run",
-        disable=quiet,
-        dynamic_ncols=True,
-        desc=sw.name,
-        smoothing=0.1,
-    )
 
-    def on_compile(static, size):
-        if not quiet:
-            bar.write(
-                f"compiling group: hidden {list(static.hidden)} {static.activation} {static.optimizer}, "
-                f"batch {static.batch_size}, {static.steps} steps; {size} runs per call"
-            )
-
-    def train_chunk(chunk: planning.Chunk, lock: store.ChunkLock) -> None:
-        dyn = sweep_mod.chunk_dynamic(sw, chunk.run_ids)
-        base = bar.n
-        try:
-            compile_before = trainer.compile_s
-            t0 = time.perf_counter()
-            result = trainer(
-                chunk.static, dyn, on_compile, stop, on_progress=lambda done: bar.update(base + done - bar.n)
-            )
-            report.train_s += time.perf_counter() - t0 - (trainer.compile_s - compile_before)
-            written = results.write_chunk(part, chunk.chunk_id, chunk.static, chunk.run_ids, chunk.hashes, result)
-        except Exception as e:  # a broken chunk must not stop the others
-            bar.update(base - bar.n)
-            report.failed.append(chunk.chunk_id)
-            bar.write(f"chunk {chunk.chunk_id} failed: {type(e).__name__}: {e}")
-            if not quiet:
-                traceback.print_exc()
-            return
-        finally:
-            lock.release()
-        if written:
-            report.trained += len(chunk.run_ids)
-            report.model_steps += len(chunk.run_ids) * chunk.static.steps
-        bar.update(base + len(chunk.run_ids) - bar.n)
-        bar.set_postfix(steps_s=f"{report.steps_per_s:,.0f}")
-
-    # Processes sharing the directory (a user's second run, a requeued task) cooperate: each chunk
-    # is trained by whoever locks it first; the others go on with other chunks, then wait for it.
-    pending = list(chunks)
-    while pending:
-        waiting = []
-        for chunk in pending:
-            if stop():
-                raise KeyboardInterrupt
-            lock = store.ChunkLock(part, chunk.chunk_id)
-            if store.chunk_complete(part / "chunks" / chunk.chunk_id):
-                bar.update(len(chunk.run_ids))  # finished by another process
-            elif lock.acquire():
-                train_chunk(chunk, lock)
-            else:
-                waiting.append(chunk)
-        if waiting and len(waiting) == len(pending):
-            time.sleep(POLL_S)
-        pending = waiting
-    bar.close()
-    report.compiles, report.compile_s = trainer.compiles, trainer.compile_s
-
-    if not report.failed and shard is None:
-        report.complete = not results.finalize(out, sweep_mod.runs_table(sw))
-    report.wall_s = time.perf_counter() - t_start
-    store.write_json(
-        part / "manifest.json",
+def close_manifest(opened: Opened, shard, report: Report) -> None:
+    """The manifest of what this call did: complete or not, chunks, compiles and timings."""
+    files.write_json(
+        opened.part / "manifest.json",
         {
-            **manifest,
-            **(sharding if part == out else {}),
+            **opened.manifest,
+            **(opened.sharding if opened.part == opened.out else {}),
             "shard": list(shard) if shard else None,
             "complete": report.complete,
             "trained_this_call": report.trained,
@@ -274,4 +252,75 @@ def run_sweep(
             "model_steps_per_s": round(report.steps_per_s, 1),
         },
     )
-    return report
+
+
+class ChunkLoop:
+    """Trains a list of chunks into ``part`` with a progress bar, each under its lock.
+
+    Processes sharing the directory (a user's second run, a requeued task) cooperate: each chunk
+    is trained by whoever locks it first; the others go on with other chunks, then wait for it.
+    A chunk that fails is reported and the others go on."""
+
+    def __init__(self, sw: sweep_mod.Sweep, part: Path, trainer: Trainer, report: Report, quiet: bool, stop):
+        self.sw, self.part, self.trainer, self.report, self.quiet, self.stop = sw, part, trainer, report, quiet, stop
+        self.bar = None
+
+    def run(self, chunks: list[planning.Chunk]) -> None:
+        self.bar = tqdm(
+            total=sum(len(c.run_ids) for c in chunks),
+            unit="run",
+            disable=self.quiet,
+            dynamic_ncols=True,
+            desc=self.sw.name,
+            smoothing=0.1,
+        )
+        pending = list(chunks)
+        while pending:
+            waiting = []
+            for chunk in pending:
+                if self.stop():
+                    raise KeyboardInterrupt
+                lock = files.ChunkLock(self.part, chunk.chunk_id)
+                if files.chunk_complete(self.part / "chunks" / chunk.chunk_id):
+                    self.bar.update(len(chunk.run_ids))  # finished by another process
+                elif lock.acquire():
+                    self.train(chunk, lock)
+                else:
+                    waiting.append(chunk)
+            if waiting and len(waiting) == len(pending):
+                time.sleep(POLL_S)
+            pending = waiting
+        self.bar.close()
+
+    def on_compile(self, static, size) -> None:
+        if not self.quiet:
+            self.bar.write(
+                f"compiling group: hidden {list(static.hidden)} {static.activation} {static.optimizer}, "
+                f"batch {static.batch_size}, {static.steps} steps; {size} runs per call"
+            )
+
+    def train(self, chunk: planning.Chunk, lock: files.ChunkLock) -> None:
+        bar, report, trainer = self.bar, self.report, self.trainer
+        dyn = sweep_mod.chunk_dynamic(self.sw, chunk.run_ids)
+        base = bar.n
+        try:
+            compile_before = trainer.compile_s
+            t0 = time.perf_counter()
+            progress = lambda done: bar.update(base + done - bar.n)  # noqa: E731
+            result = trainer(chunk.static, dyn, self.on_compile, self.stop, on_progress=progress)
+            report.train_s += time.perf_counter() - t0 - (trainer.compile_s - compile_before)
+            written = results.write_chunk(self.part, chunk.chunk_id, chunk.static, chunk.run_ids, chunk.hashes, result)
+        except Exception as e:  # a broken chunk must not stop the others
+            bar.update(base - bar.n)
+            report.failed.append(chunk.chunk_id)
+            bar.write(f"chunk {chunk.chunk_id} failed: {type(e).__name__}: {e}")
+            if not self.quiet:
+                traceback.print_exc()
+            return
+        finally:
+            lock.release()
+        if written:
+            report.trained += len(chunk.run_ids)
+            report.model_steps += len(chunk.run_ids) * chunk.static.steps
+        bar.update(base + len(chunk.run_ids) - bar.n)
+        bar.set_postfix(steps_s=f"{report.steps_per_s:,.0f}")

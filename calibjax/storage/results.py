@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from calibjax import store, tables, train
 from calibjax import sweep as sweep_mod
+from calibjax.core import train
+from calibjax.errors import CalibjaxError
+from calibjax.storage import files, tables
 
 
-class ResultsExist(sweep_mod.SweepError):
+class ResultsExist(CalibjaxError):
     """The output directory holds results of another sweep, or runs that give other bits."""
 
 
@@ -127,17 +129,17 @@ def check_shard_count(manifest: dict | None, out: Path, shards: int | None, hint
 
 def foreign(out: Path) -> bool:
     """out exists with something in it besides the temporary files of live calibjax writers."""
-    return out.exists() and (not out.is_dir() or not all(store.in_flight(p.name) for p in out.iterdir()))
+    return out.exists() and (not out.is_dir() or not all(files.in_flight(p.name) for p in out.iterdir()))
 
 
 def prepare_output(sw: sweep_mod.Sweep, out: Path, identity: dict, overwrite: bool) -> None:
     """Create or reuse the output directory; refuse to mix results of other sweep files or numbers,
     and refuse (even with overwrite) a non-empty directory that calibjax did not write."""
-    manifest = store.read_manifest(out)
+    manifest = files.read_manifest(out)
     if manifest is None and foreign(out):
         # Another process starting this directory renames its manifest into place after writing it
         # to a temporary file: read again, in case it did so since the first look.
-        manifest = store.read_manifest(out)
+        manifest = files.read_manifest(out)
         if manifest is None:
             raise ResultsExist(
                 f"{out}: exists and is not a calibjax results directory (no manifest.json); "
@@ -148,19 +150,19 @@ def prepare_output(sw: sweep_mod.Sweep, out: Path, identity: dict, overwrite: bo
             manifest, out, sw.name, identity, "use --overwrite to replace them or --out to write elsewhere"
         )
     if overwrite and manifest is not None:
-        store.remove_results(out)
+        files.remove_results(out)
     out.mkdir(parents=True, exist_ok=True)
-    store.clean_debris(out)
+    files.clean_debris(out)
 
 
 def write_chunk(part: Path, chunk_id: str, static: train.Static, run_ids, run_hashes, result: train.RunResult) -> bool:
     """One finished chunk's tables, written as a unit (False: another process wrote it first)."""
-    return store.write_chunk(part, chunk_id, tables.chunk_tables(static, run_ids, result), run_ids, run_hashes)
+    return files.write_chunk(part, chunk_id, tables.chunk_tables(static, run_ids, result), run_ids, run_hashes)
 
 
 def finished_run_ids(out: Path, sw: sweep_mod.Sweep) -> set[int]:
     """run_ids of the sweep whose runs (by identity) are finished in ``out``."""
-    done = store.finished_hashes(out)
+    done = files.finished_hashes(out)
     return {i for i, h in enumerate(sw.hashes) if h in done} if done else set()
 
 
@@ -169,23 +171,23 @@ def finalize(out: Path, runs: pd.DataFrame) -> list[int]:
 
     Runs are matched by identity and take the current sweep's run_ids; runs no longer in it are
     left out. Runs not finished yet appear in runs.parquet with status "missing". Each table is
-    streamed chunk by chunk into its file (``store.write_merged``), never held whole.
+    streamed chunk by chunk into its file (``files.write_merged``), never held whole.
     """
     current = pd.Series(runs["run_id"].to_numpy(np.int64), index=runs["run_hash"].to_numpy())
     parts = []
-    for d, owned in store.finished_chunks(out).items():
+    for d, owned in files.finished_chunks(out).items():
         written = np.fromiter(owned, np.int64, len(owned))
         now = current.reindex(list(owned.values())).to_numpy()
         keep = np.flatnonzero(~np.isnan(now))
         keep = keep[np.argsort(written[keep], kind="stable")]
         parts.append((d, (written[keep], now[keep].astype(np.int64))))
-    status = [t for d, ids in parts if len(ids[0]) and (t := store.read_chunk_table(d, "status", ids)) is not None]
+    status = [t for d, ids in parts if len(ids[0]) and (t := files.read_chunk_table(d, "status", ids)) is not None]
     status = pd.concat(status, ignore_index=True) if status else tables.empty_status()
     table = runs.merge(status, on="run_id", how="left")
     table["status"] = table["status"].fillna("missing")
-    store.write_parquet(out / "runs.parquet", table)
+    files.write_parquet(out / "runs.parquet", table)
     for name, spec in tables.TABLES.items():
-        if name != "status" and not store.write_merged(out / f"{name}.parquet", parts, list(spec.keys)):
+        if name != "status" and not files.write_merged(out / f"{name}.parquet", parts, list(spec.keys)):
             (out / f"{name}.parquet").unlink(missing_ok=True)  # an earlier version's, of runs no longer here
     return table.loc[table["status"] == "missing", "run_id"].tolist()
 
@@ -196,7 +198,7 @@ def merge(out: str | Path) -> list[int]:
     Refuses parts of another sweep or other numbers; joins runs by identity. Returns the run_ids still missing.
     """
     out = Path(out)
-    manifest = store.read_manifest(out)
+    manifest = files.read_manifest(out)
     if manifest is None:
         raise sweep_mod.SweepError(f"{out}: no manifest.json here; is it a calibjax results directory?")
     identity = recorded_identity(manifest)
@@ -209,7 +211,7 @@ def merge(out: str | Path) -> list[int]:
     )
     identity = None if numbers_pending(manifest) else identity
     for part in sorted(out.glob("shards/*")):
-        m = store.read_manifest(part)
+        m = files.read_manifest(part)
         if m is not None:  # (identity pending: submitted, and no task has filled it in: the first part's)
             identity = identity or recorded_identity(m)
             check_same_numbers(
@@ -217,7 +219,7 @@ def merge(out: str | Path) -> list[int]:
             )
     sw = manifest_sweep(manifest)
     missing = finalize(out, sweep_mod.runs_table(sw))
-    store.write_json(
+    files.write_json(
         out / "manifest.json",
         {
             **manifest,

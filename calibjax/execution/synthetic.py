@@ -13,8 +13,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from calibjax import planning, results, store, train
 from calibjax import sweep as sweep_mod
+from calibjax.core import train
+from calibjax.execution import planning
+from calibjax.storage import files, results
 
 
 def fake_result(static: train.Static, n_runs: int, seed: int, diverged: float = 0.02) -> train.RunResult:
@@ -49,4 +51,4 @@ def new_results(sw: sweep_mod.Sweep, out: Path, layout: planning.Layout) -> None
     """A results directory for the sweep (manifest and all), as ``calibjax run`` starts one."""
     identity = layout.identity
     results.prepare_output(sw, out, identity, overwrite=False)
-    store.write_json(out / "manifest.json", {**results.sweep_manifest(sw), **identity, "complete": False})
+    files.write_json(out / "manifest.json", {**results.sweep_manifest(sw), **identity, "complete": False})

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from calibjax import estimators, metrics, train
+from calibjax.core import estimators, metrics, train
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from calibjax import portable, rng
+from calibjax.core import portable, rng
 
 LOG_2PI = 1.8378770664093453  # log(2 pi) as 0.8.0 computed it with glibc: a literal, the same on every machine
 

@@ -29,15 +29,14 @@ import jax
 import numpy as np
 import pandas as pd
 
-from calibjax import cpu_kernel, estimators, results, runtime, tables, train
 from calibjax import sweep as sweep_mod
+from calibjax.core import estimators, train
+from calibjax.execution import kernel_loader, runtime
+from calibjax.storage import results, tables
 
-# Runs vmapped together per device (the vectorisation width). CPU: 8, since chunks are padded to
-# whole batches on every device, a narrow width wastes least on small sweeps, and at scale the width
-# hardly matters here (benchmarks/throughput.py --widths 32 16 12 8 4, 256 runs on 2 devices, one
-# process, interleaved: 25.7k-28.4k model-steps/s for every width, 8 at the top). GPU: wide, to
-# fill the device (0.1.0 on an H200: 1024 runs 5.6M model-steps/s, 4096 runs 6.3M), but not so
-# wide that a small sweep pays for thousands of padding runs (not re-measured since).
+# Runs vmapped together per device (the vectorisation width): narrow on CPU (padding wastes least),
+# wide on GPU (fills the device). The measurements behind every constant here: docs/performance.md,
+# "Planning constants".
 CPU_INNER_BATCH = 8
 GPU_INNER_BATCH = 1024
 CPU_MAX_CHUNK = 1024  # most runs per chunk: bounds lost work on a kill
@@ -47,12 +46,10 @@ MEMORY_FRACTION = 0.5  # of device (or, on CPU, host) memory a chunk may plan to
 # The rate is a fixed constant, not measured, so that chunk boundaries (and names) depend only on
 # the sweep and the layout, and processes sharing a directory plan the same chunks.
 MAX_CHUNK_SECONDS = 300.0
+DEFAULT_CHUNK_MINUTES = MAX_CHUNK_SECONDS / 60  # calibjax run --chunk-minutes
 NOMINAL_FLOPS_PER_DEVICE = {"cpu": 2.5e10, "gpu": 1e13}  # ~15k model-steps/s per CPU core
 F32, F64 = 4, 8
-# Fraction of the matmul rate that training and evaluation reach, for plan's time estimate:
-# CPU 0.35 (calibjax 0.2.0 here: benchmarks/throughput.py 0.36-0.40 with one evaluation per run;
-# the shipped sweeps 0.29-0.43 of the training FLOPs, scale_10k 0.35); GPU 0.05 (H200, 0.1.0: 0.08
-# of its TF32 matmul rate).
+# Fraction of the matmul rate that training and evaluation reach, for plan's time estimate.
 EFFICIENCY = {"cpu": 0.35, "gpu": 0.05}
 COMPILE_S = 10.0  # typical compile time of one group here (CPU); plan adds it per group
 
@@ -165,19 +162,18 @@ def default_layout(
 ) -> Layout:
     """The fastest layout measured for the hardware at hand (benchmarks/throughput.py --explore).
 
-    dense: "kernel", "xla" or "auto" (``cpu_kernel.resolve``; None: ``dense_choice(None)``).
+    dense: "kernel", "xla" or "auto" (``kernel_loader.resolve``; None: ``dense_choice(None)``).
     """
     devices = tuple(devices if devices is not None else jax.local_devices())
     cpu = devices[0].platform == "cpu"
     inner = inner_batch or (CPU_INNER_BATCH if cpu else GPU_INNER_BATCH)
     max_chunk = chunk_size or (CPU_MAX_CHUNK if cpu else GPU_MAX_CHUNK)
-    product = cpu_kernel.resolve(dense or dense_choice(None), devices[0].platform)
+    product = kernel_loader.resolve(dense or dense_choice(None), devices[0].platform)
     return Layout(devices, inner, max_chunk, int(device_memory(devices[0]) * MEMORY_FRACTION), max_chunk_s, product)
 
 
 # How the dense layers are computed unless asked otherwise: "auto", calibjax's CPU kernel on CPU where
-# it builds (cpu_kernel; training steps alone 1.3-1.4x XLA's here: benchmarks/throughput.py runs
-# both paths, interleaved; docs/performance.md), XLA elsewhere.
+# it builds (faster than XLA's dot: docs/performance.md), XLA elsewhere.
 DEFAULT_DENSE = "auto"
 
 

@@ -1,0 +1,161 @@
+"""The library pipeline: what ``calibjax run``, ``merge`` and ``plan`` do, callable from Python.
+
+    import calibjax
+
+    calibjax.setup()  # before any JAX computation
+    report = calibjax.run("sweeps/blog.toml")  # train or resume; final tables, summaries, figures, report
+    t = calibjax.load_results(report.out)  # dict of DataFrames: runs, metrics, density, ...
+
+``run`` trains every unfinished run of a sweep (a file, a shipped sweep's name or a ``Sweep``) and,
+once every run has finished, writes the summaries, the figures and the HTML report (``finish``).
+The command line calls these functions and nothing else; its options are their keywords, and its
+stop and progress hooks are their arguments (nothing here keeps state between calls).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from calibjax import cluster
+from calibjax.analysis import summaries
+from calibjax.analysis.report import write_report
+from calibjax.execution import engine, planning
+from calibjax.storage import files, results
+from calibjax.sweep import MAX_RUNS, Sweep, load, shipped
+
+DEFAULT_CHUNK_MINUTES = planning.DEFAULT_CHUNK_MINUTES
+
+
+def open_sweep(sweep: str | Path | Sweep, max_runs: int = MAX_RUNS) -> Sweep:
+    """A Sweep from a file, or a shipped sweep's name (``calibjax sweeps`` lists them)."""
+    return sweep if isinstance(sweep, Sweep) else load(shipped.find(str(sweep)), max_runs=max_runs)
+
+
+def results_dir(sw: Sweep, out: str | Path | None = None) -> Path:
+    """Where a sweep's results go: ``out``, by default results/<sweep name>."""
+    return Path(out) if out else Path("results") / sw.name
+
+
+def layout_for(
+    out: Path,
+    chunk_size: int | None = None,
+    inner_batch: int | None = None,
+    dense: str | None = None,
+    chunk_minutes: float = DEFAULT_CHUNK_MINUTES,
+) -> planning.Layout:
+    """The layout that trains into ``out``: the dense path it recorded unless asked otherwise."""
+    choice = planning.dense_choice(dense, files.read_manifest(out))
+    return planning.default_layout(chunk_size, inner_batch, max_chunk_s=60 * chunk_minutes, dense=choice)
+
+
+def _shard(shard, out: Path) -> tuple[tuple[int, int] | None, int]:
+    """(shard, first array task id) from "K/N", (K, N) or, inside a SLURM array, the environment."""
+    text = f"{shard[0]}/{shard[1]}" if isinstance(shard, tuple) else shard
+    return cluster.resolve_shard(text, files.read_manifest(out), out) or (None, 0)
+
+
+def run(
+    sweep: str | Path | Sweep,
+    out: str | Path | None = None,
+    *,
+    chunk_size: int | None = None,
+    inner_batch: int | None = None,
+    dense: str | None = None,
+    chunk_minutes: float = DEFAULT_CHUNK_MINUTES,
+    shard: str | tuple[int, int] | None = None,
+    max_runs: int = MAX_RUNS,
+    overwrite: bool = False,
+    figures: bool = True,
+    quiet: bool = False,
+    stop=lambda: False,
+    report: engine.Report | None = None,
+) -> engine.Report:
+    """Train every unfinished run of a sweep (or of one shard) into ``out``; once all have
+    finished, write the summaries, the figures (unless ``figures=False``) and the HTML report.
+
+    ``stop()`` is asked between chunks and while one trains (yes: KeyboardInterrupt, finished
+    chunks kept); ``report`` is filled in as chunks finish, so a caller that is interrupted can
+    say how far it got. Returns the report (``report.out``: the results directory).
+    """
+    sw = open_sweep(sweep, max_runs)
+    out = results_dir(sw, out)
+    shard, first = _shard(shard, out)
+    layout = layout_for(out, chunk_size, inner_batch, dense, chunk_minutes)
+    report = report if report is not None else engine.Report()
+    engine.run_sweep(
+        sw,
+        out,
+        layout=layout,
+        shard=shard,
+        shard_first=first,
+        overwrite=overwrite,
+        quiet=quiet,
+        stop=stop,
+        report=report,
+    )
+    if report.complete:
+        finish(out, figures=figures)
+    return report
+
+
+def finish(out: str | Path, figures: bool = True) -> None:
+    """After the final tables: summaries, then (unless turned off) the standard figures, then the
+    HTML report."""
+    summaries.write_summaries(out)
+    if figures:
+        from calibjax.analysis.figures import standard_figures  # (matplotlib: loaded only to draw)
+
+        standard_figures(out)
+    write_report(out)
+
+
+def merge(out: str | Path, figures: bool = True) -> list[int]:
+    """Join the shard parts of a results directory; then summaries, figures and report of exactly
+    the runs present. Returns the run_ids still missing."""
+    missing = results.merge(out)
+    if (Path(out) / "metrics.parquet").exists():  # (no run finished at all: nothing to summarize)
+        finish(out, figures=figures)
+    return missing
+
+
+@dataclass
+class Plan:
+    """What ``run`` would do: the chunks per group still to train, and why results are not reused."""
+
+    sweep: Sweep
+    out: Path
+    layout: planning.Layout
+    table: pd.DataFrame  # planning.plan: groups, chunks, memory and time
+    done: set[int]  # runs already finished in out (that run would keep)
+    note: str = ""  # why run would not reuse what out holds ("" if it would, or out is new)
+
+
+def plan(
+    sweep: str | Path | Sweep,
+    out: str | Path | None = None,
+    *,
+    chunk_size: int | None = None,
+    inner_batch: int | None = None,
+    dense: str | None = None,
+    chunk_minutes: float = DEFAULT_CHUNK_MINUTES,
+    shard: str | tuple[int, int] | None = None,
+    max_runs: int = MAX_RUNS,
+) -> Plan:
+    """What ``run`` with these arguments would train (nothing trains). Finished runs count as done
+    only where run would accept them."""
+    sw = open_sweep(sweep, max_runs)
+    out = results_dir(sw, out)
+    shard, _ = _shard(shard, out)
+    layout = layout_for(out, chunk_size, inner_batch, dense, chunk_minutes)
+    manifest, done, note = files.read_manifest(out), set(), ""
+    if manifest is not None:
+        try:
+            hint = "run would refuse them; with --overwrite it would train every run"
+            results.check_same_numbers(manifest, out, sw.name, layout.identity, hint)
+            done = results.finished_run_ids(out, sw)
+        except results.ResultsExist as e:
+            note = str(e)
+    return Plan(sw, out, layout, planning.plan(sw, layout, shard, done), done, note)

@@ -1,0 +1,94 @@
+"""Reading a results directory's final tables: ``load_results``, ``read_table`` and ``Results``.
+
+The file mechanics (atomic writes, chunks, locks) are ``calibjax.storage.files``; the tables'
+columns are ``calibjax.storage.tables``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from calibjax.storage.files import FINAL_FILES, CorruptResults, read_parquet
+
+
+def require_results(out: str | Path) -> Path:
+    """``out`` as a Path, if it holds a sweep's final runs and metrics tables (else CorruptResults
+    saying so: summaries and figures are drawn from them)."""
+    out = Path(out)
+    if not (out / "runs.parquet").exists() or not (out / "metrics.parquet").exists():
+        raise CorruptResults(f"{out}: no runs.parquet and metrics.parquet here; run or merge a sweep first")
+    return out
+
+
+def load_results(out: str | Path, names=FINAL_FILES) -> dict[str, pd.DataFrame]:
+    """The final tables of a results directory, by name (runs, metrics, density, calibration, curves,
+    estimators, recalibrated, summary, summary_by_setting, estimator_benchmark): those present
+    among ``names``. For a large sweep, ``read_table`` reads only the columns and rows asked for.
+
+    Only calibjax's own table names are read, never another writer's temporary file (``.tmp-*``,
+    still being written while processes share the directory) or a file of the user's.
+    """
+    found = {}
+    for name in names:
+        try:
+            found[name] = read_table(out, name)
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def read_table(out: str | Path, name: str, columns=None, filters=None) -> pd.DataFrame:
+    """One final table of a results directory: only ``columns`` (default all), only the rows that
+    pass ``filters``, in pyarrow's form, e.g. ``[("step", "==", 1000)]`` or
+    ``[("run_id", "in", ids)]`` (row groups whose statistics rule them out are not read).
+    FileNotFoundError if the directory has no such table."""
+    if name not in FINAL_FILES:
+        raise ValueError(f"{name!r}: not a calibjax table; tables are {', '.join(FINAL_FILES)}")
+    out = Path(out)
+    return read_parquet(
+        out / f"{name}.parquet",
+        columns,
+        filters,
+        hint=f"rerun the sweep's command (or calibjax merge {out}) to write it again",
+    )
+
+
+def table_columns(out: str | Path, name: str) -> list[str]:
+    """The columns of a final table, read from its footer (no rows read)."""
+    with open(Path(out) / f"{name}.parquet", "rb") as f:
+        return pq.read_schema(f).names
+
+
+class Results(Mapping):
+    """A results directory's final tables by name, each read when first asked for (figures of a
+    large sweep then read only the tables they draw)."""
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self._read: dict[str, pd.DataFrame] = {}
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        if name not in self._read:
+            if name not in FINAL_FILES:
+                raise KeyError(name)
+            try:
+                self._read[name] = read_table(self.out, name)
+            except FileNotFoundError:  # a damaged table is a CorruptResults, not a missing one
+                raise KeyError(name) from None
+        return self._read[name]
+
+    def __setitem__(self, name: str, df: pd.DataFrame) -> None:
+        self._read[name] = df
+
+    def __contains__(self, name) -> bool:
+        return name in self._read or (name in FINAL_FILES and (self.out / f"{name}.parquet").is_file())
+
+    def __iter__(self):
+        return (n for n in FINAL_FILES if n in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)

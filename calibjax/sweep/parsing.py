@@ -1,0 +1,104 @@
+"""Reading a sweep file: TOML in, a checked ``Sweep`` out (every run checked before anything
+trains or is written)."""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from calibjax.sweep.expand import Axis, Sweep
+from calibjax.sweep.resolve import resolve
+from calibjax.sweep.schema import MAX_RUNS, SECTIONS, SETTINGS, TOP_LEVEL, is_independent
+from calibjax.sweep.validate import SweepError, check_setting, check_value, grid_values, seeds_of
+
+
+def load(path: str | Path, max_runs: int = MAX_RUNS) -> Sweep:
+    """Read, validate and expand a sweep file."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise SweepError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise SweepError(f"{path}: not UTF-8 text (byte {e.start}); save the sweep file as UTF-8") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SweepError(f"{path}: not valid TOML: {e}") from None
+    return parse(doc, str(path), text, default_name=path.stem, max_runs=max_runs)
+
+
+def parse(
+    doc: dict, path: str = "<sweep>", text: str = "", default_name: str = "sweep", max_runs: int = MAX_RUNS
+) -> Sweep:
+    f = path + ":"
+    for key in doc:
+        if key not in TOP_LEVEL:
+            raise SweepError(f"{f} unknown key {key!r} at top level; expected one of {', '.join(TOP_LEVEL)}")
+
+    name = doc.get("name", default_name)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise SweepError(
+            f"{f} name: expected letters, digits, '_', '-' or '.', starting with a letter, digit or "
+            f"'_' (results go to results/<name>), got {name!r}"
+        )
+    seeds = seeds_of(doc.get("seeds", 1), f, max_runs)
+
+    base: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for section in SECTIONS:
+        table = doc.get(section, {})
+        where = f"{f} [{section}]"
+        if not isinstance(table, dict):
+            raise SweepError(f"{where}: expected a table of settings")
+        for key, v in table.items():
+            if key not in SETTINGS or SETTINGS[key].section != section:
+                home = f" (it belongs in [{SETTINGS[key].section}])" if key in SETTINGS else ""
+                known = ", ".join(k for k, s in SETTINGS.items() if s.section == section)
+                raise SweepError(f"{where} unknown key {key!r}{home}; known: {known}")
+            base[key] = check_value(key, SETTINGS[key].kind, v, where)
+            origin[key] = where
+
+    cases = doc.get("cases", {"default": {}})
+    if not isinstance(cases, dict) or not cases or not all(isinstance(c, dict) for c in cases.values()):
+        raise SweepError(f"{f} [cases]: expected one or more [cases.NAME] tables")
+    case_settings = {}
+    for cname, table in cases.items():
+        where = f"{f} [cases.{cname}]"
+        case_settings[cname] = {k: (check_setting(k, v, where), where) for k, v in table.items()}
+
+    grid = doc.get("grid", {})
+    if not isinstance(grid, dict):
+        raise SweepError(f"{f} [grid]: expected a table of setting = values")
+    axes = []
+    for key, spec in grid.items():
+        where = f"{f} [grid]"
+        values = grid_values(key, spec, where, max_runs)
+        axes.append(Axis(key, tuple(check_setting(key, v, where) for v in values), where, is_independent(key)))
+
+    n_runs = len(case_settings) * math.prod(len(a.values) for a in axes) * len(seeds)
+    if n_runs > max_runs:
+        raise SweepError(
+            f"{f} {len(case_settings)} case(s) x "
+            f"{' x '.join(str(len(a.values)) for a in axes) or '1'} grid "
+            f"point(s) x {len(seeds)} seed(s) = {n_runs:,} runs, more than the {max_runs:,} a sweep "
+            "may have; split it, or raise the limit with --max-runs"
+        )
+    sw = Sweep(name, path, text, base, origin, list(case_settings.items()), axes, seeds)
+    _check_all(sw)
+    return sw
+
+
+def _check_all(sw: Sweep) -> None:
+    """Every run is checked before anything trains, without resolving every run: each block (case
+    x coupled grid values) is resolved, and each value of an independent axis once (in the first
+    block): the checks of an independent setting depend on nothing else."""
+    _ = sw.block_groups  # resolves every block
+    for a in sw.independent:
+        for d in range(1, len(sw.axes[a].values)):
+            digits = [0] * len(sw.axes)
+            digits[a] = d
+            resolve(*sw._settings(0, digits)[1:], sw.path + ":")
