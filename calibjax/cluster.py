@@ -207,56 +207,47 @@ def scripts(sub: Submission, sweep_copy: Path, name: str) -> tuple[str, str]:
     """The array script and the merge script (sbatch reads the #SBATCH lines; --array is given on
     the command line, so resubmissions reuse the same script)."""
     out = Path(sub.out).resolve()
-    logs = out / "slurm"
     common = [f"#SBATCH --mem={sub.mem}", f"#SBATCH --time={sub.time}", "#SBATCH --open-mode=append"]
     if sub.partition:
         common.append(f"#SBATCH --partition={sub.partition}")
-    run = [
-        sys.executable,
-        "-m",
-        "calibjax",
-        "run",
-        str(sweep_copy),
-        "--out",
-        str(out),
-        "--quiet",
-        "--chunk-minutes",
-        str(sub.chunk_minutes),
-        *sub.run_args,
+    return _array_script(sub, sweep_copy, name, out, common), _merge_script(sub, name, out, common)
+
+
+def _array_script(sub: Submission, sweep_copy: Path, name: str, out: Path, common: list[str]) -> str:
+    run = [sys.executable, "-m", "calibjax", "run", str(sweep_copy), "--out", str(out), "--quiet"]
+    run += ["--chunk-minutes", str(sub.chunk_minutes), *sub.run_args]
+    lines = [
+        "#!/bin/bash",
+        f"# Written by calibjax submit for {sub.sweep}: task K of this array trains shard K of {sub.tasks}.",
+        f"# What is done and how to resubmit what is missing: calibjax status {shlex.quote(str(out))}",
+        f"#SBATCH --job-name={name}",
+        f"#SBATCH --output={out / 'slurm'}/%x-%A_%a.out",
+        f"#SBATCH --cpus-per-task={sub.cpus}",
+        *common,
+        *([f"#SBATCH --gres={sub.gres}"] if sub.gres else []),
+        "#SBATCH --requeue",
+        f"#SBATCH --signal=B:USR1@{sub.warn_s}",
+        'echo "calibjax: array task ${SLURM_ARRAY_TASK_ID}, job ${SLURM_JOB_ID},'
+        ' attempt $((${SLURM_RESTART_COUNT:-0} + 1)), on $(hostname) at $(date -Is)"',
+        "exec " + shlex.join(run),
+        "",
     ]
-    array = "\n".join(
-        [
-            "#!/bin/bash",
-            f"# Written by calibjax submit for {sub.sweep}: task K of this array trains shard K of {sub.tasks}.",
-            f"# What is done and how to resubmit what is missing: calibjax status {shlex.quote(str(out))}",
-            f"#SBATCH --job-name={name}",
-            f"#SBATCH --output={logs}/%x-%A_%a.out",
-            f"#SBATCH --cpus-per-task={sub.cpus}",
-            *common,
-            *([f"#SBATCH --gres={sub.gres}"] if sub.gres else []),
-            "#SBATCH --requeue",
-            f"#SBATCH --signal=B:USR1@{sub.warn_s}",
-            'echo "calibjax: array task ${SLURM_ARRAY_TASK_ID}, job ${SLURM_JOB_ID},'
-            ' attempt $((${SLURM_RESTART_COUNT:-0} + 1)), on $(hostname) at $(date -Is)"',
-            "exec " + shlex.join(run),
-            "",
-        ]
-    )
-    merge = "\n".join(
-        [
-            "#!/bin/bash",
-            f"# Written by calibjax submit for {sub.sweep}: joins the shards once the array has ended, "
-            "however it ended.",
-            f"#SBATCH --job-name={name}-merge",
-            f"#SBATCH --output={logs}/%x-%j.out",
-            "#SBATCH --cpus-per-task=1",
-            *common,
-            'echo "calibjax: merge, job ${SLURM_JOB_ID}, on $(hostname) at $(date -Is)"',
-            "exec " + shlex.join([sys.executable, "-m", "calibjax", "merge", str(out)]),
-            "",
-        ]
-    )
-    return array, merge
+    return "\n".join(lines)
+
+
+def _merge_script(sub: Submission, name: str, out: Path, common: list[str]) -> str:
+    lines = [
+        "#!/bin/bash",
+        f"# Written by calibjax submit for {sub.sweep}: joins the shards once the array has ended, however it ended.",
+        f"#SBATCH --job-name={name}-merge",
+        f"#SBATCH --output={out / 'slurm'}/%x-%j.out",
+        "#SBATCH --cpus-per-task=1",
+        *common,
+        'echo "calibjax: merge, job ${SLURM_JOB_ID}, on $(hostname) at $(date -Is)"',
+        "exec " + shlex.join([sys.executable, "-m", "calibjax", "merge", str(out)]),
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def _sbatch(args: list[str]) -> str:
@@ -275,24 +266,8 @@ def submit(sub: Submission, sw: sweep_mod.Sweep, dry_run: bool = False, echo=pri
     Before anything is submitted: the results directory must be new, empty or this sweep's, and
     split into ``sub.tasks`` shards if it was split before; its manifest then records the count.
     """
-    if sub.tasks > len(sw.runs):
-        raise ClusterError(f"--tasks {sub.tasks}: more shards than the sweep's {len(sw.runs)} runs")
-    parse_minutes(sub.time)  # a bad --time is refused before anything is written
     out = Path(sub.out)
-    manifest = files.read_manifest(out)
-    if manifest is None and results.foreign(out):
-        raise ClusterError(
-            f"{out}: exists and is not a calibjax results directory (no manifest.json); choose another --out"
-        )
-    if manifest is not None:
-        if manifest.get("sweep_name") != sw.name:
-            raise ClusterError(
-                f"{out}: holds results of a different sweep ({manifest.get('sweep_name')!r}, not "
-                f"{sw.name!r}); use --out for a new directory"
-            )
-        results.check_shard_count(
-            manifest, out, sub.tasks, hint=f"submit with --tasks {manifest.get('shards')} (--only picks shards)"
-        )
+    manifest = check_submission(sub, sw, out)
     logs = out / "slurm"
     sweep_copy = logs / f"{sw.name}-{sw.sha256[:12]}.toml"  # tasks read this copy: editing the file changes nothing
     array, merge = scripts(sub, sweep_copy, sw.name)
@@ -306,16 +281,7 @@ def submit(sub: Submission, sw: sweep_mod.Sweep, dry_run: bool = False, echo=pri
         return {}
     if shutil.which("sbatch") is None:
         raise ClusterError(NO_SBATCH)
-    if manifest is None:
-        files.write_json(
-            out / "manifest.json",
-            {**results.sweep_manifest(sw), **results.PENDING, "complete": False, "shards": sub.tasks, "shard_first": 0},
-        )
-    elif "shards" not in manifest:
-        files.write_json(out / "manifest.json", {**manifest, "shards": sub.tasks, "shard_first": 0})
-    files.write_atomic(sweep_copy, lambda tmp: Path(tmp).write_text(sw.text))
-    for name, text in (("array.sh", array), ("merge.sh", merge)):
-        files.write_atomic(logs / name, lambda tmp, text=text: Path(tmp).write_text(text))
+    _write_submission(sub, sw, out, manifest, sweep_copy, {"array.sh": array, "merge.sh": merge})
     array_id = _sbatch([*array_args, str(logs / "array.sh")])
     merge_id = _sbatch(["--dependency", f"afterany:{array_id}", *sub.sbatch_args, str(logs / "merge.sh")])
     record = {
@@ -330,12 +296,47 @@ def submit(sub: Submission, sw: sweep_mod.Sweep, dry_run: bool = False, echo=pri
     return record
 
 
+def check_submission(sub: Submission, sw: sweep_mod.Sweep, out: Path) -> dict | None:
+    """Refuse a submission before anything is written: too many shards, a bad time limit, a
+    directory of another sweep or another shard count. Returns the directory's manifest (None: new)."""
+    if sub.tasks > len(sw.runs):
+        raise ClusterError(f"--tasks {sub.tasks}: more shards than the sweep's {len(sw.runs)} runs")
+    parse_minutes(sub.time)
+    manifest = files.read_manifest(out)
+    if manifest is None and results.foreign(out):
+        raise ClusterError(
+            f"{out}: exists and is not a calibjax results directory (no manifest.json); choose another --out"
+        )
+    if manifest is not None:
+        if manifest.get("sweep_name") != sw.name:
+            raise ClusterError(
+                f"{out}: holds results of a different sweep ({manifest.get('sweep_name')!r}, not "
+                f"{sw.name!r}); use --out for a new directory"
+            )
+        results.check_shard_count(
+            manifest, out, sub.tasks, hint=f"submit with --tasks {manifest.get('shards')} (--only picks shards)"
+        )
+    return manifest
+
+
 def submissions(out: Path) -> list[dict]:
     try:
         data = json.loads((Path(out) / "slurm" / SUBMISSIONS).read_text())
         return data if isinstance(data, list) else []
     except (OSError, ValueError):
         return []
+
+
+def _write_submission(sub: Submission, sw, out: Path, manifest: dict | None, sweep_copy: Path, texts: dict) -> None:
+    """The manifest with the shard count, the sweep's copy the tasks read, and the two scripts."""
+    if manifest is None:
+        shards = {"complete": False, "shards": sub.tasks, "shard_first": 0}
+        files.write_json(out / "manifest.json", {**results.sweep_manifest(sw), **results.PENDING, **shards})
+    elif "shards" not in manifest:
+        files.write_json(out / "manifest.json", {**manifest, "shards": sub.tasks, "shard_first": 0})
+    files.write_atomic(sweep_copy, lambda tmp: Path(tmp).write_text(sw.text))
+    for name, text in texts.items():
+        files.write_atomic(out / "slurm" / name, lambda tmp, text=text: Path(tmp).write_text(text))
 
 
 # ---------------------------------------------------------------- status
@@ -381,67 +382,79 @@ def status(out: Path) -> Status:
     if manifest is None:
         raise ClusterError(f"{out}: no manifest.json here; is it a calibjax results directory?")
     sw = results.manifest_sweep(manifest)
-    n_runs = len(sw.runs)
-    done = np.zeros(n_runs, bool)
-    finished = results.finished_run_ids(out, sw)
-    if finished:
-        done[np.fromiter(finished, np.int64, len(finished))] = True
     shards, first = manifest.get("shards"), manifest.get("shard_first", 0)
-    owner = np.arange(n_runs) % shards if shards else np.zeros(n_runs, np.int64)
-    runs_of = np.bincount(owner, minlength=shards or 1)
-    done_of = np.bincount(owner, weights=done, minlength=shards or 1).astype(np.int64)
+    done, runs_of, done_of = count_done(out, sw, shards)
     history = submissions(out)
-    job_ids = sorted({h["array_job"] for h in history})
-    queued = queued_tasks(job_ids)
-    live = {}  # shard -> SLURM state of its latest task still queued
-    for h in history:
-        for k in h["shards"]:
-            state = (queued or {}).get(f"{h['array_job']}_{first + k}")
-            if state:
-                live[k] = state
-    writers, busy, failed = [], set(), []
-    parts = [(k, out / "shards" / f"{k}-of-{shards}") for k in range(shards)] if shards else [(0, out)]
-    for k, part in parts:
-        for chunk_id, holder, age in files.live_locks(part):
-            writers.append(
-                f"{part.relative_to(out) if part != out else '.'} {chunk_id}: {holder}, heartbeat {age:.0f} s ago"
-            )
-            busy.add(k)
-        m = manifest if part == out else files.read_manifest(part)
-        failed += [f"{part.name}/{c}" for c in (m or {}).get("failed_chunks", [])]
+    queued = queued_tasks(sorted({h["array_job"] for h in history}))
+    live = _queued_shards(history, queued, first)
+    writers, busy, failed = _activity(out, manifest, shards)
     rows = []
     for k in range(shards or 1):
         n, d = int(runs_of[k]), int(done_of[k])
         state = "done" if d == n else live.get(k, "").lower() or ("training" if k in busy else "missing")
         rows.append({"shard": k if shards else "-", "runs": n, "done": d, "missing": n - d, "state": state})
-    table = pd.DataFrame(rows)
     groups = pd.DataFrame({"group": sw.groups[1], "done": done}).groupby("group")["done"].agg(["size", "sum"])
     groups = groups.rename(columns={"size": "runs", "sum": "done"}).assign(missing=lambda g: g["runs"] - g["done"])
     todo = [int(r["shard"]) for r in rows if r["state"] == "missing"] if shards else []
-    resubmit = []
-    if shards and todo:
-        if history:
-            saved = history[-1]["submission"]
-            sub = Submission(
-                **{
-                    **saved,
-                    "run_args": tuple(saved["run_args"]),
-                    "sbatch_args": tuple(saved["sbatch_args"]),
-                    "only": (),
-                }
-            )
-            resubmit.append(sub.command(only=todo))
-        else:
-            resubmit.append(
-                f"sbatch --array={','.join(_ranges([first + k for k in todo]))} "
-                f"sweeps/slurm_array.sh {shlex.quote(sw.path)} --out {shlex.quote(str(out))}"
-            )
-            resubmit += [
-                f"calibjax run {shlex.quote(sw.path)} --out {shlex.quote(str(out))} --shard {k}/{shards}" for k in todo
-            ]
-    elif not shards and not done.all() and not busy:
-        resubmit.append(f"calibjax run {shlex.quote(sw.path)} --out {shlex.quote(str(out))}")
-    return Status(sw, out, shards, first, table, groups.reset_index(), writers, failed, resubmit, queued)
+    if shards:
+        resubmit = resubmit_commands(sw, out, shards, first, todo, history)
+    elif not done.all() and not busy:
+        resubmit = [f"calibjax run {shlex.quote(sw.path)} --out {shlex.quote(str(out))}"]
+    else:
+        resubmit = []
+    return Status(sw, out, shards, first, pd.DataFrame(rows), groups.reset_index(), writers, failed, resubmit, queued)
+
+
+def count_done(out: Path, sw: sweep_mod.Sweep, shards: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which runs are done, and runs and done runs per shard (one entry for an unsharded directory)."""
+    n_runs = len(sw.runs)
+    done = np.zeros(n_runs, bool)
+    finished = results.finished_run_ids(out, sw)
+    if finished:
+        done[np.fromiter(finished, np.int64, len(finished))] = True
+    owner = np.arange(n_runs) % shards if shards else np.zeros(n_runs, np.int64)
+    runs_of = np.bincount(owner, minlength=shards or 1)
+    done_of = np.bincount(owner, weights=done, minlength=shards or 1).astype(np.int64)
+    return done, runs_of, done_of
+
+
+def _queued_shards(history: list[dict], queued: dict | None, first: int) -> dict[int, str]:
+    """shard -> SLURM state of its latest task still queued."""
+    live = {}
+    for h in history:
+        for k in h["shards"]:
+            state = (queued or {}).get(f"{h['array_job']}_{first + k}")
+            if state:
+                live[k] = state
+    return live
+
+
+def _activity(out: Path, manifest: dict, shards: int | None) -> tuple[list[str], set[int], list[str]]:
+    """Chunks being trained now (live locks), the shards they are in, and failed chunks."""
+    writers, busy, failed = [], set(), []
+    parts = [(k, out / "shards" / f"{k}-of-{shards}") for k in range(shards)] if shards else [(0, out)]
+    for k, part in parts:
+        where = part.relative_to(out) if part != out else "."
+        for chunk_id, holder, age in files.live_locks(part):
+            writers.append(f"{where} {chunk_id}: {holder}, heartbeat {age:.0f} s ago")
+            busy.add(k)
+        m = manifest if part == out else files.read_manifest(part)
+        failed += [f"{part.name}/{c}" for c in (m or {}).get("failed_chunks", [])]
+    return writers, busy, failed
+
+
+def resubmit_commands(sw, out: Path, shards: int, first: int, todo: list[int], history: list[dict]) -> list[str]:
+    """The commands that train the missing shards: the last submission again for just those, or
+    (for a directory not submitted by calibjax) the shipped array script and the plain runs."""
+    if not todo:
+        return []
+    if history:
+        saved = history[-1]["submission"]
+        fixed = {"run_args": tuple(saved["run_args"]), "sbatch_args": tuple(saved["sbatch_args"]), "only": ()}
+        return [Submission(**{**saved, **fixed}).command(only=todo)]
+    path, where = shlex.quote(sw.path), shlex.quote(str(out))
+    array = f"sbatch --array={','.join(_ranges([first + k for k in todo]))} sweeps/slurm_array.sh {path} --out {where}"
+    return [array, *(f"calibjax run {path} --out {where} --shard {k}/{shards}" for k in todo)]
 
 
 def format_status(st: Status) -> str:

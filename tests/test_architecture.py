@@ -128,6 +128,18 @@ def test_every_user_facing_error_has_the_one_base():
     assert defined == {e.__name__ for e in errors} | {"CalibjaxError", "Invalid"}, defined
 
 
+def test_host_side_functions_are_short():
+    """Outside the numerical core no function is over ~50 lines (ruff's C901 bounds complexity at 12)."""
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        if "core" in path.relative_to(PACKAGE).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 55:
+                long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}")
+    assert not long, long
+
+
 def test_no_module_is_over_600_lines():
     long = {p.name: n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 600}
     assert not long, long

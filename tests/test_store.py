@@ -50,7 +50,7 @@ CHUNK = "g000-r0000000-n2-0123abcd"
 
 def _chunk(out, run_ids=(0, 1)):
     df = pd.DataFrame({"run_id": list(run_ids), "status": "ok", "bayes_loss": 0.5})
-    return files.write_chunk(
+    return files.write_chunk_tables(
         out, CHUNK, {"status": df, "metrics": df[["run_id"]]}, run_ids, [f"hash{i}" for i in run_ids]
     )
 

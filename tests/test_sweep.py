@@ -1,6 +1,8 @@
 """Sweep files: expansion, grids, grouping, and every kind of bad input."""
 
+import dataclasses
 import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from calibjax import sweep
 from conftest import sweep_doc, to_toml
 from conftest import sweep_text as _text
 
+ROOT = Path(__file__).resolve().parents[1]
 BASE = _text(name="t", model=None, eval=None, train={"steps": 100, "checkpoints": [10, 100], "n_data": None})
 
 
@@ -336,3 +339,76 @@ def test_per_step_features_are_compiled_in_only_for_the_runs_that_use_them():
         s = sweep.static_of(r)
         assert (s.ema, s.importance) == (r.settings["ema_decay"] > 0, r.settings["proposal_scale"] > 1)
     assert {(s.ema, s.importance) for s in sw.groups[0]} == {(a, b) for a in (False, True) for b in (False, True)}
+
+
+# ---------------------------------------------------------------- run identity across versions
+
+# Run hashes that calibjax 0.9.0 wrote for the shipped sweeps (runs.parquet's run_hash): results
+# directories written then stay valid only while these bytes do not change.
+HASHES_0_9 = {
+    "blog": {
+        0: "db64932a0172bb9eeaffbe0aa10d3d76",
+        12: "d1ff4c6fc4e570eccc949f324fc016d0",
+        23: "9d94f8957276102a6b1789d3bea4c495",
+    },
+    "capacity": {
+        0: "6cfc6252a45e80248f5108edbf875b9d",
+        48: "0a506352121f4e68cfe3d4eb380f32f5",
+        95: "bfb195cab6cae30422c17f6bfb334e5e",
+    },
+    "dataset_size": {
+        0: "58202dcda4030013c1fec3f88fb7ad98",
+        60: "24ec4576a888de249be8febf6db0fc57",
+        119: "ec73391344b4bdd71edb32a255925658",
+    },
+    "losses": {
+        0: "04ccbb46a495f9d2c52a9c08dbe50569",
+        48: "bcd3761302a01af3db4569f1990d0a2f",
+        95: "12107c8bcb8aed37251cc40e1bc8fa48",
+    },
+    "multiclass2d": {
+        0: "339886756b653482b3610ec177d0373c",
+        8: "9bb08df4c0b6d13d98561ee1105d5d42",
+        15: "bcf66ff84fbeabe3225702d215a79130",
+    },
+    "noise_floor": {
+        0: "81a41bf9a0f7a037a2a8a865e74af822",
+        72: "507360964505d69483bc75767eb1c671",
+        143: "c8c5b4f3ca63142d0f9afc3970722607",
+    },
+    "tail_oversampling": {
+        0: "7e881b961ebb2e5a06e656c663f7521c",
+        32: "bfca79ea6626af91043cd446283c1985",
+        63: "6f61048d88280370005ef5d94891de0a",
+    },
+    "estimators": {
+        0: "6c476c9f6b6133d3a956b84a40652555",
+        6: "db54049b85045f97f94a757af45c14ae",
+        11: "62d36477bd702ad1bd847537a700519d",
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(HASHES_0_9))
+def test_run_hashes_are_the_bytes_0_9_wrote(name):
+    sw = sweep.load(ROOT / "sweeps" / f"{name}.toml")
+    ids = sorted(HASHES_0_9[name])
+    assert dict(zip(ids, sw.run_hashes(ids), strict=True)) == HASHES_0_9[name]
+    assert sweep.runs_table(sw)["run_hash"].iloc[ids].tolist() == [HASHES_0_9[name][i] for i in ids]
+
+
+def test_a_setting_added_later_leaves_every_existing_hash_alone():
+    """A new dynamic or static setting enters the hash only where a run moves it off its default."""
+    from calibjax.core.settings import Setting
+
+    sw = sweep.load(ROOT / "sweeps" / "blog.toml")
+    run, static = sw.run(3), sw.block_groups[0][0]
+    json = sweep.static_json(static)
+    trial = {**sweep.schema.DYNAMIC, "trial": Setting("train", "nonneg_float", 0.0)}
+    at_default = sweep.hash_parts(dataclasses.replace(run, settings={**run.settings, "trial": 0.0}), json, trial)
+    assert at_default == sweep.hash_parts(run, json)
+    moved = sweep.hash_parts(dataclasses.replace(run, settings={**run.settings, "trial": 0.5}), json, trial)
+    assert moved != at_default and '"trial": 0.5' in moved[1]
+    # a static flag added later (off by default) is hashed only when on
+    assert sweep.identity._hashed({"steps": 5, "new_flag": False}, {"steps"}, {}) == {"steps": 5}
+    assert sweep.identity._hashed({"steps": 5, "new_flag": True}, {"steps"}, {}) == {"steps": 5, "new_flag": True}

@@ -251,6 +251,77 @@ def heatmap(
 
     ``agg`` is summary_by_setting; ``runs`` (optional) tells unswept settings from unknown names.
     """
+    _check_heatmap(agg, x, y, value, facet, runs)
+    facets = list(dict.fromkeys(agg[facet])) if facet else [None]
+    finite = agg[value].to_numpy(float)
+    finite = finite[np.isfinite(finite)]
+    positive = len(finite) and finite.min() > 0
+    log_color = bool(positive and finite.max() / finite.min() > 20)
+    norm = (
+        matplotlib.colors.LogNorm(finite.min(), finite.max())
+        if log_color
+        else matplotlib.colors.Normalize(finite.min() if len(finite) else 0, finite.max() if len(finite) else 1)
+    )
+    fig, axes = _subplots(len(facets), figsize=(4.6 * len(facets) + 1.2, 4.0), squeeze=False)
+    xs, ys = np.sort(agg[x].unique()), np.sort(agg[y].unique())
+    for ax, fv in zip(axes[0], facets, strict=True):
+        d = agg if fv is None else agg[agg[facet] == fv]
+        mesh = _heatmap_panel(ax, d, x, y, value, norm, xs, ys)
+        panel = (f"{facet} = {fv:g}" if isinstance(fv, float) else f"{facet} = {fv}") if facet else None
+        ax.set(
+            xlabel=x + (" (log)" if _is_log_spaced(xs) else ""),
+            ylabel=y + (" (log)" if _is_log_spaced(ys) else ""),
+            title=panel,
+        )
+    cbar = fig.colorbar(mesh, ax=axes[0].tolist())
+    cbar.set_label(value + " (median over seeds)")
+    if (np.isposinf(agg[value].to_numpy(float))).any():
+        axes[0][0].legend(
+            handles=[
+                matplotlib.patches.Patch(facecolor="#d9d9d9", hatch="///", edgecolor="#888888", label="never reached")
+            ],
+            loc="upper left",
+            bbox_to_anchor=(0.0, -0.13),
+            fontsize=8,
+            frameon=False,
+        )
+    pooled = pooled_settings(agg, x, y, facet)
+    fig.suptitle(title or f"{value}: median over seeds" + (f"; median over {pooled}" if pooled else ""))
+    return _save(fig, path)
+
+
+def _heatmap_panel(ax, d: pd.DataFrame, x: str, y: str, value: str, norm, xs: np.ndarray, ys: np.ndarray):
+    """One panel of a heatmap: the medians over (x, y), 'never' cells hatched, ticks thinned."""
+    xlog, ylog = _is_log_spaced(xs), _is_log_spaced(ys)
+    grid = d.pivot_table(index=y, columns=x, values=value, aggfunc="median", dropna=False)
+    grid = grid.reindex(index=ys, columns=xs).to_numpy(float)
+    ex, ey = _edges(xs, xlog), _edges(ys, ylog)
+    mesh = ax.pcolormesh(ex, ey, np.ma.masked_invalid(grid), norm=norm, cmap="viridis", shading="flat")
+    never = np.isposinf(grid)
+    if never.any():
+        ax.pcolor(
+            ex,
+            ey,
+            np.ma.masked_where(~never, np.ones_like(grid)),
+            cmap=matplotlib.colors.ListedColormap(["#d9d9d9"]),
+            hatch="///",
+            edgecolor="#888888",
+            shading="flat",
+            linewidth=0,
+        )
+    for axis, values, log in ((ax.xaxis, xs, xlog), (ax.yaxis, ys, ylog)):
+        if log:
+            (ax.set_xscale if axis is ax.xaxis else ax.set_yscale)("log")
+        shown = values[:: max(1, len(values) // 6)]
+        axis.set_ticks(shown, [f"{v:.3g}" for v in shown])
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axis.set_minor_locator(matplotlib.ticker.NullLocator())
+    return mesh
+
+
+def _check_heatmap(agg: pd.DataFrame, x: str, y: str, value: str, facet: str | None, runs) -> None:
+    """PlotError unless x, y (and facet) are swept settings and value a summary column: saying
+    whether a name is unknown, set per case, or not swept, and what the choices are."""
     for name, col in (("--x", x), ("--y", y), ("--value", value), ("--facet", facet)):
         if col is not None and col not in agg.columns:
             if runs is not None and col in runs.columns:
@@ -272,65 +343,6 @@ def heatmap(
     for name, col in (("--x", x), ("--y", y), ("--facet", facet)):
         if col is not None and agg[col].nunique() < 2:
             raise PlotError(f"{name} {col}: this setting was not swept (one value: {agg[col].iloc[0]})")
-    facets = list(dict.fromkeys(agg[facet])) if facet else [None]
-    finite = agg[value].to_numpy(float)
-    finite = finite[np.isfinite(finite)]
-    positive = len(finite) and finite.min() > 0
-    log_color = bool(positive and finite.max() / finite.min() > 20)
-    norm = (
-        matplotlib.colors.LogNorm(finite.min(), finite.max())
-        if log_color
-        else matplotlib.colors.Normalize(finite.min() if len(finite) else 0, finite.max() if len(finite) else 1)
-    )
-    fig, axes = _subplots(len(facets), figsize=(4.6 * len(facets) + 1.2, 4.0), squeeze=False)
-    xs, ys = np.sort(agg[x].unique()), np.sort(agg[y].unique())
-    xlog, ylog = _is_log_spaced(xs), _is_log_spaced(ys)
-    for ax, fv in zip(axes[0], facets, strict=True):
-        d = agg if fv is None else agg[agg[facet] == fv]
-        grid = d.pivot_table(index=y, columns=x, values=value, aggfunc="median", dropna=False)
-        grid = grid.reindex(index=ys, columns=xs).to_numpy(float)
-        mesh = ax.pcolormesh(
-            _edges(xs, xlog), _edges(ys, ylog), np.ma.masked_invalid(grid), norm=norm, cmap="viridis", shading="flat"
-        )
-        never = np.isposinf(grid)
-        if never.any():
-            ax.pcolor(
-                _edges(xs, xlog),
-                _edges(ys, ylog),
-                np.ma.masked_where(~never, np.ones_like(grid)),
-                cmap=matplotlib.colors.ListedColormap(["#d9d9d9"]),
-                hatch="///",
-                edgecolor="#888888",
-                shading="flat",
-                linewidth=0,
-            )
-        for axis, values, log in ((ax.xaxis, xs, xlog), (ax.yaxis, ys, ylog)):
-            if log:
-                (ax.set_xscale if axis is ax.xaxis else ax.set_yscale)("log")
-            shown = values[:: max(1, len(values) // 6)]
-            axis.set_ticks(shown, [f"{v:.3g}" for v in shown])
-            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            axis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set(
-            xlabel=x + (" (log)" if xlog else ""),
-            ylabel=y + (" (log)" if ylog else ""),
-            title=(f"{facet} = {fv:g}" if isinstance(fv, float) else f"{facet} = {fv}") if facet else None,
-        )
-    cbar = fig.colorbar(mesh, ax=axes[0].tolist())
-    cbar.set_label(value + " (median over seeds)")
-    if (np.isposinf(agg[value].to_numpy(float))).any():
-        axes[0][0].legend(
-            handles=[
-                matplotlib.patches.Patch(facecolor="#d9d9d9", hatch="///", edgecolor="#888888", label="never reached")
-            ],
-            loc="upper left",
-            bbox_to_anchor=(0.0, -0.13),
-            fontsize=8,
-            frameon=False,
-        )
-    pooled = pooled_settings(agg, x, y, facet)
-    fig.suptitle(title or f"{value}: median over seeds" + (f"; median over {pooled}" if pooled else ""))
-    return _save(fig, path)
 
 
 def density_map(density: pd.DataFrame, run_ids, path: Path, value: str = "max_err", title: str = "") -> Path:

@@ -166,35 +166,35 @@ def per_run(
         sel = counts == c
         rows = starts[sel][:, None] + np.arange(c)
         col = {k: v[rows] for k, v in columns.items()}
-        steps = col["step"]
         diverged = np.isin(run_ids[sel], diverged_ids)
-        out = {"run_id": run_ids[sel]}
-        for metric, e in thresholds:
-            values, name = col[metric], f"{metric}_{eps_name(e)}"
-            reach = np.where(diverged, math.nan, steps_to_reach(steps, values, e))
-            out[f"steps_to_{name}"] = reach
-            out[f"reached_{name}"] = np.isfinite(reach)
-            out[f"sustained_{name}"] = np.where(diverged, math.nan, steps_to_stay(steps, values, e))
-        window = steps >= (1 - FINAL_WINDOW) * steps[:, -1:]
-        out["n_final_checkpoints"] = window.sum(axis=1)
-        for k in finals:
-            out[f"final_{k}"] = (
-                np.full(len(steps), math.nan)
-                if k not in columns
-                else np.where(diverged, math.nan, _median(col[k], window))
-            )
-        gap = col["bayes_accuracy"] - col["accuracy"]
-        out["final_accuracy_gap"] = np.where(diverged, math.nan, _median(gap, window))
-        logs = portable.log(steps)  # (the base cancels in the ratio)
-        auc = (
-            np.trapezoid(col["kl"], logs, axis=1) / (logs[:, -1] - logs[:, 0])
-            if c >= 2
-            else np.full(len(steps), math.nan)
-        )
-        out["kl_auc"] = np.where(diverged, math.nan, auc)
-        parts.append(pd.DataFrame(out))
+        parts.append(pd.DataFrame({"run_id": run_ids[sel], **_summaries(col, diverged, thresholds, finals)}))
     done = pd.concat(parts).sort_values("run_id", kind="stable") if parts else pd.DataFrame({"run_id": []})
     return done.reset_index(drop=True)
+
+
+def _summaries(col: dict[str, np.ndarray], diverged: np.ndarray, thresholds, finals) -> dict[str, np.ndarray]:
+    """The summary columns of runs with the same checkpoints: ``col`` holds (runs x checkpoints)
+    arrays of step and every metric; a diverged run's summaries are nan."""
+    steps = col["step"]
+    out = {}
+    for metric, e in thresholds:
+        values, name = col[metric], f"{metric}_{eps_name(e)}"
+        reach = np.where(diverged, math.nan, steps_to_reach(steps, values, e))
+        out[f"steps_to_{name}"] = reach
+        out[f"reached_{name}"] = np.isfinite(reach)
+        out[f"sustained_{name}"] = np.where(diverged, math.nan, steps_to_stay(steps, values, e))
+    window = steps >= (1 - FINAL_WINDOW) * steps[:, -1:]
+    out["n_final_checkpoints"] = window.sum(axis=1)
+    for k in finals:
+        missing = np.full(len(steps), math.nan)
+        out[f"final_{k}"] = missing if k not in col else np.where(diverged, math.nan, _median(col[k], window))
+    gap = col["bayes_accuracy"] - col["accuracy"]
+    out["final_accuracy_gap"] = np.where(diverged, math.nan, _median(gap, window))
+    logs = portable.log(steps)  # (the base cancels in the ratio)
+    c = steps.shape[1]
+    auc = np.trapezoid(col["kl"], logs, axis=1) / (logs[:, -1] - logs[:, 0]) if c >= 2 else np.full(len(steps), np.nan)
+    out["kl_auc"] = np.where(diverged, math.nan, auc)
+    return out
 
 
 def swept_columns(runs: pd.DataFrame) -> list[str]:

@@ -24,6 +24,7 @@ __all__ = [
     "GaussianTask",
     "RunResult",
     "Static",
+    "bisection",
     "estimators",
     "kernel",
     "losses",

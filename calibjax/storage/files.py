@@ -163,7 +163,7 @@ def chunk_complete(d: Path) -> bool:
     return chunk_info(d) is not None
 
 
-def write_chunk(out: Path, chunk_id: str, tables: dict[str, pd.DataFrame], run_ids, run_hashes) -> bool:
+def write_chunk_tables(out: Path, chunk_id: str, tables: dict[str, pd.DataFrame], run_ids, run_hashes) -> bool:
     """Write one finished chunk's tables as a unit: temp directory, then rename.
 
     Returns False (and writes nothing) if another process finished the same chunk first. An

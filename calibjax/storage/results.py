@@ -157,7 +157,7 @@ def prepare_output(sw: sweep_mod.Sweep, out: Path, identity: dict, overwrite: bo
 
 def write_chunk(part: Path, chunk_id: str, static: train.Static, run_ids, run_hashes, result: train.RunResult) -> bool:
     """One finished chunk's tables, written as a unit (False: another process wrote it first)."""
-    return files.write_chunk(part, chunk_id, tables.chunk_tables(static, run_ids, result), run_ids, run_hashes)
+    return files.write_chunk_tables(part, chunk_id, tables.chunk_tables(static, run_ids, result), run_ids, run_hashes)
 
 
 def finished_run_ids(out: Path, sw: sweep_mod.Sweep) -> set[int]:

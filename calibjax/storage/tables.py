@@ -143,38 +143,49 @@ def chunk_tables(static: train.Static, run_ids, result: train.RunResult) -> dict
         (r, c, len(edges) - 1), in_bins | {"conf_lo": edges[:-1], "conf_hi": edges[1:]} | _f64(ev.reliability, dead)
     )
     if result.curves is not None:
-        cv = result.curves
-        p, m = cv.true_prob.shape[-2:]
-        x = np.asarray(cv.x, np.float64)[:, None, :, None, :]  # (R, 1, P, 1, D)
-        tables["curves"] = _long(
-            (r, c, p, m),
-            {
-                "run_id": ids[:, None, None, None],
-                "step": steps[None, :, None, None],
-                **{"x" if d == 0 else f"x{d + 1}": x[..., d] for d in range(static.dim)},
-                "class": np.arange(1, m + 1)[None, None, None, :],
-                "model_prob": np.where(dead[:, :, None, None], np.nan, np.asarray(cv.model_prob, np.float64)),
-                "true_prob": np.asarray(cv.true_prob, np.float64)[:, None],
-            },
-        )
+        tables["curves"] = _curves_table(static, ids, steps, result.curves, dead)
     if ev.recalibrated is not None:
         tables["recalibrated"] = _long((r, c), per_ckpt | _f64(ev.recalibrated, dead))
     if ev.estimators is not None:
-        est, spec = _f64(ev.estimators, dead), static.eval
-        z, d, e = len(spec.estimator_sizes), spec.estimator_draws, len(estimators.ESTIMATORS)
-        tables["estimators"] = _long(
-            (r, c, z, d, e),
-            {
-                "run_id": ids[:, None, None, None, None],
-                "step": steps[None, :, None, None, None],
-                "estimator": np.asarray(estimators.ESTIMATORS)[None, None, None, None, :],
-                "n": np.asarray(spec.estimator_sizes, np.int64)[None, None, :, None, None],
-                "draw": np.arange(d)[None, None, None, :, None],
-                **{k: est[k] for k in ("value", "lo", "hi")},
-                "target": est["target"][:, :, None, None, :],
-            },
-        )
+        tables["estimators"] = _estimators_table(static, ids, steps, _f64(ev.estimators, dead))
     return tables
+
+
+def _curves_table(static: train.Static, ids, steps, cv: train.Curves, dead) -> pd.DataFrame:
+    """curves.parquet's rows of a chunk: run x checkpoint x point x class."""
+    r, c = len(ids), len(steps)
+    p, m = cv.true_prob.shape[-2:]
+    x = np.asarray(cv.x, np.float64)[:, None, :, None, :]  # (R, 1, P, 1, D)
+    return _long(
+        (r, c, p, m),
+        {
+            "run_id": ids[:, None, None, None],
+            "step": steps[None, :, None, None],
+            **{"x" if d == 0 else f"x{d + 1}": x[..., d] for d in range(static.dim)},
+            "class": np.arange(1, m + 1)[None, None, None, :],
+            "model_prob": np.where(dead[:, :, None, None], np.nan, np.asarray(cv.model_prob, np.float64)),
+            "true_prob": np.asarray(cv.true_prob, np.float64)[:, None],
+        },
+    )
+
+
+def _estimators_table(static: train.Static, ids, steps, est: dict) -> pd.DataFrame:
+    """estimators.parquet's rows of a chunk: run x checkpoint x size x draw x estimator."""
+    spec = static.eval
+    r, c = len(ids), len(steps)
+    z, d, e = len(spec.estimator_sizes), spec.estimator_draws, len(estimators.ESTIMATORS)
+    return _long(
+        (r, c, z, d, e),
+        {
+            "run_id": ids[:, None, None, None, None],
+            "step": steps[None, :, None, None, None],
+            "estimator": np.asarray(estimators.ESTIMATORS)[None, None, None, None, :],
+            "n": np.asarray(spec.estimator_sizes, np.int64)[None, None, :, None, None],
+            "draw": np.arange(d)[None, None, None, :, None],
+            **{k: est[k] for k in ("value", "lo", "hi")},
+            "target": est["target"][:, :, None, None, :],
+        },
+    )
 
 
 def row_counts(static: train.Static) -> dict[str, tuple[int, int]]:

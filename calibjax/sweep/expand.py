@@ -99,6 +99,7 @@ class Sweep:
         self.n_runs = self.n_points * len(seeds)
         self.n_blocks = len(cases) * math.prod(len(axes[a].values) for a in self.coupled)
         self.block = functools.lru_cache(maxsize=4096)(self._block)
+        self._hashes: list[str] | None = None  # every run's identity, once asked for (``hashes``)
         self.runs = Runs(self)
 
     @property
@@ -221,23 +222,26 @@ class Sweep:
         return identity.hash_parts(self.point(p), identity.static_json(statics[of_block[self._point(p)[2]]]))
 
     def run_hashes(self, run_ids) -> list[str]:
-        """The identities of some runs: from ``hashes`` if computed, else each point's parts once."""
-        if "hashes" in self.__dict__:
-            return [self.hashes[i] for i in run_ids]
+        """The identities of some runs: from ``hashes`` if computed already, else each point's parts once."""
+        if self._hashes is not None:
+            return [self._hashes[i] for i in run_ids]
         parts = functools.lru_cache(maxsize=64)(self._hash_parts)
         s = len(self.seeds)
         return [identity.sha(*parts(int(i) // s), seed=self.seeds[int(i) % s]) for i in run_ids]
 
-    @functools.cached_property
+    @property
     def hashes(self) -> list[str]:
         """Each run's identity: a hash of its resolved settings (everything that fixes its numbers
         besides the numbers identity a results directory checks). Runs of two sweep files with the
-        same hash are the same run, whatever their run_id, case name or the files' comments."""
-        out = []
-        for p in range(self.n_points):
-            parts = self._hash_parts(p)
-            out.extend(identity.sha(*parts, seed=seed) for seed in self.seeds)
-        return out
+        same hash are the same run, whatever their run_id, case name or the files' comments.
+        Computed for every run on first use, then kept."""
+        if self._hashes is None:
+            out = []
+            for p in range(self.n_points):
+                parts = self._hash_parts(p)
+                out.extend(identity.sha(*parts, seed=seed) for seed in self.seeds)
+            self._hashes = out
+        return self._hashes
 
     def plot_steps(self) -> dict[str, list[int]]:
         """Each case's plot_steps (those of its last block)."""

@@ -34,19 +34,40 @@ def load(path: str | Path, max_runs: int = MAX_RUNS) -> Sweep:
 def parse(
     doc: dict, path: str = "<sweep>", text: str = "", default_name: str = "sweep", max_runs: int = MAX_RUNS
 ) -> Sweep:
+    """A parsed TOML document -> a checked Sweep (every run checked; nothing computed or written)."""
     f = path + ":"
     for key in doc:
         if key not in TOP_LEVEL:
             raise SweepError(f"{f} unknown key {key!r} at top level; expected one of {', '.join(TOP_LEVEL)}")
+    name = _name(doc.get("name", default_name), f)
+    seeds = seeds_of(doc.get("seeds", 1), f, max_runs)
+    base, origin = _sections(doc, f)
+    cases = _cases(doc.get("cases", {"default": {}}), f)
+    axes = _axes(doc.get("grid", {}), f, max_runs)
+    n_runs = len(cases) * math.prod(len(a.values) for a in axes) * len(seeds)
+    if n_runs > max_runs:
+        raise SweepError(
+            f"{f} {len(cases)} case(s) x "
+            f"{' x '.join(str(len(a.values)) for a in axes) or '1'} grid "
+            f"point(s) x {len(seeds)} seed(s) = {n_runs:,} runs, more than the {max_runs:,} a sweep "
+            "may have; split it, or raise the limit with --max-runs"
+        )
+    sw = Sweep(name, path, text, base, origin, list(cases.items()), axes, seeds)
+    _check_all(sw)
+    return sw
 
-    name = doc.get("name", default_name)
+
+def _name(name, f: str) -> str:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
         raise SweepError(
             f"{f} name: expected letters, digits, '_', '-' or '.', starting with a letter, digit or "
             f"'_' (results go to results/<name>), got {name!r}"
         )
-    seeds = seeds_of(doc.get("seeds", 1), f, max_runs)
+    return name
 
+
+def _sections(doc: dict, f: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The settings of [task], [model], [train] and [eval], checked, and where each was set."""
     base: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for section in SECTIONS:
@@ -61,35 +82,34 @@ def parse(
                 raise SweepError(f"{where} unknown key {key!r}{home}; known: {known}")
             base[key] = check_value(key, SETTINGS[key].kind, v, where)
             origin[key] = where
+    return base, origin
 
-    cases = doc.get("cases", {"default": {}})
+
+def _cases(cases, f: str) -> dict[str, dict]:
+    """Each [cases.NAME] table's settings, checked: name -> {key: (value, where)}."""
     if not isinstance(cases, dict) or not cases or not all(isinstance(c, dict) for c in cases.values()):
         raise SweepError(f"{f} [cases]: expected one or more [cases.NAME] tables")
-    case_settings = {}
-    for cname, table in cases.items():
-        where = f"{f} [cases.{cname}]"
-        case_settings[cname] = {k: (check_setting(k, v, where), where) for k, v in table.items()}
+    out = {}
+    for name, table in cases.items():
+        where = f"{f} [cases.{name}]"
+        out[name] = {k: (check_setting(k, v, where), where) for k, v in table.items()}
+    return out
 
-    grid = doc.get("grid", {})
+
+def _axes(grid, f: str, max_runs: int) -> list[Axis]:
+    """The [grid] axes, each value checked."""
     if not isinstance(grid, dict):
         raise SweepError(f"{f} [grid]: expected a table of setting = values")
-    axes = []
-    for key, spec in grid.items():
-        where = f"{f} [grid]"
-        values = grid_values(key, spec, where, max_runs)
-        axes.append(Axis(key, tuple(check_setting(key, v, where) for v in values), where, is_independent(key)))
-
-    n_runs = len(case_settings) * math.prod(len(a.values) for a in axes) * len(seeds)
-    if n_runs > max_runs:
-        raise SweepError(
-            f"{f} {len(case_settings)} case(s) x "
-            f"{' x '.join(str(len(a.values)) for a in axes) or '1'} grid "
-            f"point(s) x {len(seeds)} seed(s) = {n_runs:,} runs, more than the {max_runs:,} a sweep "
-            "may have; split it, or raise the limit with --max-runs"
+    where = f"{f} [grid]"
+    return [
+        Axis(
+            key,
+            tuple(check_setting(key, v, where) for v in grid_values(key, spec, where, max_runs)),
+            where,
+            is_independent(key),
         )
-    sw = Sweep(name, path, text, base, origin, list(case_settings.items()), axes, seeds)
-    _check_all(sw)
-    return sw
+        for key, spec in grid.items()
+    ]
 
 
 def _check_all(sw: Sweep) -> None:

@@ -326,33 +326,8 @@ def grid_values(name: str, spec, where: str, max_runs: int) -> list:
     ends = spec[kind]
     if not (isinstance(ends, list) and len(ends) == 2 and all(_is_finite(e) for e in ends)):
         raise SweepError(f"{where} {name}.{kind}: expected [start, stop], two finite numbers, got {ends!r}")
-    a, b = ends
-    if kind == "range":
-        step = spec.get("step")
-        if not _is_finite(step) or step <= 0 or "num" in spec:
-            raise SweepError(f"{where} {name}.step: range needs a finite step > 0 (and no num), got {step!r}")
-        count = math.floor((b - a) / step + 1e-9) + 1
-        if count > max_runs:
-            raise SweepError(
-                f"{where} {name}.range: {count:,} values, more than the {max_runs:,} runs a sweep may have (--max-runs)"
-            )
-        values = list(np.arange(a, b + step * 1e-9, step))
-        if not values:
-            raise SweepError(f"{where} {name}.range: no values from {a} to {b}")
-    else:
-        num = spec.get("num")
-        if not _is_int(num, 1) or "step" in spec:
-            raise SweepError(f"{where} {name}.num: {kind} needs num, a positive integer, got {num!r}")
-        if num > max_runs:
-            raise SweepError(
-                f"{where} {name}.num: {num:,} values, more than the {max_runs:,} runs a sweep may have (--max-runs)"
-            )
-        if kind == "logspace":
-            if a <= 0 or b <= 0:
-                raise SweepError(f"{where} {name}.logspace: ends must be > 0, got {ends!r}")
-            values = portable.geomspace(a, b, int(num))  # (np.geomspace's bits depend on the CPU)
-        else:
-            values = list(np.linspace(a, b, int(num)))
+    make = _stepped if kind == "range" else _counted
+    values = make(f"{where} {name}", kind, spec, *ends, max_runs)
     as_int = spec.get("int", False)
     if not isinstance(as_int, bool):
         raise SweepError(f"{where} {name}.int: expected true or false, got {as_int!r}")
@@ -360,6 +335,34 @@ def grid_values(name: str, spec, where: str, max_runs: int) -> list:
     if as_int:
         values = list(dict.fromkeys(values))  # rounding can repeat values
     return values
+
+
+def _stepped(at: str, kind: str, spec: dict, a: float, b: float, max_runs: int) -> list:
+    """range = [a, b] with step: a, a + step, ... up to b."""
+    step = spec.get("step")
+    if not _is_finite(step) or step <= 0 or "num" in spec:
+        raise SweepError(f"{at}.step: range needs a finite step > 0 (and no num), got {step!r}")
+    count = math.floor((b - a) / step + 1e-9) + 1
+    if count > max_runs:
+        raise SweepError(f"{at}.range: {count:,} values, more than the {max_runs:,} runs a sweep may have (--max-runs)")
+    values = list(np.arange(a, b + step * 1e-9, step))
+    if not values:
+        raise SweepError(f"{at}.range: no values from {a} to {b}")
+    return values
+
+
+def _counted(at: str, kind: str, spec: dict, a: float, b: float, max_runs: int) -> list:
+    """linspace or logspace = [a, b] with num values."""
+    num = spec.get("num")
+    if not _is_int(num, 1) or "step" in spec:
+        raise SweepError(f"{at}.num: {kind} needs num, a positive integer, got {num!r}")
+    if num > max_runs:
+        raise SweepError(f"{at}.num: {num:,} values, more than the {max_runs:,} runs a sweep may have (--max-runs)")
+    if kind == "linspace":
+        return list(np.linspace(a, b, int(num)))
+    if a <= 0 or b <= 0:
+        raise SweepError(f"{at}.logspace: ends must be > 0, got {[a, b]!r}")
+    return portable.geomspace(a, b, int(num))  # (np.geomspace's bits depend on the CPU)
 
 
 def check_setting(name: str, v, where: str):
