@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -139,3 +140,16 @@ def test_a_damaged_final_table_is_an_error_not_a_missing_table(tmp_path):
         t["metrics"]
     with pytest.raises(KeyError):
         t["bogus"]
+
+
+@pytest.mark.slow
+def test_a_process_that_read_a_table_exits_cleanly(tmp_path):
+    """Reading a parquet table through a Python file object let pyarrow's I/O threads abort the
+    interpreter at exit ("terminate called without an active exception") in about half of the
+    runs: calibjax summarize/plot then exited 134 after printing its answer. Eight processes in a
+    row must all exit 0."""
+    wide = {"run_id": range(100), "case": ["a", "b"] * 50, **{f"x{i}": np.linspace(0, i, 100) for i in range(60)}}
+    pd.DataFrame(wide).to_parquet(tmp_path / "runs.parquet")
+    code = f"from calibjax.storage import reader\nreader.read_table({str(tmp_path)!r}, 'runs')"
+    codes = [subprocess.run([sys.executable, "-c", code], capture_output=True).returncode for _ in range(8)]
+    assert codes == [0] * 8

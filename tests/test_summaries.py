@@ -282,6 +282,18 @@ def test_standard_heatmaps_never_pool_cases_or_a_named_third_axis(tmp_path):
     assert "heatmap_final_kl_rel.png" in names and not any(n.startswith("heatmap_final_kl_rel_") for n in names)
 
 
+def test_each_planned_figure_is_drawn_to_its_own_path(tmp_path):
+    """default_set says what standard_figures draws: one distinct file per figure, each drawn where
+    it was planned (a drawing bound to the wrong path would overwrite another figure)."""
+    runs, metrics = synthetic_results(tmp_path)
+    runs.assign(case=np.where(runs["seed"] == 0, "a", "b"), dim=1).to_parquet(tmp_path / "runs.parquet", index=False)
+    summaries.write_summaries(tmp_path)
+    planned = [p.path for p in figures.default_set(tmp_path)]
+    assert len(set(planned)) == len(planned)
+    assert figures.standard_figures(tmp_path) == planned
+    assert all(p.exists() for p in planned)
+
+
 def test_where_picks_the_nearest_existing_value_and_lists_them_when_none_is_near():
     runs = pd.DataFrame(
         {

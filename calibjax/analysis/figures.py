@@ -82,7 +82,7 @@ def _kl_lines(metrics: pd.DataFrame, runs: pd.DataFrame, cases: list, axes: list
 
 def _per_case(t: reader.Results, runs: pd.DataFrame, cases: list, last: int, fig_dir: Path) -> list[Planned]:
     path = fig_dir / "error_by_density.png"
-    planned = [Planned(path, lambda: plots.error_by_density(t["density"], runs, path))]
+    planned = [Planned(path, lambda path=path: plots.error_by_density(t["density"], runs, path))]
     if "calibration" in t:
         for case in cases:
             ids = runs.loc[runs["case"] == case, "run_id"]
@@ -114,7 +114,7 @@ def _grid_lines(out, agg, runs, axis: str, cases: list, last: int, fig_dir: Path
     if len(cases) <= plots.MAX_PANELS:
         path = fig_dir / f"error_by_density_vs_{axis}.png"
         density = functools.partial(reader.read_table, out, "density", filters=[("step", "==", last)])
-        planned.append(Planned(path, lambda: plots.error_by_density(density(), runs, path, x=axis)))
+        planned.append(Planned(path, lambda path=path: plots.error_by_density(density(), runs, path, x=axis)))
     return planned
 
 

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from calibjax.storage.files import FINAL_FILES, CorruptResults, read_parquet
@@ -59,7 +60,7 @@ def read_table(out: str | Path, name: str, columns=None, filters=None) -> pd.Dat
 
 def table_columns(out: str | Path, name: str) -> list[str]:
     """The columns of a final table, read from its footer (no rows read)."""
-    with open(Path(out) / f"{name}.parquet", "rb") as f:
+    with pa.OSFile(str(Path(out) / f"{name}.parquet")) as f:
         return pq.read_schema(f).names
 
 
