@@ -51,10 +51,14 @@ def layout_for(
     return planning.default_layout(chunk_size, inner_batch, max_chunk_s=60 * chunk_minutes, dense=choice)
 
 
-def _shard(shard, out: Path) -> tuple[tuple[int, int] | None, int]:
-    """(shard, first array task id) from "K/N", (K, N) or, inside a SLURM array, the environment."""
+def _prepare(sweep, out, chunk_size, inner_batch, dense, chunk_minutes, shard, max_runs):
+    """What run and plan both start from: the sweep, its results directory, (shard, first array
+    task id) from "K/N", (K, N) or, inside a SLURM array, the environment; and the layout."""
+    sw = open_sweep(sweep, max_runs)
+    out = results_dir(sw, out)
     text = f"{shard[0]}/{shard[1]}" if isinstance(shard, tuple) else shard
-    return cluster.resolve_shard(text, files.read_manifest(out), out) or (None, 0)
+    shard = cluster.resolve_shard(text, files.read_manifest(out), out) or (None, 0)
+    return sw, out, shard, layout_for(out, chunk_size, inner_batch, dense, chunk_minutes)
 
 
 def run(
@@ -80,10 +84,9 @@ def run(
     chunks kept); ``report`` is filled in as chunks finish, so a caller that is interrupted can
     say how far it got. Returns the report (``report.out``: the results directory).
     """
-    sw = open_sweep(sweep, max_runs)
-    out = results_dir(sw, out)
-    shard, first = _shard(shard, out)
-    layout = layout_for(out, chunk_size, inner_batch, dense, chunk_minutes)
+    sw, out, (shard, first), layout = _prepare(
+        sweep, out, chunk_size, inner_batch, dense, chunk_minutes, shard, max_runs
+    )
     report = report if report is not None else engine.Report()
     engine.run_sweep(
         sw,
@@ -146,10 +149,7 @@ def plan(
 ) -> Plan:
     """What ``run`` with these arguments would train (nothing trains). Finished runs count as done
     only where run would accept them."""
-    sw = open_sweep(sweep, max_runs)
-    out = results_dir(sw, out)
-    shard, _ = _shard(shard, out)
-    layout = layout_for(out, chunk_size, inner_batch, dense, chunk_minutes)
+    sw, out, (shard, _), layout = _prepare(sweep, out, chunk_size, inner_batch, dense, chunk_minutes, shard, max_runs)
     manifest, done, note = files.read_manifest(out), set(), ""
     if manifest is not None:
         try:
