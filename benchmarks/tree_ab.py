@@ -18,7 +18,10 @@ import calibjax
 calibjax.setup(cpu_devices=1)
 import jax  # noqa: E402
 
-from calibjax.core import tasks, train  # noqa: E402
+try:  # 0.10.0 on: the core's modules in calibjax.core
+    from calibjax.core import tasks, train  # noqa: E402
+except ImportError:  # earlier versions
+    from calibjax import tasks, train  # noqa: E402
 
 task = tasks.make_task([0.5, 0.5], [[[0.0]], [[3.0]]], [[[2.0]], [[1.0]]])
 R = 64
