@@ -239,6 +239,20 @@ def test_readme_lists_every_column_of_every_table():
         assert set(spec.keys + spec.values) <= words, (spec.name, set(spec.keys + spec.values) - words)
 
 
+def test_pyproject_ships_every_package_and_the_kernel_source():
+    """A wheel carries what pyproject lists: every folder with an __init__ (a forgotten one would be
+    missing from a non-editable install) and the CPU kernel's C++ source beside its loader."""
+    import tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert set(tool["packages"]) == folders | {"calibjax.sweeps"}
+    (pattern,) = tool["package-data"]["calibjax.execution"]
+    from calibjax.execution import kernel_loader
+
+    assert kernel_loader.SOURCE.exists() and kernel_loader.SOURCE.match(f"execution/{pattern}")
+
+
 def test_the_package_version_is_the_projects():
     import tomllib
 
