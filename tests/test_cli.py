@@ -272,7 +272,8 @@ def test_overwrite_removes_only_what_calibjax_wrote(tmp_path):
     sweep, out = tmp_path / "tiny.toml", tmp_path / "res"
     sweep.write_text(TINY)
     assert calibjax("run", sweep, "--out", out, "--quiet").returncode == 0
-    mine = [out / "notes.txt", out / "figures" / "draft.pdf", out / "chunks" / "README", out / "shards" / "old.txt"]
+    mine = [out / "notes.txt", out / "figures" / "draft.pdf", out / "figures" / "mine.png", out / "chunks" / "README"]
+    mine.append(out / "shards" / "old.txt")
     for p in mine:
         p.parent.mkdir(exist_ok=True)
         p.write_text("the user's")
@@ -280,7 +281,8 @@ def test_overwrite_removes_only_what_calibjax_wrote(tmp_path):
     r = calibjax("run", sweep, "--out", out, "--quiet", "--overwrite", "--no-figures")
     assert r.returncode == 0, r.stderr
     assert all(p.read_text() == "the user's" for p in mine)
-    assert len(pd.read_parquet(out / "runs.parquet")) == 6 and not list((out / "figures").glob("*.png"))
+    assert len(pd.read_parquet(out / "runs.parquet")) == 6
+    assert [p.name for p in (out / "figures").glob("*.png")] == ["mine.png"]  # calibjax's own figures went
 
 
 @pytest.mark.slow

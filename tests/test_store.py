@@ -153,3 +153,46 @@ def test_a_process_that_read_a_table_exits_cleanly(tmp_path):
     code = f"from calibjax.storage import reader\nreader.read_table({str(tmp_path)!r}, 'runs')"
     codes = [subprocess.run([sys.executable, "-c", code], capture_output=True).returncode for _ in range(8)]
     assert codes == [0] * 8
+
+
+def test_overwrite_removes_exactly_what_calibjax_recorded_and_follows_no_symlink(tmp_path):
+    """remove_results (what --overwrite does) deletes calibjax's own files only: not a user's PNG
+    beside the figures, nothing behind a symlinked figures folder or chunk, not a user's folder
+    named like a chunk; and a chunk-named symlink does not stop it half-way."""
+    out, outside = tmp_path / "res", tmp_path / "elsewhere"
+    out.mkdir()
+    outside.mkdir()
+    assert _chunk(out)  # calibjax's chunk
+    shard = out / "shards" / "0-of-2"
+    assert _chunk(shard)
+    files.write_json(out / "manifest.json", {"sweep_sha256": "x"})
+    files.write_json(shard / "manifest.json", {"sweep_sha256": "x"})
+    pd.DataFrame({"run_id": [0]}).to_parquet(out / "runs.parquet")
+    (out / "report.html").write_text("<html>")
+    figures = out / "figures"
+    figures.mkdir()
+    (figures / "kl_vs_steps.png").write_bytes(b"png")
+    files.record_figures(out, [figures / "kl_vs_steps.png", tmp_path / "not_here.png"])
+    theirs = [figures / "my_plot.png", outside / "kl_vs_steps.png", outside / "chunk.json"]
+    user_chunk = shard / "chunks" / "g001-r0000002-n2-0123abcd"  # named like a chunk, the user's
+    user_chunk.mkdir()
+    (user_chunk / "metrics.parquet").write_bytes(b"mine")
+    theirs.append(user_chunk / "metrics.parquet")
+    for p in theirs[:3]:
+        p.write_bytes(b"mine")
+    (out / "chunks" / "g002-r0000004-n2-0123abcd").symlink_to(outside, target_is_directory=True)
+    (out / "summary.parquet").symlink_to(outside / "chunk.json")  # a table name, but a link
+    files.remove_results(out)
+    assert all(p.read_bytes() == b"mine" for p in theirs)
+    assert not (out / "runs.parquet").exists() and not (out / "report.html").exists()
+    assert not (out / "manifest.json").exists() and not (shard / "manifest.json").exists()
+    assert not (out / "chunks" / CHUNK).exists() and not (shard / "chunks" / CHUNK).exists()
+    assert sorted(p.name for p in figures.iterdir()) == ["my_plot.png"]
+    assert (out / "chunks" / "g002-r0000004-n2-0123abcd").is_symlink() and (out / "summary.parquet").is_symlink()
+
+    # a symlinked figures folder: nothing behind it is touched, whatever its record says
+    (out / "figures").rename(tmp_path / "old_figures")
+    (out / "figures").symlink_to(outside, target_is_directory=True)
+    files.write_json(outside / files.FIGURE_RECORD, ["kl_vs_steps.png"])
+    files.remove_results(out)
+    assert (outside / "kl_vs_steps.png").read_bytes() == b"mine" and (outside / files.FIGURE_RECORD).exists()

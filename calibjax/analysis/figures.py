@@ -26,8 +26,11 @@ class Planned:
 
 
 def standard_figures(out: str | Path) -> list[Path]:
-    """The default figures of a results directory, from its tables and manifest."""
-    return [planned.draw() for planned in default_set(out)]
+    """The default figures of a results directory, from its tables and manifest (recorded as
+    calibjax's in DIR/figures, so that --overwrite removes exactly these)."""
+    paths = [planned.draw() for planned in default_set(out)]
+    files.record_figures(Path(out), paths)
+    return paths
 
 
 def default_set(out: str | Path) -> list[Planned]:
@@ -165,6 +168,12 @@ def draw(
 ) -> list[Path]:
     """``calibjax plot``: the default set, or one heatmap, density map or reliability diagram of
     the runs selected by ``where`` (setting = value) or ``run_id``. Mistakes raise PlotError."""
+    paths = _draw(out, kind, x, y, value, facet, where, run_id, step, output)
+    files.record_figures(Path(out), paths)
+    return paths
+
+
+def _draw(out, kind, x, y, value, facet, where, run_id, step, output) -> list[Path]:
     out = reader.require_results(out)
     if kind == "standard":
         if not (out / "summary_by_setting.parquet").exists():

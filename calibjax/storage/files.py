@@ -450,29 +450,84 @@ FINAL_FILES = (
 )
 
 
-def remove_results(out: Path) -> None:
-    """Delete what calibjax wrote in a results directory: final tables, finished chunks, shard
-    parts, figures (PNG), report.html and the manifest. Anything else stays; so does a folder left non-empty."""
+FIGURE_RECORD = ".calibjax-figures.json"  # in DIR/figures: the names of the figures calibjax drew there
+
+
+def record_figures(out: Path, paths) -> None:
+    """Note in DIR/figures which of ``paths`` calibjax drew there: ``--overwrite`` removes exactly
+    these, never a file because of its name pattern (a user's own PNG stays)."""
+    d = Path(out) / "figures"
+    if d.is_symlink() or not d.is_dir():
+        return
+    names = {Path(p).name for p in paths if Path(p).parent == d}
+    if names - set(recorded_figures(d)):
+        write_json(d / FIGURE_RECORD, sorted(set(recorded_figures(d)) | names))
+
+
+def recorded_figures(d: Path) -> list[str]:
+    try:
+        names = json.loads((d / FIGURE_RECORD).read_text())
+        return [n for n in names if isinstance(n, str) and "/" not in n] if isinstance(names, list) else []
+    except (OSError, ValueError):
+        return []
+
+
+def _own_file(p: Path) -> bool:
+    """A regular file (not a symlink, which calibjax never writes)."""
+    return p.is_file() and not p.is_symlink()
+
+
+def _own_chunk(d: Path) -> bool:
+    """A finished chunk calibjax wrote: a real directory (not a symlink) holding exactly its
+    chunk.json and the tables that lists, each a regular file."""
+    if d.is_symlink() or not d.is_dir() or not CHUNK_ID.match(d.name):
+        return False
+    info = chunk_info(d)
+    if info is None:
+        return False
+    expected = {"chunk.json", *(f"{name}.parquet" for name in info["tables"])}
+    return {f.name for f in d.iterdir()} == expected and all(_own_file(d / n) for n in expected)
+
+
+def results_written(out: Path) -> tuple[list[Path], list[Path]]:
+    """What calibjax wrote in a results directory and ``--overwrite`` removes: files (final tables,
+    recorded figures and their record, report.html, manifests) and finished chunk directories.
+    Nothing reached through a symbolic link, nothing of a name calibjax's records do not list."""
     out = Path(out)
-    for part in [out, *(p for p in out.glob("shards/*") if SHARD_PART.match(p.name))]:
-        for d in part.glob("chunks/*"):
-            if (
-                d.is_dir()
-                and CHUNK_ID.match(d.name)
-                and all(f.suffix == ".parquet" or f.name == "chunk.json" for f in d.iterdir())
-            ):
-                shutil.rmtree(d)
+    remove, trees = [], []
+    shards = out / "shards"
+    parts = [out] + (
+        [p for p in shards.iterdir() if SHARD_PART.match(p.name) and not p.is_symlink()]
+        if shards.is_dir() and not shards.is_symlink()
+        else []
+    )
+    for part in parts:
+        chunks = part / "chunks"
+        if chunks.is_dir() and not chunks.is_symlink():
+            trees += [d for d in chunks.iterdir() if _own_chunk(d)]
+        remove.append(part / "manifest.json")
+    remove += [out / f"{name}.parquet" for name in FINAL_FILES] + [out / "report.html"]
+    figures = out / "figures"
+    if figures.is_dir() and not figures.is_symlink():
+        remove += [figures / n for n in recorded_figures(figures)] + [figures / FIGURE_RECORD]
+    return [p for p in remove if _own_file(p)], sorted(trees)
+
+
+def remove_results(out: Path) -> None:
+    """Delete what calibjax wrote in a results directory (``results_written``: decided in full
+    before anything is deleted). Anything else stays; so does a folder left non-empty."""
+    out = Path(out)
+    remove, trees = results_written(out)
+    for d in trees:
+        shutil.rmtree(d)
+    for p in remove:
+        p.unlink(missing_ok=True)
+    for part in [*(p for p in out.glob("shards/*") if SHARD_PART.match(p.name) and not p.is_symlink()), out]:
         _rmdir_if_empty(part / "chunks")
-        (part / "manifest.json").unlink(missing_ok=True)
         if part != out:
             _rmdir_if_empty(part)
-    _rmdir_if_empty(out / "shards")
-    for name in FINAL_FILES:
-        (out / f"{name}.parquet").unlink(missing_ok=True)
-    for p in out.glob("figures/*.png"):
-        p.unlink()
-    _rmdir_if_empty(out / "figures")
-    (out / "report.html").unlink(missing_ok=True)
+    for d in (out / "shards", out / "figures"):
+        _rmdir_if_empty(d)
 
 
 def _rmdir_if_empty(d: Path) -> None:
