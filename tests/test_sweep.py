@@ -97,6 +97,16 @@ BAD = [
     (bad_text().replace("seeds = 1", "seeds = inf"), "seeds: expected a count >= 1"),
     (bad_text(task="means = [0.0, inf]\nsigmas = [1.0, 1.0]"), "means: class 2: expected a number"),
     (bad_text() + "[model]\nhidden = [64, nan]\n", "hidden: expected a list of positive integers"),
+    # duplicate runs: a repeated grid value (also equal only once checked) and two cases alike
+    (bad_text() + "[grid]\nmu2 = [1.0, 1.0, 3.0, 4.0]\n", "[grid] mu2: the value 1.0 is given twice"),
+    (bad_text() + "[grid]\nbatch_size = [16, 16.0]\n", "[grid] batch_size: the value 16.0 is given twice"),
+    (bad_text() + "[grid]\nhidden = [[8], [8]]\n", "[grid] hidden: the value [8] is given twice"),
+    (bad_text() + "[cases.a]\nlr = 0.01\n[cases.b]\nlr = 0.01\n", "[cases.a] and [cases.b] have the same settings"),
+    (bad_text() + "[cases.a]\n[cases.b]\nhidden = [64, 64]\n", "[cases.a] and [cases.b] have the same settings"),
+    (
+        bad_text() + "[cases.a]\nlr = 0.01\n[cases.b]\nlr = 0.02\n[grid]\nlr = [1e-3, 2e-3]\n",
+        "[cases.a] and [cases.b] have the same settings",  # the grid sets lr in both
+    ),
 ]
 
 

@@ -3,11 +3,14 @@ trains or is written)."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import tomllib
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from calibjax.sweep.expand import Axis, Sweep
 from calibjax.sweep.resolve import resolve
@@ -97,19 +100,29 @@ def _cases(cases, f: str) -> dict[str, dict]:
 
 
 def _axes(grid, f: str, max_runs: int) -> list[Axis]:
-    """The [grid] axes, each value checked."""
+    """The [grid] axes, each value checked, none repeated (two equal values would be the same runs)."""
     if not isinstance(grid, dict):
         raise SweepError(f"{f} [grid]: expected a table of setting = values")
-    where = f"{f} [grid]"
-    return [
-        Axis(
-            key,
-            tuple(check_setting(key, v, where) for v in grid_values(key, spec, where, max_runs)),
-            where,
-            is_independent(key),
-        )
-        for key, spec in grid.items()
-    ]
+    where, axes = f"{f} [grid]", []
+    for key, spec in grid.items():
+        raws = grid_values(key, spec, where, max_runs)
+        values = tuple(check_setting(key, v, where) for v in raws)
+        seen = {}
+        for raw, v in zip(raws, values, strict=True):
+            if _canonical(v) in seen:
+                same = "" if raw == seen[_canonical(v)] else f" (as {seen[_canonical(v)]!r}, once checked)"
+                raise SweepError(
+                    f"{where} {key}: the value {raw!r} is given twice{same}: those grid points would train the "
+                    "same runs; give each value once"
+                )
+            seen[_canonical(v)] = raw
+        axes.append(Axis(key, values, where, is_independent(key)))
+    return axes
+
+
+def _canonical(value) -> str:
+    """A value as a key: equal settings, equal keys (numbers compared after their check)."""
+    return json.dumps(value, sort_keys=True, default=lambda a: np.asarray(a).tolist())
 
 
 def _check_all(sw: Sweep) -> None:
@@ -117,8 +130,24 @@ def _check_all(sw: Sweep) -> None:
     x coupled grid values) is resolved, and each value of an independent axis once (in the first
     block): the checks of an independent setting depend on nothing else."""
     _ = sw.block_groups  # resolves every block
+    _distinct_cases(sw)
     for a in sw.independent:
         for d in range(1, len(sw.axes[a].values)):
             digits = [0] * len(sw.axes)
             digits[a] = d
             resolve(*sw._settings(0, digits)[1:], sw.path + ":")
+
+
+def _distinct_cases(sw: Sweep) -> None:
+    """Two cases with the same settings (once the grid has set its keys in both) would train the same
+    runs: refused, naming them. The grid sets the same values in every case, so comparing each
+    case's first grid point decides it for all."""
+    seen = {}
+    firsts = sw.run_hashes([c * sw.n_grid * len(sw.seeds) for c in range(len(sw.cases))])
+    for (name, _), first in zip(sw.cases, firsts, strict=True):
+        if first in seen:
+            raise SweepError(
+                f"{sw.path}: [cases.{seen[first]}] and [cases.{name}] have the same settings (every run of one "
+                "would repeat a run of the other); remove one or make them differ"
+            )
+        seen[first] = name
