@@ -353,7 +353,7 @@ def cmd_run(args, session: Session) -> int:
     name = report.sweep.name
     if not report.chunks:
         print(f"{name}: results in {report.where}")
-        return 0
+        return missing_runs(report)
     print(
         f"{name}: {report.trained} runs trained ({report.runs} in the sweep) in {report.wall_s:.1f} s; "
         f"{report.steps_per_s:,.0f} model-steps/s; {report.compiles} compiles, {report.compile_s:.1f} s "
@@ -367,7 +367,20 @@ def cmd_run(args, session: Session) -> int:
         )
     if report.shard:
         print(f"when every shard has finished: calibjax merge {report.out}")
-    return 0
+    return missing_runs(report)
+
+
+def missing_runs(report) -> int:
+    """Exit 1 when an unsharded run ends with runs missing although no chunk failed (a finished
+    chunk holding other runs than its name says): the tables are incomplete, and 0 would hide it."""
+    if not report.missing:
+        return 0
+    shown = ", ".join(map(str, report.missing[:20])) + (" ..." if len(report.missing) > 20 else "")
+    return fail(
+        f"{report.out}: {len(report.missing)} run(s) still missing after every chunk finished (run_id {shown}): "
+        f"a finished chunk holds other runs than its name says; calibjax status {report.out} shows them",
+        code=1,
+    )
 
 
 def cmd_plan(args, session: Session) -> int:

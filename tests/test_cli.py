@@ -1,5 +1,6 @@
 """The command line end to end, in real subprocesses."""
 
+import json
 import os
 import re
 import signal
@@ -455,3 +456,20 @@ def test_progress_moves_within_a_chunk(tmp_path):
     assert "tiny: training 48 of 48 runs in 1 chunk(s)" in r.stdout
     shown = re.findall(r"\b(\d+)/48 \[", r.stderr)
     assert ["16", "32", "48"] == sorted(set(shown) - {"0"}, key=int), r.stderr
+
+
+@pytest.mark.slow
+def test_runs_left_missing_after_every_chunk_finished_exit_1(tmp_path):
+    """A finished chunk whose chunk.json names other runs (edited, or another sweep's copied in) is
+    not retrained by its name, so its runs stay missing: run must say so and exit 1, not 0."""
+    sweep, out = tmp_path / "tiny.toml", tmp_path / "res"
+    sweep.write_text(TINY)
+    assert calibjax("run", sweep, "--out", out, "--quiet", "--no-figures").returncode == 0
+    (chunk,) = (out / "chunks").iterdir()
+    info = json.loads((chunk / "chunk.json").read_text())
+    info["run_hashes"] = [f"{i:032x}" for i in range(len(info["run_hashes"]))]
+    (chunk / "chunk.json").write_text(json.dumps(info))
+    r = calibjax("run", sweep, "--out", out, "--quiet", "--no-figures")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "run(s) still missing after every chunk finished (run_id 0, 1" in r.stderr and "Traceback" not in r.stderr
+    assert set(pd.read_parquet(out / "runs.parquet")["status"]) == {"missing"}

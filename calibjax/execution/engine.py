@@ -123,6 +123,7 @@ class Report:
     model_steps: int = 0
     failed: list[str] = field(default_factory=list)
     complete: bool = False
+    missing: list[int] = field(default_factory=list)  # run_ids still missing after the final tables (unsharded)
 
     @property
     def steps_per_s(self) -> float:
@@ -194,7 +195,8 @@ def run_sweep(
     ChunkLoop(sw, opened.part, trainer, report, quiet, stop).run(chunks)
     report.compiles, report.compile_s = trainer.compiles, trainer.compile_s
     if not report.failed and shard is None:
-        report.complete = not results.finalize(out, sweep_mod.runs_table(sw))
+        report.missing = results.finalize(out, sweep_mod.runs_table(sw))
+        report.complete = not report.missing
     report.wall_s = time.perf_counter() - t_start
     close_manifest(opened, shard, report)
     return report
