@@ -3,7 +3,7 @@
     python benchmarks/scale.py                       # 10k, 100k and 1M runs (make bench-scale; about 6 minutes here)
     python benchmarks/scale.py --runs 10000 --old    # with 0.5.0's code paths beside, where they exist
 
-Nothing trains: each chunk's result is synthetic (``calibjax.synthetic``), of the shapes the
+Nothing trains: each chunk's result is synthetic (``calibjax.execution.synthetic``), of the shapes the
 sweep's program returns. The sweep is sweeps/scale_10k.toml's (the study's model, 3 checkpoints)
 with its grid widened to the run count. Stages, each in a fresh process (so its peak resident
 memory, sampled every 5 ms from /proc/self/statm, is its own; JAX and the sweep loaded first):

@@ -1,4 +1,4 @@
-"""True calibration (calibjax.metrics) against the independent float64 reference (tests/truth_reference.py).
+"""True calibration (calibjax.core.metrics) against the independent float64 reference (tests/truth_reference.py).
 
     python benchmarks/true_calibration_accuracy.py [LEVELS]
 

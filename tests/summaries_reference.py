@@ -1,5 +1,5 @@
 """0.5.0's per-run summaries, kept as the independent reference that the vectorised
-``calibjax.summaries`` must equal bit for bit (Python loops per run and per grid point). Since 0.9.0
+``calibjax.analysis.summaries`` must equal bit for bit (Python loops per run and per grid point). Since 0.9.0
 both take their logarithms and exponentials from ``calibjax.portable`` (numpy's and the C library's
 differ between CPUs in the last bit); that module is tested on its own (tests/test_portable.py)."""
 

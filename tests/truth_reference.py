@@ -6,7 +6,7 @@ conf = c means a z + b = +-logit(c), so z(x) = z0, a quadratic equation in x. By
 the crossings weigh p(x_j) / |conf'(x_j)|, and conf' = c (1 - c) |a z'(x_j)|, whose c (1 - c) |a| is
 common to all crossings of one level; so m(c) = sum_j p(x_j) P_top(x_j) / |z'(x_j)| / sum_j p / |z'|.
 The outer expectation over x is a trapezoid rule on 400,001 points over +-12 sigma. No grid of
-confidences, no bins: nothing shared with calibjax.metrics but the definitions.
+confidences, no bins: nothing shared with calibjax.core.metrics but the definitions.
 """
 
 from __future__ import annotations

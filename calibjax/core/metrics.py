@@ -86,7 +86,7 @@ class Scalars(NamedTuple):
     cal_term: jax.Array  # E (conf - m)^2
     grouping_term: jax.Array  # E (m - P_top)^2
     kl_optimum: jax.Array  # E_x KL(P || q*), q* the training loss's population optimum: the kl a
-    # perfectly trained network would keep (0 for proper losses; calibjax.losses)
+    # perfectly trained network would keep (0 for proper losses; calibjax.core.losses)
     kl_to_optimum: jax.Array  # E_x KL(q* || q): how far the network is from its own loss's optimum
     err_to_optimum: jax.Array  # max_x max_c |q* - q| over the hdr region
 
@@ -118,7 +118,7 @@ class Evaluation(NamedTuple):
     scalars: Scalars
     density: DensityBins
     reliability: ReliabilityBins
-    estimators: Any = None  # calibjax.estimators.Estimates when eval.estimator_sizes is set
+    estimators: Any = None  # calibjax.core.estimators.Estimates when eval.estimator_sizes is set
     recalibrated: Any = None  # Recalibrated when eval.temperature_scaling is set
 
 

@@ -100,7 +100,7 @@ def sample(task: GaussianTask, u: jax.Array) -> tuple[jax.Array, jax.Array]:
 def draw(task: GaussianTask, key: jax.Array, index: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Examples number ``index`` (int, shape (n,)) of the stream ``key``: x (n, D), c (n,).
 
-    Example i is a pure function of (key, i) (see calibjax.rng), so a dataset of any size is
+    Example i is a pure function of (key, i) (see calibjax.core.rng), so a dataset of any size is
     regenerated on demand, and the first N examples are the same for every larger N.
     """
     u = rng.open_uniform(rng.words(key, index, 2 + task.dim))

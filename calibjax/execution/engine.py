@@ -3,8 +3,8 @@
 Each group (one ``train.Static``) compiles once, for calls of devices x inner batch runs; its
 chunks (``planning``) go through that executable call by call. Finished chunks are written
 atomically, so a rerun on the same directory trains only what is missing. ``run_sweep`` ends
-with the final tables once every run is there; summaries and figures are the caller's (the
-command line chains them).
+with the final tables once every run is there; summaries and figures are the caller's
+(``calibjax.pipeline`` chains them).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Files on disk: atomic writes, finished chunks, reading them back.
 
-Layout of a results directory (the tables' columns are in ``calibjax.tables``)::
+Layout of a results directory (the tables' columns are in ``calibjax.storage.tables``)::
 
     manifest.json          sweep text and hash, plot settings, versions, devices, timings
     runs.parquet           one row per run (settings, status, bayes_loss, mutual_info)

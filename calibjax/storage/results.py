@@ -31,7 +31,7 @@ class ResultsExist(CalibjaxError):
 def numbers_identity(backend: str, vector_width: int, dense: str, cpu_class: str | None) -> dict:
     """What besides its settings fixes the bits of a run: calibjax's numbers version, the backend,
     the vectorisation width (``planning``), how the dense layers' products are computed
-    (``cpu_kernel``) and, on CPU, the class of CPUs that give the same bits (``runtime.cpu_class``:
+    (``calibjax.core.kernel``) and, on CPU, the class of CPUs that give the same bits (``runtime.cpu_class``:
     with the kernel, every x86-64 CPU with AVX2 or AVX-512; None on other backends, whose numbers
     do not depend on the host CPU). Results join only if all five match."""
     return {
