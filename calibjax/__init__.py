@@ -23,19 +23,19 @@ from calibjax.errors import CalibjaxError
 
 __version__ = "0.10.0"
 
-# Public names, imported on first use: name -> module.
+# Public names, imported on first use: name -> (module, its name there).
 _LAZY = {
-    "setup": "calibjax.execution.runtime",
-    "run": "calibjax.pipeline",
-    "plan": "calibjax.pipeline",
-    "merge": "calibjax.pipeline",
-    "finish": "calibjax.pipeline",
-    "load_sweep": "calibjax.sweep",
-    "load_results": "calibjax.storage.reader",
-    "read_table": "calibjax.storage.reader",
-    "Results": "calibjax.storage.reader",
-    "summarize": "calibjax.analysis.summaries",
-    "standard_figures": "calibjax.analysis.figures",
+    "setup": ("calibjax.execution.runtime", "setup"),
+    "run": ("calibjax.pipeline", "run"),
+    "plan": ("calibjax.pipeline", "plan"),
+    "merge": ("calibjax.pipeline", "merge"),
+    "finish": ("calibjax.pipeline", "finish"),
+    "load_sweep": ("calibjax.sweep", "load"),
+    "load_results": ("calibjax.storage.reader", "load_results"),
+    "read_table": ("calibjax.storage.reader", "read_table"),
+    "Results": ("calibjax.storage.reader", "Results"),
+    "summarize": ("calibjax.analysis.summaries", "summarize"),
+    "standard_figures": ("calibjax.analysis.figures", "standard_figures"),
 }
 __all__ = ["CalibjaxError", "__version__", *_LAZY]
 
@@ -45,7 +45,7 @@ def __getattr__(name: str):
         raise AttributeError(f"module 'calibjax' has no attribute {name!r}")
     import importlib
 
-    module = importlib.import_module(_LAZY[name])
-    value = getattr(module, "load" if name == "load_sweep" else name)
+    module, attribute = _LAZY[name]
+    value = getattr(importlib.import_module(module), attribute)
     globals()[name] = value
     return value

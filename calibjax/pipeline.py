@@ -26,8 +26,6 @@ from calibjax.execution import engine, planning
 from calibjax.storage import files, results
 from calibjax.sweep import MAX_RUNS, Sweep, load, shipped
 
-DEFAULT_CHUNK_MINUTES = planning.DEFAULT_CHUNK_MINUTES
-
 
 def open_sweep(sweep: str | Path | Sweep, max_runs: int = MAX_RUNS) -> Sweep:
     """A Sweep from a file, or a shipped sweep's name (``calibjax sweeps`` lists them)."""
@@ -39,26 +37,18 @@ def results_dir(sw: Sweep, out: str | Path | None = None) -> Path:
     return Path(out) if out else Path("results") / sw.name
 
 
-def layout_for(
-    out: Path,
-    chunk_size: int | None = None,
-    inner_batch: int | None = None,
-    dense: str | None = None,
-    chunk_minutes: float = DEFAULT_CHUNK_MINUTES,
-) -> planning.Layout:
-    """The layout that trains into ``out``: the dense path it recorded unless asked otherwise."""
-    choice = planning.dense_choice(dense, files.read_manifest(out))
-    return planning.default_layout(chunk_size, inner_batch, max_chunk_s=60 * chunk_minutes, dense=choice)
-
-
 def _prepare(sweep, out, chunk_size, inner_batch, dense, chunk_minutes, shard, max_runs):
     """What run and plan both start from: the sweep, its results directory, (shard, first array
-    task id) from "K/N", (K, N) or, inside a SLURM array, the environment; and the layout."""
+    task id) from "K/N", (K, N) or, inside a SLURM array, the environment; and the layout (the
+    dense path the directory recorded unless asked otherwise)."""
     sw = open_sweep(sweep, max_runs)
     out = results_dir(sw, out)
+    manifest = files.read_manifest(out)
     text = f"{shard[0]}/{shard[1]}" if isinstance(shard, tuple) else shard
-    shard = cluster.resolve_shard(text, files.read_manifest(out), out) or (None, 0)
-    return sw, out, shard, layout_for(out, chunk_size, inner_batch, dense, chunk_minutes)
+    shard = cluster.resolve_shard(text, manifest, out) or (None, 0)
+    choice = planning.dense_choice(dense, manifest)  # the path out recorded, unless asked otherwise
+    layout = planning.default_layout(chunk_size, inner_batch, max_chunk_s=60 * chunk_minutes, dense=choice)
+    return sw, out, shard, layout
 
 
 def run(
@@ -68,7 +58,7 @@ def run(
     chunk_size: int | None = None,
     inner_batch: int | None = None,
     dense: str | None = None,
-    chunk_minutes: float = DEFAULT_CHUNK_MINUTES,
+    chunk_minutes: float = planning.DEFAULT_CHUNK_MINUTES,
     shard: str | tuple[int, int] | None = None,
     max_runs: int = MAX_RUNS,
     overwrite: bool = False,
@@ -143,7 +133,7 @@ def plan(
     chunk_size: int | None = None,
     inner_batch: int | None = None,
     dense: str | None = None,
-    chunk_minutes: float = DEFAULT_CHUNK_MINUTES,
+    chunk_minutes: float = planning.DEFAULT_CHUNK_MINUTES,
     shard: str | tuple[int, int] | None = None,
     max_runs: int = MAX_RUNS,
 ) -> Plan:

@@ -14,7 +14,12 @@ import numpy as np
 
 TARGET = "calibjax_batched_matmul"
 STEP_TARGET = "calibjax_mlp_step"
-_registered: set[str] = set()  # filled by kernel_loader once the targets are registered with XLA
+_registered: set[str] = set()  # the targets kernel_loader has registered with XLA (``registered``)
+
+
+def registered(target: str) -> None:
+    """Note that ``target`` is registered with XLA (kernel_loader calls this once it is)."""
+    _registered.add(target)
 
 
 def _require() -> None:

@@ -171,7 +171,7 @@ def _load() -> str | None:
                 targets = ((kernel.TARGET, lib.CalibjaxBatchedMatmul), (kernel.STEP_TARGET, lib.CalibjaxMlpStep))
                 for target, fn in targets:
                     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
-                    kernel._registered.add(target)
+                    kernel.registered(target)
                 _state.update(error=None, lib=lib, variant=chosen)
             except (KernelError, OSError, AttributeError) as e:
                 _state["error"] = str(e)

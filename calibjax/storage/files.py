@@ -459,9 +459,9 @@ def record_figures(out: Path, paths) -> None:
     d = Path(out) / "figures"
     if d.is_symlink() or not d.is_dir():
         return
-    names = {Path(p).name for p in paths if Path(p).parent == d}
-    if names - set(recorded_figures(d)):
-        write_json(d / FIGURE_RECORD, sorted(set(recorded_figures(d)) | names))
+    names, known = {Path(p).name for p in paths if Path(p).parent == d}, set(recorded_figures(d))
+    if names - known:
+        write_json(d / FIGURE_RECORD, sorted(known | names))
 
 
 def recorded_figures(d: Path) -> list[str]:

@@ -109,13 +109,15 @@ def _axes(grid, f: str, max_runs: int) -> list[Axis]:
         values = tuple(check_setting(key, v, where) for v in raws)
         seen = {}
         for raw, v in zip(raws, values, strict=True):
-            if _canonical(v) in seen:
-                same = "" if raw == seen[_canonical(v)] else f" (as {seen[_canonical(v)]!r}, once checked)"
+            canonical = _canonical(v)
+            if canonical in seen:
+                first = seen[canonical]
+                same = "" if raw == first else f" (as {first!r}, once checked)"
                 raise SweepError(
                     f"{where} {key}: the value {raw!r} is given twice{same}: those grid points would train the "
                     "same runs; give each value once"
                 )
-            seen[_canonical(v)] = raw
+            seen[canonical] = raw
         axes.append(Axis(key, values, where, is_independent(key)))
     return axes
 
