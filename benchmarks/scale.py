@@ -147,11 +147,11 @@ def one(runs: int, stage_name: str, out: Path, old: bool) -> list[dict]:
                 t0 = time.perf_counter()
                 result = synthetic.fake_result(c.static, len(c.run_ids), int(c.run_ids[0]))
                 made[0] += time.perf_counter() - t0
-                results.write_chunk(out, c.chunk_id, c.static, c.run_ids, c.hashes, result)
+                results.write_chunk(out, c.chunk_id, c.static, c.run_ids, c.hashes, result, layout.identity)
 
         stage("chunks", write, untimed=lambda: made[0])
     elif stage_name == "final":
-        stage("final", lambda: results.finalize(out, sweep.runs_table(sw)))
+        stage("final", lambda: results.finalize(out, sweep.runs_table(sw), layout.identity))
     elif stage_name == "summaries":
         stage("summaries", lambda: summaries.write_summaries(out))
         if old:

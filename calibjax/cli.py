@@ -271,7 +271,7 @@ def interruption(session: Session) -> str:
     else:
         from calibjax.storage import results
 
-        done = len(results.finished_run_ids(report.out, report.sweep))
+        done = len(results.finished_run_ids(report.out, report.sweep, None))
         progress = (
             f"{report.trained} runs trained by this process, {done} of {len(report.sweep.runs)} done in {report.out}"
         )

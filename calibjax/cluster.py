@@ -28,7 +28,7 @@ import pandas as pd
 
 from calibjax import sweep as sweep_mod
 from calibjax.errors import CalibjaxError
-from calibjax.storage import files, results
+from calibjax.storage import chunks, files, reader, results
 
 
 class ClusterError(CalibjaxError):
@@ -370,6 +370,8 @@ class Status:
     failed: list[str]
     resubmit: list[str]  # commands that train what is missing
     queued: dict | None
+    rejected: list[str]  # chunks not counted: "chunks/g000-...: why"
+    tables: list[str]  # what is wrong with the final tables (reader.table_problems)
 
     @property
     def missing(self) -> int:
@@ -383,7 +385,9 @@ def status(out: Path) -> Status:
         raise ClusterError(f"{out}: no manifest.json here; is it a calibjax results directory?")
     sw = results.manifest_sweep(manifest)
     shards, first = manifest.get("shards"), manifest.get("shard_first", 0)
-    done, runs_of, done_of = count_done(out, sw, shards)
+    identity = None if results.numbers_pending(manifest) else results.recorded_identity(manifest)
+    rejected = []
+    done, runs_of, done_of = count_done(out, sw, shards, identity, rejected)
     history = submissions(out)
     queued = queued_tasks(sorted({h["array_job"] for h in history}))
     live = _queued_shards(history, queued, first)
@@ -402,14 +406,31 @@ def status(out: Path) -> Status:
         resubmit = [f"calibjax run {shlex.quote(sw.path)} --out {shlex.quote(str(out))}"]
     else:
         resubmit = []
-    return Status(sw, out, shards, first, pd.DataFrame(rows), groups.reset_index(), writers, failed, resubmit, queued)
+    rejected = [f"{d.relative_to(out)}: {why}" for d, why in rejected]
+    return Status(
+        sw,
+        out,
+        shards,
+        first,
+        pd.DataFrame(rows),
+        groups.reset_index(),
+        writers,
+        failed,
+        resubmit,
+        queued,
+        rejected,
+        reader.table_problems(out),
+    )
 
 
-def count_done(out: Path, sw: sweep_mod.Sweep, shards: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Which runs are done, and runs and done runs per shard (one entry for an unsharded directory)."""
+def count_done(
+    out: Path, sw: sweep_mod.Sweep, shards: int | None, identity: dict | None = None, rejected: list | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which runs are done, and runs and done runs per shard (one entry for an unsharded directory);
+    chunks that do not check out with ``identity`` are not counted, but appended to ``rejected``."""
     n_runs = len(sw.runs)
     done = np.zeros(n_runs, bool)
-    finished = results.finished_run_ids(out, sw)
+    finished = results.finished_run_ids(out, sw, identity, rejected)
     if finished:
         done[np.fromiter(finished, np.int64, len(finished))] = True
     owner = np.arange(n_runs) % shards if shards else np.zeros(n_runs, np.int64)
@@ -435,7 +456,7 @@ def _activity(out: Path, manifest: dict, shards: int | None) -> tuple[list[str],
     parts = [(k, out / "shards" / f"{k}-of-{shards}") for k in range(shards)] if shards else [(0, out)]
     for k, part in parts:
         where = part.relative_to(out) if part != out else "."
-        for chunk_id, holder, age in files.live_locks(part):
+        for chunk_id, holder, age in chunks.live_locks(part):
             writers.append(f"{where} {chunk_id}: {holder}, heartbeat {age:.0f} s ago")
             busy.add(k)
         m = manifest if part == out else files.read_manifest(part)
@@ -473,6 +494,12 @@ def format_status(st: Status) -> str:
         lines += [f"  {w}" for w in st.writers]
     if st.failed:
         lines.append("failed chunks (in the last run of their shard): " + ", ".join(st.failed))
+    if st.rejected:
+        lines.append("chunks not counted (calibjax run moves them aside and trains their runs again):")
+        lines += [f"  {r}" for r in st.rejected]
+    if st.tables:
+        lines.append("final tables not readable as one set:")
+        lines += [f"  {t}" for t in st.tables]
     if st.queued is None and submissions(st.out):
         lines.append("(squeue not available here: shards still queued on the cluster count as missing)")
     if st.resubmit:

@@ -145,7 +145,7 @@ def plan(
         try:
             hint = "run would refuse them; with --overwrite it would train every run"
             results.check_same_numbers(manifest, out, sw.name, layout.identity, hint)
-            done = results.finished_run_ids(out, sw)
+            done = results.finished_run_ids(out, sw, layout.identity)
         except results.ResultsExist as e:
             note = str(e)
     return Plan(sw, out, layout, planning.plan(sw, layout, shard, done), done, note)

@@ -31,7 +31,7 @@ from slurm_cluster import Cluster, missing_parts
 
 from calibjax import sweep
 from calibjax.execution import planning
-from calibjax.storage import files
+from calibjax.storage import chunks, files
 
 from conftest import cli as calibjax
 from conftest import sweep_text
@@ -87,15 +87,15 @@ def wait_for(predicate, what: str, cluster: Cluster, timeout: float = 180, every
 
 
 def finished_chunks(part: Path) -> int:
-    return sum(files.chunk_complete(d) for d in part.glob("chunks/g*"))
+    return sum(chunks.chunk_complete(d) for d in part.glob("chunks/g*"))
 
 
-def hold_last_chunk(sw, part: Path, shard, chunk_size: int) -> files.ChunkLock:
+def hold_last_chunk(sw, part: Path, shard, chunk_size: int) -> chunks.ChunkLock:
     """Lock the last chunk a task of this directory will train, as a process training it would:
     the task trains the others, then waits for this one."""
     layout = planning.Layout(tuple(jax.devices()[:1]), planning.CPU_INNER_BATCH, chunk_size, 1 << 40)
     chunk = planning.plan_chunks(sw, layout, planning.shard_run_ids(len(sw.runs), shard))[-1]
-    lock = files.ChunkLock(part, chunk.chunk_id)
+    lock = chunks.ChunkLock(part, chunk.chunk_id)
     assert lock.acquire(), f"the task took {chunk.chunk_id} first"
     return lock
 

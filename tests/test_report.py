@@ -15,7 +15,7 @@ import pytest
 from calibjax import pipeline
 from calibjax import sweep as sweep_mod
 from calibjax.execution import planning, synthetic
-from calibjax.storage import files, results
+from calibjax.storage import owned, results
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM_FLAGS = [
@@ -37,7 +37,7 @@ def blog(tmp_path_factory):
     layout = planning.default_layout(devices=jax.devices()[:2])
     synthetic.new_results(sw, out, layout)
     synthetic.write_chunks(sw, out, layout, diverged=0.0)
-    assert not results.finalize(out, sweep_mod.runs_table(sw))
+    assert not results.finalize(out, sweep_mod.runs_table(sw), layout.identity)
     pipeline.finish(out)  # summaries, figures, report: what run and merge do
     return out
 
@@ -54,7 +54,7 @@ def test_the_report_holds_the_sweep_facts_summary_and_every_figure(blog):
     assert 'src="http' not in page and 'href="http' not in page  # self-contained: nothing fetched
     copy = blog.parent / "copy"
     shutil.copytree(blog, copy)
-    files.remove_results(copy)  # --overwrite removes the report with the rest calibjax wrote
+    owned.remove_results(copy)  # --overwrite removes the report with the rest calibjax wrote
     assert not (copy / "report.html").exists()
 
 

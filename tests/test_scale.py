@@ -15,7 +15,7 @@ import summaries_reference as reference
 from calibjax import sweep
 from calibjax.analysis import summaries
 from calibjax.execution import planning, synthetic
-from calibjax.storage import files, reader, results, tables
+from calibjax.storage import chunks, files, reader, results, tables
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(p.name for p in (ROOT / "sweeps").glob("*.toml"))
@@ -101,7 +101,7 @@ def test_an_error_in_any_value_of_an_independent_axis_is_found_before_anything_r
 
 def in_memory(out: Path, runs: pd.DataFrame, name: str) -> pd.DataFrame | None:
     """The final table as 0.5.0 built it: every chunk read whole, concatenated, sorted."""
-    owners = files.finished_chunks(out)
+    owners = chunks.finished_chunks(out)
     parts = []
     for d, owned in owners.items():
         if (d / f"{name}.parquet").exists():
@@ -143,7 +143,7 @@ def test_streamed_tables_and_vectorised_summaries_equal_the_in_memory_ones(tmp_p
     synthetic.new_results(sw, out, layout)
     synthetic.write_chunks(sw, out, layout, diverged=0.2)
     runs = sweep.runs_table(sw)
-    missing = results.finalize(out, runs)
+    missing = results.finalize(out, runs, layout.identity)
     assert missing == []
     for table in tables.TABLES:
         if table != "status":
@@ -166,9 +166,9 @@ def test_row_groups_split_a_table_and_filters_read_only_what_they_ask(tmp_path):
     synthetic.new_results(sw, out, layout)
     synthetic.write_chunks(sw, out, layout)
     runs = sweep.runs_table(sw)
-    parts = [(d, (np.fromiter(o, np.int64), np.fromiter(o, np.int64))) for d, o in files.finished_chunks(out).items()]
+    parts = [(d, (np.fromiter(o, np.int64), np.fromiter(o, np.int64))) for d, o in chunks.finished_chunks(out).items()]
     path = out / "density.parquet"
-    assert files.write_merged(path, parts, list(tables.TABLES["density"].keys), rows_per_group=100)
+    assert chunks.write_merged(path, parts, list(tables.TABLES["density"].keys), rows_per_group=100)
     import pyarrow.parquet as pq
 
     assert pq.ParquetFile(path).num_row_groups > 5

@@ -1,5 +1,6 @@
 """Files on disk: writer identity, locks, unfinished and damaged chunks."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from calibjax.storage import files, reader
+from calibjax.storage import chunks, files, owned, reader
 
 
 def dead_pid() -> int:
@@ -35,7 +36,7 @@ def test_debris_of_dead_local_writers_goes_and_everything_else_stays(tmp_path):
 
 
 def test_a_chunk_lock_is_held_once_and_taken_over_from_a_dead_holder(tmp_path):
-    a, b = files.ChunkLock(tmp_path, CHUNK), files.ChunkLock(tmp_path, CHUNK)
+    a, b = chunks.ChunkLock(tmp_path, CHUNK), chunks.ChunkLock(tmp_path, CHUNK)
     assert a.acquire() and not b.acquire() and b.held_elsewhere()
     a.release()
     assert b.acquire()
@@ -49,20 +50,72 @@ def test_a_chunk_lock_is_held_once_and_taken_over_from_a_dead_holder(tmp_path):
 CHUNK = "g000-r0000000-n2-0123abcd"
 
 
-def _chunk(out, run_ids=(0, 1)):
-    df = pd.DataFrame({"run_id": list(run_ids), "status": "ok", "bayes_loss": 0.5})
-    return files.write_chunk_tables(
-        out, CHUNK, {"status": df, "metrics": df[["run_id"]]}, run_ids, [f"hash{i}" for i in run_ids]
+IDENTITY = {"numbers_version": 5, "backend": "cpu", "vector_width": 8, "dense": "kernel", "cpu_class": "x86-64"}
+
+
+def _chunk(out, run_ids=(0, 1), identity=IDENTITY, bayes_loss=0.5):
+    df = pd.DataFrame({"run_id": list(run_ids), "status": "ok", "bayes_loss": bayes_loss})
+    return chunks.write_chunk_tables(
+        out, CHUNK, {"status": df, "metrics": df[["run_id"]]}, run_ids, [f"hash{i}" for i in run_ids], identity
     )
 
 
+def _edit_info(d, **changes):
+    info = json.loads((d / "chunk.json").read_text())
+    (d / "chunk.json").write_text(json.dumps({**info, **changes}))
+
+
+def test_a_chunk_proves_its_content_and_numbers(tmp_path):
+    """chunk.json records each table's size and SHA-256, the runs and the numbers identity, under a
+    digest: a table replaced by another (same run_ids, other numbers), chunk.json's run_ids edited,
+    or a chunk of other numbers is not finished, and says why."""
+    _chunk(tmp_path)
+    d = tmp_path / "chunks" / CHUNK
+    info, why = chunks.check_chunk(d, IDENTITY)
+    assert why is None and info["files"]["status"]["rows"] == 2
+    assert chunks.check_chunk(d, {**IDENTITY, "dense": "xla"}) == (None, "computed with other numbers (dense 'kernel')")
+
+    other = tmp_path / "other"
+    _chunk(other, bayes_loss=0.25)  # the same chunk with other numbers, say trained with --dense xla
+    (d / "status.parquet").write_bytes((other / "chunks" / CHUNK / "status.parquet").read_bytes())
+    rejected = []
+    assert chunks.finished_hashes(tmp_path, IDENTITY, rejected) == set()
+    assert rejected == [(d, "status.parquet is not the table written there (its size or SHA-256 differs)")]
+
+    _chunk(other / "b")
+    d = other / "b" / "chunks" / CHUNK
+    _edit_info(d, run_ids=[1, 0])  # swapped by hand
+    assert chunks.check_chunk(d)[1] == "chunk.json was changed after it was written (its digest does not match)"
+    assert not chunks.chunk_complete(d)
+
+
+def test_a_chunk_of_other_runs_or_numbers_is_replaced_not_kept(tmp_path):
+    """A chunk directory of the same name that holds other runs (another sweep's) or other numbers is
+    moved aside when the chunk is written: never taken as this chunk, never deleted."""
+    _chunk(tmp_path, identity={**IDENTITY, "dense": "xla"})
+    assert _chunk(tmp_path)  # written: the one there was of other numbers
+    assert chunks.check_chunk(tmp_path / "chunks" / CHUNK, IDENTITY)[1] is None
+    assert len(list((tmp_path / "chunks").glob(f".broken-{CHUNK}-*"))) == 1
+
+
+def test_a_chunk_written_before_chunk_hashes_still_counts(tmp_path):
+    """Format 1 (0.10.0 and earlier): no content recorded; its tables' presence is checked and the
+    directory's manifest vouches for its numbers."""
+    _chunk(tmp_path)
+    d = tmp_path / "chunks" / CHUNK
+    info = json.loads((d / "chunk.json").read_text())
+    old = {k: info[k] for k in ("tables", "run_ids", "run_hashes", "writer")}
+    (d / "chunk.json").write_text(json.dumps(old))
+    assert chunks.finished_hashes(tmp_path, IDENTITY) == {"hash0", "hash1"}
+
+
 def test_an_unfinished_chunk_is_not_finished_and_is_replaced_not_deleted(tmp_path):
-    assert _chunk(tmp_path) and files.finished_hashes(tmp_path) == {"hash0", "hash1"}
+    assert _chunk(tmp_path) and chunks.finished_hashes(tmp_path) == {"hash0", "hash1"}
     assert not _chunk(tmp_path)  # finished already (say, by another process): nothing written
     d = tmp_path / "chunks" / CHUNK
     (d / "metrics.parquet").unlink()
-    assert files.finished_hashes(tmp_path) == set()  # a table missing: unfinished, so retrained
-    assert _chunk(tmp_path) and files.finished_hashes(tmp_path) == {"hash0", "hash1"}
+    assert chunks.finished_hashes(tmp_path) == set()  # a table missing: unfinished, so retrained
+    assert _chunk(tmp_path) and chunks.finished_hashes(tmp_path) == {"hash0", "hash1"}
     broken = list((tmp_path / "chunks").glob(f".broken-{CHUNK}-*"))
     assert len(broken) == 1 and (broken[0] / "status.parquet").exists()  # moved aside, kept
 
@@ -71,7 +124,7 @@ def test_a_damaged_table_is_named_with_the_way_out(tmp_path):
     _chunk(tmp_path)
     (tmp_path / "chunks" / CHUNK / "status.parquet").write_bytes(b"not parquet")
     with pytest.raises(files.CorruptResults, match="status.parquet: cannot read.*move that chunk directory away"):
-        files.read_chunk_table(tmp_path / "chunks" / CHUNK, "status")
+        chunks.read_chunk_table(tmp_path / "chunks" / CHUNK, "status")
 
 
 def test_a_directory_another_process_is_starting_is_not_foreign(tmp_path):
@@ -172,7 +225,7 @@ def test_overwrite_removes_exactly_what_calibjax_recorded_and_follows_no_symlink
     figures = out / "figures"
     figures.mkdir()
     (figures / "kl_vs_steps.png").write_bytes(b"png")
-    files.record_figures(out, [figures / "kl_vs_steps.png", tmp_path / "not_here.png"])
+    owned.record_figures(out, [figures / "kl_vs_steps.png", tmp_path / "not_here.png"])
     theirs = [figures / "my_plot.png", outside / "kl_vs_steps.png", outside / "chunk.json"]
     user_chunk = shard / "chunks" / "g001-r0000002-n2-0123abcd"  # named like a chunk, the user's
     user_chunk.mkdir()
@@ -182,7 +235,7 @@ def test_overwrite_removes_exactly_what_calibjax_recorded_and_follows_no_symlink
         p.write_bytes(b"mine")
     (out / "chunks" / "g002-r0000004-n2-0123abcd").symlink_to(outside, target_is_directory=True)
     (out / "summary.parquet").symlink_to(outside / "chunk.json")  # a table name, but a link
-    files.remove_results(out)
+    owned.remove_results(out)
     assert all(p.read_bytes() == b"mine" for p in theirs)
     assert not (out / "runs.parquet").exists() and not (out / "report.html").exists()
     assert not (out / "manifest.json").exists() and not (shard / "manifest.json").exists()
@@ -193,6 +246,6 @@ def test_overwrite_removes_exactly_what_calibjax_recorded_and_follows_no_symlink
     # a symlinked figures folder: nothing behind it is touched, whatever its record says
     (out / "figures").rename(tmp_path / "old_figures")
     (out / "figures").symlink_to(outside, target_is_directory=True)
-    files.write_json(outside / files.FIGURE_RECORD, ["kl_vs_steps.png"])
-    files.remove_results(out)
-    assert (outside / "kl_vs_steps.png").read_bytes() == b"mine" and (outside / files.FIGURE_RECORD).exists()
+    files.write_json(outside / owned.FIGURE_RECORD, ["kl_vs_steps.png"])
+    owned.remove_results(out)
+    assert (outside / "kl_vs_steps.png").read_bytes() == b"mine" and (outside / owned.FIGURE_RECORD).exists()

@@ -343,8 +343,15 @@ def write_summaries(out: str | Path, eps=DEFAULT_EPS, rel_eps=DEFAULT_REL_EPS) -
     summary = t.pop("runs").merge(found, on="run_id", how="right")
     del found
     agg = aggregate(summary)
-    files.write_parquet(out / "summary.parquet", summary)
-    files.write_parquet(out / "summary_by_setting.parquet", agg)
-    if "estimators" in t:
-        files.write_parquet(out / "estimator_benchmark.parquet", estimator_benchmark(t["estimators"]))
+    generation = reader.generation(out)  # that of the tables they are drawn from
+    with files.Staged() as staged:
+        files.write_parquet(out / "summary.parquet", summary, generation=generation, staged=staged)
+        files.write_parquet(out / "summary_by_setting.parquet", agg, generation=generation, staged=staged)
+        benchmark = out / "estimator_benchmark.parquet"
+        if "estimators" in t:
+            bench = estimator_benchmark(t["estimators"])
+            files.write_parquet(benchmark, bench, generation=generation, staged=staged)
+        else:
+            staged.removed.append(benchmark)
+        staged.commit()
     return summary, agg

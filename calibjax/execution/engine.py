@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from calibjax import sweep as sweep_mod
 from calibjax.core import train
 from calibjax.execution import planning, runtime
-from calibjax.storage import files, results
+from calibjax.storage import chunks, files, results
 
 POLL_S = 1.0  # how often a process waits for chunks that another process is training
 
@@ -186,20 +186,34 @@ def run_sweep(
     report = report if report is not None else Report()
     report.sweep, report.out, report.shard = sw, out, shard
     opened = open_manifest(sw, out, layout, shard, shard_first, overwrite)
-    chunks = planning.plan_chunks(
-        sw, layout, planning.shard_run_ids(len(sw.runs), shard), done=results.finished_run_ids(out, sw)
+    todo = planning.plan_chunks(
+        sw, layout, planning.shard_run_ids(len(sw.runs), shard), done=finished_run_ids(sw, out, layout.identity)
     )
-    report.runs, report.chunks = len(sw.runs), len(chunks)
-    print(describe_plan(sw, layout, chunks, shard), flush=True)
+    report.runs, report.chunks = len(sw.runs), len(todo)
+    print(describe_plan(sw, layout, todo, shard), flush=True)
     trainer = Trainer(layout)
-    ChunkLoop(sw, opened.part, trainer, report, quiet, stop).run(chunks)
+    ChunkLoop(sw, opened.part, trainer, report, quiet, stop).run(todo)
     report.compiles, report.compile_s = trainer.compiles, trainer.compile_s
     if not report.failed and shard is None:
-        report.missing = results.finalize(out, sweep_mod.runs_table(sw))
+        report.missing = results.finalize(out, sweep_mod.runs_table(sw), layout.identity)
         report.complete = not report.missing
     report.wall_s = time.perf_counter() - t_start
     close_manifest(opened, shard, report)
     return report
+
+
+def finished_run_ids(sw: sweep_mod.Sweep, out: Path, identity: dict) -> set[int]:
+    """The runs finished in ``out`` in chunks that check out (``chunks.check_chunk``); a chunk that
+    does not is moved aside, with one line saying which and why, and its runs are trained again."""
+    rejected = []
+    done = results.finished_run_ids(out, sw, identity, rejected)
+    for d, why in rejected:
+        try:
+            aside = chunks.set_aside(d)
+        except OSError:  # (moved by another process meanwhile)
+            continue
+        print(f"{d}: {why}; moved aside to {aside.name}, its runs are trained again", flush=True)
+    return done
 
 
 @dataclass
@@ -235,6 +249,12 @@ def open_manifest(
     return Opened(out, part, manifest, sharding)
 
 
+def _generation(out: Path) -> dict:
+    """The final tables' generation as manifest.json records it now (``results.finalize``)."""
+    manifest = files.read_manifest(out) or {}
+    return {"generation": manifest["generation"]} if "generation" in manifest else {}
+
+
 def close_manifest(opened: Opened, shard, report: Report) -> None:
     """The manifest of what this call did: complete or not, chunks, compiles and timings."""
     files.write_json(
@@ -242,6 +262,7 @@ def close_manifest(opened: Opened, shard, report: Report) -> None:
         {
             **opened.manifest,
             **(opened.sharding if opened.part == opened.out else {}),
+            **(_generation(opened.out) if opened.part == opened.out else {}),
             "shard": list(shard) if shard else None,
             "complete": report.complete,
             "trained_this_call": report.trained,
@@ -267,23 +288,23 @@ class ChunkLoop:
         self.sw, self.part, self.trainer, self.report, self.quiet, self.stop = sw, part, trainer, report, quiet, stop
         self.bar = None
 
-    def run(self, chunks: list[planning.Chunk]) -> None:
+    def run(self, todo: list[planning.Chunk]) -> None:
         self.bar = tqdm(
-            total=sum(len(c.run_ids) for c in chunks),
+            total=sum(len(c.run_ids) for c in todo),
             unit="run",
             disable=self.quiet,
             dynamic_ncols=True,
             desc=self.sw.name,
             smoothing=0.1,
         )
-        pending = list(chunks)
+        pending = list(todo)
         while pending:
             waiting = []
             for chunk in pending:
                 if self.stop():
                     raise KeyboardInterrupt
-                lock = files.ChunkLock(self.part, chunk.chunk_id)
-                if files.chunk_complete(self.part / "chunks" / chunk.chunk_id):
+                lock = chunks.ChunkLock(self.part, chunk.chunk_id)
+                if chunks.chunk_complete(self.part / "chunks" / chunk.chunk_id, self.trainer.layout.identity):
                     self.bar.update(len(chunk.run_ids))  # finished by another process
                 elif lock.acquire():
                     self.train(chunk, lock)
@@ -301,7 +322,7 @@ class ChunkLoop:
                 f"batch {static.batch_size}, {static.steps} steps; {size} runs per call"
             )
 
-    def train(self, chunk: planning.Chunk, lock: files.ChunkLock) -> None:
+    def train(self, chunk: planning.Chunk, lock: chunks.ChunkLock) -> None:
         bar, report, trainer = self.bar, self.report, self.trainer
         dyn = sweep_mod.chunk_dynamic(self.sw, chunk.run_ids)
         base = bar.n
@@ -311,7 +332,10 @@ class ChunkLoop:
             progress = lambda done: bar.update(base + done - bar.n)  # noqa: E731
             result = trainer(chunk.static, dyn, self.on_compile, self.stop, on_progress=progress)
             report.train_s += time.perf_counter() - t0 - (trainer.compile_s - compile_before)
-            written = results.write_chunk(self.part, chunk.chunk_id, chunk.static, chunk.run_ids, chunk.hashes, result)
+            identity = trainer.layout.identity
+            written = results.write_chunk(
+                self.part, chunk.chunk_id, chunk.static, chunk.run_ids, chunk.hashes, result, identity
+            )
         except Exception as e:  # a broken chunk must not stop the others
             bar.update(base - bar.n)
             report.failed.append(chunk.chunk_id)

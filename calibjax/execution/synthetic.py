@@ -43,7 +43,7 @@ def write_chunks(sw: sweep_mod.Sweep, out: Path, layout: planning.Layout, seed: 
     chunks = planning.plan_chunks(sw, layout)
     for chunk in chunks:
         result = fake_result(chunk.static, len(chunk.run_ids), seed + int(chunk.run_ids[0]), diverged)
-        results.write_chunk(out, chunk.chunk_id, chunk.static, chunk.run_ids, chunk.hashes, result)
+        results.write_chunk(out, chunk.chunk_id, chunk.static, chunk.run_ids, chunk.hashes, result, layout.identity)
     return len(chunks)
 
 

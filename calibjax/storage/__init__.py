@@ -1,12 +1,14 @@
 """Storage: a results directory on disk.
 
-- ``files``: file mechanics (atomic writes, chunk directories, locks, merged parquet streams)
+- ``files``: file mechanics (atomic writes, parquet tables, manifests, final tables as one set)
+- ``chunks``: chunk directories (written as a unit, verified before they are joined, locks, merged streams)
+- ``owned``: what calibjax wrote in a directory by its own records (what ``--overwrite`` removes)
 - ``tables``: the result tables' columns, from the core's records
 - ``results``: a results directory's rules (which numbers it holds, chunks, final tables, merge)
 - ``reader``: reading final tables back (``load_results``, ``read_table``, ``Results``)
 """
 
-from calibjax.storage import files, reader, results, tables
+from calibjax.storage import chunks, files, owned, reader, results, tables
 from calibjax.storage.files import CorruptResults
 from calibjax.storage.reader import Results, load_results, read_table, table_columns
 from calibjax.storage.results import ResultsExist
@@ -15,8 +17,10 @@ __all__ = [
     "CorruptResults",
     "Results",
     "ResultsExist",
+    "chunks",
     "files",
     "load_results",
+    "owned",
     "read_table",
     "reader",
     "results",

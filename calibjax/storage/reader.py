@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from calibjax.storage.files import FINAL_FILES, CorruptResults, read_parquet
+from calibjax.storage.files import FINAL_FILES, GENERATION, CorruptResults, read_arrow, read_manifest
 
 
 def require_results(out: str | Path) -> Path:
@@ -42,26 +42,71 @@ def load_results(out: str | Path, names=FINAL_FILES) -> dict[str, pd.DataFrame]:
     return found
 
 
+def generation(out: str | Path) -> str | None:
+    """The write of the final tables that manifest.json records (None before 0.11.0, or none yet)."""
+    return (read_manifest(Path(out)) or {}).get("generation")
+
+
+def _check_generation(out: Path, name: str, schema: pa.Schema) -> None:
+    """Refuse a final table that another write of the final tables left (an interrupted finalize,
+    merge or summarize): the tables are read as one set or not at all."""
+    expected = generation(out)
+    theirs = (schema.metadata or {}).get(GENERATION, b"").decode()
+    if expected is not None and theirs != expected:
+        again = f"calibjax summarize {out}" if name in SUMMARY_TABLES else f"calibjax merge {out}"
+        raise CorruptResults(
+            f"{out / f'{name}.parquet'}: left by another write of the final tables than manifest.json "
+            f"records (that write was interrupted), so it may not match the others; {again} writes them again"
+        )
+
+
+SUMMARY_TABLES = ("summary", "summary_by_setting", "estimator_benchmark")
+
+
+def table_problems(out: str | Path) -> list[str]:
+    """What keeps the final tables present from being read as one set: one line per table that is
+    damaged or of another write (``_check_generation``); footers only, no rows read."""
+    problems = []
+    for name in FINAL_FILES:
+        if (Path(out) / f"{name}.parquet").exists():
+            try:
+                table_columns(out, name)
+            except CorruptResults as e:
+                problems.append(str(e))
+    return problems
+
+
 def read_table(out: str | Path, name: str, columns=None, filters=None) -> pd.DataFrame:
     """One final table of a results directory: only ``columns`` (default all), only the rows that
     pass ``filters``, in pyarrow's form, e.g. ``[("step", "==", 1000)]`` or
     ``[("run_id", "in", ids)]`` (row groups whose statistics rule them out are not read).
-    FileNotFoundError if the directory has no such table."""
+    FileNotFoundError if the directory has no such table; CorruptResults if it is damaged or of
+    another write of the final tables than the rest (``_check_generation``)."""
     if name not in FINAL_FILES:
         raise ValueError(f"{name!r}: not a calibjax table; tables are {', '.join(FINAL_FILES)}")
     out = Path(out)
-    return read_parquet(
-        out / f"{name}.parquet",
-        columns,
-        filters,
-        hint=f"rerun the sweep's command (or calibjax merge {out}) to write it again",
-    )
+    hint = f"rerun the sweep's command (or calibjax merge {out}) to write it again"
+    table = read_arrow(out / f"{name}.parquet", columns, filters, hint=hint)
+    _check_generation(out, name, table.schema)
+    # Arrow's buffers are freed column by column as pandas takes them: a large table is not held twice.
+    return table.to_pandas(split_blocks=True, self_destruct=True)
 
 
 def table_columns(out: str | Path, name: str) -> list[str]:
     """The columns of a final table, read from its footer (no rows read)."""
-    with pa.OSFile(str(Path(out) / f"{name}.parquet")) as f:
-        return pq.read_schema(f).names
+    out = Path(out)
+    path = out / f"{name}.parquet"
+    try:
+        with pa.OSFile(str(path)) as f:
+            schema = pq.read_schema(f)
+    except OSError:
+        raise
+    except Exception as e:  # pyarrow raises several kinds for a damaged file
+        raise CorruptResults(
+            f"{path}: cannot read ({type(e).__name__}); calibjax merge {out} writes it again"
+        ) from None
+    _check_generation(out, name, schema)
+    return schema.names
 
 
 class Results(Mapping):

@@ -21,7 +21,8 @@ import pandas as pd
 from calibjax import sweep as sweep_mod
 from calibjax.core import train
 from calibjax.errors import CalibjaxError
-from calibjax.storage import files, tables
+from calibjax.storage import chunks, files, owned, tables
+from calibjax.storage.files import CorruptResults
 
 
 class ResultsExist(CalibjaxError):
@@ -150,45 +151,76 @@ def prepare_output(sw: sweep_mod.Sweep, out: Path, identity: dict, overwrite: bo
             manifest, out, sw.name, identity, "use --overwrite to replace them or --out to write elsewhere"
         )
     if overwrite and manifest is not None:
-        files.remove_results(out)
+        owned.remove_results(out)
     out.mkdir(parents=True, exist_ok=True)
     files.clean_debris(out)
 
 
-def write_chunk(part: Path, chunk_id: str, static: train.Static, run_ids, run_hashes, result: train.RunResult) -> bool:
+def write_chunk(
+    part: Path, chunk_id: str, static: train.Static, run_ids, run_hashes, result: train.RunResult, identity: dict
+) -> bool:
     """One finished chunk's tables, written as a unit (False: another process wrote it first)."""
-    return files.write_chunk_tables(part, chunk_id, tables.chunk_tables(static, run_ids, result), run_ids, run_hashes)
+    chunk_tables = tables.chunk_tables(static, run_ids, result)
+    return chunks.write_chunk_tables(part, chunk_id, chunk_tables, run_ids, run_hashes, identity)
 
 
-def finished_run_ids(out: Path, sw: sweep_mod.Sweep) -> set[int]:
-    """run_ids of the sweep whose runs (by identity) are finished in ``out``."""
-    done = files.finished_hashes(out)
+def finished_run_ids(out: Path, sw: sweep_mod.Sweep, identity: dict | None, rejected: list | None = None) -> set[int]:
+    """run_ids of the sweep whose runs (by identity) are finished in ``out``, in chunks that check
+    out with this numbers identity (``chunks.check_chunk``; None: any); the others are appended to
+    ``rejected`` as (directory, why)."""
+    done = chunks.finished_hashes(out, identity, rejected)
     return {i for i, h in enumerate(sw.hashes) if h in done} if done else set()
 
 
-def finalize(out: Path, runs: pd.DataFrame) -> list[int]:
-    """Join the finished chunks (own and shards') into the final tables; return missing run_ids.
+REJECTED_HINT = (
+    "rerun the calibjax run that trained it (for shards/K-of-N: with --shard K/N): "
+    "it moves the chunk aside and trains its runs again"
+)
+
+
+def rejected_chunks_error(rejected: list, hint: str) -> CorruptResults:
+    d, why = rejected[0]
+    more = f" (and {len(rejected) - 1} more chunk(s))" if len(rejected) > 1 else ""
+    return CorruptResults(f"{d}: {why}{more}; its runs are not joined; {hint}")
+
+
+def finalize(out: Path, runs: pd.DataFrame, identity: dict | None) -> list[int]:
+    """Join the finished chunks (own and shards') into the final tables; return the missing run_ids.
 
     Runs are matched by identity and take the current sweep's run_ids; runs no longer in it are
     left out. Runs not finished yet appear in runs.parquet with status "missing". Each table is
-    streamed chunk by chunk into its file (``files.write_merged``), never held whole.
+    streamed chunk by chunk into its file (``chunks.write_merged``), never held whole; the tables
+    are switched into place together once all are written (``files.Staged``), each naming in its
+    footer the generation that manifest.json then records. Chunks that do not check out with
+    ``identity`` (None: any) raise CorruptResults, and nothing is written.
     """
     current = pd.Series(runs["run_id"].to_numpy(np.int64), index=runs["run_hash"].to_numpy())
-    parts = []
-    for d, owned in files.finished_chunks(out).items():
-        written = np.fromiter(owned, np.int64, len(owned))
-        now = current.reindex(list(owned.values())).to_numpy()
+    parts, rejected = [], []
+    for d, owned_runs in chunks.finished_chunks(out, identity, rejected).items():
+        written = np.fromiter(owned_runs, np.int64, len(owned_runs))
+        now = current.reindex(list(owned_runs.values())).to_numpy()
         keep = np.flatnonzero(~np.isnan(now))
         keep = keep[np.argsort(written[keep], kind="stable")]
         parts.append((d, (written[keep], now[keep].astype(np.int64))))
-    status = [t for d, ids in parts if len(ids[0]) and (t := files.read_chunk_table(d, "status", ids)) is not None]
+    if rejected:
+        raise rejected_chunks_error(rejected, REJECTED_HINT)
+    status = [t for d, ids in parts if len(ids[0]) and (t := chunks.read_chunk_table(d, "status", ids)) is not None]
     status = pd.concat(status, ignore_index=True) if status else tables.empty_status()
     table = runs.merge(status, on="run_id", how="left")
     table["status"] = table["status"].fillna("missing")
-    files.write_parquet(out / "runs.parquet", table)
-    for name, spec in tables.TABLES.items():
-        if name != "status" and not files.write_merged(out / f"{name}.parquet", parts, list(spec.keys)):
-            (out / f"{name}.parquet").unlink(missing_ok=True)  # an earlier version's, of runs no longer here
+    generation = files.new_generation()
+    with files.Staged() as staged:
+        files.write_parquet(out / "runs.parquet", table, generation=generation, staged=staged)
+        for name, spec in tables.TABLES.items():
+            path = out / f"{name}.parquet"
+            if name != "status" and not chunks.write_merged(
+                path, parts, list(spec.keys), generation=generation, staged=staged
+            ):
+                staged.removed.append(path)  # an earlier version's, of runs no longer here
+        staged.commit()
+    manifest = files.read_manifest(out)
+    if manifest is not None:
+        files.write_json(out / "manifest.json", {**manifest, "generation": generation})
     return table.loc[table["status"] == "missing", "run_id"].tolist()
 
 
@@ -217,12 +249,14 @@ def merge(out: str | Path) -> list[int]:
             check_same_numbers(
                 m, part, manifest.get("sweep_name"), identity, f"it does not belong with {out}/manifest.json"
             )
+    # Chunks of parts without a manifest (a task killed early) are judged by their own chunk.json.
+    identity = identity or chunks.first_identity(out)
     sw = manifest_sweep(manifest)
-    missing = finalize(out, sweep_mod.runs_table(sw))
+    missing = finalize(out, sweep_mod.runs_table(sw), identity)
     files.write_json(
         out / "manifest.json",
         {
-            **manifest,
+            **files.read_manifest(out),  # (with the generation finalize recorded)
             **(identity or {}),
             **sweep_manifest(sw),
             "complete": not missing,
