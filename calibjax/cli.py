@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -308,7 +309,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.sbatch_args = argv[cut + 1 :]
     for name in ("chunk_size", "inner_batch", "max_runs", "chunk_minutes", "tasks", "max_parallel", "cpus"):
         v = getattr(args, name, None)
-        if v is not None and (v <= 0 if name == "chunk_minutes" else v < 1):
+        if v is not None and (not (0 < v < math.inf) if name == "chunk_minutes" else v < 1):
             kind = "number" if name == "chunk_minutes" else "integer"
             raise UsageError(f"--{name.replace('_', '-')}: expected a positive {kind}, got {v}")
     return args
@@ -390,6 +391,8 @@ def cmd_plan(args, session: Session) -> int:
     p = pipeline.plan(args.sweep, args.out, **_layout_kw(args))
     if p.note:
         print(f"note: {p.note}")
+    for line in p.warnings:
+        print(f"note: {line}")
     print(
         f"{p.sweep.name}: {len(p.sweep.runs)} runs, {len(p.sweep.block_groups[0])} groups (one compile each); "
         f"{len(p.done)} already finished in {p.out}; {len(p.layout.devices)} {p.layout.backend} device(s)"

@@ -14,7 +14,7 @@ stop and progress hooks are their arguments (nothing here keeps state between ca
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -46,6 +46,11 @@ def _prepare(sweep, out, chunk_size, inner_batch, dense, chunk_minutes, shard, m
     manifest = files.read_manifest(out)
     text = f"{shard[0]}/{shard[1]}" if isinstance(shard, tuple) else shard
     shard = cluster.resolve_shard(text, manifest, out) or (None, 0)
+    if shard[0] is not None and shard[0][1] > len(sw.runs):
+        raise cluster.ClusterError(
+            f"--shard {shard[0][0]}/{shard[0][1]}: more shards than the {len(sw.runs)} runs of {sw.path}; "
+            f"at most {len(sw.runs)}"
+        )
     choice = planning.dense_choice(dense, manifest)  # the path out recorded, unless asked otherwise
     layout = planning.default_layout(chunk_size, inner_batch, max_chunk_s=60 * chunk_minutes, dense=choice)
     return sw, out, shard, layout
@@ -124,6 +129,7 @@ class Plan:
     table: pd.DataFrame  # planning.plan: groups, chunks, memory and time
     done: set[int]  # runs already finished in out (that run would keep)
     note: str = ""  # why run would not reuse what out holds ("" if it would, or out is new)
+    warnings: list[str] = field(default_factory=list)  # runs that would take long (planning.check_sizes)
 
 
 def plan(
@@ -140,6 +146,7 @@ def plan(
     """What ``run`` with these arguments would train (nothing trains). Finished runs count as done
     only where run would accept them."""
     sw, out, (shard, _), layout = _prepare(sweep, out, chunk_size, inner_batch, dense, chunk_minutes, shard, max_runs)
+    warnings = planning.check_sizes(sw, layout)
     manifest, done, note = files.read_manifest(out), set(), ""
     if manifest is not None:
         try:
@@ -148,4 +155,4 @@ def plan(
             done = results.finished_run_ids(out, sw, layout.identity)
         except results.ResultsExist as e:
             note = str(e)
-    return Plan(sw, out, layout, planning.plan(sw, layout, shard, done), done, note)
+    return Plan(sw, out, layout, planning.plan(sw, layout, shard, done), done, note, warnings)

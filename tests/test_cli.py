@@ -223,6 +223,16 @@ def test_cpu_device_count_is_set_up_explicitly_and_wins_over_xla_flags(tmp_path)
     assert r.returncode == 2 and "CALIBJAX_CPU_DEVICES: expected a positive integer, got 'two'" in r.stderr
 
 
+SETUPS = {
+    "non-utf8": b'name = "caf\xe9"\n',
+    "huge-file": TINY.encode() + b"#" * (1 << 20) + b"\n",
+    "wide": sweep_text(model={"hidden": [1_000_000_000]}).encode(),
+    "points": sweep_text(eval={"points": 1_000_000_000}).encode(),
+    "deep": sweep_text(model={"hidden": None, "width": 8, "depth": 1000}).encode(),
+    "draws": sweep_text(eval={"estimator_sizes": [100, 1000], "estimator_draws": 1_000_000_000}).encode(),
+}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "setup,args,env,message",
@@ -252,12 +262,32 @@ def test_cpu_device_count_is_set_up_explicitly_and_wins_over_xla_flags(tmp_path)
         ("foreign-dir", ["run", "{sweep}", "--out", "{out}", "--overwrite"], {}, "is not a calibjax results directory"),
         ("", ["run", "{sweep}", "--out", "{out}"], {"CALIBJAX_CPU_DEVICES": "0"}, "expected a positive integer, got 0"),
         ("corrupt-manifest", ["merge", "{out}"], {}, "manifest.json: not a readable calibjax manifest"),
+        # sizes that once ran until killed or failed late (#30): refused before anything is written
+        ("", ["run", "{sweep}", "--out", "{out}"], {"CALIBJAX_CPU_DEVICES": "100000"}, "100000 CPU devices on"),
+        ("", ["run", "/dev/zero", "--out", "{out}"], {}, "/dev/zero: not a regular file"),
+        ("fifo", ["run", "{sweep}", "--out", "{out}"], {}, "tiny.toml: not a regular file"),
+        ("huge-file", ["run", "{sweep}", "--out", "{out}"], {}, "a sweep file is at most 1,048,576 bytes"),
+        ("wide", ["run", "{sweep}", "--out", "{out}"], {}, "model.hidden accounts for most of it"),
+        ("points", ["run", "{sweep}", "--out", "{out}"], {}, "eval.points accounts for most of it"),
+        ("deep", ["run", "{sweep}", "--out", "{out}"], {}, "model.hidden has 1000 layers; at most 64"),
+        ("draws", ["plan", "{sweep}"], {}, "eval.estimator_draws accounts for most of it"),
+        (
+            "",
+            ["run", "{sweep}", "--out", "{out}", "--inner-batch", "1000000000"],
+            {},
+            "--inner-batch accounts for most of it",
+        ),
+        ("", ["run", "{sweep}", "--out", "{out}", "--shard", "0/1000000000"], {}, "more shards than the 4 runs"),
+        ("", ["run", "{sweep}", "--out", "{out}", "--chunk-minutes", "nan"], {}, "--chunk-minutes: expected a"),
     ],
 )
 def test_bad_input_outside_the_sweep_file_is_one_line_and_writes_nothing(tmp_path, setup, args, env, message):
     sweep, out = tmp_path / "tiny.toml", tmp_path / "res"
-    sweep.write_bytes(b'name = "caf\xe9"\n' if setup == "non-utf8" else TINY.encode())
-    if setup:
+    if setup == "fifo":
+        os.mkfifo(sweep)
+    else:
+        sweep.write_bytes(SETUPS[setup] if setup in SETUPS else TINY.encode())
+    if setup in ("corrupt-manifest", "foreign-dir"):
         out.mkdir()
         (out / ("manifest.json" if setup == "corrupt-manifest" else "thesis.tex")).write_text("{ not json")
     before = sorted(p.name for p in tmp_path.rglob("*"))
@@ -460,13 +490,15 @@ def test_progress_moves_within_a_chunk(tmp_path):
 
 @pytest.mark.slow
 def test_runs_left_missing_after_every_chunk_finished_exit_1(tmp_path):
-    """A finished chunk whose chunk.json names other runs (edited, or another sweep's copied in) is
-    not retrained by its name, so its runs stay missing: run must say so and exit 1, not 0."""
+    """A chunk of the format before 0.11.0 (no digest, so an edit goes unseen) whose chunk.json names
+    other runs is not retrained by its name, so its runs stay missing: run must say so and exit 1,
+    not 0. (A chunk of today's format is moved aside and retrained: tests/test_integrity.py.)"""
     sweep, out = tmp_path / "tiny.toml", tmp_path / "res"
     sweep.write_text(TINY)
     assert calibjax("run", sweep, "--out", out, "--quiet", "--no-figures").returncode == 0
     (chunk,) = (out / "chunks").iterdir()
     info = json.loads((chunk / "chunk.json").read_text())
+    info = {k: info[k] for k in ("tables", "run_ids", "run_hashes", "writer")}  # format 1
     info["run_hashes"] = [f"{i:032x}" for i in range(len(info["run_hashes"]))]
     (chunk / "chunk.json").write_text(json.dumps(info))
     r = calibjax("run", sweep, "--out", out, "--quiet", "--no-figures")

@@ -265,11 +265,29 @@ def test_without_a_compiler_auto_falls_back_once_and_kernel_is_an_error(tmp_path
 def test_the_build_is_cached_by_source_and_flags(tmp_path, monkeypatch):
     monkeypatch.setenv("CALIBJAX_KERNEL_CACHE", str(tmp_path))
     lib = kernel_loader.build()
-    assert lib.parent == tmp_path and lib.exists() and [p.name for p in tmp_path.iterdir()] == [lib.name]
+    assert lib.parent == tmp_path and lib.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [lib.name, f"{lib.name}.sha256"]
     assert kernel_loader.build() == lib and lib.stat().st_mtime_ns == kernel_loader.build().stat().st_mtime_ns
     monkeypatch.setitem(kernel_loader.VARIANTS, "avx2", (*kernel_loader.FLAGS, "-DCALIBJAX_TEST"))
     assert kernel_loader.library_path(kernel_loader.compiler()) != lib  # other flags: another build
     assert kernel_loader.library_path(kernel_loader.compiler(), "avx512").name.startswith("calibjax_dense-avx512-")
+
+
+def test_a_damaged_cached_build_is_rebuilt_not_loaded(tmp_path):
+    """A truncated library in the kernel cache (a full disk, a copy cut short) once crashed every
+    run with SIGBUS when loaded: its SHA-256 no longer matches the one recorded at build, so it is
+    rebuilt, with one line saying so, and the run goes on."""
+    env = {"CALIBJAX_KERNEL_CACHE": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+    code = "from calibjax.execution import kernel_loader as k; k.require(); print(k.loaded_variant())"
+    first = python_in(code, env=env)
+    assert first.returncode == 0, first.stderr
+    (lib,) = tmp_path.glob("*.so")
+    built = lib.read_bytes()
+    lib.write_bytes(built[: len(built) // 3])
+    again = python_in(code, env=env)
+    assert again.returncode == 0 and again.stdout == first.stdout, again.stderr
+    assert "is not the file built there (its SHA-256 differs); rebuilding it" in again.stderr
+    assert kernel_loader.intact(lib) and lib.stat().st_size == len(built)
 
 
 def test_on_a_cpu_without_avx2_auto_falls_back_once_and_kernel_is_an_error():

@@ -47,7 +47,7 @@ def test_a_chunk_lock_is_held_once_and_taken_over_from_a_dead_holder(tmp_path):
     assert not a.path.exists()
 
 
-CHUNK = "g000-r0000000-n2-0123abcd"
+CHUNK = f"g000-r0000000-n2-{chunks.content_tag(['hash0', 'hash1'])}"
 
 
 IDENTITY = {"numbers_version": 5, "backend": "cpu", "vector_width": 8, "dense": "kernel", "cpu_class": "x86-64"}
@@ -225,7 +225,7 @@ def test_overwrite_removes_exactly_what_calibjax_recorded_and_follows_no_symlink
     figures = out / "figures"
     figures.mkdir()
     (figures / "kl_vs_steps.png").write_bytes(b"png")
-    owned.record_figures(out, [figures / "kl_vs_steps.png", tmp_path / "not_here.png"])
+    owned.record_figures(out, [figures / "kl_vs_steps.png", tmp_path / "not_here.png"], None)
     theirs = [figures / "my_plot.png", outside / "kl_vs_steps.png", outside / "chunk.json"]
     user_chunk = shard / "chunks" / "g001-r0000002-n2-0123abcd"  # named like a chunk, the user's
     user_chunk.mkdir()

@@ -107,6 +107,19 @@ BAD = [
         bad_text() + "[cases.a]\nlr = 0.01\n[cases.b]\nlr = 0.02\n[grid]\nlr = [1e-3, 2e-3]\n",
         "[cases.a] and [cases.b] have the same settings",  # the grid sets lr in both
     ),
+    # numbers the compiled program cannot hold, and sizes beyond any use (#30)
+    (bad_text(train="steps = 100\nlr = 1e300"), "[train] lr: not representable in float32"),
+    (bad_text(train="steps = 100\nlr = 1e-50"), "[train] lr: not representable in float32"),
+    (bad_text(train="steps = 100\nn_data = 3000000000"), "n_data: expected at most 2,147,483,647"),
+    (bad_text() + "[grid]\nlr = [1e-3, 1e39]\n", "[grid] lr: not representable in float32"),
+    (
+        bad_text(train="steps = 100000\ncheckpoints = [" + ", ".join(map(str, range(20_000))) + "]"),
+        "checkpoints: expected at most 10,000 checkpoints, got [0, 1, 2, ..., 19999] (20,000 values)",
+    ),
+    (
+        bad_text(extra="") + "[eval]\ncurves = true\ncurve_points = 1000000\n",
+        "[eval] curve_points: expected an integer from 2 to 10,000",
+    ),
 ]
 
 
@@ -149,6 +162,7 @@ def test_every_validator_accepts_good_values_and_rejects_bad_ones_with_its_messa
         "loss": ("focal", "focal", "hinge"),
         "smoothing": (0.1, 0.1, 1.0),
         "focal_gamma": (2, 2.0, 11.0),
+        "curve_points": (201, 201, 1_000_000),
     }
     assert set(cases) == set(sweep.validate.VALIDATORS), "every registered kind is tested"
     for kind, (good, normal, bad) in cases.items():

@@ -29,7 +29,7 @@ def standard_figures(out: str | Path) -> list[Path]:
     """The default figures of a results directory, from its tables and manifest (recorded as
     calibjax's in DIR/figures, so that --overwrite removes exactly these)."""
     paths = [planned.draw() for planned in default_set(out)]
-    owned.record_figures(Path(out), paths)
+    owned.record_figures(Path(out), paths, reader.generation(out))
     return paths
 
 
@@ -169,7 +169,7 @@ def draw(
     """``calibjax plot``: the default set, or one heatmap, density map or reliability diagram of
     the runs selected by ``where`` (setting = value) or ``run_id``. Mistakes raise PlotError."""
     paths = _draw(out, kind, x, y, value, facet, where, run_id, step, output)
-    owned.record_figures(Path(out), paths)
+    owned.record_figures(Path(out), paths, reader.generation(out))
     return paths
 
 

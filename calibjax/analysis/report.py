@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from calibjax.analysis import summaries
-from calibjax.storage import files, reader
+from calibjax.storage import files, owned, reader
 
 MAX_ROWS = 200  # rows of summary_by_setting shown (the parquet file has them all)
 SHOWN = [
@@ -101,12 +101,24 @@ def _summary_table(out: Path) -> str:
 
 
 def _figures(out: Path) -> str:
-    parts = []
-    for png in sorted((out / "figures").glob("*.png")):
+    """The figures calibjax drew from the current final tables (never a user's own PNG, nor one
+    drawn from an earlier write of the tables: those are named, for calibjax plot to redraw)."""
+    d = out / "figures"
+    parts, current = [], reader.generation(out)
+    drawn = owned.recorded_figures(d) if d.is_dir() and not d.is_symlink() else {}
+    stale = sorted(n for n, g in drawn.items() if g != current and (d / n).is_file())
+    for png in sorted(d / n for n, g in drawn.items() if g == current):
+        if not png.is_file():
+            continue
         data = base64.b64encode(png.read_bytes()).decode()
         name = html.escape(png.name)
         parts.append(
             f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{name}</figcaption></figure>'
+        )
+    if stale:
+        parts.append(
+            f"<p>Not shown, drawn from an earlier write of the tables: {html.escape(', '.join(stale))} "
+            "(<code>calibjax plot DIR</code> draws them again).</p>"
         )
     return "\n".join(parts) or "<p>No figures (run <code>calibjax plot DIR</code>).</p>"
 

@@ -185,6 +185,8 @@ def run_sweep(
     layout = layout or planning.default_layout()
     report = report if report is not None else Report()
     report.sweep, report.out, report.shard = sw, out, shard
+    for line in planning.check_sizes(sw, layout):  # (refuses what cannot fit, before anything is written)
+        print(line, flush=True)
     opened = open_manifest(sw, out, layout, shard, shard_first, overwrite)
     todo = planning.plan_chunks(
         sw, layout, planning.shard_run_ids(len(sw.runs), shard), done=finished_run_ids(sw, out, layout.identity)

@@ -104,18 +104,40 @@ def library_path(cxx: str, variant: str = "avx2") -> Path:
     return cache_dir() / f"calibjax_dense-{variant}-{key}.so"
 
 
-def build(verbose: bool = False, variant: str = "avx2") -> Path:
-    """Compile a variant of the kernel into the cache (if not there yet) and return the library's path.
+def _sha256(p: Path) -> str:
+    with open(p, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
-    The library is written under a temporary name and renamed, so processes building at the same
-    time (tasks of an array job sharing a home directory) never load a half-written file.
+
+def intact(lib: Path) -> bool:
+    """A cached build is the file its build wrote: its SHA-256 is the one recorded beside it
+    (``<lib>.sha256``). A damaged library (truncated, overwritten) would crash the process that
+    loads it (SIGBUS) instead of failing with a message."""
+    try:
+        return Path(f"{lib}.sha256").read_text().strip() == _sha256(lib)
+    except OSError:
+        return False
+
+
+def build(verbose: bool = False, variant: str = "avx2") -> Path:
+    """Compile a variant of the kernel into the cache (if not there yet, or damaged: ``intact``)
+    and return the library's path.
+
+    The library is written under a temporary name and renamed (its SHA-256 recorded first), so
+    processes building at the same time (tasks of an array job sharing a home directory) never
+    load a half-written file.
     """
     cxx = compiler()
     if cxx is None:
         raise KernelError("no C++ compiler found (g++, c++ or clang++ on PATH, or $CXX)")
     lib = library_path(cxx, variant)
     if lib.exists():
-        return lib
+        if intact(lib):
+            return lib
+        print(
+            f"calibjax: the cached CPU kernel {lib} is not the file built there (its SHA-256 differs); rebuilding it",
+            file=sys.stderr,
+        )
     lib.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=lib.parent, prefix=".build-", suffix=".so")
     os.close(fd)
@@ -128,10 +150,14 @@ def build(verbose: bool = False, variant: str = "avx2") -> Path:
             raise KernelError(f"compiling {SOURCE.name} failed ({cxx}): {e}") from None
         if out.returncode != 0:
             raise KernelError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}): {out.stderr.strip()[-2000:]}")
+        digest = f"{lib}.sha256"
+        Path(f"{tmp}.sha256").write_text(_sha256(Path(tmp)) + "\n")
+        os.replace(f"{tmp}.sha256", digest)
         os.replace(tmp, lib)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, f"{tmp}.sha256"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
     if verbose:
         print(f"calibjax: built the CPU kernel ({variant}) in {time.perf_counter() - t0:.1f} s: {lib}", file=sys.stderr)
     return lib

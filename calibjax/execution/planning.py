@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import itertools
 import math
 import os
@@ -30,9 +29,9 @@ import numpy as np
 import pandas as pd
 
 from calibjax import sweep as sweep_mod
-from calibjax.core import estimators, train
+from calibjax.core import estimators, metrics, train
 from calibjax.execution import kernel_loader, runtime
-from calibjax.storage import results, tables
+from calibjax.storage import chunks, results, tables
 
 # Runs vmapped together per device (the vectorisation width): narrow on CPU (padding wastes least),
 # wide on GPU (fills the device). The measurements behind every constant here: docs/performance.md,
@@ -205,8 +204,7 @@ class Chunk:
     def chunk_id(self) -> str:
         """Names the chunk's place and, by a hash of its runs' identities, its content: a chunk of
         another version of the sweep never takes the name of a different set of runs."""
-        content = hashlib.sha256(" ".join(self.hashes).encode()).hexdigest()[:8]
-        return f"g{self.group:03d}-r{int(self.run_ids[0]):07d}-n{len(self.run_ids)}-{content}"
+        return f"g{self.group:03d}-r{int(self.run_ids[0]):07d}-n{len(self.run_ids)}-{chunks.content_tag(self.hashes)}"
 
 
 def shard_run_ids(n_runs: int, shard: tuple[int, int] | None) -> np.ndarray | None:
@@ -244,6 +242,74 @@ def estimate_seconds(chunks: list[Chunk], layout: Layout) -> float:
     per group: what a run announces before it starts (``plan`` measures the machine instead)."""
     rate = NOMINAL_FLOPS_PER_DEVICE.get(layout.backend, NOMINAL_FLOPS_PER_DEVICE["gpu"]) * len(layout.devices)
     return sum(c.size * c.static.flops_per_run for c in chunks) / rate + COMPILE_S * len({c.group for c in chunks})
+
+
+MAX_LAYERS = 64  # hidden layers: the compiled program grows (and compiles slower) with each
+MAX_RUN_SECONDS = 7 * 24 * 3600.0  # one run longer than this at the nominal rate is refused
+WARN_RUN_SECONDS = 3600.0  # ... and one longer than this announced
+
+
+def _size(b: float) -> str:
+    return f"{b / 2**30:,.1f} GiB" if b >= 2**30 else f"{b / 2**20:,.1f} MiB"
+
+
+def check_sizes(sw: sweep_mod.Sweep, layout: Layout) -> list[str]:
+    """Refuse, before anything is written, a group whose one run cannot fit this machine: more
+    hidden layers than MAX_LAYERS, a call's working set and one run's results beyond a device's
+    memory budget, or a run longer than MAX_RUN_SECONDS at the nominal rate; each message names the
+    sweep key that accounts for most of it (``_culprit``). Returns warnings for runs longer than
+    WARN_RUN_SECONDS."""
+    rate = NOMINAL_FLOPS_PER_DEVICE.get(layout.backend, NOMINAL_FLOPS_PER_DEVICE["gpu"])
+    warnings = []
+    for g, static in enumerate(sw.block_groups[0]):
+        st = layout.static(static)
+        h = list(st.hidden)
+        where = f"{sw.path}: group {g} (hidden {h if len(h) <= 8 else f'[{h[0]}, ...] ({len(h)} layers)'})"
+        if len(st.hidden) > MAX_LAYERS:
+            raise sweep_mod.SweepError(f"{where}: model.hidden has {len(st.hidden)} layers; at most {MAX_LAYERS}")
+
+        def need(s: train.Static) -> int:
+            working, held = memory_per_run(s)
+            return layout.inner_batch * working + held
+
+        if need(st) > layout.memory:
+            one = sum(memory_per_run(st))
+            why = (
+                f"--inner-batch accounts for most of it (one run needs {_size(one)})"
+                if one <= layout.memory
+                else f"{_culprit(st, need)} accounts for most of it"
+            )
+            raise sweep_mod.SweepError(
+                f"{where}: one call of {layout.inner_batch} run(s) needs about {_size(need(st))} of memory, more "
+                f"than the {_size(layout.memory)} a device may use here; {why}"
+            )
+        seconds = st.flops_per_run / rate
+        if seconds > WARN_RUN_SECONDS:
+            key = _culprit(st, lambda s: s.flops_per_run)
+            line = f"{where}: one run takes about {duration(seconds)} at the nominal rate ({key} accounts for most)"
+            if seconds > MAX_RUN_SECONDS:
+                raise sweep_mod.SweepError(f"{line}; at most {duration(MAX_RUN_SECONDS)} per run")
+            warnings.append(line)
+    return warnings
+
+
+def _culprit(st: train.Static, cost) -> str:
+    """The sweep key whose default (for checkpoints: the last step alone) would cut ``cost(st)`` the
+    most: what an error about a run's size names. (Features off by default are not candidates.)"""
+    trials = {"train.checkpoints": dataclasses.replace(st, checkpoints=(st.checkpoints[-1],))}
+    for spec, owner in ((train.Static, st), (metrics.EvalSpec, st.eval)):
+        for f in dataclasses.fields(spec):
+            value, default = getattr(owner, f.name), f.default
+            if "setting" in f.metadata and isinstance(default, int | tuple) and default not in ((), True, False):
+                if value != default:
+                    key = f"{f.metadata['setting'].section}.{f.name}"
+                    changed = dataclasses.replace(owner, **{f.name: default})
+                    trials[key] = changed if owner is st else dataclasses.replace(st, eval=changed)
+    if st.curve_points > 201:
+        trials["eval.curve_points"] = dataclasses.replace(st, curve_points=201)
+    if st.steps > 1000:
+        trials["train.steps"] = dataclasses.replace(st, steps=1000, checkpoints=(1000,))
+    return max(trials, key=lambda k: cost(st) - cost(trials[k]))
 
 
 def duration(seconds: float) -> str:

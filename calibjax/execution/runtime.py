@@ -91,7 +91,17 @@ def cpu_device_request(cpu_devices: int | None = None) -> int:
         cpu_devices = _positive_int("CALIBJAX_CPU_DEVICES") or usable_cpus()
     if cpu_devices < 1:
         raise SetupError(f"CALIBJAX_CPU_DEVICES / cpu_devices: expected a positive integer, got {cpu_devices}")
+    most = DEVICES_PER_CORE * usable_cpus()
+    if cpu_devices > most:
+        raise SetupError(
+            f"CALIBJAX_CPU_DEVICES / cpu_devices: {cpu_devices} CPU devices on {usable_cpus()} usable core(s); at "
+            f"most {most} ({DEVICES_PER_CORE} per core: more only add threads and memory, never speed)"
+        )
     return cpu_devices
+
+
+# Simulated CPU devices per usable core: tests run multi-device code on 4 devices on 2 cores.
+DEVICES_PER_CORE = 8
 
 
 def setup(cpu_devices: int | None = None, cache_dir: str | Path | None = None) -> Runtime:

@@ -58,6 +58,11 @@ def file_sha256(p: Path) -> str:
     return _hashes[key]
 
 
+def content_tag(run_hashes) -> str:
+    """What a chunk's name ends with: a hash of its runs' identities (``planning.Chunk.chunk_id``)."""
+    return hashlib.sha256(" ".join(run_hashes).encode()).hexdigest()[:8]
+
+
 def _digest(info: dict) -> str:
     """A chunk.json's digest: the SHA-256 of everything else in it, in canonical form."""
     body = {k: v for k, v in info.items() if k != "digest"}
@@ -92,6 +97,8 @@ def check_chunk(d: Path, identity: dict | None = None) -> tuple[dict | None, str
             return info, None
         if info.get("digest") != _digest(info):
             return None, "chunk.json was changed after it was written (its digest does not match)"
+        if not d.name.endswith(f"-n{len(run_hashes)}-{content_tag(run_hashes)}"):
+            return None, "holds other runs than its name says (another sweep's chunk, or renamed)"
         for name in names:
             p, rec = d / f"{name}.parquet", info["files"][name]
             if p.stat().st_size != rec["bytes"] or file_sha256(p) != rec["sha256"]:

@@ -13,26 +13,32 @@ from pathlib import Path
 from calibjax.storage.chunks import read_info
 from calibjax.storage.files import CHUNK_ID, FINAL_FILES, SHARD_PART, write_json
 
-FIGURE_RECORD = ".calibjax-figures.json"  # in DIR/figures: the names of the figures calibjax drew there
+# In DIR/figures: the figures calibjax drew there, each with the generation of the final tables it
+# was drawn from (files.GENERATION; a list of names before 0.11.0).
+FIGURE_RECORD = ".calibjax-figures.json"
 
 
-def record_figures(out: Path, paths) -> None:
-    """Note in DIR/figures which of ``paths`` calibjax drew there: ``--overwrite`` removes exactly
-    these, never a file because of its name pattern (a user's own PNG stays)."""
+def record_figures(out: Path, paths, generation: str | None) -> None:
+    """Note in DIR/figures which of ``paths`` calibjax drew there, from which generation of the
+    tables: ``--overwrite`` removes exactly these, never a file because of its name pattern (a
+    user's own PNG stays), and the report shows only those drawn from the current tables."""
     d = Path(out) / "figures"
     if d.is_symlink() or not d.is_dir():
         return
-    names, known = {Path(p).name for p in paths if Path(p).parent == d}, set(recorded_figures(d))
-    if names - known:
-        write_json(d / FIGURE_RECORD, sorted(known | names))
+    known = recorded_figures(d)
+    drawn = {Path(p).name: generation for p in paths if Path(p).parent == d}
+    if any(known.get(name, "") != g for name, g in drawn.items()):
+        write_json(d / FIGURE_RECORD, {"figures": dict(sorted({**known, **drawn}.items()))})
 
 
-def recorded_figures(d: Path) -> list[str]:
+def recorded_figures(d: Path) -> dict[str, str | None]:
+    """The figures calibjax drew in ``d`` (a figures directory): name -> generation drawn from."""
     try:
-        names = json.loads((d / FIGURE_RECORD).read_text())
-        return [n for n in names if isinstance(n, str) and "/" not in n] if isinstance(names, list) else []
+        record = json.loads((d / FIGURE_RECORD).read_text())
     except (OSError, ValueError):
-        return []
+        return {}
+    drawn = record.get("figures", {}) if isinstance(record, dict) else dict.fromkeys(record, None)
+    return {n: g for n, g in drawn.items() if isinstance(n, str) and "/" not in n} if isinstance(drawn, dict) else {}
 
 
 def _own_file(p: Path) -> bool:

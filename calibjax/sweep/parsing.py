@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,21 @@ from calibjax.sweep.resolve import resolve
 from calibjax.sweep.schema import MAX_RUNS, SECTIONS, SETTINGS, TOP_LEVEL, is_independent
 from calibjax.sweep.validate import SweepError, check_setting, check_value, grid_values, seeds_of
 
+MAX_SWEEP_BYTES = 1 << 20
+
 
 def load(path: str | Path, max_runs: int = MAX_RUNS) -> Sweep:
     """Read, validate and expand a sweep file."""
     path = Path(path)
     try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # (/dev/zero, a FIFO: never read, never waited on)
+            raise SweepError(f"{path}: not a regular file; a sweep file is a TOML text file")
+        if st.st_size > MAX_SWEEP_BYTES:
+            raise SweepError(
+                f"{path}: {st.st_size:,} bytes; a sweep file is at most {MAX_SWEEP_BYTES:,} bytes "
+                "(grids are ranges and lists, not one line per run)"
+            )
         text = path.read_bytes().decode("utf-8")
     except OSError as e:
         raise SweepError(f"{path}: cannot read: {e.strerror}") from None

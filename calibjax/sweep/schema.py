@@ -27,7 +27,7 @@ OTHER = {
     "width": Setting("model", "pos_int", None),  # with depth: hidden = [width] * depth
     "depth": Setting("model", "nonneg_int", None),
     "curves": Setting("eval", "bool", False),  # record posterior curves (curves.parquet)
-    "curve_points": Setting("eval", "pos_int", 201),  # per axis, when curves = true
+    "curve_points": Setting("eval", "curve_points", 201),  # per axis, when curves = true
     "plot_steps": Setting("eval", "checkpoints", None),  # checkpoints the posterior figure shows; None: 3 spread out
 }
 SETTINGS: dict[str, Setting] = dict(

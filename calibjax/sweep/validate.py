@@ -191,12 +191,23 @@ def _increasing(v) -> bool:
     return all(b > a for a, b in itertools.pairwise(v))
 
 
+MAX_CHECKPOINTS = 10_000  # checkpoints per run (each is a full evaluation and rows in every table)
+MAX_CURVE_POINTS = 10_000  # posterior-curve points per axis (a figure is a few thousand pixels wide)
+
+
+@validator("curve_points")
+def _curve_points(v):
+    _expect(_is_int(v, 2) and v <= MAX_CURVE_POINTS, f"expected an integer from 2 to {MAX_CURVE_POINTS:,}")
+    return int(v)
+
+
 @validator("checkpoints")
 def _checkpoints(v):
     _expect(
         isinstance(v, list) and bool(v) and all(_is_int(c, 0) for c in v),
         "expected a non-empty list of integer steps >= 0",
     )
+    _expect(len(v) <= MAX_CHECKPOINTS, f"expected at most {MAX_CHECKPOINTS:,} checkpoints")
     _expect(_increasing(v), "expected strictly increasing steps")
     return [int(c) for c in v]
 
@@ -276,13 +287,44 @@ def _class_weights(v):
     return out
 
 
+F32_MAX = float(np.finfo(np.float32).max)
+F32_SMALLEST = float(np.finfo(np.float32).smallest_subnormal)
+INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+def _representable(v) -> None:
+    """Numbers (also inside lists) that the compiled program can hold: floats in float32 (neither
+    overflowing to inf nor rounding to 0) and integers in int32."""
+    if isinstance(v, list):
+        for e in v:
+            _representable(e)
+    elif isinstance(v, int) and not isinstance(v, bool):
+        if abs(v) > INT32_MAX:
+            raise Invalid(f"expected at most {INT32_MAX:,} (2**31 - 1, the largest int32)", v)
+    elif isinstance(v, float) and math.isfinite(v):
+        if abs(v) > F32_MAX or 0 < abs(v) < F32_SMALLEST:
+            raise Invalid(
+                f"not representable in float32, which calibjax computes in (magnitudes from {F32_SMALLEST:.3g} "
+                f"to {F32_MAX:.4g})",
+                v,
+            )
+
+
+def _shown(v) -> str:
+    """A value as an error message shows it: a long list by its ends and length."""
+    if isinstance(v, list) and len(v) > 8:
+        return f"[{', '.join(map(repr, v[:3]))}, ..., {v[-1]!r}] ({len(v):,} values)"
+    return repr(v)
+
+
 def check_value(name: str, kind: str, v, where: str) -> Any:
     """Check one raw value of setting ``name``; returns it normalised."""
     try:
+        _representable(v)
         return VALIDATORS[kind](v)
     except Invalid as e:
         got = e.got[0] if e.got else v
-        raise SweepError(f"{where} {name}: {e}, got {got!r}") from None
+        raise SweepError(f"{where} {name}: {e}, got {_shown(got)}") from None
 
 
 def _class_entry(e, c: int) -> np.ndarray:
