@@ -286,8 +286,8 @@ def test_a_damaged_cached_build_is_rebuilt_not_loaded(tmp_path):
     lib.write_bytes(built[: len(built) // 3])
     again = python_in(code, env=env)
     assert again.returncode == 0 and again.stdout == first.stdout, again.stderr
-    assert "is not the file built there (its SHA-256 differs); rebuilding it" in again.stderr
-    assert kernel_loader.intact(lib) and lib.stat().st_size == len(built)
+    assert "cannot be trusted (its SHA-256 differs from the one recorded at build); rebuilding it" in again.stderr
+    assert kernel_loader.damage(lib) is None and lib.stat().st_size == len(built)
 
 
 def test_on_a_cpu_without_avx2_auto_falls_back_once_and_kernel_is_an_error():

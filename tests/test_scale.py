@@ -92,7 +92,10 @@ def test_lazy_expansion_equals_resolving_every_run(name):
 
 def test_an_error_in_any_value_of_an_independent_axis_is_found_before_anything_runs():
     doc = tomllib.loads(MIXED.replace('n_data = [100, "online"]', "n_data = [100, 3_000_000_000]"))
-    with pytest.raises(sweep.SweepError, match=r"steps x batch_size and n_data must stay below 2\^31"):
+    with pytest.raises(sweep.SweepError, match=r"\[grid\] n_data: expected at most 2,147,483,647"):
+        sweep.parse(doc, "mixed.toml")
+    doc = tomllib.loads(MIXED.replace("lr = [1e-3, 1e-2]", "lr = [1e-3, 1e39]"))
+    with pytest.raises(sweep.SweepError, match=r"\[grid\] lr: not representable in float32"):
         sweep.parse(doc, "mixed.toml")
     doc = tomllib.loads(MIXED.replace("sigma1_d1 = [0.5, 2.0]", "sigma1_d3 = [0.5, 2.0]"))
     with pytest.raises(sweep.SweepError, match="sigma1_d3: no such entry"):

@@ -109,14 +109,18 @@ def _sha256(p: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def intact(lib: Path) -> bool:
-    """A cached build is the file its build wrote: its SHA-256 is the one recorded beside it
-    (``<lib>.sha256``). A damaged library (truncated, overwritten) would crash the process that
-    loads it (SIGBUS) instead of failing with a message."""
+def damage(lib: Path) -> str | None:
+    """Why a cached build is not the file its build wrote (None: it is): its SHA-256 must be the
+    one recorded beside it (``<lib>.sha256``). A damaged library (truncated, overwritten) would
+    crash the process that loads it (SIGBUS) instead of failing with a message."""
     try:
-        return Path(f"{lib}.sha256").read_text().strip() == _sha256(lib)
+        recorded = Path(f"{lib}.sha256").read_text().strip()
     except OSError:
-        return False
+        return "no SHA-256 recorded beside it (built before calibjax 0.11.0, or its record lost)"
+    try:
+        return None if recorded == _sha256(lib) else "its SHA-256 differs from the one recorded at build"
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
 
 
 def build(verbose: bool = False, variant: str = "avx2") -> Path:
@@ -132,12 +136,10 @@ def build(verbose: bool = False, variant: str = "avx2") -> Path:
         raise KernelError("no C++ compiler found (g++, c++ or clang++ on PATH, or $CXX)")
     lib = library_path(cxx, variant)
     if lib.exists():
-        if intact(lib):
+        why = damage(lib)
+        if why is None:
             return lib
-        print(
-            f"calibjax: the cached CPU kernel {lib} is not the file built there (its SHA-256 differs); rebuilding it",
-            file=sys.stderr,
-        )
+        print(f"calibjax: the cached CPU kernel {lib} cannot be trusted ({why}); rebuilding it", file=sys.stderr)
     lib.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=lib.parent, prefix=".build-", suffix=".so")
     os.close(fd)
