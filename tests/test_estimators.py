@@ -95,6 +95,37 @@ def test_estimators_match_the_published_reference_implementations(n):
     )
 
 
+@pytest.mark.parametrize("edge", [0.0, 1.0, 1e-4, 1.0 - 1e-4])
+@pytest.mark.parametrize("miscalibrated", ["inside", "at the edge"])
+def test_smooth_ece_counts_scores_at_0_and_1_in_full(edge, miscalibrated):
+    """Two points of mass 1/2, one at (or within a grid cell of) 0 or 1 and one at 0.5; one of them
+    has residual 0.2, the other none. Smoothing a residual of one sign keeps its integral, and the
+    reflected kernel keeps all mass in [0, 1], so smECE_sigma = 0.5 x 0.2 / 1 = 0.1 for every sigma
+    and the smooth ECE is exactly 0.1. (Counting the edge point at half weight, as relplot does and
+    calibjax did before 0.11.0, gives 0.1 / 0.75 = 0.133 or 0.05 / 0.75 = 0.067.)"""
+    residual = [0.2, 0.0] if miscalibrated == "inside" else [0.0, 0.2]
+    value, sigma = estimators.smooth_ece(
+        jnp.array([0.5, edge], jnp.float32), jnp.array(residual, jnp.float32), jnp.array([0.5, 0.5], jnp.float32)
+    )
+    np.testing.assert_allclose(float(value), 0.1, rtol=1e-4)
+    np.testing.assert_allclose(float(sigma), 0.1, rtol=1e-4)
+
+
+@pytest.mark.parametrize("example_n,power", [(3, 2.0), (1, 2.0), (3, 0.5)])
+def test_the_smooth_ece_target_stays_below_the_mean_absolute_residual(example_n, power):
+    """Smoothing cannot increase the integral of |residual|: the population smooth ECE is at most
+    E |P_top - conf| for any bandwidth. The audit's case (example 3, q = softmax(2 log P), confident
+    scores near 1) broke it before 0.11.0 (0.0895 against the bound 0.0796)."""
+    spec = metrics.EvalSpec()
+    ev = metrics.make_eval_set(example(example_n), spec)
+    log_q = jax.nn.log_softmax(power * ev.log_post, axis=-1)
+    _, got = _targets(ev, log_q, spec)
+    conf, pred = metrics.top_label(log_q)
+    p_top = jnp.take_along_axis(jnp.exp(ev.log_post), pred[:, None], axis=-1)[:, 0]
+    bound = float(jnp.sum(ev.weight * jnp.abs(p_top - conf)))
+    assert 0.005 < got["true_smece"] <= bound * (1 + 1e-4), (got["true_smece"], bound)
+
+
 def test_classwise_ece_matches_the_reference_marginal_ece_for_three_classes():
     rng = np.random.default_rng(3)
     n = 6000

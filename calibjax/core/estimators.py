@@ -221,8 +221,13 @@ def smooth_ece(
     The weighted residuals and weights are put on a grid of SMECE_GRID points (linear split between
     neighbours) and smoothed with a Gaussian kernel reflected at 0 and 1 (as relplot's
     ReflectedGaussianKernel; here by FFT of the even periodic extension, which reflects the kernel's
-    tails again beyond +-1, a difference below 1e-20 for sigma <= 0.1). smECE_sigma =
-    sum_t |smoothed residual(t)| / sum_t smoothed density(t). sigma* solves smECE_sigma = sigma: a
+    tails again beyond +-1, a difference below 1e-20 for sigma <= 0.1). In that extension an
+    interior node appears twice (itself and its mirror image) and an end node once, so the end
+    nodes enter it doubled: a score at 0 or 1 reflects onto itself, and its mass must count in full
+    (relplot, and calibjax before 0.11.0, counted scores within one grid cell of 0 or 1 at half
+    weight: a population whose smooth ECE is 0.1 gave 0.133). smECE_sigma = integral over [0, 1] of
+    |smoothed residual| / integral of smoothed density, each the trapezoid rule on the grid (half
+    of the sum over the extension's whole period). sigma* solves smECE_sigma = sigma: a
     bisection on [0, 1] that moves down while sigma < max(SMECE_MIN_SIGMA, smECE_sigma), as
     relplot's ``search_param``. The same function gives the population value when fed the exact
     residuals P_top - conf and p(x) weights.
@@ -240,14 +245,15 @@ def smooth_ece(
     low = _between(_prefix(values * (1 - frac)[None, :]), jnp.broadcast_to(ends, (2, k - 1)))
     high = _between(_prefix(values * frac[None, :]), jnp.broadcast_to(ends, (2, k - 1)))
     grid = jnp.pad(low, ((0, 0), (0, 1))) + jnp.pad(high, ((0, 0), (1, 0)))
-    periodic = jnp.concatenate([grid, grid[:, -2:0:-1]], axis=1)  # even extension, period 2 (k - 1)
+    doubled = jnp.ones(k, jnp.float32).at[0].set(2.0).at[-1].set(2.0)
+    periodic = jnp.concatenate([grid * doubled[None, :], grid[:, -2:0:-1]], axis=1)  # even extension, period 2 (k - 1)
     spectrum = jnp.fft.rfft(periodic, axis=1)
     freq = jnp.arange(spectrum.shape[1], dtype=jnp.float32) / 2.0  # cycles per unit of score
 
     def at(sigma):
         smoothed = jnp.fft.irfft(
             spectrum * jnp.exp(-2.0 * (math.pi * sigma * freq) ** 2)[None, :], n=periodic.shape[1], axis=1
-        )[:, :k]
+        )
         return jnp.sum(jnp.abs(smoothed[0])) / jnp.maximum(jnp.sum(smoothed[1]), 1e-30)
 
     # Where the fixed-point condition holds the root lies below mid: "lo" is the end at 0, and sigma
