@@ -11,8 +11,10 @@ or a full disk) is simulated in process, write by write.
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
+import tomllib
 from pathlib import Path
 
 import pandas as pd
@@ -270,10 +272,10 @@ def test_corruption_matrix(made, tmp_path, case):
     elif expected == "error":
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("calibjax: error: "), said
-        assert __import__("re").search(pattern, lines[0]), lines[0]
+        assert re.search(pattern, lines[0]), lines[0]
         assert final_bytes(out) == before  # nothing joined, nothing rewritten
     else:  # shown by status
-        assert r.returncode == 0 and __import__("re").search(pattern, r.stdout, flags=__import__("re").S), r.stdout
+        assert r.returncode == 0 and re.search(pattern, r.stdout, flags=re.S), r.stdout
 
 
 # ---------------------------------------------------------------- finalizing interrupted, write by write
@@ -284,12 +286,12 @@ def grown_directory(tmp_path) -> tuple[Path, sweep_mod.Sweep, planning.Layout]:
     chunks written: what finalizing the growth starts from."""
     layout = planning.default_layout(chunk_size=2)
     out = tmp_path / "res"
-    small = sweep_mod.parse(sweep_mod.parsing.tomllib.loads(sweep_text(**{**SWEEP, "seeds": 2})), "tiny.toml", "v1")
+    small = sweep_mod.parse(tomllib.loads(sweep_text(**{**SWEEP, "seeds": 2})), "tiny.toml", "v1")
     synthetic.new_results(small, out, layout)
     synthetic.write_chunks(small, out, layout)
     results.finalize(out, sweep_mod.runs_table(small), layout.identity)
     summaries.write_summaries(out)
-    grown = sweep_mod.parse(sweep_mod.parsing.tomllib.loads(sweep_text(**{**SWEEP, "seeds": 3})), "tiny.toml", "v2")
+    grown = sweep_mod.parse(tomllib.loads(sweep_text(**{**SWEEP, "seeds": 3})), "tiny.toml", "v2")
     synthetic.write_chunks(grown, out, layout)
     return out, grown, layout
 
