@@ -34,6 +34,8 @@ _LAZY = {
     "load_results": ("calibjax.storage.reader", "load_results"),
     "read_table": ("calibjax.storage.reader", "read_table"),
     "Results": ("calibjax.storage.reader", "Results"),
+    "load": ("calibjax.storage.reader", "load"),
+    "export": ("calibjax.storage.arrays", "export"),
     "summarize": ("calibjax.analysis.summaries", "summarize"),
     "standard_figures": ("calibjax.analysis.figures", "standard_figures"),
 }

@@ -65,7 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("dir", help="results directory")
     merge.add_argument("--no-figures", action="store_true", help="write tables only")
     _analysis_parsers(sub)
+    _export_parser(sub)
     return p
+
+
+def _export_parser(sub) -> None:
+    export = sub.add_parser(
+        "export",
+        help="write the tables as labelled arrays (grid axes x seed x step ...) in netCDF or zarr, for xarray",
+    )
+    export.add_argument("dir", help="results directory")
+    export.add_argument("--format", required=True, choices=("netcdf", "zarr"))
+    export.add_argument(
+        "--table", action="append", help="a table to export (repeatable; default: every table of runs present)"
+    )
+    export.add_argument("--output", help="folder for the files (default: DIR/export)")
 
 
 def _layout_options(q: argparse.ArgumentParser, passed_on: bool = False) -> None:
@@ -523,6 +537,14 @@ def cmd_plot(args, session: Session) -> int:
     return 0
 
 
+def cmd_export(args, session: Session) -> int:
+    from calibjax.storage import arrays
+
+    for path in arrays.export(args.dir, args.format, args.table, args.output):
+        print(path)
+    return 0
+
+
 COMMANDS = {
     "run": cmd_run,
     "plan": cmd_plan,
@@ -534,6 +556,7 @@ COMMANDS = {
     "submit": cmd_submit,
     "summarize": cmd_summarize,
     "plot": cmd_plot,
+    "export": cmd_export,
 }
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def test_every_user_facing_error_has_the_one_base():
     from calibjax import cli, cluster
     from calibjax.analysis import plots
     from calibjax.execution import kernel_loader, runtime
-    from calibjax.storage import files, results
+    from calibjax.storage import arrays, files, results
     from calibjax.sweep import SweepError
 
     errors = [
@@ -114,6 +114,7 @@ def test_every_user_facing_error_has_the_one_base():
         files.CorruptResults,
         cluster.ClusterError,
         plots.PlotError,
+        arrays.ExportError,
         cli.UsageError,
     ]
     assert all(issubclass(e, calibjax.CalibjaxError) and issubclass(e, ValueError) for e in errors)

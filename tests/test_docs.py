@@ -94,6 +94,7 @@ def test_the_readmes_python_api_runs(tmp_path):
     )
     code += "\nassert len(last) > 0 and set(t) >= {'runs', 'metrics', 'summary'}\n"
     code += "assert out.checkpoints.scalars.kl.shape == (3,)\n"
+    code += "assert median_kl.dims == ('case', 'step') and float(median_kl.sel(case='example1', step=40)) > 0\n"
     code += "assert (report.out / 'report.html').exists() and report.complete\nprint('ok')\n"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "CALIBJAX_CPU_DEVICES": "2"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)

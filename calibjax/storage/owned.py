@@ -13,32 +13,42 @@ from pathlib import Path
 from calibjax.storage.chunks import read_info
 from calibjax.storage.files import CHUNK_ID, FINAL_FILES, SHARD_PART, write_json
 
-# In DIR/figures: the figures calibjax drew there, each with the generation of the final tables it
-# was drawn from (files.GENERATION; a list of names before 0.11.0).
-FIGURE_RECORD = ".calibjax-figures.json"
+# In a folder calibjax writes files into beside a user's (DIR/figures, an export folder): the names
+# it wrote there, each with the generation of the final tables it was made from (files.GENERATION).
+FIGURE_RECORD = ".calibjax-figures.json"  # (a plain list of names before 0.11.0)
+EXPORT_RECORD = ".calibjax-exports.json"
+
+
+def record(d: Path, record_name: str, paths, generation: str | None) -> None:
+    """Note in the folder ``d`` which of ``paths`` calibjax wrote there, from which generation of
+    the tables: ``--overwrite`` removes exactly these, never a file because of its name pattern (a
+    user's own PNG stays), and the report shows only figures drawn from the current tables."""
+    if d.is_symlink() or not d.is_dir():
+        return
+    known = recorded(d, record_name)
+    made = {Path(p).name: generation for p in paths if Path(p).parent == d}
+    if any(known.get(name, "") != g for name, g in made.items()):
+        write_json(d / record_name, {"files": dict(sorted({**known, **made}.items()))})
+
+
+def recorded(d: Path, record_name: str) -> dict[str, str | None]:
+    """What calibjax wrote in the folder ``d``, by its record: name -> generation made from."""
+    try:
+        names = json.loads((d / record_name).read_text())
+    except (OSError, ValueError):
+        return {}
+    if isinstance(names, dict):
+        names = names.get("files", {})
+    made = names if isinstance(names, dict) else dict.fromkeys(names, None) if isinstance(names, list) else {}
+    return {n: g for n, g in made.items() if isinstance(n, str) and "/" not in n and n not in (".", "..")}
 
 
 def record_figures(out: Path, paths, generation: str | None) -> None:
-    """Note in DIR/figures which of ``paths`` calibjax drew there, from which generation of the
-    tables: ``--overwrite`` removes exactly these, never a file because of its name pattern (a
-    user's own PNG stays), and the report shows only those drawn from the current tables."""
-    d = Path(out) / "figures"
-    if d.is_symlink() or not d.is_dir():
-        return
-    known = recorded_figures(d)
-    drawn = {Path(p).name: generation for p in paths if Path(p).parent == d}
-    if any(known.get(name, "") != g for name, g in drawn.items()):
-        write_json(d / FIGURE_RECORD, {"figures": dict(sorted({**known, **drawn}.items()))})
+    record(Path(out) / "figures", FIGURE_RECORD, paths, generation)
 
 
 def recorded_figures(d: Path) -> dict[str, str | None]:
-    """The figures calibjax drew in ``d`` (a figures directory): name -> generation drawn from."""
-    try:
-        record = json.loads((d / FIGURE_RECORD).read_text())
-    except (OSError, ValueError):
-        return {}
-    drawn = record.get("figures", {}) if isinstance(record, dict) else dict.fromkeys(record, None)
-    return {n: g for n, g in drawn.items() if isinstance(n, str) and "/" not in n} if isinstance(drawn, dict) else {}
+    return recorded(d, FIGURE_RECORD)
 
 
 def _own_file(p: Path) -> bool:
@@ -61,7 +71,7 @@ def _own_chunk(d: Path) -> bool:
 
 def results_written(out: Path) -> tuple[list[Path], list[Path]]:
     """What calibjax wrote in a results directory and ``--overwrite`` removes: files (final tables,
-    recorded figures and their record, report.html, manifests) and finished chunk directories.
+    recorded figures and exports and their records, report.html, manifests) and chunk directories.
     Nothing reached through a symbolic link, nothing of a name calibjax's records do not list."""
     out = Path(out)
     remove, trees = [], []
@@ -77,9 +87,11 @@ def results_written(out: Path) -> tuple[list[Path], list[Path]]:
             trees += [d for d in chunks.iterdir() if _own_chunk(d)]
         remove.append(part / "manifest.json")
     remove += [out / f"{name}.parquet" for name in FINAL_FILES] + [out / "report.html"]
-    figures = out / "figures"
-    if figures.is_dir() and not figures.is_symlink():
-        remove += [figures / n for n in recorded_figures(figures)] + [figures / FIGURE_RECORD]
+    for folder, record_name in ((out / "figures", FIGURE_RECORD), (out / "export", EXPORT_RECORD)):
+        if folder.is_dir() and not folder.is_symlink():
+            made = [folder / n for n in recorded(folder, record_name)]
+            remove += [p for p in made if not p.is_dir()] + [folder / record_name]
+            trees += [p for p in made if p.is_dir() and not p.is_symlink()]  # (zarr stores)
     return [p for p in remove if _own_file(p)], sorted(trees)
 
 
@@ -96,7 +108,7 @@ def remove_results(out: Path) -> None:
         _rmdir_if_empty(part / "chunks")
         if part != out:
             _rmdir_if_empty(part)
-    for d in (out / "shards", out / "figures"):
+    for d in (out / "shards", out / "figures", out / "export"):
         _rmdir_if_empty(d)
 
 

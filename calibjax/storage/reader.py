@@ -138,3 +138,16 @@ class Results(Mapping):
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
+
+    def to_xarray(self, table: str = "metrics"):
+        """One table as an ``xarray.Dataset`` over the grid axes, seed and the table's keys
+        (``calibjax.storage.arrays``; needs ``pip install 'calibjax[export]'``)."""
+        from calibjax.storage import arrays
+
+        return arrays.to_xarray(self.out, table)
+
+
+def load(out: str | Path) -> Results:
+    """A results directory's final tables (``Results``: each read when first asked for, and
+    ``.to_xarray()``); CorruptResults if it holds no runs and metrics tables."""
+    return Results(require_results(out))
