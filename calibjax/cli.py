@@ -49,9 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--no-figures", action="store_true", help="write tables only")
     _submit_parser(sub)
-    sub.add_parser(
+    status = sub.add_parser(
         "status", help="runs done and missing per shard and group; the command that trains what is missing"
-    ).add_argument("dir", help="results directory")
+    )
+    status.add_argument("dir", help="results directory")
+    status.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=10.0,
+        metavar="SECONDS",
+        help="look again every SECONDS (default 10) with the rate and the time left, until every run is done",
+    )
     sub.add_parser(
         "report",
         help="write DIR/report.html: one self-contained page with the sweep, run facts, "
@@ -321,10 +330,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if cut < len(argv) and args.command != "submit":
         raise UsageError("arguments after -- are for sbatch, and only calibjax submit takes them")
     args.sbatch_args = argv[cut + 1 :]
-    for name in ("chunk_size", "inner_batch", "max_runs", "chunk_minutes", "tasks", "max_parallel", "cpus"):
+    for name in ("chunk_size", "inner_batch", "max_runs", "chunk_minutes", "tasks", "max_parallel", "cpus", "watch"):
         v = getattr(args, name, None)
-        if v is not None and (not (0 < v < math.inf) if name == "chunk_minutes" else v < 1):
-            kind = "number" if name == "chunk_minutes" else "integer"
+        real = name in ("chunk_minutes", "watch")
+        if v is not None and (not (0 < v < math.inf) if real else v < 1):
+            kind = "number" if real else "integer"
             raise UsageError(f"--{name.replace('_', '-')}: expected a positive {kind}, got {v}")
     return args
 
@@ -440,7 +450,15 @@ def cmd_merge(args, session: Session) -> int:
 def cmd_status(args, session: Session) -> int:
     from calibjax import cluster
 
-    print(cluster.format_status(cluster.status(Path(args.dir))))
+    if args.watch is None:
+        print(cluster.format_status(cluster.status(Path(args.dir))))
+        return 0
+    clear = "\033[H\033[J" if sys.stdout.isatty() else ""  # (a log gets one block per look)
+    try:
+        cluster.watch(Path(args.dir), args.watch, lambda text: print(clear + text + "\n", flush=True), session.stop)
+    except KeyboardInterrupt:
+        pass
+    session.received.clear()  # Ctrl-C ends the watch: nothing was interrupted
     return 0
 
 

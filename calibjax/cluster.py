@@ -478,6 +478,43 @@ def resubmit_commands(sw, out: Path, shards: int, first: int, todo: list[int], h
     return [array, *(f"calibjax run {path} --out {where} --shard {k}/{shards}" for k in todo)]
 
 
+def watch(out: Path, every: float, emit, stop=lambda: False) -> Status:
+    """``calibjax status DIR --watch``: the status every ``every`` seconds, with how fast runs
+    finish (since watching began, over all shards and processes) and the time left at that rate;
+    returns once every run is done, or when ``stop()`` says so. Each look reads only the chunks that
+    are new since the last (chunk files are hashed once per process)."""
+    first = None
+    while True:
+        st = status(out)
+        n, done = int(st.table["runs"].sum()), int(st.table["done"].sum())
+        now = time.monotonic()
+        first = first or (now, done)
+        rate = (done - first[1]) / (now - first[0]) if now > first[0] else 0.0
+        pace = (
+            f"{rate * 60:,.1f} runs/min since watching began, about {_duration((n - done) / rate)} left"
+            if rate > 0
+            else "no run finished since watching began"
+        )
+        emit(f"{format_status(st)}\n[{time.strftime('%H:%M:%S')}] {done} of {n} runs done; {pace}")
+        if done == n:
+            return st
+        deadline = now + every
+        while time.monotonic() < deadline:
+            if stop():
+                return st
+            time.sleep(min(0.2, every))
+
+
+def _duration(seconds: float) -> str:
+    return (
+        f"{seconds:.0f} s"
+        if seconds < 120
+        else f"{seconds / 60:.0f} min"
+        if seconds < 7200
+        else f"{seconds / 3600:.1f} h"
+    )
+
+
 def format_status(st: Status) -> str:
     n, done = int(st.table["runs"].sum()), int(st.table["done"].sum())
     lines = [

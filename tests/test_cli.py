@@ -506,3 +506,43 @@ def test_runs_left_missing_after_every_chunk_finished_exit_1(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     assert "run(s) still missing after every chunk finished (run_id 0, 1" in r.stderr and "Traceback" not in r.stderr
     assert set(pd.read_parquet(out / "runs.parquet")["status"]) == {"missing"}
+
+
+@pytest.mark.slow
+def test_status_watch_follows_a_running_sweep_to_the_end_and_ctrl_c_ends_it(tmp_path):
+    """status --watch looks again every SECONDS with the rate and the time left, and returns (exit 0)
+    once every run is done; on a directory that is not finishing, Ctrl-C ends it with exit 0 and no
+    "interrupted" line."""
+    sweep, out = tmp_path / "tiny.toml", tmp_path / "res"
+    sweep.write_text(TINY.replace("seeds = 2", "seeds = 6"))
+    env = {**os.environ, "CALIBJAX_CPU_DEVICES": "2", "JAX_PLATFORMS": "cpu"}
+    run = subprocess.Popen(
+        [sys.executable, "-m", "calibjax", "run", sweep, "--out", out, "--quiet", "--chunk-size", "2", "--no-figures"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not (out / "manifest.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    watched = calibjax("status", out, "--watch", "0.5", timeout=300)
+    assert run.wait(timeout=300) == 0
+    assert watched.returncode == 0, watched.stderr
+    looks = re.findall(r"\] (\d+) of 12 runs done; (.*)", watched.stdout)
+    assert len(looks) >= 2 and looks[-1][0] == "12", watched.stdout
+    assert any("runs/min since watching began, about" in pace for _, pace in looks), watched.stdout
+
+    part = tmp_path / "part"
+    assert calibjax("run", sweep, "--out", part, "--quiet", "--no-figures", "--shard", "0/2").returncode == 0
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "calibjax", "status", part, "--watch", "0.2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "interrupted" not in stderr, stderr
+    assert "6 of 12 runs done; no run finished since watching began" in stdout
