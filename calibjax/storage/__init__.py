@@ -5,7 +5,8 @@
 - ``owned``: what calibjax wrote in a directory by its own records (what ``--overwrite`` removes)
 - ``tables``: the result tables' columns, from the core's records
 - ``results``: a results directory's rules (which numbers it holds, chunks, final tables, merge)
-- ``reader``: reading final tables back (``load_results``, ``read_table``, ``Results``)
+- ``reader``: reading final tables back (``load_results``, ``read_table``, ``Results``, ``load``)
+- ``arrays``: the tables as labelled arrays (xarray) and their export to netCDF or zarr
 """
 
 from calibjax.storage import chunks, files, owned, reader, results, tables
