@@ -49,18 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--no-figures", action="store_true", help="write tables only")
     _submit_parser(sub)
-    status = sub.add_parser(
-        "status", help="runs done and missing per shard and group; the command that trains what is missing"
-    )
-    status.add_argument("dir", help="results directory")
-    status.add_argument(
-        "--watch",
-        type=float,
-        nargs="?",
-        const=10.0,
-        metavar="SECONDS",
-        help="look again every SECONDS (default 10) with the rate and the time left, until every run is done",
-    )
+    _status_parser(sub)
     sub.add_parser(
         "report",
         help="write DIR/report.html: one self-contained page with the sweep, run facts, "
@@ -76,6 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     _analysis_parsers(sub)
     _export_parser(sub)
     return p
+
+
+def _status_parser(sub) -> None:
+    status = sub.add_parser(
+        "status", help="runs done and missing per shard and group; the command that trains what is missing"
+    )
+    status.add_argument("dir", help="results directory")
+    status.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=10.0,
+        metavar="SECONDS",
+        help="look again every SECONDS (default 10) with the rate and the time left, until every run is done",
+    )
 
 
 def _export_parser(sub) -> None:

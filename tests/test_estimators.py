@@ -111,7 +111,7 @@ def test_smooth_ece_counts_scores_at_0_and_1_in_full(edge, miscalibrated):
     np.testing.assert_allclose(float(sigma), 0.1, rtol=1e-4)
 
 
-@pytest.mark.parametrize("example_n,power", [(3, 2.0), (1, 2.0), (3, 0.5)])
+@pytest.mark.parametrize("example_n,power", [(3, 2.0)])
 def test_the_smooth_ece_target_stays_below_the_mean_absolute_residual(example_n, power):
     """Smoothing cannot increase the integral of |residual|: the population smooth ECE is at most
     E |P_top - conf| for any bandwidth. The audit's case (example 3, q = softmax(2 log P), confident

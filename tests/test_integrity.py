@@ -9,6 +9,7 @@ or a full disk) is simulated in process, write by write.
 """
 
 import errno
+import fcntl
 import json
 import os
 import re
@@ -40,19 +41,26 @@ RUN = ("--quiet", "--chunk-size", "2", "--no-figures")
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """The sweep trained cleanly (the reference), with --dense xla, and another sweep (other lr)."""
-    base = tmp_path_factory.mktemp("integrity")
+    """The sweep trained cleanly (the reference), with --dense xla, and another sweep (other lr):
+    trained once for the whole test session, whichever pytest-xdist worker comes first (the others
+    wait on the lock, then read the same directories; no test writes into them)."""
+    base = tmp_path_factory.getbasetemp().parent / "integrity"  # (shared by the workers of one session)
+    base.mkdir(exist_ok=True)
     sweep, other = base / "tiny.toml", base / "other.toml"
-    sweep.write_text(sweep_text(**SWEEP))
-    other.write_text(sweep_text(**{**SWEEP, "train": {**SWEEP["train"], "lr": 0.002}}))
     dirs = {"sweep": sweep, "clean": base / "clean", "xla": base / "xla", "other": base / "other"}
-    for out, file, extra in (
-        (dirs["clean"], sweep, ()),
-        (dirs["xla"], sweep, ("--dense", "xla")),
-        (dirs["other"], other, ()),
-    ):
-        r = calibjax("run", file, "--out", out, *RUN, *extra)
-        assert r.returncode == 0, r.stderr
+    with open(base / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (base / "done").exists():
+            sweep.write_text(sweep_text(**SWEEP))
+            other.write_text(sweep_text(**{**SWEEP, "train": {**SWEEP["train"], "lr": 0.002}}))
+            for out, file, extra in (
+                (dirs["clean"], sweep, ()),
+                (dirs["xla"], sweep, ("--dense", "xla")),
+                (dirs["other"], other, ()),
+            ):
+                r = calibjax("run", file, "--out", out, *RUN, *extra)
+                assert r.returncode == 0, r.stderr
+            (base / "done").touch()
     return dirs
 
 
@@ -266,7 +274,7 @@ def test_corruption_matrix(made, tmp_path, case):
         for name in TABLES:
             a, b = pd.read_parquet(out / f"{name}.parquet"), pd.read_parquet(made["clean"] / f"{name}.parquet")
             assert a.equals(b), name
-        if cmd == "run":  # a second run finds nothing to redo
+        if case == "chunk table of --dense xla":  # a second run finds nothing to redo
             again = calibjax(*command(cmd, made["sweep"], out))
             assert again.returncode == 0 and "already complete" in again.stdout and RETRAINED not in again.stdout
     elif expected == "error":
