@@ -28,6 +28,7 @@ import pandas as pd
 
 from calibjax import sweep as sweep_mod
 from calibjax.errors import CalibjaxError
+from calibjax.execution import planning
 from calibjax.storage import chunks, files, reader, results
 
 
@@ -491,7 +492,7 @@ def watch(out: Path, every: float, emit, stop=lambda: False) -> Status:
         first = first or (now, done)
         rate = (done - first[1]) / (now - first[0]) if now > first[0] else 0.0
         pace = (
-            f"{rate * 60:,.1f} runs/min since watching began, about {_duration((n - done) / rate)} left"
+            f"{rate * 60:,.1f} runs/min since watching began, about {planning.duration((n - done) / rate)} left"
             if rate > 0
             else "no run finished since watching began"
         )
@@ -503,16 +504,6 @@ def watch(out: Path, every: float, emit, stop=lambda: False) -> Status:
             if stop():
                 return st
             time.sleep(min(0.2, every))
-
-
-def _duration(seconds: float) -> str:
-    return (
-        f"{seconds:.0f} s"
-        if seconds < 120
-        else f"{seconds / 60:.0f} min"
-        if seconds < 7200
-        else f"{seconds / 3600:.1f} h"
-    )
 
 
 def format_status(st: Status) -> str:

@@ -45,10 +45,11 @@ def _shown(value):
     return "-".join(map(str, value)) if isinstance(value, list | tuple) else value
 
 
-def run_index(out: Path, runs: pd.DataFrame) -> pd.DataFrame:
-    """Per run_id, its position in the grid: ``case`` (when the sweep has several), one column per
-    grid axis (named by its key, holding the axis's value) and ``seed``."""
-    sw = results.manifest_sweep(files.read_manifest(out))
+def run_index(manifest: dict, runs: pd.DataFrame) -> pd.DataFrame:
+    """Per run_id, its position in the grid of the sweep ``manifest`` records: ``case`` (when the
+    sweep has several), one column per grid axis (named by its key, holding the axis's value) and
+    ``seed``."""
+    sw = results.manifest_sweep(manifest)
     run_id = runs["run_id"].to_numpy(np.int64)
     point, seed = np.divmod(run_id, len(sw.seeds))
     case, digits = sw.digits(point)
@@ -74,7 +75,8 @@ def to_xarray(out: str | Path, table: str = "metrics"):
                 f"{out}: no {name}.parquet here (a table the sweep did not make, or not run or merged yet)"
             )
     runs, rows = reader.read_table(out, "runs"), reader.read_table(out, table)
-    where = run_index(out, runs)
+    manifest = files.read_manifest(out)
+    where = run_index(manifest, runs)
     dims = [c for c in where.columns if c != "run_id"]
     keys = [k for k in tables.TABLES[table].keys if k != "run_id"] + (["x2"] if "x2" in rows.columns else [])
     rows = rows.merge(where, on="run_id", how="inner").drop(columns="run_id")
@@ -84,7 +86,6 @@ def to_xarray(out: str | Path, table: str = "metrics"):
     varying = [c for c in settings if per_run[c].nunique(dropna=False) > 1 or c == "run_id"]
     runs_ds = xr.Dataset.from_dataframe(per_run[[*OUTCOMES, *varying]])
     ds = ds.assign({c: runs_ds[c] for c in OUTCOMES}).assign_coords({c: runs_ds[c] for c in varying})
-    manifest = files.read_manifest(out)
     constant = {c: per_run[c].iloc[0] for c in settings if c not in varying}
     ds.attrs.update({k: v.item() if hasattr(v, "item") else v for k, v in constant.items()})
     ds.attrs.update(

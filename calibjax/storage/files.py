@@ -203,16 +203,31 @@ def read_parquet(p: Path, columns=None, filters=None, hint: str = "") -> pd.Data
     """One table, read through a single open file (a concurrent atomic replace cannot mix two
     versions); only ``columns`` and the rows that pass ``filters`` (pyarrow's form) are built. A
     damaged file is a CorruptResults naming it (and ``hint``, the way out)."""
-    # Arrow's buffers are freed column by column as pandas takes them: a large table is not held twice.
-    return read_arrow(p, columns, filters, hint).to_pandas(split_blocks=True, self_destruct=True)
+    return frame(read_arrow(p, columns, filters, hint))
+
+
+def frame(table: pa.Table) -> pd.DataFrame:
+    """An arrow table as a DataFrame; arrow's buffers are freed column by column as pandas takes
+    them, so a large table is not held twice."""
+    return table.to_pandas(split_blocks=True, self_destruct=True)
 
 
 def read_arrow(p: Path, columns=None, filters=None, hint: str = "") -> pa.Table:
+    """``read_parquet``'s table, as arrow."""
+    return _parquet(p, lambda f: pq.read_table(f, columns=columns, filters=filters), hint)
+
+
+def read_schema(p: Path, hint: str = "") -> pa.Schema:
+    """A parquet file's schema, with its metadata, from its footer (no rows read)."""
+    return _parquet(p, pq.read_schema, hint)
+
+
+def _parquet(p: Path, read, hint: str):
     try:
         # Arrow's own file (one descriptor, like a Python file): reading through a Python file object
         # let pyarrow's I/O threads abort the interpreter at exit in about half the runs here.
         with pa.OSFile(str(p)) as f:
-            return pq.read_table(f, columns=columns, filters=filters)
+            return read(f)
     except OSError:
         raise
     except Exception as e:  # pyarrow raises several kinds for a damaged file

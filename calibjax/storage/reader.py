@@ -11,9 +11,16 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from calibjax.storage.files import FINAL_FILES, GENERATION, CorruptResults, read_arrow, read_manifest
+from calibjax.storage.files import (
+    FINAL_FILES,
+    GENERATION,
+    CorruptResults,
+    frame,
+    read_arrow,
+    read_manifest,
+    read_schema,
+)
 
 
 def require_results(out: str | Path) -> Path:
@@ -47,10 +54,10 @@ def generation(out: str | Path) -> str | None:
     return (read_manifest(Path(out)) or {}).get("generation")
 
 
-def _check_generation(out: Path, name: str, schema: pa.Schema) -> None:
+def _check_generation(out: Path, name: str, schema: pa.Schema, expected: str | None) -> None:
     """Refuse a final table that another write of the final tables left (an interrupted finalize,
-    merge or summarize): the tables are read as one set or not at all."""
-    expected = generation(out)
+    merge or summarize) than ``expected`` (``generation``): the tables are read as one set or not
+    at all."""
     theirs = (schema.metadata or {}).get(GENERATION, b"").decode()
     if expected is not None and theirs != expected:
         again = f"calibjax summarize {out}" if name in SUMMARY_TABLES else f"calibjax merge {out}"
@@ -66,14 +73,18 @@ SUMMARY_TABLES = ("summary", "summary_by_setting", "estimator_benchmark")
 def table_problems(out: str | Path) -> list[str]:
     """What keeps the final tables present from being read as one set: one line per table that is
     damaged or of another write (``_check_generation``); footers only, no rows read."""
-    problems = []
+    problems, expected = [], generation(out)
     for name in FINAL_FILES:
         if (Path(out) / f"{name}.parquet").exists():
             try:
-                table_columns(out, name)
+                _check_generation(Path(out), name, read_schema(Path(out) / f"{name}.parquet", _hint(out)), expected)
             except CorruptResults as e:
                 problems.append(str(e))
     return problems
+
+
+def _hint(out: Path) -> str:
+    return f"rerun the sweep's command (or calibjax merge {out}) to write it again"
 
 
 def read_table(out: str | Path, name: str, columns=None, filters=None) -> pd.DataFrame:
@@ -85,27 +96,16 @@ def read_table(out: str | Path, name: str, columns=None, filters=None) -> pd.Dat
     if name not in FINAL_FILES:
         raise ValueError(f"{name!r}: not a calibjax table; tables are {', '.join(FINAL_FILES)}")
     out = Path(out)
-    hint = f"rerun the sweep's command (or calibjax merge {out}) to write it again"
-    table = read_arrow(out / f"{name}.parquet", columns, filters, hint=hint)
-    _check_generation(out, name, table.schema)
-    # Arrow's buffers are freed column by column as pandas takes them: a large table is not held twice.
-    return table.to_pandas(split_blocks=True, self_destruct=True)
+    table = read_arrow(out / f"{name}.parquet", columns, filters, hint=_hint(out))
+    _check_generation(out, name, table.schema, generation(out))
+    return frame(table)
 
 
 def table_columns(out: str | Path, name: str) -> list[str]:
     """The columns of a final table, read from its footer (no rows read)."""
     out = Path(out)
-    path = out / f"{name}.parquet"
-    try:
-        with pa.OSFile(str(path)) as f:
-            schema = pq.read_schema(f)
-    except OSError:
-        raise
-    except Exception as e:  # pyarrow raises several kinds for a damaged file
-        raise CorruptResults(
-            f"{path}: cannot read ({type(e).__name__}); calibjax merge {out} writes it again"
-        ) from None
-    _check_generation(out, name, schema)
+    schema = read_schema(out / f"{name}.parquet", _hint(out))
+    _check_generation(out, name, schema, generation(out))
     return schema.names
 
 
