@@ -69,6 +69,12 @@ def _digest(info: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def info_digest(d: Path) -> str:
+    """The digest of a chunk's chunk.json (``_digest``; a chunk of format 1 records none)."""
+    info = read_info(d)
+    return _digest(info) if info is not None else ""
+
+
 def read_info(d: Path) -> dict | None:
     """A chunk directory's chunk.json as written (None if it has none or it is not JSON)."""
     try:

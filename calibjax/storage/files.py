@@ -30,7 +30,6 @@ import re
 import shutil
 import socket
 import tempfile
-import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -135,13 +134,9 @@ class Staged:
 
 
 # A final table's footer names the write of the final tables it belongs to (manifest.json's
-# "generation"): readers refuse a table of another (``reader.read_table``), so an interrupted
-# rewrite is never read as a mix of two.
+# "generation", a digest of their content: ``results.content_generation``): readers refuse a table of
+# another (``reader.read_table``), so an interrupted rewrite is never read as a mix of two.
 GENERATION = b"calibjax.generation"
-
-
-def new_generation() -> str:
-    return uuid.uuid4().hex
 
 
 def parquet_options(columns: list[str], floats: set[str]) -> dict:

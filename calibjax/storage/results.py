@@ -12,6 +12,7 @@ tables are rebuilt from exactly the current sweep's finished runs, sorted by eac
 
 from __future__ import annotations
 
+import hashlib
 import tomllib
 from pathlib import Path
 
@@ -208,7 +209,7 @@ def finalize(out: Path, runs: pd.DataFrame, identity: dict | None) -> list[int]:
     status = pd.concat(status, ignore_index=True) if status else tables.empty_status()
     table = runs.merge(status, on="run_id", how="left")
     table["status"] = table["status"].fillna("missing")
-    generation = files.new_generation()
+    generation = content_generation(table, parts)
     with files.Staged() as staged:
         files.write_parquet(out / "runs.parquet", table, generation=generation, staged=staged)
         for name, spec in tables.TABLES.items():
@@ -222,6 +223,24 @@ def finalize(out: Path, runs: pd.DataFrame, identity: dict | None) -> list[int]:
     if manifest is not None:
         files.write_json(out / "manifest.json", {**manifest, "generation": generation})
     return table.loc[table["status"] == "missing", "run_id"].tolist()
+
+
+def content_generation(runs: pd.DataFrame, parts) -> str:
+    """The generation of final tables joined from ``parts`` (chunk directory, (run_ids written,
+    run_ids now)) under the runs table ``runs``: a digest of exactly what they are made of
+    (calibjax's version, the runs table, each chunk's chunk.json and the runs taken from it). Two
+    processes joining the same chunks (three on one directory finish together) write the same
+    generation, so a reader between their writes sees one set; any other content, another."""
+    import calibjax  # (its version: another version may write the same runs' tables otherwise)
+
+    h = hashlib.sha256(f"{calibjax.__version__}\n{list(runs.columns)}\n".encode())
+    for name in runs.columns:
+        column = runs[name].to_numpy()
+        h.update(column.tobytes() if column.dtype.kind in "biuf" else "\0".join(map(str, column)).encode())
+    for d, (written, now) in parts:
+        h.update(f"{d.name}:{chunks.info_digest(d)}".encode())
+        h.update(np.ascontiguousarray(written, np.int64).tobytes() + np.ascontiguousarray(now, np.int64).tobytes())
+    return h.hexdigest()[:32]
 
 
 def merge(out: str | Path) -> list[int]:
