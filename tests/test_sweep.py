@@ -75,6 +75,8 @@ def bad_text(task="means = [0.0, 3.0]\nsigmas = [1.0, 1.0]", train="steps = 100"
 
 OK_TASK = "means = [0.0, 1.0]\nsigmas = [1.0, 1.0]"
 BAD = [
+    (bad_text(extra="[eval]\ntrue_levels = 512"), "[eval] true_levels: removed in 0.12.0"),
+    (bad_text(extra="[grid]\ntrue_levels = [256, 512]"), "true_levels: removed in 0.12.0"),
     (bad_text(train="steps = 100\nlrr = 0.1"), "[train] unknown key 'lrr'"),
     (bad_text(task="means = [0.0, 1.0]"), "sigmas: missing required setting"),
     (bad_text(train="lr = 0.1"), "steps: missing required setting"),
@@ -139,7 +141,6 @@ def test_every_validator_accepts_good_values_and_rejects_bad_ones_with_its_messa
         "decay": (0.99, 0.99, 1.0),
         "unit_float": (1, 1.0, 1.5),
         "proposal_scale": (2, 2.0, 0.5),
-        "levels": (16, 16, 3),
         "lr_schedule": ("cosine", "cosine", "step"),
         "pos_int": (3.0, 3, 2.5),
         "nonneg_int": (0, 0, -1),

@@ -32,7 +32,7 @@ from calibjax.core.settings import declared, setting
 # Bumped whenever a change alters the numbers a run gives (data streams, initialisation, metrics),
 # so that resume and merge refuse to join results of two such versions; CHANGELOG.md says what each
 # version changed.
-NUMBERS_VERSION = 6
+NUMBERS_VERSION = 7
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "linear")  # the decay after warm-up; index = Dynamic.lr_schedule
@@ -321,7 +321,7 @@ def _train_run(static: Static, dyn: Dynamic) -> RunResult:
         if static.eval.temperature_scaling:
             evaluation = evaluation._replace(recalibrated=metrics.recalibrate(ev, log_q, log_q_cal, static.eval))
         if static.eval.estimator_sizes:
-            target = estimators.targets(ev, log_q, evaluation.scalars, static.eval.true_levels)
+            target = estimators.targets(ev, log_q, evaluation.scalars)
             forward = lambda x: jax.nn.log_softmax(model.apply(params, x))  # noqa: E731
             evaluation = evaluation._replace(
                 estimators=estimators.benchmark(dyn.task, dyn.seed, forward, target, static.eval)

@@ -82,7 +82,7 @@ def memory_per_run(static: train.Static) -> tuple[int, int]:
         + (g + s) * (static.dim + 2 * m + nb + 5)
         + 2 * (g + s) * units
         + p * (units + m)
-        + 2 * g * static.eval.true_levels
+        + g * metrics.LEVEL_SET_WORDS
         + _estimator_working(static, units)
     )
     table_bytes = sum(rows * cols * F64 for rows, cols in tables.row_counts(static).values())

@@ -58,6 +58,9 @@ EVAL_FIELDS_0_9 = frozenset(
         "temperature_scaling",
     }
 )
+# Settings of the format since removed, hashed at the value every run then had (so identities stay):
+# eval.true_levels (0.12.0: the level sets are integrated over every level, there are none to choose).
+RETIRED_EVAL = {"true_levels": 256}
 DYNAMIC_0_9 = frozenset(
     {
         "lr",
@@ -87,7 +90,7 @@ def static_json(static: train.Static) -> str:
     """The static settings as hashed: every field but ``dense`` (how the products are computed: the
     results directory's, not the run's), fields added since 0.9.0 only away from their defaults."""
     settings = _hashed(dataclasses.asdict(static), STATIC_FIELDS_0_9, {**STATIC, "dense": None})
-    settings["eval"] = _hashed(settings["eval"], EVAL_FIELDS_0_9, EVAL)
+    settings["eval"] = _hashed(settings["eval"], EVAL_FIELDS_0_9, EVAL) | RETIRED_EVAL
     return json.dumps(settings, sort_keys=True, default=str)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from calibjax.sweep.expand import Axis, Sweep
 from calibjax.sweep.resolve import resolve
-from calibjax.sweep.schema import MAX_RUNS, SECTIONS, SETTINGS, TOP_LEVEL, is_independent
+from calibjax.sweep.schema import MAX_RUNS, REMOVED, SECTIONS, SETTINGS, TOP_LEVEL, is_independent
 from calibjax.sweep.validate import SweepError, check_setting, check_value, grid_values, seeds_of
 
 MAX_SWEEP_BYTES = 1 << 20
@@ -90,6 +90,8 @@ def _sections(doc: dict, f: str) -> tuple[dict[str, Any], dict[str, str]]:
         if not isinstance(table, dict):
             raise SweepError(f"{where}: expected a table of settings")
         for key, v in table.items():
+            if key in REMOVED:
+                raise SweepError(f"{where} {key}: {REMOVED[key]}")
             if key not in SETTINGS or SETTINGS[key].section != section:
                 home = f" (it belongs in [{SETTINGS[key].section}])" if key in SETTINGS else ""
                 known = ", ".join(k for k, s in SETTINGS.items() if s.section == section)

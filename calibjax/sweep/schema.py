@@ -37,6 +37,11 @@ COLUMNS = sorted((n for n, s in SETTINGS.items() if s.column is not None), key=l
 # Grid axes over these settings, and over task entries mu*/sigma*, are independent (expand.Axis):
 # no static setting and no check of another setting depends on their values.
 INDEPENDENT = frozenset(n for n, s in SETTINGS.items() if s.independent)
+# Settings calibjax no longer has: a sweep that sets one is refused with this reason.
+REMOVED = {
+    "true_levels": "removed in 0.12.0: the true calibration curve is now integrated over every level "
+    "of the evaluation grid, so there are no levels to choose; delete it",
+}
 TOP_LEVEL = ("name", "description", "seeds", *SECTIONS, "cases", "grid")
 ADDRESS = re.compile(r"^(?:(mu|sigma)(\d+)(?:_k(\d+))?(?:_d(\d+))?|(prior)(\d+)|(weight)(\d+)_k(\d+))$")
 RANGE_KEYS = {"linspace", "logspace", "range", "num", "step", "int"}

@@ -14,7 +14,7 @@ import numpy as np
 
 from calibjax.core import losses, model, portable, train
 from calibjax.errors import CalibjaxError
-from calibjax.sweep.schema import ADDRESS, RANGE_KEYS, SETTINGS
+from calibjax.sweep.schema import ADDRESS, RANGE_KEYS, REMOVED, SETTINGS
 
 
 class SweepError(CalibjaxError):
@@ -115,12 +115,6 @@ def _proposal_scale(v):
         "weights of unbounded variance)",
     )
     return float(v)
-
-
-@validator("levels")
-def _levels(v):
-    _expect(_is_int(v, 4), "expected an integer >= 4")
-    return int(v)
 
 
 @validator("sizes")
@@ -411,6 +405,8 @@ def check_setting(name: str, v, where: str):
     """Check a value given by setting name or task address."""
     if name in SETTINGS:
         return check_value(name, SETTINGS[name].kind, v, where)
+    if name in REMOVED:
+        raise SweepError(f"{where} {name}: {REMOVED[name]}")
     m = ADDRESS.match(name)
     if not m:
         known = ", ".join(sorted(SETTINGS))
