@@ -1,6 +1,7 @@
 """Training: vmapped runs equal single runs, finite data is finite, divergence is contained."""
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -212,3 +213,18 @@ def test_ema_evaluates_the_debiased_average_of_the_weights():
     assert abs(kl_ema[1] - kl_plain[1]) > 1e-3 * kl_plain[1]
     # training itself is untouched: the same losses
     np.testing.assert_array_equal(np.asarray(plain.checkpoints.scalars.loss), np.asarray(ema.checkpoints.scalars.loss))
+
+
+def test_no_result_shape_depends_on_the_evaluation_points():
+    """output_shapes traces with at most SHAPE_POINTS points (a billion-point sweep must reach the
+    memory check, not overflow int32 indices while tracing): valid only while no shape depends on them."""
+    small, large = (
+        dataclasses.replace(SMALL, eval=dataclasses.replace(SMALL.eval, points=n)) for n in (64, train.SHAPE_POINTS + 1)
+    )
+    shapes = [
+        jax.eval_shape(functools.partial(train.train_run, s), train.placeholder_dynamic(s)) for s in (small, large)
+    ]
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), shapes[0]) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), shapes[1]
+    )
+    assert jax.tree.map(lambda a: a.shape, train.output_shapes(large)) == jax.tree.map(lambda a: a.shape, shapes[1])

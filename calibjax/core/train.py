@@ -13,6 +13,7 @@ and the evaluation are each compiled once whatever the checkpoints are.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -389,10 +390,20 @@ def placeholder_dynamic(static: Static) -> Dynamic:
     return make_dynamic(task)
 
 
+SHAPE_POINTS = 4096  # output_shapes traces with at most this many evaluation points
+
+
 @functools.lru_cache(maxsize=256)
 def output_shapes(static: Static) -> RunResult:
-    """Shapes and dtypes of one run's result, from tracing the real function (nothing runs)."""
-    return jax.eval_shape(functools.partial(train_run, static), placeholder_dynamic(static))
+    """Shapes and dtypes of one run's result, from tracing the real function (nothing runs).
+
+    No result's shape depends on eval.points (only its cost does), so it is traced with at most
+    SHAPE_POINTS: a sweep asking for a billion points is refused for its memory
+    (``planning.check_sizes``), not stopped by the tracing (whose index arithmetic is int32)."""
+    traced = dataclasses.replace(
+        static, eval=dataclasses.replace(static.eval, points=min(static.eval.points, SHAPE_POINTS))
+    )
+    return jax.eval_shape(functools.partial(train_run, traced), placeholder_dynamic(traced))
 
 
 def make_dynamic(task: tasks.GaussianTask, seed: int = 0, **settings) -> Dynamic:
