@@ -83,16 +83,31 @@ def _status_parser(sub) -> None:
 
 
 def _export_parser(sub) -> None:
+    from calibjax.storage.tensorboard import BY, RUNS_PER_FILE_LIMIT
+
     export = sub.add_parser(
         "export",
-        help="write the tables as labelled arrays (grid axes x seed x step ...) in netCDF or zarr, for xarray",
+        help="write the tables as labelled arrays (grid axes x seed x step ...) in netCDF or zarr, for xarray; "
+        "or the runs as TensorBoard runs (--tensorboard LOGDIR)",
     )
     export.add_argument("dir", help="results directory")
-    export.add_argument("--format", required=True, choices=("netcdf", "zarr"))
+    what = export.add_mutually_exclusive_group(required=True)
+    what.add_argument("--format", choices=("netcdf", "zarr"))
+    what.add_argument(
+        "--tensorboard",
+        metavar="LOGDIR",
+        help="write LOGDIR/<sweep name>/<run>: every metric against step, settings as hyper-parameters",
+    )
     export.add_argument(
         "--table", action="append", help="a table to export (repeatable; default: every table of runs present)"
     )
     export.add_argument("--output", help="folder for the files (default: DIR/export)")
+    export.add_argument(
+        "--by",
+        choices=BY,
+        help=f"TensorBoard runs: one per run, or per grid point with medians over seeds (default: per run up to "
+        f"{RUNS_PER_FILE_LIMIT:,} runs)",
+    )
 
 
 def _layout_options(q: argparse.ArgumentParser, passed_on: bool = False) -> None:
@@ -562,6 +577,16 @@ def cmd_plot(args, session: Session) -> int:
 def cmd_export(args, session: Session) -> int:
     from calibjax.storage import arrays
 
+    if args.tensorboard:
+        from calibjax.storage.tensorboard import export_tensorboard
+
+        if args.table or args.output:
+            raise arrays.ExportError("--table and --output go with --format; --tensorboard exports metrics.parquet")
+        written = export_tensorboard(args.dir, args.tensorboard, args.by)
+        print(f"{len(written)} TensorBoard run(s) in {written[0].parent}: tensorboard --logdir {args.tensorboard}")
+        return 0
+    if args.by:
+        raise arrays.ExportError("--by goes with --tensorboard")
     for path in arrays.export(args.dir, args.format, args.table, args.output):
         print(path)
     return 0

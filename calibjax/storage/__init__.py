@@ -7,6 +7,7 @@
 - ``results``: a results directory's rules (which numbers it holds, chunks, final tables, merge)
 - ``reader``: reading final tables back (``load_results``, ``read_table``, ``Results``, ``load``)
 - ``arrays``: the tables as labelled arrays (xarray) and their export to netCDF or zarr
+- ``tensorboard``: the runs as TensorBoard runs (metrics against step, settings as hyper-parameters)
 """
 
 from calibjax.storage import chunks, files, owned, reader, results, tables

@@ -19,15 +19,16 @@ FIGURE_RECORD = ".calibjax-figures.json"  # (a plain list of names before 0.11.0
 EXPORT_RECORD = ".calibjax-exports.json"
 
 
-def record(d: Path, record_name: str, paths, generation: str | None) -> None:
+def record(d: Path, record_name: str, paths, generation: str | None, replace: bool = False) -> None:
     """Note in the folder ``d`` which of ``paths`` calibjax wrote there, from which generation of
-    the tables: ``--overwrite`` removes exactly these, never a file because of its name pattern (a
-    user's own PNG stays), and the report shows only figures drawn from the current tables."""
+    the tables (``replace``: these and no others any more): ``--overwrite`` removes exactly these,
+    never a file because of its name pattern (a user's own PNG stays), and the report shows only
+    figures drawn from the current tables."""
     if d.is_symlink() or not d.is_dir():
         return
-    known = recorded(d, record_name)
+    known = {} if replace else recorded(d, record_name)
     made = {Path(p).name: generation for p in paths if Path(p).parent == d}
-    if any(known.get(name, "") != g for name, g in made.items()):
+    if replace or any(known.get(name, "") != g for name, g in made.items()):
         write_json(d / record_name, {"files": dict(sorted({**known, **made}.items()))})
 
 
