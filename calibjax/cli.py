@@ -93,21 +93,13 @@ def _export_parser(sub) -> None:
     export.add_argument("dir", help="results directory")
     what = export.add_mutually_exclusive_group(required=True)
     what.add_argument("--format", choices=("netcdf", "zarr"))
-    what.add_argument(
-        "--tensorboard",
-        metavar="LOGDIR",
-        help="write LOGDIR/<sweep name>/<run>: every metric against step, settings as hyper-parameters",
-    )
+    what.add_argument("--tensorboard", metavar="LOGDIR", help="write LOGDIR/<sweep>/<run>: metrics against step")
     export.add_argument(
         "--table", action="append", help="a table to export (repeatable; default: every table of runs present)"
     )
     export.add_argument("--output", help="folder for the files (default: DIR/export)")
-    export.add_argument(
-        "--by",
-        choices=BY,
-        help=f"TensorBoard runs: one per run, or per grid point with medians over seeds (default: per run up to "
-        f"{RUNS_PER_FILE_LIMIT:,} runs)",
-    )
+    by = f"TensorBoard: a run per run, or per grid point (medians over seeds); per run up to {RUNS_PER_FILE_LIMIT:,}"
+    export.add_argument("--by", choices=BY, help=by)
 
 
 def _layout_options(q: argparse.ArgumentParser, passed_on: bool = False) -> None:
@@ -577,16 +569,14 @@ def cmd_plot(args, session: Session) -> int:
 def cmd_export(args, session: Session) -> int:
     from calibjax.storage import arrays
 
+    if (args.table or args.output) if args.tensorboard else args.by:
+        raise arrays.ExportError("--table and --output go with --format, --by with --tensorboard")
     if args.tensorboard:
         from calibjax.storage.tensorboard import export_tensorboard
 
-        if args.table or args.output:
-            raise arrays.ExportError("--table and --output go with --format; --tensorboard exports metrics.parquet")
         written = export_tensorboard(args.dir, args.tensorboard, args.by)
         print(f"{len(written)} TensorBoard run(s) in {written[0].parent}: tensorboard --logdir {args.tensorboard}")
         return 0
-    if args.by:
-        raise arrays.ExportError("--by goes with --tensorboard")
     for path in arrays.export(args.dir, args.format, args.table, args.output):
         print(path)
     return 0

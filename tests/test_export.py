@@ -197,7 +197,7 @@ def test_tensorboard_export_by_setting_holds_the_median_over_seeds_and_replaces_
 @pytest.mark.parametrize(
     "args,said",
     [
-        (["--format", "netcdf", "--by", "run"], "--by goes with --tensorboard"),
+        (["--format", "netcdf", "--by", "run"], "--by with --tensorboard"),
         (["--tensorboard", "{tmp}", "--table", "density"], "--table and --output go with --format"),
         (["--format", "netcdf", "--tensorboard", "{tmp}"], "not allowed with argument"),
     ],
