@@ -11,8 +11,10 @@ confidences, no bins: nothing shared with calibjax.core.metrics but the definiti
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
-from scipy import optimize, special
+from scipy import integrate, optimize, special
 
 
 def _log_normal(x, mu, s):
@@ -170,3 +172,28 @@ def _piece_end(log_q, x, i, pred):
         options={"xatol": 1e-12},
     )
     return found.x
+
+
+def density_bins(prior, mu, sigma, edges, pointwise) -> tuple[np.ndarray, np.ndarray]:
+    """(mass, integral of p x pointwise) of each log10-density bin (edge[b-1], edge[b]] of a 1-D task,
+    over the bin's exact x-intervals: the points where log10 p(x) crosses an edge found by brentq,
+    each interval integrated by adaptive quadrature. ``pointwise`` maps log P(c | x) (n, M) to (n,)."""
+    log_density, log_post = gaussian_task(prior, mu, sigma)
+    lo = min(m - 12 * s for m, s in zip(mu, sigma, strict=True))
+    hi = max(m + 12 * s for m, s in zip(mu, sigma, strict=True))
+    log10 = lambda t: log_density(np.atleast_1d(t))[0] / np.log(10)  # noqa: E731
+    x = np.linspace(lo, hi, 200_001)
+    level = log_density(x) / np.log(10)
+    breaks = [lo, hi]
+    for e in edges:
+        for i in np.flatnonzero(np.sign(level[1:] - e) != np.sign(level[:-1] - e)):
+            breaks.append(optimize.brentq(lambda t, e=e: log10(t) - e, x[i], x[i + 1], xtol=1e-13))
+    breaks = np.sort(breaks)
+    mass, total = np.zeros(len(edges) + 1), np.zeros(len(edges) + 1)
+    p = lambda t: np.exp(log_density(np.atleast_1d(t))[0])  # noqa: E731
+    for a, b in itertools.pairwise(breaks):
+        k = np.searchsorted(edges, log10(0.5 * (a + b)), side="left")
+        mass[k] += integrate.quad(p, a, b, epsabs=1e-14, limit=200)[0]
+        f = lambda t: p(t) * pointwise(log_post(np.atleast_1d(t)))[0]  # noqa: E731
+        total[k] += integrate.quad(f, a, b, epsabs=1e-14, limit=200)[0]
+    return mass, total

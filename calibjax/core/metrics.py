@@ -149,6 +149,7 @@ class EvalSet(NamedTuple):
     in_dense: jax.Array  # (G,) bool, inside the densest region holding dense_mass
     in_sparse: jax.Array  # (G,) bool, the hdr region's least dense sparse_mass
     bins: jax.Array  # (G, NB) float32 one-hot of the log10-density bin
+    bin_share: jax.Array  # (G, NB) the share of each point's mass in each bin (``density_bin_shares``)
     bin_index: jax.Array  # (G,) int32 the same bin as an index (its sums: _bin_sums)
     cal_x: jax.Array  # (S, D) labelled test sample, the run's own (drawn from its seed)
     cal_y: jax.Array  # (S,) int32 its labels
@@ -198,6 +199,7 @@ def make_eval_set(task: tasks.GaussianTask, spec: EvalSpec, seed: jax.Array | in
     edges = jnp.asarray(spec.density_edges, jnp.float32)
     bin_index = jnp.searchsorted(edges, log10_density, side="left")  # bin i = (edge[i-1], edge[i]]
     bins = jax.nn.one_hot(bin_index, spec.num_bins, dtype=jnp.float32)
+    share = density_bin_shares(log10_density, edges) if task.dim == 1 else bins
     cal_x, cal_y = tasks.draw(
         task, calibration_key(jnp.asarray(seed, jnp.uint32)), jnp.arange(spec.calibration_samples, dtype=jnp.uint32)
     )
@@ -214,14 +216,53 @@ def make_eval_set(task: tasks.GaussianTask, spec: EvalSpec, seed: jax.Array | in
         in_dense,
         in_sparse,
         bins,
+        share,
         bin_index,
         cal_x,
         cal_y,
         mutual_info,
         log_opt,
         jnp.sum(kl_opt),
-        _bin_sums(bin_index, spec.num_bins, kl_opt)[0],
+        density_bin_sums(share, bin_index, task.dim == 1, kl_opt)[0],
     )
+
+
+def density_bin_shares(log10_density: jax.Array, edges: jax.Array) -> jax.Array:
+    """(G, NB): the share of each 1-D grid point's mass in each log10-density bin, so that a bin's
+    mass does not depend on where the grid points fall (0.11.0 put each point's whole cell in its
+    point's bin: bin masses off by up to 6.3e-3, kl_mean by 10 %, on a task with priors 0.01/0.99
+    and sigmas 4 and 0.5).
+
+    Point i stands for the cell from halfway to its left neighbour to halfway to its right one.
+    log10 p is taken as linear on each half of the cell, from the value at the cell's edge (the
+    mean of the two points' values; extrapolated at the grid's ends) to the point's own, so a
+    cell holding a mode or a bin edge is split exactly there; each half carries half the point's
+    weight, spread evenly along it. Bin b = (edge[b-1], edge[b]] as for the points themselves."""
+    d = log10_density
+    left = jnp.concatenate([d[:1] - 0.5 * (d[1:2] - d[:1]), 0.5 * (d[:-1] + d[1:])])
+    right = jnp.concatenate([0.5 * (d[:-1] + d[1:]), d[-1:] + 0.5 * (d[-1:] - d[-2:-1])])
+
+    def below(start, end, e):
+        """The share of a half on which log10 p (linear from start to end) is <= e."""
+        span = end - start
+        t = jnp.clip((e - start) / jnp.where(span == 0, 1.0, span), 0.0, 1.0)
+        return jnp.where(span > 0, t, jnp.where(span < 0, 1.0 - t, (start <= e).astype(d.dtype)))
+
+    cuts = [jnp.zeros_like(d)]
+    for e in edges:
+        cuts.append(0.5 * (below(left, d, e) + below(d, right, e)))
+    cuts.append(jnp.ones_like(d))
+    return jnp.stack([b - a for a, b in zip(cuts[:-1], cuts[1:], strict=True)], axis=-1)
+
+
+def density_bin_sums(share: jax.Array, bin_index: jax.Array, fractional: bool, *values: jax.Array) -> list[jax.Array]:
+    """Each value (G,) summed within each log10-density bin (NB,): on a 1-D grid (``fractional``)
+    by the points' shares of each bin (``density_bin_shares``), one bin at a time (a sum over
+    points and bins at once is compiled differently for different CPUs); in D > 1 by each sample
+    point's own bin (``_bin_sums``: a Monte-Carlo point has no cell)."""
+    if not fractional:
+        return _bin_sums(bin_index, share.shape[-1], *values)
+    return [jnp.stack([jnp.sum(v * share[:, b]) for b in range(share.shape[-1])]) for v in values]
 
 
 def pointwise_kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
@@ -536,7 +577,9 @@ def errors(ev: EvalSet, log_q: jax.Array) -> tuple[dict[str, jax.Array], Density
         "accuracy": jnp.sum(ev.weight * p_chosen),
         "bayes_accuracy": jnp.sum(ev.weight * jnp.max(p, axis=-1)),
     }
-    mass, kl_contribution = _bin_sums(ev.bin_index, ev.bins.shape[-1], ev.weight, ev.weight * kl_i)
+    mass, kl_contribution = density_bin_sums(
+        ev.bin_share, ev.bin_index, ev.x.shape[-1] == 1, ev.weight, ev.weight * kl_i
+    )
     per_mass = lambda total: jnp.where(mass > 0, total / jnp.where(mass > 0, mass, 1.0), jnp.nan)  # noqa: E731
     density = DensityBins(
         mass=mass,

@@ -80,6 +80,7 @@ def memory_per_run(static: train.Static) -> tuple[int, int]:
         4 * n_params
         + 3 * static.batch_size * units
         + (g + s) * (static.dim + 2 * m + nb + 5)
+        + g * nb
         + 2 * (g + s) * units
         + p * (units + m)
         + g * metrics.LEVEL_SET_WORDS
