@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import integrate, special, stats
 
-from calibjax.core import metrics, tasks
+from calibjax.core import levelsets, metrics, tasks
 
 import truth_reference
 from conftest import example
@@ -352,7 +352,7 @@ def test_the_running_sums_of_the_level_sets_keep_what_float32_would_cancel():
     big = gen.uniform(1e3, 1e4, 4096)
     x = np.concatenate([big, -big[::-1], gen.uniform(0, 1e-3, 64)]).astype(np.float32)
     exact = np.cumsum(x.astype(np.float64))[-64:]
-    total, error = jax.jit(metrics._compensated_cumsum)(jnp.asarray(x))
+    total, error = jax.jit(levelsets._compensated_cumsum)(jnp.asarray(x))
     compensated = np.asarray(total, np.float64)[-64:] + np.asarray(error, np.float64)[-64:]
     plain = np.asarray(jnp.cumsum(jnp.asarray(x)), np.float64)[-64:]
     np.testing.assert_allclose(compensated, exact, rtol=1e-6)

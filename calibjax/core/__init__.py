@@ -7,12 +7,25 @@ imports a host-side layer (tests/test_architecture.py checks it).
 - ``tasks``: Gaussian-mixture tasks and their exact posterior
 - ``model``: the MLP; ``kernel``: the CPU kernel's operations inside a program
 - ``losses``, ``metrics``, ``estimators``: training losses, metrics against the truth, calibration
-  estimators benchmarked against it
+  estimators benchmarked against it; ``levelsets``: true calibration from the level sets of a score
 - ``train``: ``Static`` (shapes, one compile per group), ``Dynamic`` (the vmapped numbers) and the
   training program; ``settings``: how a field of those declares a sweep setting
 """
 
-from calibjax.core import bisection, estimators, kernel, losses, metrics, model, portable, rng, settings, tasks, train
+from calibjax.core import (
+    bisection,
+    estimators,
+    kernel,
+    levelsets,
+    losses,
+    metrics,
+    model,
+    portable,
+    rng,
+    settings,
+    tasks,
+    train,
+)
 from calibjax.core.metrics import EvalSpec
 from calibjax.core.tasks import GaussianTask, make_task
 from calibjax.core.train import NUMBERS_VERSION, Dynamic, RunResult, Static, make_dynamic, train_run, train_single
@@ -30,6 +43,7 @@ __all__ = [
     "losses",
     "make_dynamic",
     "make_task",
+    "levelsets",
     "metrics",
     "model",
     "portable",

@@ -56,7 +56,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from calibjax.core import metrics, tasks
+from calibjax.core import levelsets, metrics, tasks
 from calibjax.core.bisection import bisect
 
 ESTIMATORS = ("ece_width", "ece_mass", "ece_sweep", "ece_l2_debiased", "smece", "ece_classwise")
@@ -321,7 +321,7 @@ def targets(ev: metrics.EvalSet, log_q: jax.Array, scalars: metrics.Scalars) -> 
     smece, _ = smooth_ece(conf, p_top - conf, w)
     classes = jnp.arange(log_q.shape[-1])
     if ev.x.shape[-1] == 1:
-        classwise = [metrics.class_calibration_error(log_q[:, c], p[:, c], w) for c in range(log_q.shape[-1])]
+        classwise = [levelsets.class_calibration_error(log_q[:, c], p[:, c], w) for c in range(log_q.shape[-1])]
     else:
         residual = jax.vmap(lambda c: metrics.sample_curve(jnp.exp(log_q[:, c]), p[:, c])[0])(classes)
         classwise = [jnp.sum(w * jnp.abs(r)) for r in residual]

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from calibjax import sweep as sweep_mod
-from calibjax.core import estimators, metrics, train
+from calibjax.core import estimators, levelsets, metrics, train
 from calibjax.execution import kernel_loader, runtime
 from calibjax.storage import chunks, results, tables
 
@@ -83,7 +83,7 @@ def memory_per_run(static: train.Static) -> tuple[int, int]:
         + g * nb
         + 2 * (g + s) * units
         + p * (units + m)
-        + g * metrics.LEVEL_SET_WORDS
+        + g * levelsets.LEVEL_SET_WORDS
         + _estimator_working(static, units)
     )
     table_bytes = sum(rows * cols * F64 for rows, cols in tables.row_counts(static).values())
