@@ -185,7 +185,7 @@ def test_label_smoothings_bias_by_density_is_as_the_findings_say():
             losses.log_optimum, "label_smoothing", label_smoothing=jnp.float32(alpha), focal_gamma=jnp.float32(0)
         )
         ev = metrics.make_eval_set(example(1), spec, optimum=opt)
-        mass = np.asarray(jnp.sum(ev.weight[:, None] * ev.bins, 0))
+        mass = np.asarray(jnp.sum(ev.weight[:, None] * ev.bin_share, 0))
         mean = np.asarray(ev.kl_optimum_bins) / np.where(mass > 0, mass, 1.0)
         top = int(np.flatnonzero(mass > 0)[-1])  # the densest bin holding mass
         sparse = mean[(mass > 0) & (np.arange(len(mass)) < top - 1)]  # density 1e-6 .. 0.03
