@@ -51,30 +51,14 @@ def parse_args():
 
 
 def batched(fn, layout):
-    """fn (one run's inputs -> outputs) over a leading run axis, laid out like train.batched_train_fn."""
+    """fn (one run's inputs -> outputs) over a leading run axis, laid out like the training program."""
     import jax
     import numpy as np
 
-    def local(*args):
-        return jax.lax.map(lambda a: fn(*a), args, batch_size=layout.inner_batch)
+    from calibjax.core import train
 
-    if len(layout.devices) == 1:
-        return jax.jit(local)
-    mesh = jax.sharding.Mesh(np.asarray(layout.devices), ("runs",))
-    spec = jax.sharding.PartitionSpec("runs")
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
-
-
-def fastest(fn, args, rounds: int) -> float:
-    import jax
-
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best
+    mesh = jax.sharding.Mesh(np.asarray(layout.devices), ("runs",)) if len(layout.devices) > 1 else None
+    return train.batched(fn, layout.inner_batch, mesh)
 
 
 SWEEP = """

@@ -60,6 +60,12 @@ def _true_calibration(prior, mu, sigma, a, b):
                 num += weight * np.where(np.isfinite(root), top, 0.0)
                 den += weight
         m[:] = num / den
+    return _terms(x, density, m, conf, p_top)
+
+
+def _terms(x, density, m, conf, p_top) -> dict[str, float]:
+    """true_ece, cal_term and grouping_term from m, conf and P_top on the points x: trapezoid rule
+    under the normalised density."""
     w = density / np.trapezoid(density, x)
     return {
         "true_ece": np.trapezoid(w * np.abs(m - conf), x),
@@ -135,12 +141,7 @@ def top_label_calibration(log_density, log_post, log_q, lo: float, hi: float, n:
         den[at] += weight
     m = num / den
     density = np.exp(log_density(x))
-    w = density / np.trapezoid(density, x)
-    return {
-        "true_ece": np.trapezoid(w * np.abs(m - conf), x),
-        "cal_term": np.trapezoid(w * (conf - m) ** 2, x),
-        "grouping_term": np.trapezoid(w * (m - p_top) ** 2, x),
-    }
+    return _terms(x, density, m, conf, p_top)
 
 
 def _level_of(log_q, x, c):

@@ -365,8 +365,15 @@ def batched_train_fn(static: Static, inner_batch: int, mesh: jax.sharding.Mesh |
     or its batch mates (``planning`` explains why the width itself matters).
     """
 
-    def local(dyn: Dynamic):
-        return jax.lax.map(functools.partial(train_run, static), dyn, batch_size=inner_batch)
+    return batched(functools.partial(train_run, static), inner_batch, mesh)
+
+
+def batched(fn, inner_batch: int, mesh: jax.sharding.Mesh | None = None):
+    """``fn`` (one run's arguments -> its outputs) jitted over a leading run axis, laid out as
+    ``batched_train_fn`` describes: ``inner_batch`` runs vmapped at a time, split over the mesh's devices."""
+
+    def local(*args):
+        return jax.lax.map(lambda a: fn(*a), args, batch_size=inner_batch)
 
     if mesh is None or mesh.size == 1:
         return jax.jit(local)
