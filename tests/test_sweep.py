@@ -103,6 +103,10 @@ BAD = [
     (bad_text() + "[grid]\nmu2 = [1.0, 1.0, 3.0, 4.0]\n", "[grid] mu2: the value 1.0 is given twice"),
     (bad_text() + "[grid]\nbatch_size = [16, 16.0]\n", "[grid] batch_size: the value 16.0 is given twice"),
     (bad_text() + "[grid]\nhidden = [[8], [8]]\n", "[grid] hidden: the value [8] is given twice"),
+    (
+        bad_text() + "[grid]\nlr = [0.1, 0.1000000001]\n",
+        "lr: the value 0.1000000001 is given twice (as 0.1, once checked in",
+    ),
     (bad_text() + "[cases.a]\nlr = 0.01\n[cases.b]\nlr = 0.01\n", "[cases.a] and [cases.b] have the same settings"),
     (bad_text() + "[cases.a]\n[cases.b]\nhidden = [64, 64]\n", "[cases.a] and [cases.b] have the same settings"),
     (

@@ -125,7 +125,7 @@ def _axes(grid, f: str, max_runs: int) -> list[Axis]:
             canonical = _canonical(v)
             if canonical in seen:
                 first = seen[canonical]
-                same = "" if raw == first else f" (as {first!r}, once checked)"
+                same = "" if raw == first else f" (as {first!r}, once checked in float32, as runs train)"
                 raise SweepError(
                     f"{where} {key}: the value {raw!r} is given twice{same}: those grid points would train the "
                     "same runs; give each value once"
@@ -136,8 +136,21 @@ def _axes(grid, f: str, max_runs: int) -> list[Axis]:
 
 
 def _canonical(value) -> str:
-    """A value as a key: equal settings, equal keys (numbers compared after their check)."""
-    return json.dumps(value, sort_keys=True, default=lambda a: np.asarray(a).tolist())
+    """A value as a key: equal settings, equal keys (numbers compared after their check, floats as
+    the float32 they train as: 0.1 and 0.1000000001 would train the same runs)."""
+
+    def float32(v):
+        if isinstance(v, float):
+            return float(np.float32(v))
+        if isinstance(v, (list, tuple)):
+            return [float32(x) for x in v]
+        if isinstance(v, dict):
+            return {k: float32(x) for k, x in v.items()}
+        if isinstance(v, np.ndarray):
+            return float32(v.tolist())
+        return v
+
+    return json.dumps(float32(value), sort_keys=True)
 
 
 def _check_all(sw: Sweep) -> None:
