@@ -2,6 +2,7 @@
 
     python benchmarks/eval_cost.py                        # the table in docs/performance.md
     python benchmarks/eval_cost.py --runs 256 --steps 500 --rounds 2 --json phases.json
+    python benchmarks/eval_cost.py --kl-split              # and again with eval.kl_split (the split of kl)
 
 The study's model (1-64-64-2, batch 64, Adam) on example 1, in the engine's layout (its devices,
 inner batch and product path). Two tables:
@@ -47,6 +48,7 @@ def parse_args():
     p.add_argument("--sweep-runs", type=int, default=256, help="R of the sweep table")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timings of each phase (fastest kept)")
     p.add_argument("--json", help="also write both tables to this file")
+    p.add_argument("--kl-split", action="store_true", help="also with eval.kl_split = true (both tables, after)")
     return p.parse_args()
 
 
@@ -71,10 +73,12 @@ sigmas = [1.0, 1.0]
 steps = {steps}
 checkpoints = {checkpoints}
 n_data = 100000
+[eval]
+kl_split = {kl_split}
 """
 
 
-def phase_table(r: int, layout, rounds: int) -> dict[str, float]:
+def phase_table(r: int, layout, rounds: int, kl_split: bool = False) -> dict[str, float]:
     """ms per run of each phase, for a chunk of r runs (r a multiple of the layout's per-call runs)."""
     import jax
 
@@ -83,7 +87,7 @@ def phase_table(r: int, layout, rounds: int) -> dict[str, float]:
     from calibjax.execution import engine
     from calibjax.storage import chunks, results
 
-    text = SWEEP.format(runs=r, steps=1, checkpoints="[1]")
+    text = SWEEP.format(runs=r, steps=1, checkpoints="[1]", kl_split=str(kl_split).lower())
     sw = sweep_mod.parse(tomllib.loads(text), "eval_cost.toml", text)
     static = layout.static(sweep_mod.static_of(sw.runs[0]))
     spec = static.eval
@@ -157,7 +161,7 @@ def phase_table(r: int, layout, rounds: int) -> dict[str, float]:
     return row
 
 
-def sweep_table(r: int, steps_list: list[int], layout, rounds: int) -> list[dict]:
+def sweep_table(r: int, steps_list: list[int], layout, rounds: int, kl_split: bool = False) -> list[dict]:
     """All-in and training-only rates of r runs through the engine, with 1 and 11 checkpoints."""
     from calibjax import sweep as sweep_mod
     from calibjax.execution import engine
@@ -172,7 +176,9 @@ def sweep_table(r: int, steps_list: list[int], layout, rounds: int) -> list[dict
         }
         statics, dyn = {}, None
         for name, ck in cks.items():
-            text = SWEEP.format(runs=r, steps=1 if name == "fixed" else steps, checkpoints=ck)
+            text = SWEEP.format(
+                runs=r, steps=1 if name == "fixed" else steps, checkpoints=ck, kl_split=str(kl_split).lower()
+            )
             sw = sweep_mod.parse(tomllib.loads(text), "eval_cost.toml", text)
             statics[name] = sweep_mod.static_of(sw.runs[0])
             dyn = sweep_mod.chunk_dynamic(sw, list(range(r)))
@@ -212,23 +218,34 @@ def main():
         f"calibjax {calibjax.__version__}; {jax.default_backend()}, {len(layout.devices)} device(s) x "
         f"{layout.inner_batch} runs vmapped, dense layers by {layout.dense}; fastest of {args.rounds} rounds"
     )
-    phases = {r: phase_table(r, layout, args.rounds) for r in args.runs}
-    print(f"\n{'phase (ms per run)':<40}" + "".join(f"{f'R = {r}':>12}" for r in args.runs))
-    for name in phases[args.runs[0]]:
-        print(f"{name:<40}" + "".join(f"{phases[r][name]:>12.3f}" for r in args.runs))
-    sweeps = sweep_table(args.sweep_runs, args.steps, layout, args.rounds)
-    print(
-        f"\n{'runs':>6} {'steps':>6} {'fixed ms/run':>13} {'train ms/run':>13} {'ckpt ms/run':>12} "
-        f"{'all-in / train':>15} {'11 / 1 ckpts':>13}"
-    )
-    for row in sweeps:
+    results = {}
+    for split in (False, True) if args.kl_split else (False,):  # off, then on, in this process
+        phases = {r: phase_table(r, layout, args.rounds, split) for r in args.runs}
         print(
-            f"{row['runs']:>6} {row['steps']:>6} {row['fixed_ms_per_run']:>13.3f} {row['train_ms_per_run']:>13.3f} "
-            f"{row['checkpoint_ms_per_run']:>12.3f} {100 * row['all_in_over_training']:>14.1f}% "
-            f"{row['eleven_over_one']:>13.3f}"
+            f"\n{'phase (ms per run)' + (', kl_split' if split else ''):<40}"
+            + "".join(f"{f'R = {r}':>12}" for r in args.runs)
         )
+        for name in phases[args.runs[0]]:
+            print(f"{name:<40}" + "".join(f"{phases[r][name]:>12.3f}" for r in args.runs))
+        results[split] = {"phases": phases}
+    for split, res in results.items():
+        res["sweeps"] = sweeps = sweep_table(args.sweep_runs, args.steps, layout, args.rounds, split)
+        print(
+            f"\n{'runs':>6} {'steps':>6} {'fixed ms/run':>13} {'train ms/run':>13} {'ckpt ms/run':>12} "
+            f"{'all-in / train':>15} {'11 / 1 ckpts':>13}" + ("   (kl_split)" if split else "")
+        )
+        for row in sweeps:
+            print(
+                f"{row['runs']:>6} {row['steps']:>6} {row['fixed_ms_per_run']:>13.3f} {row['train_ms_per_run']:>13.3f} "
+                f"{row['checkpoint_ms_per_run']:>12.3f} {100 * row['all_in_over_training']:>14.1f}% "
+                f"{row['eleven_over_one']:>13.3f}"
+            )
     if args.json:
-        Path(args.json).write_text(json.dumps({"phases": phases, "sweeps": sweeps}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                results[False] if not args.kl_split else {"off": results[False], "kl_split": results[True]}, indent=2
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from calibjax.analysis.summaries import (
     FINAL,
     FINAL_SCALED,
     FINAL_WINDOW,
+    SPLIT_FINAL,
+    SPLIT_SCALED,
     TIMING_PREFIXES,
     eps_name,
     swept_columns,
@@ -65,10 +67,12 @@ def summarize(
     recalibrated: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """One row per run: learnability summaries (see the module docstring), joined to the settings;
-    with ``recalibrated`` (temperature scaling), final_<m>_ts of its FINAL_SCALED columns too."""
-    finals = list(FINAL)
+    final_<m> of the split of kl where any run measured it; with ``recalibrated`` (temperature
+    scaling), final_<m>_ts of its FINAL_SCALED columns (and of SPLIT_SCALED where measured) too."""
+    finals = list(FINAL) + [k for k in SPLIT_FINAL if k in metrics and not metrics[k].isna().all()]
     if recalibrated is not None:
-        scaled = {k: f"{k}_ts" for k in FINAL_SCALED}
+        extra = [k for k in SPLIT_SCALED if k in recalibrated and not recalibrated[k].isna().all()]
+        scaled = {k: f"{k}_ts" for k in (*FINAL_SCALED, *extra)}
         metrics = metrics.merge(
             recalibrated[["run_id", "step", *scaled]].rename(columns=scaled), on=["run_id", "step"], how="left"
         )

@@ -30,11 +30,12 @@ TEXT = to_toml(DOC)
 N_RUNS = 12
 WIDTH = 4  # runs vmapped together per device in these tests (small, so padding stays cheap)
 
-# 3 cases x 2 batch sizes (two static groups) x 2 seeds; case "wild" diverges.
+# 3 cases x 2 batch sizes (two static groups) x 2 seeds; case "wild" diverges. With the split of kl
+# (eval.kl_split: two level-set solves as one batch).
 MATRIX_DOC = sweep_doc(
     name="matrix",
     train={"steps": 1000, "checkpoints": [10, 100, 1000], "n_data": 300},
-    eval={"points": 64, "calibration_samples": 200, "curves": True, "curve_points": 5},
+    eval={"points": 64, "calibration_samples": 200, "curves": True, "curve_points": 5, "kl_split": True},
     cases={"a": {}, "b": {"mu2": 1.0, "sigma1": 2.0}, "wild": {"lr": 1e30}},
     grid={"batch_size": [16, 32]},
 )

@@ -12,6 +12,7 @@ import truth_reference
 from conftest import example
 
 SPEC = metrics.EvalSpec()
+SPLIT_SPEC = metrics.EvalSpec(kl_split=True)
 
 
 def evaluate(ev, log_q, log_q_cal=None, spec=SPEC):
@@ -126,12 +127,12 @@ def test_density_bins_hold_the_mass_and_kl_of_their_exact_x_intervals(task):
         return np.sum(np.exp(log_post) * (log_post - special.log_softmax(0.7 * log_post, axis=-1)), axis=-1)
 
     mass, total = truth_reference.density_bins(*task, np.asarray(SPEC.density_edges), kl)
-    np.testing.assert_allclose(np.asarray(bins.mass), mass, atol=3e-4)
-    np.testing.assert_allclose(float(jnp.sum(bins.mass)), 1.0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(bins["mass"]), mass, atol=3e-4)
+    np.testing.assert_allclose(float(jnp.sum(bins["mass"])), 1.0, atol=1e-6)
     kept = (mass > 1e-3) & (total > 1e-9)
-    np.testing.assert_allclose(np.asarray(bins.kl_mean)[kept], total[kept] / mass[kept], rtol=5e-3)
+    np.testing.assert_allclose(np.asarray(bins["kl_mean"])[kept], total[kept] / mass[kept], rtol=5e-3)
     np.testing.assert_allclose(
-        float(jnp.sum(bins.kl_contribution)), float(jnp.sum(ev.weight * kl(ev.log_post))), rtol=1e-5
+        float(jnp.sum(bins["kl_contribution"])), float(jnp.sum(ev.weight * kl(ev.log_post))), rtol=1e-5
     )
 
 
@@ -329,16 +330,18 @@ def test_the_two_float64_references_agree():
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["wide-narrow tilted", "three classes tilted"])
 def test_true_calibration_is_within_0_1_percent_of_the_exact_values_at_the_default_grid(case):
-    """The default 2,048-point grid: true_ece, cal_term and grouping_term within 0.1 % of float64
-    references (0.11.0: -0.8 %, -1.7 % and +2.2 % on the first; +0.2 %, +0.4 % and +1.3 % on the second)."""
+    """The default 2,048-point grid: true_ece, cal_term, grouping_term and the top label's split of
+    its KL (kl_cal_top, kl_group_top) within 0.1 % of float64 references (0.11.0's true_ece,
+    cal_term and grouping_term: -0.8 %, -1.7 % and +2.2 % on the first; +0.2 %, +0.4 % and +1.3 % on
+    the second)."""
     if case.startswith("wide"):
         task, a, b = WIDE_NARROW, 1.0, np.array([0.8, 0.0])
     else:
         task, a, b = THREE, 0.8, np.array([0.3, -0.2, 0.0])
     prior, mu, sigma = (np.asarray(v) for v in task)
     t = tasks.make_task(prior, mu[:, None, None], sigma[:, None, None])
-    ev = metrics.make_eval_set(t, SPEC)
-    got = metrics.true_calibration(ev, jax.nn.log_softmax(a * ev.log_post + jnp.asarray(b)[None, :]), SPEC)
+    ev = metrics.make_eval_set(t, SPLIT_SPEC)
+    got = metrics.true_calibration(ev, jax.nn.log_softmax(a * ev.log_post + jnp.asarray(b)[None, :]), SPLIT_SPEC)
     want = _reference(task, lambda lp: special.log_softmax(a * lp + b, axis=-1))
     for k in want:
         assert abs(float(got[k]) / want[k] - 1) < 1e-3, (k, float(got[k]), want[k])
@@ -455,3 +458,131 @@ def test_density_bins_give_the_mean_kl_and_its_contribution():
     assert whole.mean() > 0.95 and (shares[whole].argmax(1) == np.asarray(ev.bin_index)[whole]).all()
     for b in np.flatnonzero(full):
         np.testing.assert_allclose(mean[b], np.sum(w * kl_i * shares[:, b]) / np.sum(w * shares[:, b]), rtol=1e-4)
+
+
+# ---------------------------------------------------------------- the split of kl by calibration (eval.kl_split)
+
+EXAMPLE2 = ((0.5, 0.5), (0.0, 1.0), (2.0, 1.0))  # sigmas 2 and 1: the exact log-odds is a quadratic in x
+
+
+def _log_odds(task) -> tuple[float, float, float]:
+    """(A, B, C): log P(0 | x) / P(1 | x) = A x^2 + B x + C on a two-class 1-D Gaussian task."""
+    (p0, p1), (m0, m1), (s0, s1) = task
+    return (
+        -0.5 / s0**2 + 0.5 / s1**2,
+        m0 / s0**2 - m1 / s1**2,
+        (np.log(p0) - np.log(s0) - 0.5 * m0**2 / s0**2) - (np.log(p1) - np.log(s1) - 0.5 * m1**2 / s1**2),
+    )
+
+
+def _quadratic_model(ev, g):
+    """Class 0's logit g[0] x^2 + g[1] x + g[2]."""
+    level = g[0] * ev.x[:, 0] ** 2 + g[1] * ev.x[:, 0] + g[2]
+    return jnp.stack([jax.nn.log_sigmoid(level), jax.nn.log_sigmoid(-level)], -1)
+
+
+def _uniform_cal(ev) -> jax.Array:
+    """A labelled sample's log q for evaluate (its estimates are not under test here)."""
+    return jnp.log(jnp.full((ev.cal_y.shape[0], ev.log_post.shape[-1]), 1.0 / ev.log_post.shape[-1]))
+
+
+def _eval_set(task, spec):
+    prior, mu, sigma = (np.asarray(v, np.float64) for v in task)
+    return metrics.make_eval_set(tasks.make_task(prior, mu[:, None, None], sigma[:, None, None]), spec)
+
+
+@pytest.mark.parametrize("case", ["tempered", "rises and falls"])
+def test_the_split_of_kl_matches_the_exact_level_sets_of_q1(case):
+    """kl = E KL(P || m(q)) + E KL(m(q) || q), m(q) = E[P | q], against closed-form level sets in
+    float64 (truth_reference.binary_split): a tempered posterior (m = P: kl_group = 0, all of kl is
+    calibration) and a q that falls and rises where P only falls (x's with one q and different P:
+    kl_group > 0). Each part within 0.1 %; their sum is kl to float32 accuracy."""
+    g = tuple(0.5 * c for c in _log_odds(EXAMPLE2)) if case == "tempered" else (0.3, -1.0, -0.5)
+    ev = _eval_set(EXAMPLE2, SPLIT_SPEC)
+    log_q = _quadratic_model(ev, g)
+    got = {k: float(v) for k, v in metrics.true_calibration(ev, log_q, SPLIT_SPEC).items() if k.startswith("kl_")}
+    kl = float(metrics.errors(ev, log_q)[0]["kl"])
+    want = truth_reference.binary_split(*EXAMPLE2, g)
+    assert abs(want["kl_cal"] + want["kl_group"] - want["kl"]) < 1e-9  # the identity, in float64
+    assert abs(got["kl_cal"] / want["kl_cal"] - 1) < 1e-3, (got, want)
+    if case == "tempered":
+        assert want["kl_group"] < 1e-12 and got["kl_group"] < 1e-5 * kl, got  # (float32 entropies' rounding)
+    else:
+        assert want["kl_group"] > 0.1 * want["kl"] and abs(got["kl_group"] / want["kl_group"] - 1) < 1e-3, got
+    assert abs((got["kl_cal"] + got["kl_group"]) / kl - 1) < 1e-4, (got, kl)
+    # two classes: the top label's split is of the same KL, by the coarser levels of the confidence
+    assert abs((got["kl_cal_top"] + got["kl_group_top"]) / kl - 1) < 1e-3
+    assert got["kl_group_top"] >= got["kl_group"] - 1e-7
+
+
+def test_the_split_per_density_bin_adds_up_to_the_totals():
+    """density.parquet's kl_cal_mean ... : the bins, weighted by their mass, add up to the totals;
+    for a tempered posterior every bin's kl_group_mean is 0. Three classes: the split of kl is nan
+    (no level sets of a vector q), the top label's is there."""
+    ev = _eval_set(EXAMPLE2, SPLIT_SPEC)
+    for g, tempered in (((0.3, -1.0, -0.5), False), (tuple(0.5 * c for c in _log_odds(EXAMPLE2)), True)):
+        log_q = _quadratic_model(ev, g)
+        out = metrics.evaluate(ev, log_q, _uniform_cal(ev), SPLIT_SPEC)
+        bins, sc = out.density, out.scalars
+        for name in ("kl_cal", "kl_group", "kl_cal_top", "kl_group_top"):
+            mean = np.nan_to_num(np.asarray(getattr(bins, name + "_mean")))
+            total = float(jnp.sum(bins.mass * mean))
+            assert abs(total - float(getattr(sc, name))) <= 1e-2 * float(sc.kl) + 1e-8, (name, total, getattr(sc, name))
+        if tempered:
+            assert np.nanmax(np.asarray(bins.kl_group_mean)) < 1e-6
+    three = _eval_set(THREE, SPLIT_SPEC)
+    out = metrics.evaluate(three, jax.nn.log_softmax(0.8 * three.log_post), _uniform_cal(three), SPLIT_SPEC)
+    assert np.isnan(float(out.scalars.kl_cal)) and np.isnan(np.asarray(out.density.kl_cal_mean)).all()
+    assert float(out.scalars.kl_cal_top) > 0 and np.isfinite(np.asarray(out.density.kl_cal_top_mean)[:8]).all()
+
+
+def test_without_kl_split_the_split_is_nan_and_nothing_else_moves():
+    ev = _eval_set(EXAMPLE2, SPEC)
+    log_q = _quadratic_model(ev, (0.3, -1.0, -0.5))
+    off = metrics.evaluate(ev, log_q, _uniform_cal(ev), SPEC)
+    on = metrics.evaluate(ev, log_q, _uniform_cal(ev), SPLIT_SPEC)
+    for name in metrics.SPLIT:
+        assert (
+            np.isnan(float(getattr(off.scalars, name)))
+            and np.isnan(np.asarray(getattr(off.density, name + "_mean"))).all()
+        )
+        assert np.isfinite(float(getattr(on.scalars, name)))
+    for name in ("kl", "true_ece", "cal_term", "grouping_term", "ece"):
+        np.testing.assert_allclose(float(getattr(on.scalars, name)), float(getattr(off.scalars, name)), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_split_in_2d_is_a_monte_carlo_estimate_of_the_1d_truth():
+    """Example 1 along x1 with an independent N(0, 1) x2 (as for true_ece): the split of a tilted
+    model's kl from 8,192 Monte-Carlo points against the 1-D closed form (q monotone in P: all of kl
+    is calibration, kl_group = 0 but for the groups' bias)."""
+    task = tasks.make_task([0.5, 0.5], [[[0.0, 0.0]], [[3.0, 0.0]]], [[[1.0, 1.0]], [[1.0, 1.0]]])
+    spec = metrics.EvalSpec(points=8192, kl_split=True)
+    ev = metrics.make_eval_set(task, spec)
+    got = metrics.true_calibration(ev, _sigmoid_model(1.0, 0.8)(ev, None), spec)
+    A, B, C = _log_odds(((0.5, 0.5), (0.0, 3.0), (1.0, 1.0)))
+    want = truth_reference.binary_split((0.5, 0.5), (0.0, 3.0), (1.0, 1.0), (A, B, C + 0.8))
+    assert abs(float(got["kl_cal"]) / want["kl_cal"] - 1) < 0.1, (float(got["kl_cal"]), want)
+    assert 0 <= float(got["kl_group"]) < 0.1 * want["kl"]
+    top = truth_reference.true_calibration((0.5, 0.5), (0, 3), (1, 1), 1.0, 0.8)
+    assert abs(float(got["kl_cal_top"]) / top["kl_cal_top"] - 1) < 0.15, (float(got["kl_cal_top"]), top)
+
+
+def test_a_log_q_rounded_above_0_reads_as_confidence_1_not_nan():
+    """A log-softmax compiled into the training program rounded a confident model's top log q / T
+    (T < 1) to just above 0: -log(1 - e^(log q)) was NaN, and with it true_ece, cal_term and
+    grouping_term after temperature scaling (recalibrated.parquet, 0.12.0)."""
+    ev = metrics.make_eval_set(example(1), SPEC)
+    log_q = jax.nn.log_softmax(3.0 * ev.log_post)
+    top = jnp.argmax(log_q, axis=-1)
+    saturated = jnp.max(log_q, axis=-1) > -1e-7
+    assert int(jnp.sum(saturated)) > 10
+    bumped = log_q.at[jnp.arange(log_q.shape[0]), top].add(jnp.where(saturated, 1e-7, 0.0))
+    assert float(jnp.max(bumped)) > 0
+    for spec in (SPEC, SPLIT_SPEC):
+        got = metrics.true_calibration(ev, bumped, spec)
+        for k in ("true_ece", "cal_term", "grouping_term", "kl_cal_top"):
+            if spec.kl_split or k != "kl_cal_top":
+                assert np.isfinite(float(got[k])), (k, spec.kl_split)
+        want = metrics.true_calibration(ev, log_q, spec)
+        np.testing.assert_allclose(float(got["true_ece"]), float(want["true_ece"]), rtol=1e-4)

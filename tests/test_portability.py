@@ -35,7 +35,7 @@ SWEEP = sweep_doc(
     },
     model={"hidden": [16, 16]},
     train={"steps": 1000, "checkpoints": [10, 300, 1000], "batch_size": 32, "n_data": 1000},
-    eval={"curves": True, "curve_points": 41, "points": 1024},
+    eval={"curves": True, "curve_points": 41, "points": 1024, "kl_split": True},
     grid={"hidden": [[16, 16], [24]], "lr": {"logspace": [1e-3, 1e-2], "num": 3}},
 )
 HASWELL = "Haswell-noTSX"  # AVX2, FMA; no AVX-512

@@ -60,17 +60,56 @@ def _true_calibration(prior, mu, sigma, a, b):
                 num += weight * np.where(np.isfinite(root), top, 0.0)
                 den += weight
         m[:] = num / den
-    return _terms(x, density, m, conf, p_top)
+    return _terms(x, density, m, conf, p_top, special.expit(-np.abs(a * z + b)))
 
 
-def _terms(x, density, m, conf, p_top) -> dict[str, float]:
-    """true_ece, cal_term and grouping_term from m, conf and P_top on the points x: trapezoid rule
-    under the normalised density."""
+def _terms(x, density, m, conf, p_top, conf_bar) -> dict[str, float]:
+    """true_ece, cal_term and grouping_term, and the top label's KL split (Bernoulli: kl_cal_top =
+    E KL(m || conf), kl_group_top = E KL(P_top || m)), from m, conf (1 - conf: ``conf_bar``, exact
+    where conf rounds to 1) and P_top on the points x: trapezoid rule under the normalised density."""
     w = density / np.trapezoid(density, x)
     return {
         "true_ece": np.trapezoid(w * np.abs(m - conf), x),
         "cal_term": np.trapezoid(w * (conf - m) ** 2, x),
         "grouping_term": np.trapezoid(w * (m - p_top) ** 2, x),
+        "kl_cal_top": np.trapezoid(w * (special.rel_entr(m, conf) + special.rel_entr(1 - m, conf_bar)), x),
+        "kl_group_top": np.trapezoid(w * bernoulli_kl(p_top, m), x),
+    }
+
+
+def bernoulli_kl(a, b):
+    """KL(Bernoulli(a) || Bernoulli(b)) in float64."""
+    return special.rel_entr(a, b) + special.rel_entr(1 - a, 1 - b)
+
+
+def binary_split(prior, mu, sigma, g) -> dict[str, float]:
+    """kl = E KL(P || q) of a two-class model whose class-1 log-odds is a quadratic in x,
+    logit q1(x) = g[0] x^2 + g[1] x + g[2] (so q1 may rise and fall), and its exact split by the
+    level sets of q1: kl_cal = E KL(m || q1), kl_group = E KL(P1 || m), m(s) = E[P1 | q1 = s].
+    Every level set {g(x) = g0} is the roots of a quadratic, each crossing weighing p(x) / |g'(x)|;
+    the outer expectations are a trapezoid rule on 400,001 points over +-12 sigma (float64)."""
+    _, (m1, m2), (s1, s2) = prior, mu, sigma
+    lo, hi = min(m1 - 12 * s1, m2 - 12 * s2), max(m1 + 12 * s1, m2 + 12 * s2)
+    x = np.linspace(lo, hi, 400_001)
+    log_density, log_post = gaussian_task(prior, mu, sigma)
+    density, post1 = np.exp(log_density(x)), np.exp(log_post(x)[:, 0])
+    a2, a1, a0 = g
+    level = a2 * x**2 + a1 * x + a0
+    q1 = special.expit(level)
+    num, den = np.zeros_like(x), np.zeros_like(x)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for root in _roots(a2, a1, a0 - level):
+            ok = np.isfinite(root)
+            r = np.where(ok, root, 0.0)
+            weight = np.where(ok, np.exp(log_density(r)) / np.abs(2 * a2 * r + a1), 0.0)
+            num += weight * np.exp(log_post(r)[:, 0])
+            den += weight
+    m = num / den
+    w = density / np.trapezoid(density, x)
+    return {
+        "kl": np.trapezoid(w * bernoulli_kl(post1, q1), x),
+        "kl_cal": np.trapezoid(w * bernoulli_kl(m, q1), x),
+        "kl_group": np.trapezoid(w * bernoulli_kl(post1, m), x),
     }
 
 
@@ -141,7 +180,7 @@ def top_label_calibration(log_density, log_post, log_q, lo: float, hi: float, n:
         den[at] += weight
     m = num / den
     density = np.exp(log_density(x))
-    return _terms(x, density, m, conf, p_top)
+    return _terms(x, density, m, conf, p_top, np.exp(-u))
 
 
 def _level_of(log_q, x, c):

@@ -51,10 +51,13 @@ FINAL = (
     "cal_term",
     "ece",
 )
+# The split of kl by calibration, as final_<metric>, where the sweep measured it (eval.kl_split):
+SPLIT_FINAL = ("kl_cal", "kl_group", "kl_cal_top", "kl_group_top")
 # After temperature scaling (recalibrated.parquet), as final_<metric>_ts, where the sweep measured it:
 FINAL_SCALED = ("temperature", "kl", "err_sparse", "true_ece", "cal_term", "grouping_term")
+SPLIT_SCALED = ("kl_cal", "kl_group")  # (with eval.kl_split)
 # The metrics columns the per-run summaries read.
-USED = ("run_id", "step", "kl", "kl_rel", "accuracy", "bayes_accuracy", *FINAL)
+USED = ("run_id", "step", "kl", "kl_rel", "accuracy", "bayes_accuracy", *FINAL, *SPLIT_FINAL)
 ID_COLUMNS = {"run_id", "seed", "group", "status", "bayes_loss", "mutual_info", "run_hash", "n_final_checkpoints"}
 TIMING_PREFIXES = ("steps_to_", "sustained_")
 _SENTINEL = 1e300  # stands in for inf inside quantiles; anything above _INF_FROM maps back to inf
@@ -130,7 +133,8 @@ def summarize(
     recalibrated: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """One row per run: learnability summaries (see the module docstring), joined to the settings;
-    with ``recalibrated`` (temperature scaling), final_<m>_ts of its FINAL_SCALED columns too."""
+    final_<m> of the split of kl (SPLIT_FINAL) where the sweep measured it; with ``recalibrated``
+    (temperature scaling), final_<m>_ts of its FINAL_SCALED (and measured SPLIT_SCALED) columns too."""
     return runs.merge(per_run(metrics, runs, eps, rel_eps, recalibrated), on="run_id", how="right")
 
 
@@ -146,9 +150,10 @@ def per_run(
     Vectorised: the runs with the same number of checkpoints form one (runs x checkpoints) array
     per metric, and every summary is an array operation over it.
     """
-    finals = list(FINAL)
+    measured = lambda table, names: [k for k in names if k in table and table[k].notna().any()]  # noqa: E731
+    finals = [*FINAL, *measured(metrics, SPLIT_FINAL)]
     if recalibrated is not None:
-        scaled = {k: f"{k}_ts" for k in FINAL_SCALED}
+        scaled = {k: f"{k}_ts" for k in (*FINAL_SCALED, *measured(recalibrated, SPLIT_SCALED))}
         metrics = metrics.merge(
             recalibrated[["run_id", "step", *scaled]].rename(columns=scaled), on=["run_id", "step"], how="left"
         )

@@ -51,6 +51,9 @@ class EvalSpec:
     estimator_draws: int = setting("eval", "pos_int", 16)  # independent samples of each size, per run and checkpoint
     estimator_bootstrap: int = setting("eval", "nonneg_int", 200)  # bootstrap replicates (0: no intervals)
     temperature_scaling: bool = setting("eval", "bool", False)  # also measure after post-hoc temperature scaling
+    # also split kl (and the top label's KL) into what recalibration can remove and what it cannot
+    # (Scalars.kl_cal ...; nan when off): for two classes a second level-set solve per checkpoint
+    kl_split: bool = setting("eval", "bool", False)
 
     @property
     def num_bins(self) -> int:
@@ -84,6 +87,11 @@ class Scalars(NamedTuple):
     excess_brier: jax.Array  # E sum_c (q_c - P_c)^2
     cal_term: jax.Array  # E (conf - m)^2
     grouping_term: jax.Array  # E (m - P_top)^2
+    kl_cal: jax.Array  # E KL(m(q) || q), m(q) = E[P | q]: the part of kl a recalibration of q can
+    # remove (two classes: exactly, from the level sets of q_1; nan for more classes)
+    kl_group: jax.Array  # E KL(P || m(q)): the part none can (kl_cal + kl_group = kl)
+    kl_cal_top: jax.Array  # the top label's split, as Bernoulli distributions: E KL(m(conf) || conf)
+    kl_group_top: jax.Array  # E KL(P_top || m(conf)) (the two sum to E KL(P_top || conf), = kl for two classes)
     kl_optimum: jax.Array  # E_x KL(P || q*), q* the training loss's population optimum: the kl a
     # perfectly trained network would keep (0 for proper losses; calibjax.core.losses)
     kl_to_optimum: jax.Array  # E_x KL(q* || q): how far the network is from its own loss's optimum
@@ -98,6 +106,13 @@ class DensityBins(NamedTuple):
     kl_contribution: jax.Array  # the bin's share of kl: mass x kl_mean (the bins sum to kl)
     max_err: jax.Array  # max error in the bin; nan for an empty bin
     kl_optimum_mean: jax.Array  # E[KL(P || q*) | bin]: where the training loss's own optimum departs from P
+    kl_cal_mean: jax.Array  # E[KL(m(q) || q) | bin] (Scalars.kl_cal within the bin)
+    kl_group_mean: jax.Array  # E[KL(P || m(q)) | bin]
+    kl_cal_top_mean: jax.Array  # E[KL(m(conf) || conf) | bin]
+    kl_group_top_mean: jax.Array  # E[KL(P_top || m(conf)) | bin]
+
+
+SPLIT = ("kl_cal", "kl_group", "kl_cal_top", "kl_group_top")  # true_calibration's split of kl, per point
 
 
 class ReliabilityBins(NamedTuple):
@@ -133,6 +148,8 @@ class Recalibrated(NamedTuple):
     true_ece: jax.Array
     cal_term: jax.Array
     grouping_term: jax.Array
+    kl_cal: jax.Array
+    kl_group: jax.Array
 
 
 def _pick(record: type, values: dict[str, jax.Array]):
@@ -348,17 +365,35 @@ def true_calibration(ev: EvalSet, log_q: jax.Array, spec: EvalSpec) -> dict[str,
     conditional mean). excess_brier = E sum_c (q_c - P_c)^2 is the Brier score above the Bayes
     classifier's; the excess NLL above Bayes is exactly kl.
 
-    m is solved, not binned: in 1-D (``levelsets.level_set_terms``) from the level sets of conf
-    between the quadrature grid's points, the expectations integrated over the levels; in D > 1
-    (``sample_curve``) from equal-mass groups of the Monte-Carlo points, with a standard error.
-    The reliability table bins the same points into ``calibration_bins`` equal-width confidence bins.
+    With ``eval.kl_split`` (else nan), the split of kl by what recalibration can reach: m(q) =
+    E[P | q] is the best any map of q can do, and kl = E KL(P || q) = E KL(P || m) + E KL(m || q)
+    exactly (on a level set of q, E[P] = m, so the cross term vanishes):
+      kl_cal        = E KL(m(q) || q)     what an ideal recalibrator would remove
+      kl_group      = E KL(P || m(q))     what none can (x's with one q and different P)
+    solved for two classes (q is a function of q_1: levels of q_1; nan for more classes, whose
+    vector q has no level sets solved here), and for the top label of any task as Bernoulli
+    distributions: kl_cal_top = E KL(m(conf) || conf), kl_group_top = E KL(P_top || m(conf)).
+    Their values at each point (G,) are under "split" (for the density bins).
+
+    m is solved, not binned: in 1-D (``levelsets``) from the level sets between the quadrature
+    grid's points, the expectations integrated over the levels (the split's values per point: m
+    at the middle of each half cell); in D > 1 (``sample_curve``) from equal-mass groups of the
+    Monte-Carlo points, with a standard error for true_ece (the split there is a Monte-Carlo
+    estimate, with the groups' bias). The reliability table bins the same points into
+    ``calibration_bins`` equal-width confidence bins.
     """
     w = ev.weight
     p = jnp.exp(ev.log_post)
     conf, pred = top_label(log_q)
     p_top = jnp.take_along_axis(p, pred[:, None], axis=-1)[:, 0]
+    binary = spec.kl_split and log_q.shape[-1] == 2
     if ev.x.shape[-1] == 1:
-        terms = levelsets.level_set_terms(log_q, p, w) | {"true_ece_se": jnp.float32(0.0)}
+        if binary:
+            terms = levelsets.binary_level_sets(log_q, p, w)
+        else:
+            terms = levelsets.level_set_terms(log_q, p, w, split=spec.kl_split)
+        split = {k: terms.pop(k + "_points") for k in SPLIT if k + "_points" in terms}
+        terms["true_ece_se"] = jnp.float32(0.0)
     else:
         residual, se = sample_curve(conf, p_top)
         terms = {
@@ -367,14 +402,41 @@ def true_calibration(ev: EvalSet, log_q: jax.Array, spec: EvalSpec) -> dict[str,
             "cal_term": jnp.sum(w * residual**2),
             "grouping_term": jnp.sum(w * (conf + residual - p_top) ** 2),
         }
+        split = _sample_split(log_q, p, conf, p_top, residual, binary) if spec.kl_split else {}
+        terms |= {k: jnp.sum(w * v) for k, v in split.items()}
+    missing = {k: jnp.full_like(w, jnp.nan) for k in SPLIT if k not in split}
+    terms |= {k: jnp.float32(jnp.nan) for k in missing}
+    split |= missing
     coarse = confidence_bin(conf, spec.calibration_bins)
     rel_mass, rel_conf, rel_acc = _bin_sums(coarse, spec.calibration_bins, w, w * conf, w * p_top)
-    return terms | {
-        "excess_brier": jnp.sum(w * jnp.sum((jnp.exp(log_q) - p) ** 2, axis=-1)),
-        "true_mass": rel_mass,
-        "true_conf": rel_conf / jnp.maximum(rel_mass, 1e-30),
-        "true_acc": rel_acc / jnp.maximum(rel_mass, 1e-30),
+    return (
+        terms
+        | {"split": split}
+        | {
+            "excess_brier": jnp.sum(w * jnp.sum((jnp.exp(log_q) - p) ** 2, axis=-1)),
+            "true_mass": rel_mass,
+            "true_conf": rel_conf / jnp.maximum(rel_mass, 1e-30),
+            "true_acc": rel_acc / jnp.maximum(rel_mass, 1e-30),
+        }
+    )
+
+
+def _sample_split(log_q, p, conf, p_top, residual, binary: bool) -> dict[str, jax.Array]:
+    """The split of kl at each Monte-Carlo point (D > 1), m from ``sample_curve``'s groups: of the
+    top label, and for two classes by the levels of q_1."""
+    m = jnp.clip(conf + residual, 0.0, 1.0)
+    split = {
+        "kl_cal_top": levelsets.bernoulli_kl(m, conf, -jnp.expm1(jnp.max(log_q, axis=-1))),
+        "kl_group_top": levelsets.bernoulli_kl(p_top, m, 1.0 - m),
     }
+    if binary:
+        q1 = jnp.exp(log_q[:, 1])
+        m = jnp.clip(q1 + sample_curve(q1, p[:, 1])[0], 0.0, 1.0)
+        split |= {
+            "kl_cal": levelsets.bernoulli_kl(m, q1, jnp.exp(log_q[:, 0])),
+            "kl_group": levelsets.bernoulli_kl(p[:, 1], m, 1.0 - m),
+        }
+    return split
 
 
 def sample_curve(conf: jax.Array, p_top: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -403,12 +465,12 @@ def sample_curve(conf: jax.Array, p_top: jax.Array) -> tuple[jax.Array, jax.Arra
     return residual, jnp.sqrt(between + jnp.sum(n * var)) / s
 
 
-def errors(ev: EvalSet, log_q: jax.Array) -> tuple[dict[str, jax.Array], DensityBins]:
+def errors(ev: EvalSet, log_q: jax.Array) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """Errors of a model's log q(c | x_i) (G, M) against the exact posterior.
 
     Scalars by name: kl, kl_rel, kl_optimum, kl_to_optimum, err_to_optimum, tv, max_err (over the hdr
     region), err_dense, err_sparse, accuracy, bayes_accuracy; and per log10-density bin the mass, kl,
-    max_err and the loss optimum's kl.
+    max_err and the loss optimum's kl (DensityBins' fields but the split's, ``split_bins``).
     """
     p = jnp.exp(ev.log_post)
     q = jnp.exp(log_q)
@@ -437,15 +499,28 @@ def errors(ev: EvalSet, log_q: jax.Array) -> tuple[dict[str, jax.Array], Density
     mass, kl_contribution = density_bin_sums(
         ev.bin_share, ev.bin_index, ev.x.shape[-1] == 1, ev.weight, ev.weight * kl_i
     )
-    per_mass = lambda total: jnp.where(mass > 0, total / jnp.where(mass > 0, mass, 1.0), jnp.nan)  # noqa: E731
-    density = DensityBins(
-        mass=mass,
-        kl_mean=per_mass(kl_contribution),
-        kl_contribution=kl_contribution,
-        max_err=jnp.where(jnp.any(in_bin, axis=0), bin_max, jnp.nan),
-        kl_optimum_mean=per_mass(ev.kl_optimum_bins),
-    )
+    density = {
+        "mass": mass,
+        "kl_mean": _per_mass(kl_contribution, mass),
+        "kl_contribution": kl_contribution,
+        "max_err": jnp.where(jnp.any(in_bin, axis=0), bin_max, jnp.nan),
+        "kl_optimum_mean": _per_mass(ev.kl_optimum_bins, mass),
+    }
     return scalars, density
+
+
+def split_bins(ev: EvalSet, split: dict[str, jax.Array], mass: jax.Array) -> dict[str, jax.Array]:
+    """The calibration split's values at each point (``true_calibration``'s "split") as means within
+    each log10-density bin: kl_cal_mean, kl_group_mean, kl_cal_top_mean, kl_group_top_mean. (Within
+    a bin the two parts need not add up to kl_mean: the cross term vanishes on level sets of q, not
+    on regions of x; weighted by mass, the bins add up to the totals.)"""
+    names = list(split)
+    sums = density_bin_sums(ev.bin_share, ev.bin_index, ev.x.shape[-1] == 1, *(ev.weight * split[k] for k in names))
+    return {k + "_mean": _per_mass(v, mass) for k, v in zip(names, sums, strict=True)}
+
+
+def _per_mass(total: jax.Array, mass: jax.Array) -> jax.Array:
+    return jnp.where(mass > 0, total / jnp.where(mass > 0, mass, 1.0), jnp.nan)
 
 
 def evaluate(
@@ -459,13 +534,15 @@ def evaluate(
     in ``errors``); tables, columns, sort keys and memory estimates follow from the records.
     """
     scalars, density = errors(ev, log_q)
+    truth = true_calibration(ev, log_q, spec)
     values = (
-        scalars
-        | estimated_calibration(log_q_cal, ev.cal_y, spec)
-        | true_calibration(ev, log_q, spec)
-        | {"loss": jnp.asarray(loss, jnp.float32)}
+        scalars | estimated_calibration(log_q_cal, ev.cal_y, spec) | truth | {"loss": jnp.asarray(loss, jnp.float32)}
     )
-    return Evaluation(_pick(Scalars, values), density, _pick(ReliabilityBins, values))
+    if spec.kl_split:
+        density |= split_bins(ev, truth["split"], density["mass"])
+    else:
+        density |= {k + "_mean": jnp.full_like(density["mass"], jnp.nan) for k in SPLIT}
+    return Evaluation(_pick(Scalars, values), _pick(DensityBins, density), _pick(ReliabilityBins, values))
 
 
 def fit_temperature(log_q: jax.Array, y: jax.Array, iterations: int = 40) -> jax.Array:

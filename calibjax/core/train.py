@@ -33,7 +33,7 @@ from calibjax.core.settings import declared, setting
 # Bumped whenever a change alters the numbers a run gives (data streams, initialisation, metrics),
 # so that resume and merge refuse to join results of two such versions; CHANGELOG.md says what each
 # version changed.
-NUMBERS_VERSION = 7
+NUMBERS_VERSION = 8
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "linear")  # the decay after warm-up; index = Dynamic.lr_schedule

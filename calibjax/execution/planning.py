@@ -83,7 +83,7 @@ def memory_per_run(static: train.Static) -> tuple[int, int]:
         + g * nb
         + 2 * (g + s) * units
         + p * (units + m)
-        + g * levelsets.LEVEL_SET_WORDS
+        + g * levelsets.LEVEL_SET_WORDS * (2 if static.eval.kl_split and m == 2 else 1)  # (a batch of two solves)
         + _estimator_working(static, units)
     )
     table_bytes = sum(rows * cols * F64 for rows, cols in tables.row_counts(static).values())
