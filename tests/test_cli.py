@@ -61,7 +61,12 @@ def test_run_writes_every_table_manifest_and_figure(tmp_path):
         "kl_contribution",
         "max_err",
         "kl_optimum_mean",
+        "kl_cal_mean",
+        "kl_group_mean",
+        "kl_cal_top_mean",
+        "kl_group_top_mean",
     ]
+    assert d[["kl_cal_mean", "kl_group_mean"]].isna().all().all()  # (eval.kl_split is off by default)
     assert (d["kl_optimum_mean"].dropna() == 0).all()  # cross-entropy: its optimum is P everywhere
     np.testing.assert_allclose(d.groupby(["run_id", "step"])["mass"].sum(), 1.0, atol=1e-4)
     np.testing.assert_allclose(

@@ -174,7 +174,7 @@ def level_set_integrals(start, end, p_start, p_end, half_mass, top, split: bool 
     live = (crossed[:-1] > 0) & (width > 0) & (active[:, 0] > 0)
     d, a, b, c2, e2, f2 = (jnp.where(live, active[:, i], 0.0) for i in range(6))
     width = jnp.where(live, width, 0.0)
-    ece = cal = grouping = kl_cal = entropy_m = 0.0
+    ece = cal = grouping = kl_cal = info_m = 0.0
     for g in _GAUSS:
         u = key[:-1] + g * width
         n = a + b * u
@@ -186,12 +186,12 @@ def level_set_integrals(start, end, p_start, p_end, half_mass, top, split: bool 
         grouping = grouping + jnp.maximum((c2 + 2.0 * e2 * u + f2 * u * u) - n * m, 0.0) * width
         if split:
             kl_cal = kl_cal + d * bernoulli_kl(jnp.clip(m, 0.0, 1.0), c, c_bar) * width
-            entropy_m = entropy_m + d * _entropy(jnp.clip(m, 0.0, 1.0)) * width
+            info_m = info_m + d * _information(jnp.clip(m, 0.0, 1.0)) * width
     out = {"true_ece": ece, "cal_term": cal, "grouping_term": grouping}
     if not split:
         return out
-    # E h(P) (h the binary entropy), half by half: P runs linearly along each
-    entropy_p = 0.5 * half_mass * sum(_entropy(jnp.clip(p_start + g * (p_end - p_start), 0.0, 1.0)) for g in _GAUSS)
+    # E i(P), half by half: P runs linearly along each
+    info_p = 0.5 * half_mass * sum(_information(jnp.clip(p_start + g * (p_end - p_start), 0.0, 1.0)) for g in _GAUSS)
     # m at each half's middle level (a flat half: its level), from the interval holding it: the
     # half itself is crossed there, so it is live unless rounding emptied it (then the half's own
     # P stands for m).
@@ -203,10 +203,10 @@ def level_set_integrals(start, end, p_start, p_end, half_mass, top, split: bool 
     c, c_bar = _score(u, top)
     return out | {
         "kl_cal": kl_cal,
-        "entropy_m": entropy_m,
-        "entropy_p": entropy_p,
+        "info_m": info_m,
+        "info_p": info_p,
         "kl_cal_points": bernoulli_kl(m, c, c_bar),
-        "kl_group_points": bernoulli_kl(p_mid, m, 1.0 - m),
+        "kl_group_points": kl_to_estimate(p_mid, m),
         "half_mass": half_mass,
     }
 
@@ -215,13 +215,14 @@ def _reduced(out: dict) -> dict[str, jax.Array]:
     """The expectations of ``level_set_integrals`` summed, and its split per grid point.
 
     kl_cal = E KL(m || c) is an integral over the levels like the others. kl_group = E KL(P || m)
-    is not (KL is not linear in P), but on a level set E[P] = m turns it into E h(m) - E h(P),
-    h(p) = -p log p - (1 - p) log(1 - p): the first over the levels, the second over the halves
-    (within rounding of 0 where m = P, e.g. a tempered posterior; negative rounding is clipped)."""
+    is not (KL is not linear in P), but on a level set E[P] = m turns it into E i(P) - E i(m),
+    i(p) = KL(p || 1/2) = log 2 - h(p) (h the binary entropy): the first over the halves, the second
+    over the levels (within rounding of 0 where m = P, e.g. a tempered posterior; negative rounding
+    is clipped)."""
     terms = {k: 0.5 * jnp.sum(out[k]) for k in ("true_ece", "cal_term", "grouping_term")}
     if "kl_cal" not in out:
         return terms
-    kl_group = 0.5 * jnp.sum(out["entropy_m"]) - jnp.sum(out["entropy_p"])
+    kl_group = jnp.sum(out["info_p"]) - 0.5 * jnp.sum(out["info_m"])
     return terms | {
         "kl_cal": 0.5 * jnp.sum(out["kl_cal"]),
         "kl_group": jnp.maximum(kl_group, 0.0),
@@ -230,8 +231,12 @@ def _reduced(out: dict) -> dict[str, jax.Array]:
     }
 
 
-def _entropy(p: jax.Array) -> jax.Array:
-    return jax.scipy.special.entr(p) + jax.scipy.special.entr(1.0 - p)
+def _information(p: jax.Array) -> jax.Array:
+    """KL(Bernoulli(p) || Bernoulli(1/2)) = log 2 - h(p), through ``bernoulli_kl``'s logs: the
+    entropy's own form, -p log p - ..., compiled into the training program, gave other bits on an
+    AVX2 CPU than on an AVX-512 one (tests/test_portability.py), these the same."""
+    half = jnp.full_like(p, 0.5)
+    return bernoulli_kl(p, half, half)
 
 
 def _score(u: jax.Array, top) -> tuple[jax.Array, jax.Array]:
@@ -259,14 +264,36 @@ def per_point(half_values: jax.Array, half_mass: jax.Array) -> jax.Array:
 
 
 def bernoulli_kl(a: jax.Array, b: jax.Array, b_bar: jax.Array) -> jax.Array:
-    """KL(Bernoulli(a) || Bernoulli(b)), with 1 - b given as ``b_bar`` (exact near b = 1): from the
-    difference d = a - b through log1p, a log(1 + d / b) + (1 - a) log(1 - d / (1 - b)), which
-    keeps its relative accuracy as a approaches b, where the plain form cancels to noise."""
+    """KL(Bernoulli(a) || Bernoulli(b)), with 1 - b given as ``b_bar`` (exact near b = 1):
+    a log(a / b) + (1 - a) log((1 - a) / (1 - b)), each log from the difference d = a - b through
+    log1p(d / b) where a is near b (where the logs of a and b would cancel to noise), else as
+    ``_log``(a) - ``_log``(b) (where 1 + d / b would round: a far below b)."""
     d = a - b
     a_bar = b_bar - d
-    t1 = jnp.where(a > 0, a * jnp.log1p(d / jnp.where(b > 0, b, 1.0)), 0.0)
-    t2 = jnp.where(a_bar > 0, a_bar * jnp.log1p(-d / jnp.where(b_bar > 0, b_bar, 1.0)), 0.0)
-    return jnp.maximum(t1 + t2, 0.0)
+
+    def term(x, y, dx):
+        near = jnp.abs(dx) <= 0.5 * y
+        ratio = jnp.where(near, jnp.log1p(dx / jnp.where(y > 0, y, 1.0)), _log(x) - _log(y))
+        return jnp.where(x > 0, x * ratio, 0.0)
+
+    return jnp.maximum(term(a, b, d) + term(a_bar, b_bar, -d), 0.0)
+
+
+def kl_to_estimate(p: jax.Array, m: jax.Array) -> jax.Array:
+    """KL(Bernoulli(p) || Bernoulli(m)) for an m that stands for E[P | q] at a point (a half's
+    middle, a Monte-Carlo group's mean): m kept within [1e-12, 1 - 2^-24], since an m rounded to 0
+    or 1 beside a P that is not would make the point's KL infinite."""
+    m = jnp.clip(m, 1e-12, 1.0 - 2.0**-24)
+    return bernoulli_kl(p, m, 1.0 - m)
+
+
+def _log(x: jax.Array) -> jax.Array:
+    """log x from its binary exponent and log1p of its mantissa less 1 (exact: the mantissa is in
+    [1/2, 1)): the split's logs are all log1p, whose bits are the same on AVX2 and AVX-512 CPUs
+    inside the compiled program (the entropy's -p log p, compiled there, was not:
+    tests/test_portability.py)."""
+    mantissa, exponent = jnp.frexp(x)
+    return jnp.log1p(mantissa - 1.0) + exponent.astype(mantissa.dtype) * math.log(2.0)
 
 
 def _compensated_cumsum(x: jax.Array) -> tuple[jax.Array, jax.Array]:

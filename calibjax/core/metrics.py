@@ -423,18 +423,20 @@ def true_calibration(ev: EvalSet, log_q: jax.Array, spec: EvalSpec) -> dict[str,
 
 def _sample_split(log_q, p, conf, p_top, residual, binary: bool) -> dict[str, jax.Array]:
     """The split of kl at each Monte-Carlo point (D > 1), m from ``sample_curve``'s groups: of the
-    top label, and for two classes by the levels of q_1."""
-    m = jnp.clip(conf + residual, 0.0, 1.0)
+    top label, and for two classes by the levels of q_1 (scores below e^-69 read as e^-69)."""
+    score = lambda log_s: jnp.exp(jnp.maximum(log_s, -69.0))  # noqa: E731
+    m = conf + residual
+    conf_bar = jnp.maximum(-jnp.expm1(jnp.max(log_q, axis=-1)), 1e-30)
     split = {
-        "kl_cal_top": levelsets.bernoulli_kl(m, conf, -jnp.expm1(jnp.max(log_q, axis=-1))),
-        "kl_group_top": levelsets.bernoulli_kl(p_top, m, 1.0 - m),
+        "kl_cal_top": levelsets.bernoulli_kl(jnp.clip(m, 0.0, 1.0), conf, conf_bar),
+        "kl_group_top": levelsets.kl_to_estimate(p_top, m),
     }
     if binary:
-        q1 = jnp.exp(log_q[:, 1])
-        m = jnp.clip(q1 + sample_curve(q1, p[:, 1])[0], 0.0, 1.0)
+        q1 = score(log_q[:, 1])
+        m = q1 + sample_curve(q1, p[:, 1])[0]
         split |= {
-            "kl_cal": levelsets.bernoulli_kl(m, q1, jnp.exp(log_q[:, 0])),
-            "kl_group": levelsets.bernoulli_kl(p[:, 1], m, 1.0 - m),
+            "kl_cal": levelsets.bernoulli_kl(jnp.clip(m, 0.0, 1.0), q1, score(log_q[:, 0])),
+            "kl_group": levelsets.kl_to_estimate(p[:, 1], m),
         }
     return split
 
