@@ -258,6 +258,14 @@ def test_finals_after_temperature_scaling_and_the_loss_figure(tmp_path):
     np.testing.assert_allclose(summary["final_kl_ts"], summary["final_kl"] / 10)
     assert (summary.loc[summary["status"] == "ok", "final_temperature_ts"] == 0.5).all()
     assert "final_kl_ts" not in summaries.summarize(metrics, runs)
+    # the finals after scaling, and of the split of kl, are summaries over seeds, not grid axes
+    with_split = metrics.assign(kl_cal=metrics["kl"] / 2, kl_group=metrics["kl"] / 2)
+    rec = rec.assign(kl_cal=rec["kl"], kl_group=0.0)
+    full = summaries.summarize(with_split, runs, recalibrated=rec)
+    assert {"final_kl_cal", "final_kl_group", "final_kl_cal_ts", "final_kl_ts"} <= set(summaries.value_columns(full))
+    settings = len(summaries.aggregate(summaries.summarize(metrics, runs)))
+    agg = summaries.aggregate(full)
+    assert len(agg) == settings and "final_kl_cal_q25" in agg and "final_kl_cal_ts_q75" in agg
     path = plots.loss_comparison(summary.reset_index(), tmp_path / "losses.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 

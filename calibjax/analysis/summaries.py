@@ -250,7 +250,10 @@ def _group_quantiles(values: np.ndarray, group: np.ndarray, n_groups: int, qs) -
     return out
 
 
-FINAL_COLUMNS = frozenset({f"final_{k}" for k in (*FINAL, "accuracy_gap")})
+FINAL_COLUMNS = frozenset(
+    {f"final_{k}" for k in (*FINAL, *SPLIT_FINAL, "accuracy_gap")}
+    | {f"final_{k}_ts" for k in (*FINAL_SCALED, *SPLIT_SCALED)}
+)
 
 
 def value_columns(summary: pd.DataFrame) -> list[str]:
@@ -275,16 +278,16 @@ def aggregate(summary: pd.DataFrame, by: list[str] | None = None) -> pd.DataFram
     sizes = groups.size()
     out = sizes.index.to_frame(index=False) if len(by) else pd.DataFrame(index=range(len(sizes)))
     n = len(sizes)
-    out["n_runs"] = sizes.to_numpy()
-    out["n_diverged"] = np.bincount(code, weights=(summary["status"] == "diverged").to_numpy(), minlength=n).astype(
+    cols = {"n_runs": sizes.to_numpy()}
+    cols["n_diverged"] = np.bincount(code, weights=(summary["status"] == "diverged").to_numpy(), minlength=n).astype(
         np.int64
     )
     for c in value_columns(summary):
         v = summary[c].to_numpy(float)
-        out[c], out[f"{c}_q25"], out[f"{c}_q75"] = _group_quantiles(v, code, n, (0.5, 0.25, 0.75))
+        cols[c], cols[f"{c}_q25"], cols[f"{c}_q75"] = _group_quantiles(v, code, n, (0.5, 0.25, 0.75))
         if c.startswith(TIMING_PREFIXES):
-            out[f"n_never_{c}"] = np.bincount(code, weights=np.isinf(v), minlength=n).astype(np.int64)
-    return out
+            cols[f"n_never_{c}"] = np.bincount(code, weights=np.isinf(v), minlength=n).astype(np.int64)
+    return pd.concat([out, pd.DataFrame(cols, index=out.index)], axis=1)  # (one insert: wide sweeps have hundreds)
 
 
 BENCHMARK_KEYS = ("estimator", "n", "step")
