@@ -586,3 +586,15 @@ def test_a_log_q_rounded_above_0_reads_as_confidence_1_not_nan():
                 assert np.isfinite(float(got[k])), (k, spec.kl_split)
         want = metrics.true_calibration(ev, log_q, spec)
         np.testing.assert_allclose(float(got["true_ece"]), float(want["true_ece"]), rtol=1e-4)
+
+
+def test_temperature_scaling_leaves_kl_group_as_it_was():
+    """A temperature is a monotone map of q_1: the level sets, m(q) and so kl_group are the same
+    (what no recalibration can remove), while kl_cal moves."""
+    ev = _eval_set(EXAMPLE2, SPLIT_SPEC)
+    log_q = _quadratic_model(ev, (0.3, -1.0, -0.5))
+    before = metrics.true_calibration(ev, log_q, SPLIT_SPEC)
+    for t in (0.5, 2.0):
+        after = metrics.true_calibration(ev, jax.nn.log_softmax(log_q / t), SPLIT_SPEC)
+        np.testing.assert_allclose(float(after["kl_group"]), float(before["kl_group"]), rtol=1e-4)
+        assert abs(float(after["kl_cal"]) / float(before["kl_cal"]) - 1) > 1e-3
