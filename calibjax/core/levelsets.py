@@ -133,8 +133,8 @@ def level_set_integrals(start, end, p_start, p_end, half_mass, top, split: bool 
     ``half_mass``; m(u) = E[P | level = u] and c the score at level u: the confidence 1 - exp(-u)
     where ``top``, else sigmoid(u). Returned unreduced (``_reduced`` sums them): twice each
     interval's contribution to the three expectations; with ``split``, also to E KL(m || c) and to
-    the entropies that give E KL(P || m) (``_reduced``), and per half (at its middle level) the
-    split ``kl_cal`` = KL(m || c) and ``kl_group`` = KL(P || m) of Bernoulli distributions.
+    the terms that give E KL(P || m) (``_reduced``), and per half, at its middle level, the split's
+    values ``kl_cal_points`` = KL(m || c) and ``kl_group_points`` = KL(P || m) (Bernoulli).
 
     A half spreads its mass evenly over its levels: density (its mass) / |its change of u| per
     unit of u, the coarea formula p(x) / |u'(x)|. Sorted, the halves' ends cut the level axis into
