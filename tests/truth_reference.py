@@ -72,14 +72,14 @@ def _terms(x, density, m, conf, p_top, conf_bar) -> dict[str, float]:
         "true_ece": np.trapezoid(w * np.abs(m - conf), x),
         "cal_term": np.trapezoid(w * (conf - m) ** 2, x),
         "grouping_term": np.trapezoid(w * (m - p_top) ** 2, x),
-        "kl_cal_top": np.trapezoid(w * (special.rel_entr(m, conf) + special.rel_entr(1 - m, conf_bar)), x),
+        "kl_cal_top": np.trapezoid(w * bernoulli_kl(m, conf, conf_bar), x),
         "kl_group_top": np.trapezoid(w * bernoulli_kl(p_top, m), x),
     }
 
 
-def bernoulli_kl(a, b):
-    """KL(Bernoulli(a) || Bernoulli(b)) in float64."""
-    return special.rel_entr(a, b) + special.rel_entr(1 - a, 1 - b)
+def bernoulli_kl(a, b, b_bar=None):
+    """KL(Bernoulli(a) || Bernoulli(b)) in float64 (1 - b as ``b_bar`` where given: exact near 1)."""
+    return special.rel_entr(a, b) + special.rel_entr(1 - a, 1 - b if b_bar is None else b_bar)
 
 
 def binary_split(prior, mu, sigma, g) -> dict[str, float]:

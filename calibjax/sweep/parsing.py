@@ -150,7 +150,7 @@ def _canonical(value) -> str:
             return float32(v.tolist())
         return v
 
-    return json.dumps(float32(value), sort_keys=True)
+    return json.dumps(float32(value), sort_keys=True, default=lambda a: np.asarray(a).tolist())
 
 
 def _check_all(sw: Sweep) -> None:
