@@ -53,10 +53,13 @@ test-cluster: $(STAMP)
 	tests/install_packages.sh slurm-wlm munge
 	$(VENV)/bin/python -m pytest -q --cluster tests/test_cluster.py
 
-# The HTML report of the blog sweep's results rendered in Debian's headless chromium (installed here
-# when missing): every figure must load.
+# The HTML report of the blog and atlas sweeps' results rendered in Debian's headless chromium
+# (installed here when missing): every figure loads, and the interactive maps, driven through the
+# DevTools protocol by Playwright (the browser extra; it drives Debian's chromium, downloads none),
+# draw, show values on hover and redraw on every selector.
 test-browser: $(STAMP)
 	tests/install_packages.sh chromium
+	$(VENV)/bin/python -m pip install --quiet --progress-bar off -e '.[browser]'
 	$(VENV)/bin/python -m pytest -q --browser tests/test_report.py
 
 lint: $(STAMP)

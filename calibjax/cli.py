@@ -48,12 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--no-figures", action="store_true", help="write tables only")
+    run.add_argument(
+        "--refresh-minutes",
+        type=float,
+        default=5.0,
+        help="while training, write DIR/report.html of the runs finished so far every this many minutes "
+        "or more (never over 2%% of the run's time; 0: not at all; default 5)",
+    )
     _submit_parser(sub)
     _status_parser(sub)
     sub.add_parser(
         "report",
         help="write DIR/report.html: one self-contained page with the sweep, run facts, "
-        "summary table and every figure (run and merge write it too)",
+        "summary table, interactive maps and every figure (run and merge write it too); of an "
+        "unfinished sweep, the runs finished so far, marked partial",
     ).add_argument("dir", help="results directory")
     sub.add_parser("sweeps", help="list the sweep files shipped with calibjax (copy one with calibjax init NAME)")
     init = sub.add_parser("init", help="copy a shipped sweep file (calibjax sweeps lists them) here, to edit and run")
@@ -341,6 +349,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if cut < len(argv) and args.command != "submit":
         raise UsageError("arguments after -- are for sbatch, and only calibjax submit takes them")
     args.sbatch_args = argv[cut + 1 :]
+    refresh = getattr(args, "refresh_minutes", None)
+    if refresh is not None and not (0 <= refresh < math.inf):
+        raise UsageError(f"--refresh-minutes: expected 0 or a positive number, got {refresh}")
     for name in ("chunk_size", "inner_batch", "max_runs", "chunk_minutes", "tasks", "max_parallel", "cpus", "watch"):
         v = getattr(args, name, None)
         real = name in ("chunk_minutes", "watch")
@@ -385,6 +396,7 @@ def cmd_run(args, session: Session) -> int:
         quiet=args.quiet,
         stop=session.stop,
         report=report,
+        refresh_minutes=args.refresh_minutes,
     )
     name = report.sweep.name
     if not report.chunks:
@@ -474,9 +486,9 @@ def cmd_status(args, session: Session) -> int:
 
 
 def cmd_report(args, session: Session) -> int:
-    from calibjax.analysis import report
+    from calibjax import pipeline
 
-    print(report.write_report(Path(args.dir)))
+    print(pipeline.report(Path(args.dir)))
     return 0
 
 

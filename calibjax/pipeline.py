@@ -14,16 +14,19 @@ stop and progress hooks are their arguments (nothing here keeps state between ca
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from calibjax import cluster
+from calibjax import sweep as sweep_mod
 from calibjax.analysis import summaries
 from calibjax.analysis.report import write_report
+from calibjax.errors import CalibjaxError
 from calibjax.execution import engine, planning
-from calibjax.storage import files, results
+from calibjax.storage import files, owned, results
 from calibjax.sweep import MAX_RUNS, Sweep, load, shipped
 
 
@@ -56,6 +59,10 @@ def _prepare(sweep, out, chunk_size, inner_batch, dense, chunk_minutes, shard, m
     return sw, out, shard, layout
 
 
+REFRESH_MINUTES = 5.0
+REFRESH_SHARE = 0.02  # of the run's time since it started, at most, spent on refreshing the report
+
+
 def run(
     sweep: str | Path | Sweep,
     out: str | Path | None = None,
@@ -71,9 +78,12 @@ def run(
     quiet: bool = False,
     stop=lambda: False,
     report: engine.Report | None = None,
+    refresh_minutes: float = REFRESH_MINUTES,
 ) -> engine.Report:
     """Train every unfinished run of a sweep (or of one shard) into ``out``; once all have
     finished, write the summaries, the figures (unless ``figures=False``) and the HTML report.
+    While it trains (unsharded), the report of the runs finished so far is written every
+    ``refresh_minutes`` or more (``Refresher``; 0: never).
 
     ``stop()`` is asked between chunks and while one trains (yes: KeyboardInterrupt, finished
     chunks kept); ``report`` is filled in as chunks finish, so a caller that is interrupted can
@@ -93,21 +103,87 @@ def run(
         quiet=quiet,
         stop=stop,
         report=report,
+        after_chunk=Refresher(out, refresh_minutes, figures) if refresh_minutes and shard is None else lambda: None,
     )
     if report.complete:
         finish(out, figures=figures)
     return report
 
 
+class Refresher:
+    """Called after each chunk ``run`` writes: rewrites the partial report (``report``) when at
+    least ``minutes`` have passed since the last one and the time spent on it so far is at most
+    REFRESH_SHARE of the time since the run started, so a sweep never spends more than that share
+    (and one refresh) on it, however large the report. A refresh that fails says so once; training
+    goes on."""
+
+    def __init__(self, out: Path, minutes: float, figures: bool = True, clock=time.perf_counter):
+        self.out, self.every_s, self.figures, self.clock = Path(out), 60 * minutes, figures, clock
+        self.start = self.last = clock()
+        self.spent, self.count, self.warned = 0.0, 0, False
+
+    def __call__(self) -> None:
+        now = self.clock()
+        if now - self.last < self.every_s or self.spent > REFRESH_SHARE * (now - self.start):
+            return
+        try:
+            report(self.out, figures=self.figures)
+            self.count += 1
+        except Exception as e:  # (the report is a view: training goes on)
+            if not self.warned:
+                print(f"{self.out}: the partial report was not written: {type(e).__name__}: {e}", flush=True)
+                self.warned = True
+        self.last = self.clock()
+        self.spent += self.last - now
+
+
 def finish(out: str | Path, figures: bool = True) -> None:
     """After the final tables: summaries, then (unless turned off) the standard figures, then the
-    HTML report."""
+    HTML report; a partial view written while the sweep ran is removed."""
     summaries.write_summaries(out)
     if figures:
         from calibjax.analysis.figures import standard_figures  # (matplotlib: loaded only to draw)
 
         standard_figures(out)
     write_report(out)
+    owned.remove_partial(out)
+
+
+def report(out: str | Path, figures: bool = True) -> Path:
+    """Write ``DIR/report.html``: of the final tables where they hold every run of the sweep;
+    otherwise (a sweep still training, stopped, or a cluster array part way) of the runs finished
+    so far, marked partial with the share of runs it covers. The partial page is built in
+    ``DIR/partial`` (final tables, summaries and figures of the finished runs, joined from the
+    chunks as merge would, never touching the directory's own tables or manifest), then copied to
+    ``DIR/report.html``. Raises NothingFinished where no run has finished yet."""
+    out = Path(out)
+    manifest = files.read_manifest(out)
+    if manifest is None:
+        raise FileNotFoundError(f"{out}: no manifest.json here; run or merge a sweep first")
+    if manifest.get("complete"):  # (damaged final tables: write_report says which, as before)
+        return write_report(out)
+    view = out / files.PARTIAL
+    view.mkdir(exist_ok=True)
+    files.write_json(view / "manifest.json", {k: v for k, v in manifest.items() if k != "generation"})
+    runs = sweep_table(manifest)
+    missing = results.finalize(out, runs, results.joined_identity(out, manifest), into=view)
+    done = len(runs) - len(missing)
+    if not done:
+        raise NothingFinished(f"{out}: no run has finished yet ({len(runs):,} in the sweep); nothing to report")
+    summaries.write_summaries(view)
+    if figures:
+        from calibjax.analysis.figures import standard_figures
+
+        standard_figures(view)
+    return write_report(view, to=out / "report.html")
+
+
+class NothingFinished(CalibjaxError):
+    """A partial report was asked for before any run finished."""
+
+
+def sweep_table(manifest: dict) -> pd.DataFrame:
+    return sweep_mod.runs_table(results.manifest_sweep(manifest))
 
 
 def merge(out: str | Path, figures: bool = True) -> list[int]:

@@ -14,11 +14,12 @@ import base64
 import html
 import json
 import tomllib
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 
-from calibjax.analysis import summaries
+from calibjax.analysis import interactive, summaries
 from calibjax.storage import files, owned, reader
 
 MAX_ROWS = 200  # rows of summary_by_setting shown (the parquet file has them all)
@@ -38,7 +39,8 @@ h1{margin-bottom:0}.sub{color:#666;margin-top:.2em}table{border-collapse:collaps
 td,th{border:1px solid #ddd;padding:3px 6px;text-align:right}th{background:#f4f4f4}
 pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:12px}figure{margin:1.5em 0}
 figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:13px}
-dl{display:grid;grid-template-columns:max-content auto;gap:2px 12px}dt{color:#666}dd{margin:0}"""
+dl{display:grid;grid-template-columns:max-content auto;gap:2px 12px}dt{color:#666}dd{margin:0}
+.partial{background:#fff4d6;border:1px solid #e0b44c;padding:.6em 1em}"""
 
 # Sets <body data-images="loaded/total"> once the page has loaded: what the browser test reads.
 CHECK = """window.addEventListener('load',function(){var i=[].slice.call(document.images);
@@ -123,8 +125,16 @@ def _figures(out: Path) -> str:
     return "\n".join(parts) or "<p>No figures (run <code>calibjax plot DIR</code>).</p>"
 
 
-def write_report(out: str | Path) -> Path:
-    """Write ``DIR/report.html`` (atomically) from the directory's manifest, tables and figures."""
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def write_report(out: str | Path, to: Path | None = None) -> Path:
+    """Write ``DIR/report.html`` (atomically) from the directory's manifest, tables and figures.
+
+    Where the tables hold only some of the sweep's runs (a merge with runs missing, or the partial
+    view of an unfinished sweep: ``pipeline.report``), the page says so at the top. ``to``: where
+    to write it instead (a partial view's page goes to the results directory it views)."""
     out = Path(out)
     manifest = files.read_manifest(out)
     if manifest is None:
@@ -136,14 +146,25 @@ def write_report(out: str | Path) -> Path:
     except tomllib.TOMLDecodeError:
         description = ""
     facts = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in _facts(manifest, runs))
+    banner = ""
+    if runs is not None and (runs["status"] == "missing").any():
+        done, total = int((runs["status"] != "missing").sum()), len(runs)
+        banner = (
+            f'<p class="partial" id="partial">Partial: {done:,} of {total:,} runs finished '
+            f"({100 * done / max(total, 1):.1f} %) when this page was written ({html.escape(_now())}); "
+            "tables, figures and maps hold those runs only (<code>calibjax status DIR</code> says what is "
+            "left; <code>calibjax run</code> writes this page again as it goes on).</p>"
+        )
     page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{STYLE}</style></head>
-<body><h1>{title}</h1><p class="sub">{html.escape(str(description))}</p>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{STYLE}
+{interactive.STYLE}</style></head>
+<body><h1>{title}</h1><p class="sub">{html.escape(str(description))}</p>{banner}
 <h2>Run</h2><dl>{facts}</dl>
 <h2>Summary by setting</h2>
 <p>Medians over seeds (<code>summary_by_setting.parquet</code>; quartiles are in the file). kl in nats against
 the exact posterior; steps_to_*: first checkpoint at which it held ("never": not within training).</p>
 {_summary_table(out)}
+{interactive.section(out)}
 <h2>Figures</h2>
 {_figures(out)}
 <h2>Sweep file</h2><pre>{html.escape(manifest.get("sweep_text", ""))}</pre>
@@ -153,6 +174,6 @@ the exact posterior; steps_to_*: first checkpoint at which it held ("never": not
 <script>{CHECK}</script>
 </body></html>
 """
-    path = out / "report.html"
+    path = Path(to) if to is not None else out / "report.html"
     files.write_atomic(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
     return path

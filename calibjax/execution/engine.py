@@ -169,6 +169,7 @@ def run_sweep(
     quiet: bool = False,
     stop=lambda: False,
     report: Report | None = None,
+    after_chunk=lambda: None,
 ) -> Report:
     """Train every unfinished run of a sweep (or of one shard of it) into ``out``.
 
@@ -178,7 +179,7 @@ def run_sweep(
     shards of another n are refused. ``stop()`` is asked between chunks and while one trains; when
     it says yes, KeyboardInterrupt is raised (finished chunks stay, the chunk in flight is
     abandoned). ``report``, if given, is filled in as chunks finish (the caller sees it on an
-    interruption too).
+    interruption too). ``after_chunk()`` is called after each chunk this process writes.
     """
     t_start = time.perf_counter()
     out = Path(out)
@@ -194,7 +195,7 @@ def run_sweep(
     report.runs, report.chunks = len(sw.runs), len(todo)
     print(describe_plan(sw, layout, todo, shard), flush=True)
     trainer = Trainer(layout)
-    ChunkLoop(sw, opened.part, trainer, report, quiet, stop).run(todo)
+    ChunkLoop(sw, opened.part, trainer, report, quiet, stop, after_chunk).run(todo)
     report.compiles, report.compile_s = trainer.compiles, trainer.compile_s
     if not report.failed and shard is None:
         report.missing = results.finalize(out, sweep_mod.runs_table(sw), layout.identity)
@@ -286,8 +287,11 @@ class ChunkLoop:
     is trained by whoever locks it first; the others go on with other chunks, then wait for it.
     A chunk that fails is reported and the others go on."""
 
-    def __init__(self, sw: sweep_mod.Sweep, part: Path, trainer: Trainer, report: Report, quiet: bool, stop):
+    def __init__(
+        self, sw: sweep_mod.Sweep, part: Path, trainer: Trainer, report: Report, quiet: bool, stop, after_chunk
+    ):
         self.sw, self.part, self.trainer, self.report, self.quiet, self.stop = sw, part, trainer, report, quiet, stop
+        self.after_chunk = after_chunk
         self.bar = None
 
     def run(self, todo: list[planning.Chunk]) -> None:
@@ -352,3 +356,5 @@ class ChunkLoop:
             report.model_steps += len(chunk.run_ids) * chunk.static.steps
         bar.update(base + len(chunk.run_ids) - bar.n)
         bar.set_postfix(steps_s=f"{report.steps_per_s:,.0f}")
+        if written:
+            self.after_chunk()

@@ -41,6 +41,9 @@ from calibjax.errors import CalibjaxError
 HOST = socket.gethostname()
 CHUNK_ID = re.compile(r"^g\d{3}-r\d{7}-n\d+-[0-9a-f]{8}$")  # planning.Chunk.chunk_id
 SHARD_PART = re.compile(r"^\d+-of-\d+$")
+# In a results directory: the finished runs' tables, summaries, figures and report while the sweep
+# is unfinished (pipeline.report), kept apart from the directory's own; removed when it finishes.
+PARTIAL = "partial"
 LOCK_STALE_S = 120.0  # a lock whose holder has not touched it for this long is abandoned
 HEARTBEAT_S = 20.0
 

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from calibjax.storage.chunks import read_info
-from calibjax.storage.files import CHUNK_ID, FINAL_FILES, SHARD_PART, write_json
+from calibjax.storage.files import CHUNK_ID, FINAL_FILES, PARTIAL, SHARD_PART, write_json
 
 # In a folder calibjax writes files into beside a user's (DIR/figures, an export folder): the names
 # it wrote there, each with the generation of the final tables it was made from (files.GENERATION).
@@ -93,6 +93,10 @@ def results_written(out: Path) -> tuple[list[Path], list[Path]]:
             made = [folder / n for n in recorded(folder, record_name)]
             remove += [p for p in made if not p.is_dir()] + [folder / record_name]
             trees += [p for p in made if p.is_dir() and not p.is_symlink()]  # (zarr stores)
+    view = out / PARTIAL  # (the finished runs' view of an unfinished sweep: a results directory of its own)
+    if view.is_dir() and not view.is_symlink():
+        more, more_trees = results_written(view)
+        remove, trees = remove + more, trees + more_trees
     return [p for p in remove if _own_file(p)], sorted(trees)
 
 
@@ -109,8 +113,9 @@ def remove_results(out: Path) -> None:
         _rmdir_if_empty(part / "chunks")
         if part != out:
             _rmdir_if_empty(part)
-    for d in (out / "shards", out / "figures", out / "export"):
-        _rmdir_if_empty(d)
+    for d in (out / "shards", out / PARTIAL / "figures", out / PARTIAL, out / "figures", out / "export"):
+        if not d.parent.is_symlink():
+            _rmdir_if_empty(d)
 
 
 def _rmdir_if_empty(d: Path) -> None:
@@ -118,3 +123,12 @@ def _rmdir_if_empty(d: Path) -> None:
         d.rmdir()
     except OSError:
         pass
+
+
+def remove_partial(out: Path) -> None:
+    """Delete the partial view of a results directory (what calibjax wrote in ``DIR/partial``, as
+    ``remove_results`` decides), once the directory's own tables hold every run."""
+    view = Path(out) / PARTIAL
+    if view.is_dir() and not view.is_symlink():
+        remove_results(view)
+        _rmdir_if_empty(view)

@@ -185,7 +185,7 @@ def rejected_chunks_error(rejected: list, hint: str) -> CorruptResults:
     return CorruptResults(f"{d}: {why}{more}; its runs are not joined; {hint}")
 
 
-def finalize(out: Path, runs: pd.DataFrame, identity: dict | None) -> list[int]:
+def finalize(out: Path, runs: pd.DataFrame, identity: dict | None, into: Path | None = None) -> list[int]:
     """Join the finished chunks (own and shards') into the final tables; return the missing run_ids.
 
     Runs are matched by identity and take the current sweep's run_ids; runs no longer in it are
@@ -193,8 +193,10 @@ def finalize(out: Path, runs: pd.DataFrame, identity: dict | None) -> list[int]:
     streamed chunk by chunk into its file (``chunks.write_merged``), never held whole; the tables
     are switched into place together once all are written (``files.Staged``), each naming in its
     footer the generation that manifest.json then records. Chunks that do not check out with
-    ``identity`` (None: any) raise CorruptResults, and nothing is written.
+    ``identity`` (None: any) raise CorruptResults, and nothing is written. ``into``: write the
+    tables (and the generation, into its manifest) there instead (a partial view: ``files.PARTIAL``).
     """
+    into = Path(out if into is None else into)
     current = pd.Series(runs["run_id"].to_numpy(np.int64), index=runs["run_hash"].to_numpy())
     parts, rejected = [], []
     for d, owned_runs in chunks.finished_chunks(out, identity, rejected).items():
@@ -211,17 +213,17 @@ def finalize(out: Path, runs: pd.DataFrame, identity: dict | None) -> list[int]:
     table["status"] = table["status"].fillna("missing")
     generation = content_generation(table, parts)
     with files.Staged() as staged:
-        files.write_parquet(out / "runs.parquet", table, generation=generation, staged=staged)
+        files.write_parquet(into / "runs.parquet", table, generation=generation, staged=staged)
         for name, spec in tables.TABLES.items():
-            path = out / f"{name}.parquet"
+            path = into / f"{name}.parquet"
             if name != "status" and not chunks.write_merged(
                 path, parts, list(spec.keys), generation=generation, staged=staged
             ):
                 staged.removed.append(path)  # an earlier version's, of runs no longer here
         staged.commit()
-    manifest = files.read_manifest(out)
+    manifest = files.read_manifest(into)
     if manifest is not None:
-        files.write_json(out / "manifest.json", {**manifest, "generation": generation})
+        files.write_json(into / "manifest.json", {**manifest, "generation": generation})
     return table.loc[table["status"] == "missing", "run_id"].tolist()
 
 
@@ -243,15 +245,9 @@ def content_generation(runs: pd.DataFrame, parts) -> str:
     return h.hexdigest()[:32]
 
 
-def merge(out: str | Path) -> list[int]:
-    """Join shard parts (and any unsharded chunks) of ``out`` into its final tables.
-
-    Refuses parts of another sweep or other numbers; joins runs by identity. Returns the run_ids still missing.
-    """
-    out = Path(out)
-    manifest = files.read_manifest(out)
-    if manifest is None:
-        raise sweep_mod.SweepError(f"{out}: no manifest.json here; is it a calibjax results directory?")
+def joined_identity(out: Path, manifest: dict) -> dict | None:
+    """The numbers identity the chunks of ``out`` (own and shards') must have to be joined; refuses
+    a directory, or shard part, of other numbers (``check_same_numbers``)."""
     identity = recorded_identity(manifest)
     check_same_numbers(
         manifest,
@@ -269,7 +265,19 @@ def merge(out: str | Path) -> list[int]:
                 m, part, manifest.get("sweep_name"), identity, f"it does not belong with {out}/manifest.json"
             )
     # Chunks of parts without a manifest (a task killed early) are judged by their own chunk.json.
-    identity = identity or chunks.first_identity(out)
+    return identity or chunks.first_identity(out)
+
+
+def merge(out: str | Path) -> list[int]:
+    """Join shard parts (and any unsharded chunks) of ``out`` into its final tables.
+
+    Refuses parts of another sweep or other numbers; joins runs by identity. Returns the run_ids still missing.
+    """
+    out = Path(out)
+    manifest = files.read_manifest(out)
+    if manifest is None:
+        raise sweep_mod.SweepError(f"{out}: no manifest.json here; is it a calibjax results directory?")
+    identity = joined_identity(out, manifest)
     sw = manifest_sweep(manifest)
     missing = finalize(out, sweep_mod.runs_table(sw), identity)
     files.write_json(
