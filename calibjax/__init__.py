@@ -21,7 +21,7 @@ The package, by layer (each imports only those above it; tests/test_architecture
 
 from calibjax.errors import CalibjaxError
 
-__version__ = "0.13.0"
+__version__ = "0.14.0"
 
 # Public names, imported on first use: name -> (module, its name there).
 _LAZY = {

@@ -59,28 +59,26 @@ def page_data(out: str | Path) -> dict | None:
         return None
     axes_cols = summaries.setting_columns(agg)
     runs = reader.read_table(out, "runs", columns=["run_id", *axes_cols])
-    available = set(reader.table_columns(out, "metrics"))
-    wanted = [m for m in METRICS if m in available]
-    metrics = reader.read_table(out, "metrics", columns=["run_id", "step", *wanted])
-    if metrics.empty:
+    keys = reader.read_table(out, "metrics", columns=["run_id", "step"])
+    if keys.empty:
         return None
     # each run's grid point: its row of summary_by_setting (the same grouping: aggregate's, dropna=False)
     point = runs.merge(agg[axes_cols].reset_index(), on=axes_cols, how="left")["index"].to_numpy()
     setting = np.full(int(runs["run_id"].max()) + 1, -1, np.int64)
     setting[runs["run_id"].to_numpy()] = np.where(np.isnan(point), -1, point).astype(np.int64)
-    steps = np.unique(metrics["step"].to_numpy())
-    key = setting[metrics["run_id"].to_numpy()] * len(steps) + np.searchsorted(steps, metrics["step"].to_numpy())
-    medians = metrics[wanted].groupby(key).median()
-    medians = medians[medians.index >= 0]
+    steps = np.unique(keys["step"].to_numpy())
+    key = setting[keys["run_id"].to_numpy()] * len(steps) + np.searchsorted(steps, keys["step"].to_numpy())
+    rows, key = np.flatnonzero(key >= 0), key[key >= 0]
     n = len(agg) * len(steps)
+    available = set(reader.table_columns(out, "metrics"))
     values = {}
-    for m in wanted:
-        column = np.full(n, np.nan)
-        column[medians.index.to_numpy()] = medians[m].to_numpy(float)
-        if not np.isnan(column).all():
-            values[m] = column
-    while len(values) > 1 and len(values) * n > MAX_VALUES:  # (very large sweeps: the first metrics)
-        values.popitem()
+    for m in (m for m in METRICS if m in available):  # one column at a time: a million runs fit
+        if values and (len(values) + 1) * n > MAX_VALUES:  # (very large sweeps: the first metrics only)
+            break
+        column = reader.read_table(out, "metrics", columns=[m])[m].to_numpy(float)[rows]
+        (median,) = summaries.group_quantiles(column, key, n, (0.5,))  # (numpy's median, NaN ignored)
+        if not np.isnan(median).all():
+            values[m] = median
     timing: dict[str, dict[str, np.ndarray]] = {}
     for c in agg.columns:
         if (hit := TIMING.match(c)) and hit.group(2) in values:

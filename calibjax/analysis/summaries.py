@@ -223,7 +223,7 @@ def swept_columns(runs: pd.DataFrame) -> list[str]:
     return cols
 
 
-def _group_quantiles(values: np.ndarray, group: np.ndarray, n_groups: int, qs) -> list[np.ndarray]:
+def group_quantiles(values: np.ndarray, group: np.ndarray, n_groups: int, qs) -> list[np.ndarray]:
     """Per group: np.quantile (linear) of its non-nan values, one array per q, nan for a group with
     none. inf stays inf: it is a finite sentinel while interpolating. One sort for every group; the
     interpolation is numpy's own (``_lerp``), so each value equals np.quantile's bit for bit."""
@@ -284,7 +284,7 @@ def aggregate(summary: pd.DataFrame, by: list[str] | None = None) -> pd.DataFram
     )
     for c in value_columns(summary):
         v = summary[c].to_numpy(float)
-        cols[c], cols[f"{c}_q25"], cols[f"{c}_q75"] = _group_quantiles(v, code, n, (0.5, 0.25, 0.75))
+        cols[c], cols[f"{c}_q25"], cols[f"{c}_q75"] = group_quantiles(v, code, n, (0.5, 0.25, 0.75))
         if c.startswith(TIMING_PREFIXES):
             cols[f"n_never_{c}"] = np.bincount(code, weights=np.isinf(v), minlength=n).astype(np.int64)
     return pd.concat([out, pd.DataFrame(cols, index=out.index)], axis=1)  # (one insert: wide sweeps have hundreds)
