@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=5.0,
         help="while training, write DIR/report.html of the runs finished so far every this many minutes "
-        "or more (never over 2%% of the run's time; 0: not at all; default 5)",
+        "or more (after the first, within 2%% of the run's time; 0: not at all; default 5)",
     )
     _submit_parser(sub)
     _status_parser(sub)

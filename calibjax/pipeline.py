@@ -112,19 +112,19 @@ def run(
 
 class Refresher:
     """Called after each chunk ``run`` writes: rewrites the partial report (``report``) when at
-    least ``minutes`` have passed since the last one and the time spent on it so far is at most
-    REFRESH_SHARE of the time since the run started, so a sweep never spends more than that share
-    (and one refresh) on it, however large the report. A refresh that fails says so once; training
-    goes on."""
+    least ``minutes`` have passed since the last one and the time spent on it so far, with another
+    refresh as long as the last, stays within REFRESH_SHARE of the time since the run started. So
+    a sweep spends at most that share on it, and the first refresh (whose cost is not known before),
+    however large the report. A refresh that fails says so once; training goes on."""
 
     def __init__(self, out: Path, minutes: float, figures: bool = True, clock=time.perf_counter):
         self.out, self.every_s, self.figures, self.clock = Path(out), 60 * minutes, figures, clock
         self.start = self.last = clock()
-        self.spent, self.count, self.warned = 0.0, 0, False
+        self.spent, self.cost, self.count, self.warned = 0.0, 0.0, 0, False
 
     def __call__(self) -> None:
         now = self.clock()
-        if now - self.last < self.every_s or self.spent > REFRESH_SHARE * (now - self.start):
+        if now - self.last < self.every_s or self.spent + self.cost > REFRESH_SHARE * (now - self.start):
             return
         try:
             report(self.out, figures=self.figures)
@@ -134,7 +134,8 @@ class Refresher:
                 print(f"{self.out}: the partial report was not written: {type(e).__name__}: {e}", flush=True)
                 self.warned = True
         self.last = self.clock()
-        self.spent += self.last - now
+        self.cost = self.last - now
+        self.spent += self.cost
 
 
 def finish(out: str | Path, figures: bool = True) -> None:

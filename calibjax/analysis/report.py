@@ -160,11 +160,11 @@ def write_report(out: str | Path, to: Path | None = None) -> Path:
 {interactive.STYLE}</style></head>
 <body><h1>{title}</h1><p class="sub">{html.escape(str(description))}</p>{banner}
 <h2>Run</h2><dl>{facts}</dl>
+{interactive.section(out)}
 <h2>Summary by setting</h2>
 <p>Medians over seeds (<code>summary_by_setting.parquet</code>; quartiles are in the file). kl in nats against
 the exact posterior; steps_to_*: first checkpoint at which it held ("never": not within training).</p>
 {_summary_table(out)}
-{interactive.section(out)}
 <h2>Figures</h2>
 {_figures(out)}
 <h2>Sweep file</h2><pre>{html.escape(manifest.get("sweep_text", ""))}</pre>
