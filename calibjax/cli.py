@@ -48,20 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--no-figures", action="store_true", help="write tables only")
-    run.add_argument(
-        "--refresh-minutes",
-        type=float,
-        default=5.0,
-        help="while training, write DIR/report.html of the runs finished so far every this many minutes "
-        "or more (after the first, within 2%% of the run's time; 0: not at all; default 5)",
-    )
+    run.add_argument("--refresh-minutes", type=float, default=5.0, help="partial report every M min or more (0: never)")
     _submit_parser(sub)
     _status_parser(sub)
     sub.add_parser(
-        "report",
-        help="write DIR/report.html: one self-contained page with the sweep, run facts, "
-        "summary table, interactive maps and every figure (run and merge write it too); of an "
-        "unfinished sweep, the runs finished so far, marked partial",
+        "report", help="write DIR/report.html (run and merge write it too); of an unfinished sweep, partial"
     ).add_argument("dir", help="results directory")
     sub.add_parser("sweeps", help="list the sweep files shipped with calibjax (copy one with calibjax init NAME)")
     init = sub.add_parser("init", help="copy a shipped sweep file (calibjax sweeps lists them) here, to edit and run")
@@ -349,15 +340,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if cut < len(argv) and args.command != "submit":
         raise UsageError("arguments after -- are for sbatch, and only calibjax submit takes them")
     args.sbatch_args = argv[cut + 1 :]
-    refresh = getattr(args, "refresh_minutes", None)
-    if refresh is not None and not (0 <= refresh < math.inf):
-        raise UsageError(f"--refresh-minutes: expected 0 or a positive number, got {refresh}")
-    for name in ("chunk_size", "inner_batch", "max_runs", "chunk_minutes", "tasks", "max_parallel", "cpus", "watch"):
-        v = getattr(args, name, None)
-        real = name in ("chunk_minutes", "watch")
-        if v is not None and (not (0 < v < math.inf) if real else v < 1):
-            kind = "number" if real else "integer"
-            raise UsageError(f"--{name.replace('_', '-')}: expected a positive {kind}, got {v}")
+    counts = ("chunk_size", "inner_batch", "max_runs", "tasks", "max_parallel", "cpus")
+    for name in (*counts, "chunk_minutes", "watch", "refresh_minutes"):
+        v, zero = getattr(args, name, None), name == "refresh_minutes"
+        if v is not None and not (v >= 1 if name in counts else (0 <= v if zero else 0 < v) and v < math.inf):
+            kind = "integer" if name in counts else "number"
+            raise UsageError(f"--{name.replace('_', '-')}: expected {'0 or ' * zero}a positive {kind}, got {v}")
     return args
 
 

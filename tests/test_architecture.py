@@ -100,7 +100,7 @@ def test_the_core_reads_and_writes_no_file():
 
 
 def test_every_user_facing_error_has_the_one_base():
-    from calibjax import cli, cluster
+    from calibjax import cli, cluster, pipeline
     from calibjax.analysis import plots
     from calibjax.execution import kernel_loader, runtime
     from calibjax.storage import arrays, files, results
@@ -116,6 +116,7 @@ def test_every_user_facing_error_has_the_one_base():
         plots.PlotError,
         arrays.ExportError,
         cli.UsageError,
+        pipeline.NothingFinished,
     ]
     assert all(issubclass(e, calibjax.CalibjaxError) and issubclass(e, ValueError) for e in errors)
     # ... and no other exception class is defined outside the core
