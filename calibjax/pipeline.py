@@ -163,14 +163,13 @@ def report(out: str | Path, figures: bool = True) -> Path:
         raise FileNotFoundError(f"{out}: no manifest.json here; run or merge a sweep first")
     if manifest.get("complete"):  # (damaged final tables: write_report says which, as before)
         return write_report(out)
+    sw, identity = results.manifest_sweep(manifest), results.joined_identity(out, manifest)
+    if not results.finished_run_ids(out, sw, identity):
+        raise NothingFinished(f"{out}: no run has finished yet ({len(sw.runs):,} in the sweep); nothing to report")
     view = out / files.PARTIAL
     view.mkdir(exist_ok=True)
     files.write_json(view / "manifest.json", {k: v for k, v in manifest.items() if k != "generation"})
-    runs = sweep_table(manifest)
-    missing = results.finalize(out, runs, results.joined_identity(out, manifest), into=view)
-    done = len(runs) - len(missing)
-    if not done:
-        raise NothingFinished(f"{out}: no run has finished yet ({len(runs):,} in the sweep); nothing to report")
+    results.finalize(out, sweep_mod.runs_table(sw), identity, into=view)
     summaries.write_summaries(view)
     if figures:
         from calibjax.analysis.figures import standard_figures
@@ -181,10 +180,6 @@ def report(out: str | Path, figures: bool = True) -> Path:
 
 class NothingFinished(CalibjaxError):
     """A partial report was asked for before any run finished."""
-
-
-def sweep_table(manifest: dict) -> pd.DataFrame:
-    return sweep_mod.runs_table(results.manifest_sweep(manifest))
 
 
 def merge(out: str | Path, figures: bool = True) -> list[int]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from calibjax.analysis import FIGURE_KINDS, plots, summaries
+from calibjax.analysis import FIGURE_KINDS, density_law, plots, summaries
 from calibjax.storage import files, owned, reader
 
 
@@ -60,6 +60,9 @@ def default_set(out: str | Path) -> list[Planned]:
     if "estimator_benchmark" in t:
         path = fig_dir / "estimator_benchmark.png"
         planned.append(_plan(path, plots.estimator_benchmark, t["estimator_benchmark"]))
+    if "density_law" in t:
+        path = fig_dir / "density_law.png"
+        planned.append(_plan(path, density_law.figure, t["density_times"], t["density_law"], runs))
     if "summary_by_setting" in t:
         agg = t["summary_by_setting"]
         axes = [c for c in axes if c in agg.columns and agg[c].nunique() > 1]

@@ -361,5 +361,8 @@ def write_summaries(out: str | Path, eps=DEFAULT_EPS, rel_eps=DEFAULT_REL_EPS) -
             files.write_parquet(benchmark, bench, generation=generation, staged=staged)
         else:
             staged.removed.append(benchmark)
+        from calibjax.analysis import density_law  # (it builds on this module)
+
+        density_law.stage(out, summary, generation, staged)
         staged.commit()
     return summary, agg

@@ -276,6 +276,8 @@ FINAL_FILES = (
     "summary",
     "summary_by_setting",
     "estimator_benchmark",
+    "density_times",
+    "density_law",
 )
 
 

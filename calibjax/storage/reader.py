@@ -67,7 +67,7 @@ def _check_generation(out: Path, name: str, schema: pa.Schema, expected: str | N
         )
 
 
-SUMMARY_TABLES = ("summary", "summary_by_setting", "estimator_benchmark")
+SUMMARY_TABLES = ("summary", "summary_by_setting", "estimator_benchmark", "density_times", "density_law")
 
 
 def table_problems(out: str | Path) -> list[str]:

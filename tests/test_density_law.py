@@ -1,0 +1,100 @@
+"""The density law: per-bin learning times and the fitted exponent k (steps ∝ p^-k), on density
+tables made with a known exponent."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from calibjax.analysis import density_law, summaries
+
+EDGES = [-math.inf, -6.0, -5.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, math.inf]
+STEPS = [10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000]
+MIDDLES = np.array([(a + b) / 2 for a, b in zip(EDGES[1:-2], EDGES[2:-1], strict=True)])  # finite bins
+
+
+def density_table(k: dict, seeds: int, noise: float = 0.0, scale: float = 2e3, seed: int = 0) -> tuple:
+    """Density and runs tables of one case per (case -> exponent): a bin's error falls as a power of
+    steps and crosses eps = 0.01 (kl_mean) or 0.1 (max_err) at scale * p^-k * exp(noise * N(0, 1))."""
+    rng = np.random.default_rng(seed)
+    rows, runs = [], []
+    for case, exponent in k.items():
+        for s in range(seeds):
+            run_id = len(runs)
+            runs.append({"run_id": run_id, "case": case, "seed": s})
+            for lo, hi in zip(EDGES[:-1], EDGES[1:], strict=True):
+                mid = (lo + hi) / 2 if math.isfinite(lo + hi) else 0.0
+                cross = scale * 10 ** (-exponent * mid) * math.exp(noise * rng.normal())
+                for t in STEPS:
+                    rows.append(
+                        {
+                            "run_id": run_id,
+                            "step": t,
+                            "log10_density_lo": lo,
+                            "log10_density_hi": hi,
+                            "kl_mean": 0.01 * (cross / t),  # = 0.01 at t = cross, falling as 1 / t
+                            "max_err": 0.1 * (cross / t) ** 0.5,
+                        }
+                    )
+    return pd.DataFrame(rows), pd.DataFrame(runs)
+
+
+def law(k: dict, seeds: int = 5, **kw) -> pd.DataFrame:
+    density, runs = density_table(k, seeds, **kw)
+    return density_law.fit_law(density_law.bin_times(density), runs)
+
+
+def test_the_crossing_steps_per_bin_are_the_summaries_steps_to():
+    density, _ = density_table({"a": 1.0}, seeds=2, noise=0.5)
+    times = density_law.bin_times(density)
+    assert len(times) == 2 * 9 * 4  # runs x finite bins x (2 metrics x 2 thresholds)
+    row = times[(times["metric"] == "kl_mean") & (times["eps"] == 0.001)].iloc[3]
+    one = density[(density["run_id"] == row["run_id"]) & (density["log10_density_lo"] == row["log10_density_lo"])]
+    values = one.sort_values("step")["kl_mean"].to_numpy()
+    assert row["steps_to"] == summaries.steps_to_reach(STEPS, values, 0.001)
+    assert row["sustained"] == summaries.steps_to_stay(STEPS, values, 0.001)
+    assert row["log10_density"] == (row["log10_density_lo"] + row["log10_density_hi"]) / 2
+    assert row["at_first"] == (values[0] <= 0.001)
+
+
+@pytest.mark.parametrize("k,scale", [(1.0, 2e3), (0.5, 2e3), (1.7, 20.0)])
+def test_a_known_exponent_is_recovered_exactly_without_noise(k, scale):
+    got = law({"a": k}, scale=scale).set_index(["metric", "eps", "kind"])
+    kl = got.loc[("kl_mean", 0.01, "steps_to")]
+    # crossings inside the checkpoints: bins whose step lies in (10, 50000)
+    inside = [m for m in MIDDLES if 10 < scale * 10 ** (-k * m) < 50000]
+    assert kl["n_bins"] == len(inside) >= 3 and kl["bins"] == " ".join(f"{m:g}" for m in inside)
+    assert kl["k"] == pytest.approx(k, abs=1e-9) and kl["r2"] == pytest.approx(1.0, abs=1e-12)
+    assert kl["k_lo"] == pytest.approx(k, abs=1e-9) and kl["k_hi"] == pytest.approx(k, abs=1e-9)
+    # the error that falls as 1/sqrt(t) crosses 0.05 at 4x the step it crosses 0.1: the same k
+    assert got.loc[("max_err", 0.05, "sustained"), "k"] == pytest.approx(k, abs=1e-9)
+
+
+def test_bins_never_reached_or_already_reached_are_left_out_and_few_bins_give_nan():
+    got = law({"a": 1.0}, scale=2e6).set_index(["metric", "eps", "kind"])  # most bins never reach 0.001
+    few = got.loc[("kl_mean", 0.001, "steps_to")]
+    assert few["n_bins"] < density_law.MIN_BINS and math.isnan(few["k"]) and math.isnan(few["k_lo"])
+    early = law({"a": 1.0}, scale=0.01).set_index(["metric", "eps", "kind"])  # every bin already there
+    assert early.loc[("kl_mean", 0.01, "steps_to"), "n_bins"] == 0
+
+
+def test_the_interval_covers_the_exponent_at_about_its_level():
+    """40 noisy data sets (per run and bin, the crossing step off by a factor e^N(0, 0.4)), 8 seeds:
+    the 90 % interval holds the true k in most, and the estimates centre on it."""
+    ks, covered = [], 0
+    for seed in range(40):
+        row = law({"a": 1.0}, seeds=8, noise=0.4, seed=seed).set_index(["metric", "eps", "kind"])
+        row = row.loc[("kl_mean", 0.01, "steps_to")]
+        ks.append(row["k"])
+        covered += row["k_lo"] <= 1.0 <= row["k_hi"]
+        assert row["k_lo"] < row["k"] < row["k_hi"]
+    assert abs(np.mean(ks) - 1.0) < 0.03
+    assert 0.75 <= covered / 40 <= 1.0
+
+
+def test_each_grid_point_gets_its_own_fit():
+    got = law({"a": 1.0, "b": 0.5})
+    kl = got[(got["metric"] == "kl_mean") & (got["eps"] == 0.01) & (got["kind"] == "steps_to")].set_index("case")
+    assert kl.loc["a", "k"] == pytest.approx(1.0) and kl.loc["b", "k"] == pytest.approx(0.5)
+    assert set(kl["n_runs"]) == {5}
