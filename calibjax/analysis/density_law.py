@@ -39,6 +39,7 @@ LEVEL = 0.9
 MIN_BINS = 3
 MAX_RUNS = 100_000  # (the per-bin table grows with runs x bins x checkpoints: larger sweeps skip it)
 _NEVER = 1e300  # stands in for inf inside medians
+LAW_COLUMNS = ("metric", "eps", "kind", "k", "k_lo", "k_hi", "r2", "n_bins", "bins", "n_runs")  # after the grid point
 
 
 def bin_times(density: pd.DataFrame, thresholds: dict | None = None) -> pd.DataFrame:
@@ -147,7 +148,7 @@ def figure(times: pd.DataFrame, law: pd.DataFrame, runs: pd.DataFrame, path: Pat
     eps = THRESHOLDS[metric][0]
     chosen = law[(law["metric"] == metric) & (law["eps"] == eps) & (law["kind"] == "steps_to")]
     chosen = chosen.head(plots.MAX_PANELS)
-    by = [c for c in chosen.columns if c not in ("metric", "eps", "kind", "k", "k_lo", "k_hi", "r2", "n_bins", "bins", "n_runs")]
+    by = [c for c in chosen.columns if c not in LAW_COLUMNS]
     t = times[(times["metric"] == metric) & (times["eps"] == eps)].merge(runs[["run_id", *by]], on="run_id")
     fig, axes = plots._subplots(len(chosen), figsize=(3.6 * len(chosen), 3.2), squeeze=False)
     for ax, (_, row) in zip(axes[0], chosen.iterrows(), strict=True):
@@ -162,7 +163,8 @@ def figure(times: pd.DataFrame, law: pd.DataFrame, runs: pd.DataFrame, path: Pat
             x = np.log10(p[used])
             y0, x0 = np.log10(med.to_numpy()[used]).mean(), x.mean()
             xs = np.array([x.min(), x.max()])
-            ax.loglog(10**xs, 10 ** (y0 - row["k"] * (xs - x0)), "C1-", label=f"fit: k = {row['k']:.2f} [{row['k_lo']:.2f}, {row['k_hi']:.2f}]")
+            fit = f"fit: k = {row['k']:.2f} [{row['k_lo']:.2f}, {row['k_hi']:.2f}]"
+            ax.loglog(10**xs, 10 ** (y0 - row["k"] * (xs - x0)), "C1-", label=fit)
             ax.loglog(10**xs, 10 ** (y0 - (xs - x0)), "k:", lw=1, label="k = 1 (kernel regime)")
         ax.set(title=", ".join(f"{row[c]}" for c in by), xlabel="bin density p(x)")
         ax.legend(fontsize=7)
