@@ -35,7 +35,17 @@ SWEEP = dict(
     eval={"curves": True, "curve_points": 5},
     cases={"a": {}, "b": {"mu2": 1.0, "sigma1": 2.0}},
 )
-TABLES = ("runs", "metrics", "density", "calibration", "curves", "summary", "summary_by_setting")
+TABLES = (
+    "runs",
+    "metrics",
+    "density",
+    "calibration",
+    "curves",
+    "summary",
+    "summary_by_setting",
+    "density_times",
+    "density_law",
+)
 RUN = ("--quiet", "--chunk-size", "2", "--no-figures")
 
 
