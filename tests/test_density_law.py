@@ -126,3 +126,15 @@ def test_summarize_writes_the_tables_and_the_figure_of_a_sweep_with_density_bins
     monkeypatch.setattr(density_law, "MAX_RUNS", 10)  # a sweep too large for it: the tables go
     summaries.write_summaries(out)
     assert not (out / "density_law.parquet").exists() and not (out / "density_times.parquet").exists()
+
+
+def test_the_median_over_seeds_is_numpys_nanmedian_with_never_kept():
+    v = np.random.default_rng(0).random((50, 7, 8)) * 1e4
+    v[v < 2e3] = np.nan
+    v[v > 9e3] = np.inf
+    v[3, :, 2] = np.nan  # a bin with no value in any run
+    with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):  # (numpy warns of the all-NaN one)
+        m = np.nanmedian(np.where(np.isinf(v), 1e300, v), axis=-2)
+    want = np.where(m < 1e299, np.log10(m), np.nan)
+    assert np.array_equal(density_law._median_log_steps(v), want, equal_nan=True)
+    assert np.isnan(want).any() and np.isfinite(want).any()

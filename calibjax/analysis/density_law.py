@@ -78,48 +78,77 @@ def _fit(logp: np.ndarray, logt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _median_log_steps(v: np.ndarray) -> np.ndarray:
-    """log10 of the median over the run axis (-2) of steps (inf: never, stays never -> NaN here)."""
-    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
-        warnings.simplefilter("ignore", RuntimeWarning)  # (a bin NaN in every run: NaN)
-        m = np.nanmedian(np.where(np.isinf(v), _NEVER, v), axis=-2)
+    """log10 of the median over the run axis (-2) of steps, NaN ignored (np.nanmedian's value, by
+    one sort: NaN sorts last); never (inf) stays never, and both give NaN here."""
+    v = np.sort(np.where(np.isinf(v), _NEVER, v), axis=-2)
+    n = (~np.isnan(v)).sum(axis=-2, keepdims=True)
+    lo = np.take_along_axis(v, np.maximum((n - 1) // 2, 0), axis=-2)
+    hi = np.take_along_axis(v, np.maximum(n // 2, 0), axis=-2)
+    m = np.where(n == 0, math.nan, (lo + hi) / 2).squeeze(-2)
+    with np.errstate(divide="ignore", invalid="ignore"):
         return np.where((m < _NEVER / 10) & (m > 0), np.log10(np.where(m > 0, m, 1.0)), math.nan)
 
 
 def fit_law(times: pd.DataFrame, runs: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     """Per grid point (case and grid axes, as summary_by_setting), metric, threshold and kind: k
-    (steps ∝ p^-k), its LEVEL interval over seeds (k_lo, k_hi), r2, the bins used and n_runs."""
+    (steps ∝ p^-k), its LEVEL interval over seeds (k_lo, k_hi), r2, the bins used and n_runs.
+
+    Every grid point at once: the times as a (points, runs, bins) array (NaN past a point's own
+    runs); resample i of a point with n runs takes run floor(u[i, j] * n) for j < n, one uniform
+    draw u shared by all points (so a point's interval does not depend on the others)."""
     by = ["case", *summaries.swept_columns(runs)]
     t = times.merge(runs[["run_id", *by]], on="run_id")
-    rng = np.random.default_rng(seed)
-    rows = []
-    for key, g in t.groupby([*by, "metric", "eps"], sort=True, dropna=False):
-        wide = g.pivot(index="run_id", columns="log10_density", values=["steps_to", "sustained", "at_first"])
-        bins = wide["steps_to"].columns.to_numpy(float)
-        early = wide["at_first"].to_numpy(float).mean(axis=0) > 0.5  # most seeds learned it before looking
-        draws = rng.integers(0, len(wide), (BOOTSTRAP, len(wide)))
-        for kind in KINDS:
-            v = wide[kind].to_numpy(float)  # runs x bins
-            logt = np.where(early, math.nan, _median_log_steps(v))
-            (k,), (r2,) = _fit(bins[None], logt[None])
-            boot = np.where(np.isnan(logt), math.nan, _median_log_steps(v[draws]))  # the same bins
-            bk, _ = _fit(np.broadcast_to(bins, boot.shape), boot)
-            bk = bk[np.isfinite(bk)]
-            lo, hi = np.quantile(bk, [(1 - LEVEL) / 2, (1 + LEVEL) / 2]) if len(bk) else (math.nan, math.nan)
-            used = bins[~np.isnan(logt)]
-            rows.append(
-                {
-                    **dict(zip([*by, "metric", "eps"], key, strict=True)),
-                    "kind": kind,
-                    "k": k,
-                    "k_lo": lo,
-                    "k_hi": hi,
-                    "r2": r2,
-                    "n_bins": len(used),
-                    "bins": " ".join(f"{b:g}" for b in used),
-                    "n_runs": len(wide),
-                }
+    grouped = t.groupby([*by, "metric", "eps"], sort=True, dropna=False)
+    g = grouped.ngroup().to_numpy()
+    keys = grouped.size().index.to_frame(index=False)
+    bins, b = np.unique(t["log10_density"].to_numpy(), return_inverse=True)
+    pos = t.groupby(g)["run_id"].rank(method="dense").to_numpy().astype(np.int64) - 1
+    n = np.zeros(len(keys), np.int64)  # runs per point
+    np.maximum.at(n, g, pos + 1)
+    shape = (len(keys), int(n.max(initial=1)), len(bins))
+    cube = {}
+    for name in (*KINDS, "at_first"):
+        cube[name] = np.full(shape, math.nan)
+        cube[name][g, pos, b] = t[name].to_numpy(float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (a bin no run has: NaN)
+        early = np.nanmean(cube.pop("at_first"), axis=1) > 0.5  # most seeds learned it before looking
+    u = np.random.default_rng(seed).random((BOOTSTRAP, shape[1]))
+    parts = []
+    for kind, v in cube.items():
+        logt = np.where(early, math.nan, _median_log_steps(v))
+        k, r2 = _fit(np.broadcast_to(bins, logt.shape), logt)
+        lo, hi = _interval(v, n, logt, bins, u)
+        used = [" ".join(f"{x:g}" for x in bins[~np.isnan(row)]) for row in logt]
+        parts.append(
+            keys.assign(
+                kind=kind, k=k, k_lo=lo, k_hi=hi, r2=r2, n_bins=(~np.isnan(logt)).sum(axis=1), bins=used, n_runs=n
             )
-    return pd.DataFrame(rows)
+        )
+    order = np.argsort(np.tile(np.arange(len(keys)), len(parts)), kind="stable")  # point by point, then kind
+    return pd.concat(parts, ignore_index=True).iloc[order].reset_index(drop=True)
+
+
+BLOCK = 4_000_000  # resampled times held at once (points x BOOTSTRAP x runs x bins)
+
+
+def _interval(v: np.ndarray, n: np.ndarray, logt: np.ndarray, bins: np.ndarray, u: np.ndarray):
+    """The LEVEL interval of k per point from BOOTSTRAP resamples of its runs (fit on the same bins)."""
+    lo, hi = np.full(len(v), math.nan), np.full(len(v), math.nan)
+    step = max(1, BLOCK // max(u.size * v.shape[2], 1))
+    j = np.arange(v.shape[1])
+    for start in range(0, len(v), step):
+        s = slice(start, start + step)
+        idx = np.floor(u[None] * n[s, None, None]).astype(np.int64)  # points x resamples x runs
+        sample = v[np.arange(len(v))[s, None, None], idx]  # points x resamples x runs x bins
+        sample = np.where(j[None, None, :, None] >= n[s, None, None, None], math.nan, sample)  # its own n draws
+        med = np.where(np.isnan(logt[s])[:, None], math.nan, _median_log_steps(sample))
+        k, _ = _fit(np.broadcast_to(bins, med.shape).reshape(-1, len(bins)), med.reshape(-1, len(bins)))
+        k = k.reshape(med.shape[:2])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # (no resample with a slope: NaN)
+            lo[s], hi[s] = np.nanquantile(k, [(1 - LEVEL) / 2, (1 + LEVEL) / 2], axis=1)
+    return lo, hi
 
 
 def stage(out: Path, runs: pd.DataFrame, generation: str | None, staged: files.Staged) -> pd.DataFrame | None:
