@@ -37,7 +37,7 @@ test-fast: $(STAMP)
 # AVX2 machine and on an AVX-512 one test both levels of numpy's code and of the kernel.
 # (CI runs the two halves, test-qemu and test-avx2, beside the cluster and browser tests: QEMU keeps
 # one core busy for minutes.)
-NUMERICS := tests/test_portable.py tests/test_cpu_kernel.py tests/test_summaries.py tests/test_scale.py
+NUMERICS := tests/test_portable.py tests/test_cpu_kernel.py tests/test_summaries.py tests/test_scale.py tests/test_density_law.py
 test-isa: test-qemu test-avx2
 
 test-qemu: $(STAMP)

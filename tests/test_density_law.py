@@ -135,6 +135,28 @@ def test_the_median_over_seeds_is_numpys_nanmedian_with_never_kept():
     v[3, :, 2] = np.nan  # a bin with no value in any run
     with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):  # (numpy warns of the all-NaN one)
         m = np.nanmedian(np.where(np.isinf(v), 1e300, v), axis=-2)
-    want = np.where(m < 1e299, np.log10(m), np.nan)
+    want = np.where(m < 1e299, density_law._log10(m), np.nan)
     assert np.array_equal(density_law._median_log_steps(v), want, equal_nan=True)
     assert np.isnan(want).any() and np.isfinite(want).any()
+
+
+LAW_DIGEST = """
+import hashlib, sys
+sys.path.insert(0, "tests")
+from test_density_law import density_table
+from calibjax.analysis import density_law
+density, runs = density_table({"a": 1.0, "b": 0.6}, seeds=7, noise=0.5, scale=300.0, seed=3)
+law = density_law.fit_law(density_law.bin_times(density), runs)
+print(hashlib.sha256(law.to_csv(float_format="%.17g").encode()).hexdigest())
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "sse4.2"])
+def test_the_fits_bits_do_not_depend_on_numpys_cpu_dispatch(isa):
+    """Summaries may be written on any CPU (a cluster's merge job): k, its interval and R² must have
+    the same bits under numpy's AVX-512, AVX2 and baseline code (sums in order, portable logs)."""
+    from conftest import lowered_isa_env, python_in
+
+    native, lowered = python_in(LAW_DIGEST), python_in(LAW_DIGEST, env=lowered_isa_env(isa))
+    assert native.returncode == lowered.returncode == 0, native.stderr + lowered.stderr
+    assert native.stdout == lowered.stdout

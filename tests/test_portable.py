@@ -123,7 +123,7 @@ TRANSCENDENTAL = re.compile(
 def test_host_modules_use_the_portable_transcendentals():
     found = [
         f"{p.name}:{i}: {line.strip()}"
-        for p in sorted((ROOT / "calibjax").glob("*.py"))
+        for p in sorted((ROOT / "calibjax").rglob("*.py"))
         if p.name not in NOT_KEPT
         for i, line in enumerate(p.read_text().splitlines(), 1)
         if TRANSCENDENTAL.search(line)

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from calibjax.analysis import summaries
+from calibjax.core import portable
 from calibjax.storage import files, reader
 
 # Thresholds per metric: kl_mean in nats (the summaries' kl thresholds), max_err in probability.
@@ -39,6 +40,7 @@ LEVEL = 0.9
 MIN_BINS = 3
 MAX_RUNS = 100_000  # (the per-bin table grows with runs x bins x checkpoints: larger sweeps skip it)
 _NEVER = 1e300  # stands in for inf inside medians
+LN10 = 2.302585092994046  # ln 10, correctly rounded
 LAW_COLUMNS = ("metric", "eps", "kind", "k", "k_lo", "k_hi", "r2", "n_bins", "bins", "n_runs")  # after the grid point
 
 
@@ -63,15 +65,29 @@ def bin_times(density: pd.DataFrame, thresholds: dict | None = None) -> pd.DataF
     return pd.concat(parts, ignore_index=True)
 
 
+def _sum(a: np.ndarray) -> np.ndarray:
+    """Sum over the last axis, bin by bin in order: numpy's reductions add in an order that depends
+    on the CPU's vector width (AVX2 against AVX-512), elementwise additions do not."""
+    total = np.zeros(a.shape[:-1])
+    for j in range(a.shape[-1]):
+        total = total + a[..., j]
+    return total
+
+
+def _log10(x: np.ndarray) -> np.ndarray:
+    return portable.log(x) / LN10
+
+
 def _fit(logp: np.ndarray, logt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row of (B, bins) arrays of log10 steps (NaN: bin not used): k = -slope of the
-    least-squares line against logp, and its R² (NaN with fewer than MIN_BINS bins)."""
+    least-squares line against logp, and its R² (NaN with fewer than MIN_BINS bins). Its bits do
+    not depend on the CPU (``_sum``, ``portable``)."""
     ok = ~np.isnan(logt)
-    n = ok.sum(axis=1)
+    n = _sum(ok.astype(float))
     with np.errstate(invalid="ignore", divide="ignore"):
-        dp = np.where(ok, logp - (np.where(ok, logp, 0).sum(axis=1) / n)[:, None], 0.0)
-        dt = np.where(ok, logt - (np.where(ok, logt, 0).sum(axis=1) / n)[:, None], 0.0)
-        sxx, sxy, syy = (dp * dp).sum(axis=1), (dp * dt).sum(axis=1), (dt * dt).sum(axis=1)
+        dp = np.where(ok, logp - (_sum(np.where(ok, logp, 0.0)) / n)[:, None], 0.0)
+        dt = np.where(ok, logt - (_sum(np.where(ok, logt, 0.0)) / n)[:, None], 0.0)
+        sxx, sxy, syy = _sum(dp * dp), _sum(dp * dt), _sum(dt * dt)
         k, r2 = -sxy / sxx, np.where(syy > 0, sxy * sxy / (sxx * syy), 1.0)
     bad = (n < MIN_BINS) | ~(sxx > 0)
     return np.where(bad, math.nan, k), np.where(bad, math.nan, r2)
@@ -86,7 +102,7 @@ def _median_log_steps(v: np.ndarray) -> np.ndarray:
     hi = np.take_along_axis(v, np.maximum(n // 2, 0), axis=-2)
     m = np.where(n == 0, math.nan, (lo + hi) / 2).squeeze(-2)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where((m < _NEVER / 10) & (m > 0), np.log10(np.where(m > 0, m, 1.0)), math.nan)
+        return np.where((m < _NEVER / 10) & (m > 0), _log10(np.where(m > 0, m, 1.0)), math.nan)
 
 
 def fit_law(times: pd.DataFrame, runs: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
@@ -189,8 +205,8 @@ def figure(times: pd.DataFrame, law: pd.DataFrame, runs: pd.DataFrame, path: Pat
         ax.loglog(p[used & shown], med.to_numpy()[used & shown], "o", color="C0", label="bins fitted")
         ax.loglog(p[~used & shown], med.to_numpy()[~used & shown], "o", mfc="none", color="C0", label="not fitted")
         if np.isfinite(row["k"]):
-            x = np.log10(p[used])
-            y0, x0 = np.log10(med.to_numpy()[used]).mean(), x.mean()
+            x = _log10(p[used])
+            y0, x0 = _log10(med.to_numpy()[used]).mean(), x.mean()
             xs = np.array([x.min(), x.max()])
             fit = f"fit: k = {row['k']:.2f} [{row['k_lo']:.2f}, {row['k_hi']:.2f}]"
             ax.loglog(10**xs, 10 ** (y0 - row["k"] * (xs - x0)), "C1-", label=fit)

@@ -293,7 +293,10 @@ def _log(x: jax.Array) -> jax.Array:
     inside the compiled program (the entropy's -p log p, compiled there, was not:
     tests/test_portability.py)."""
     mantissa, exponent = jnp.frexp(x)
-    return jnp.log1p(mantissa - 1.0) + exponent.astype(mantissa.dtype) * math.log(2.0)
+    return jnp.log1p(mantissa - 1.0) + exponent.astype(mantissa.dtype) * LN2
+
+
+LN2 = 0.6931471805599453  # ln 2, correctly rounded (a literal: no library's log decides its bits)
 
 
 def _compensated_cumsum(x: jax.Array) -> tuple[jax.Array, jax.Array]:
