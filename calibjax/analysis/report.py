@@ -1,11 +1,13 @@
 """One self-contained HTML page per results directory: ``DIR/report.html``.
 
 The page holds everything needed to read a sweep's results without calibjax: the sweep file, the
-manifest's essentials (versions, backend, devices, times, completeness), the per-setting summary
-table, and every figure of ``DIR/figures`` embedded as a PNG (data: URI), so the file can be
-mailed, attached to a lab notebook or opened offline. ``calibjax report DIR`` writes it; ``run``
-and ``merge`` write it after the figures. Figures are static images; no script is needed to view
-the page (one small script marks, for tests and the curious, whether every image decoded).
+manifest's essentials (versions, backend, devices, times, completeness), the interactive maps and
+curves (``interactive``: plotly.js and the medians embedded), the per-setting summary table, and
+every figure of ``DIR/figures`` embedded as a PNG (data: URI), so the file can be mailed, attached
+to a lab notebook or opened offline: nothing is fetched. ``calibjax report DIR`` writes it
+(``pipeline.report``: of an unfinished sweep, from ``DIR/partial``, marked partial); ``run`` and
+``merge`` write it after the figures. One small script marks, for tests and the curious, whether
+every image decoded.
 """
 
 from __future__ import annotations
