@@ -120,7 +120,9 @@ def test_summarize_writes_the_tables_and_the_figure_of_a_sweep_with_density_bins
     times, law = pd.read_parquet(out / "density_times.parquet"), pd.read_parquet(out / "density_law.parquet")
     finite = pd.read_parquet(out / "density.parquet").query("log10_density_lo > -inf and log10_density_hi < inf")
     assert len(times) == 24 * finite["log10_density_lo"].nunique() * 4
-    assert len(law) == 3 * 4 * 2 and set(law["case"]) == {"example1", "example2", "example3"}
+    assert len(law) == 3 * 4 * 2 and list(law["case"]) == [f"example{i}" for i in (1, 2, 3) for _ in range(8)]
+    families = [(m, e) for m, eps in density_law.THRESHOLDS.items() for e in eps for _ in density_law.KINDS]
+    assert list(zip(law["metric"], law["eps"], strict=True)) == families * 3  # point by point, as THRESHOLDS
     assert set(law["n_runs"]) == {8}
     assert "density_law.png" in {p.name for p in figures.standard_figures(out)}
     monkeypatch.setattr(density_law, "MAX_RUNS", 10)  # a sweep too large for it: the tables go

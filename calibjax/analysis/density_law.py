@@ -114,9 +114,16 @@ def fit_law(times: pd.DataFrame, runs: pd.DataFrame, seed: int = 0) -> pd.DataFr
     draw u shared by all points (so a point's interval does not depend on the others)."""
     by = ["case", *summaries.swept_columns(runs)]
     t = times.merge(runs[["run_id", *by]], on="run_id")
-    grouped = t.groupby([*by, "metric", "eps"], sort=True, dropna=False)
-    g = grouped.ngroup().to_numpy()
-    keys = grouped.size().index.to_frame(index=False)
+    # A point is a grid point (numbered as summary_by_setting's) and a (metric, eps) in the order the
+    # times list them (bin_times: THRESHOLDS'): no sort of the string columns, whose order came out
+    # otherwise under QEMU's Haswell (make test-qemu).
+    settings = t.groupby(by, sort=True, dropna=False)
+    f, families = pd.factorize(pd.MultiIndex.from_arrays([t["metric"], t["eps"]]))
+    g = settings.ngroup().to_numpy() * len(families) + f
+    keys = settings.size().index.to_frame(index=False).loc[lambda k: k.index.repeat(len(families))]
+    keys = keys.reset_index(drop=True).assign(
+        metric=[m for m, _ in families] * settings.ngroups, eps=[e for _, e in families] * settings.ngroups
+    )
     bins, b = np.unique(t["log10_density"].to_numpy(), return_inverse=True)
     pos = t.groupby(g)["run_id"].rank(method="dense").to_numpy().astype(np.int64) - 1
     n = np.zeros(len(keys), np.int64)  # runs per point
@@ -141,7 +148,8 @@ def fit_law(times: pd.DataFrame, runs: pd.DataFrame, seed: int = 0) -> pd.DataFr
                 kind=kind, k=k, k_lo=lo, k_hi=hi, r2=r2, n_bins=(~np.isnan(logt)).sum(axis=1), bins=used, n_runs=n
             )
         )
-    order = np.argsort(np.tile(np.arange(len(keys)), len(parts)), kind="stable")  # point by point, then kind
+    # point by point, then kind (written out: a stable argsort gave another order under QEMU's Haswell)
+    order = (np.arange(len(parts))[None, :] * len(keys) + np.arange(len(keys))[:, None]).ravel()
     return pd.concat(parts, ignore_index=True).iloc[order].reset_index(drop=True)
 
 
