@@ -120,7 +120,7 @@ class Refresher:
     def __init__(self, out: Path, minutes: float, figures: bool = True, clock=time.perf_counter):
         self.out, self.every_s, self.figures, self.clock = Path(out), 60 * minutes, figures, clock
         self.start = self.last = clock()
-        self.spent, self.cost, self.count, self.warned = 0.0, 0.0, 0, False
+        self.spent, self.cost, self.warned = 0.0, 0.0, False
 
     def __call__(self) -> None:
         now = self.clock()
@@ -128,7 +128,6 @@ class Refresher:
             return
         try:
             report(self.out, figures=self.figures)
-            self.count += 1
         except Exception as e:  # (the report is a view: training goes on)
             if not self.warned:
                 print(f"{self.out}: the partial report was not written: {type(e).__name__}: {e}", flush=True)
